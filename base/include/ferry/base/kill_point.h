@@ -1,0 +1,64 @@
+// Named kill points for crash tests (see ../shared/RELIABILITY.md).
+//
+// FERRY_KILL_POINT("journal.after_commit") kills the process with SIGKILL when the build has
+// fault points (meson option fault_points, on unless buildtype=release) and the environment
+// says FERRY_KILL_AT=<name> (optionally FERRY_KILL_AT=<name>:<n> to fire on the n-th hit,
+// counting from 1). Names are checked at compile time against the list below, so crash tests
+// can enumerate every point with `ferry debug kill-points`.
+#pragma once
+
+#include <array>
+#include <string_view>
+
+namespace ferry {
+
+inline constexpr std::array<std::string_view, 22> kKillPoints = {
+    // receiver, in the order one RP passes them
+    "receiver.frame_received",
+    "journal.before_append",
+    "journal.after_append",
+    "journal.before_fdatasync",
+    "journal.after_fdatasync",
+    "journal.before_commit_record",
+    "journal.after_commit_record",
+    "journal.after_commit_sync",
+    "receiver.before_ack",
+    "receiver.after_ack",
+    "apply.before_write",
+    "apply.mid_write",
+    "apply.before_fsync",
+    "apply.after_fsync",
+    "state.before_rename",
+    "state.after_rename",
+    "journal.before_truncate",
+    "journal.after_truncate",
+    // source
+    "source.after_transaction",
+    "source.mid_send",
+    "source.before_bitmap_cleanup",
+    "source.after_bitmap_cleanup",
+};
+
+constexpr bool kill_point_known(std::string_view name) {
+  for (auto k : kKillPoints)
+    if (k == name) return true;
+  return false;
+}
+
+// Fires the point if armed (see above). Cheap when not armed: one relaxed load.
+void kill_point_hit(std::string_view name);
+
+}  // namespace ferry
+
+#if defined(FERRY_FAULT_POINTS)
+#define FERRY_KILL_POINT(name)                                                  \
+  do {                                                                          \
+    static_assert(::ferry::kill_point_known(name), "unknown kill point " name); \
+    ::ferry::kill_point_hit(name);                                              \
+  } while (0)
+#else
+#define FERRY_KILL_POINT(name)                                                  \
+  do {                                                                          \
+    static_assert(::ferry::kill_point_known(name), "unknown kill point " name); \
+  } while (0)
+#endif

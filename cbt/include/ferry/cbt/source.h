@@ -1,0 +1,69 @@
+// Change tracking: what changed on each disk of a group since the last acknowledged RP, and a
+// point-in-time view to read it from.
+//
+// One ChangeSource per group. capture() atomically, for every disk of the group at the same
+// instant, starts recording changes for the next RP and freezes the record of changes since
+// `base_rp`; it returns one DiskView per disk, readable over NBD while the guest goes on
+// writing. finish() ends the capture: acknowledged=true drops what is no longer needed;
+// acknowledged=false merges the frozen record back so no dirty bit is ever lost (QEMU's
+// successor/reclaim model, docs/interop/bitmaps.rst).
+//
+// The QMP implementation (qmp_source.h) drives QEMU or qemu-storage-daemon; the libvirt one
+// (a later issue) will implement the same interface, so the engine never knows which it reads.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "ferry/base/status.h"
+
+namespace ferry::cbt {
+
+// Why a disk is read in full rather than incrementally; reported to the user.
+enum class FullReason : std::uint8_t {
+  none = 0,             // incremental
+  first_rp,             // the receiver has no RP for the group
+  no_bitmap,            // no Ferry bitmap for base_rp on the node (new QEMU instance, ...)
+  bitmap_inconsistent,  // QEMU reports the bitmap inconsistent (QEMU was killed)
+  bitmap_busy,          // the bitmap is in use by someone else
+  new_disk,             // the receiver does not hold this disk
+};
+const char* full_reason_name(FullReason r);
+
+struct DiskView {
+  std::string name;             // the disk's name in the group
+  std::string node;             // the QEMU block node
+  std::uint64_t size_bytes = 0;
+  std::uint32_t granularity_bytes = 0;  // bitmap granularity (64 KiB by default)
+  FullReason full_reason = FullReason::none;  // none: read only dirty_context's extents
+  // Where to read the point-in-time view: an NBD server on a unix socket.
+  std::string nbd_socket;
+  std::string export_name;
+  std::string dirty_context;  // "qemu:dirty-bitmap:<name>" when incremental, else empty
+};
+
+struct Capture {
+  std::uint64_t base_rp = 0;
+  std::uint64_t rp_id = 0;
+  std::uint64_t created_unix_ns = 0;
+  std::vector<DiskView> disks;
+  // Implementation-private state needed by finish().
+  std::shared_ptr<void> state;
+};
+
+class ChangeSource {
+ public:
+  virtual ~ChangeSource() = default;
+  // base_rp: the receiver's last committed RP (0: none). rp_id: the new RP, > base_rp.
+  // receiver_disks: names of the disks the receiver already holds at base_rp (others are
+  // read in full with FullReason::new_disk).
+  virtual Result<Capture> capture(std::uint64_t base_rp, std::uint64_t rp_id,
+                                  const std::vector<std::string>& receiver_disks) = 0;
+  // Must be called exactly once per successful capture().
+  virtual Status finish(Capture& capture, bool acknowledged) = 0;
+};
+
+}  // namespace ferry::cbt

@@ -1,0 +1,126 @@
+// The receiver's store for one group: write-ahead journal, replica images, state file.
+//
+// Directory layout (docs/journal-format.md gives every byte):
+//   <store>/<group>/journal/<seq>.seg   journal segments of checksummed records
+//   <store>/<group>/replica/<disk>.img  sparse raw replica per disk, = the applied RP
+//   <store>/<group>/state               small state file, replaced atomically
+//   <store>/<group>/LOCK                flock: one process per group
+//
+// Life of an RP: begin_rp() -> append_block()* -> commit_rp() [durable: all records and the
+// commit record fdatasync'ed; only now may the RP be acknowledged] -> apply_committed()
+// [replica images brought to the RP; redo on restart if interrupted].
+// Every committed RP stays readable (restore) until retention (a later issue) drops it.
+// open() runs recovery: cuts a torn journal tail, drops uncommitted records, re-applies
+// committed-but-unapplied RPs. The decision table is in docs/journal-format.md.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "ferry/base/hash.h"
+#include "ferry/base/status.h"
+#include "ferry/engine/storage.h"
+
+namespace ferry::engine {
+
+struct RpDiskInfo {
+  std::string name;
+  std::uint64_t size_bytes = 0;
+  bool full = false;                  // a full copy (not a delta on base_rp)
+  std::uint64_t changed_bytes = 0;    // logical bytes carried by the RP (data + zero)
+  std::uint64_t zero_bytes = 0;       // of which sent as zero records
+  std::uint64_t stored_bytes = 0;     // bytes the RP's records take in the journal
+};
+
+struct RpInfo {
+  std::uint64_t rp_id = 0;
+  std::uint64_t base_rp = 0;
+  std::uint64_t created_unix_ns = 0;    // capture time on the source
+  std::uint64_t committed_unix_ns = 0;  // when the receiver made it durable
+  std::uint32_t flags = 0;              // wire kRpFlag* bits (app-consistent, ...)
+  std::vector<RpDiskInfo> disks;
+};
+
+struct RpBeginInfo {
+  std::uint64_t rp_id = 0;
+  std::uint64_t base_rp = 0;
+  std::uint64_t created_unix_ns = 0;
+  std::uint32_t flags = 0;
+  struct Disk {
+    std::string name;
+    std::uint64_t size_bytes = 0;
+    bool full = false;
+  };
+  std::vector<Disk> disks;
+};
+
+enum class RecordKind : std::uint8_t { data = 0, zero = 1 };
+enum class RecordCodec : std::uint8_t { none = 0, zstd = 1 };
+
+// One verified block of the open RP. `payload` is codec-encoded; the receiver has already
+// decoded it and checked `hash` (xxh3-128 of the decoded bytes) before calling append_block.
+struct BlockRecord {
+  std::uint64_t rp_id = 0;
+  std::uint64_t seq = 0;
+  std::uint16_t disk_index = 0;  // index into RpBeginInfo::disks
+  RecordKind kind = RecordKind::data;
+  RecordCodec codec = RecordCodec::none;
+  std::uint64_t offset_bytes = 0;
+  std::uint32_t length_bytes = 0;
+  Hash128 hash;
+  std::string_view payload;  // copied by append_block before it returns
+};
+
+struct StoreOptions {
+  std::string root;  // <store>
+  // Storage seam: the real file system (io_uring, O_DIRECT where supported) or a faulty
+  // twin in tests. Null means the real one.
+  std::shared_ptr<Storage> storage;
+  std::uint64_t segment_bytes = 256ull << 20;      // journal segment size bound
+  std::size_t max_inflight_write_bytes = 16u << 20;  // journal appends in flight
+};
+
+class GroupStore {
+ public:
+  virtual ~GroupStore() = default;
+  // Opens (creating when `create`) the group's store and runs recovery. Takes the group lock;
+  // a second open of the same group fails with Errc::busy.
+  static Result<std::unique_ptr<GroupStore>> open(const StoreOptions& options,
+                                                  const std::string& group, bool create);
+
+  virtual const std::string& group() const = 0;
+  virtual std::uint64_t last_committed_rp() const = 0;  // 0: none
+  virtual std::uint64_t last_applied_rp() const = 0;
+  // Disks of the last committed RP with their sizes.
+  virtual std::vector<RpDiskInfo> replica_disks() const = 0;
+
+  // Opens a new RP. Refuses (Errc::diverged, naming the rule) when base_rp is not
+  // last_committed_rp(), when rp_id <= last_committed_rp(), or when a disk marked
+  // incremental is not held at base_rp. An RP left open by a broken connection is discarded.
+  virtual Status begin_rp(const RpBeginInfo& rp) = 0;
+  // Appends one block of the open RP to the journal (asynchronously; bounded in bytes).
+  virtual Status append_block(const BlockRecord& block) = 0;
+  // Makes the open RP durable: waits for its records, checks the totals, fdatasyncs, writes
+  // and syncs the commit record. Only after this returns ok may the RP be acknowledged.
+  virtual Result<RpInfo> commit_rp(std::uint64_t rp_id, std::uint64_t frame_count,
+                                   std::uint64_t logical_bytes) = 0;
+  // Drops the open RP (never committed; its records are ignored by recovery).
+  virtual void abort_rp() = 0;
+  // Brings the replica images to the newest committed RP, crash-consistently.
+  virtual Status apply_committed() = 0;
+
+  virtual std::vector<RpInfo> points() const = 0;
+  // Writes the raw image of `disk` at committed RP `rp_id` to out_path (sparse).
+  virtual Status restore(std::uint64_t rp_id, const std::string& disk,
+                         const std::string& out_path) const = 0;
+};
+
+// Read-only views for the CLI, without taking the group lock: lists committed RPs by
+// reading the store (safe while a receiver runs).
+Result<std::vector<RpInfo>> list_points(const std::string& root, const std::string& group);
+Status restore_point(const std::string& root, const std::string& group, std::uint64_t rp_id,
+                     const std::string& disk, const std::string& out_path);
+
+}  // namespace ferry::engine

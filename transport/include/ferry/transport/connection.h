@@ -1,0 +1,87 @@
+// Framed, checksummed connections over TCP, built on Boost.Asio.
+//
+// Asio runs the sockets asynchronously on one I/O thread per Connection/Server; callers see a
+// small thread-safe blocking facade so that the engine's logic reads top to bottom:
+//  - send() queues a frame; it blocks while more than max_send_queue_bytes wait to go out
+//    (backpressure toward the producer).
+//  - receive() returns the next whole, checksum-verified frame. Inbound frames are read ahead
+//    into a queue bounded by max_recv_queue_bytes; when it is full the socket is not read, so
+//    TCP's window pushes back on the peer.
+// A frame whose header or checksum is bad is never returned: receive() fails with
+// Errc::protocol naming what was wrong, and the connection is closed.
+// This header does not include Asio, so users do not compile it.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "ferry/base/status.h"
+#include "ferry/transport/wire.h"
+
+namespace ferry::transport {
+
+struct Endpoint {
+  std::string host;  // IPv4/IPv6 literal or name ("127.0.0.1", "::1", "localhost")
+  std::uint16_t port = 0;
+  std::string to_string() const;  // "host:port", "[v6]:port"
+};
+// Parses "HOST:PORT" or "[V6]:PORT"; a port of 0 is allowed only when allow_port_zero.
+Result<Endpoint> parse_endpoint(const std::string& text, bool allow_port_zero = false);
+
+struct Frame {
+  MsgType type{};
+  std::string payload;  // checksum already verified
+};
+
+struct ConnectionOptions {
+  std::size_t max_send_queue_bytes = 32u << 20;
+  std::size_t max_recv_queue_bytes = 32u << 20;
+  std::chrono::milliseconds connect_timeout{10000};
+};
+
+class Connection {
+ public:
+  virtual ~Connection() = default;
+  static Result<std::unique_ptr<Connection>> connect(const Endpoint& to,
+                                                     const ConnectionOptions& options = {});
+
+  // Queues one frame. Blocks while the send queue is over its bound. Fails once the
+  // connection is closed or broken (Errc::disconnected / Errc::io).
+  virtual Status send(MsgType type, std::string_view payload) = 0;
+  // Blocks until every queued frame was handed to the kernel (or the connection failed).
+  virtual Status flush() = 0;
+  // Next frame; Errc::timeout after `timeout`, Errc::disconnected on orderly close,
+  // Errc::protocol on a bad frame.
+  virtual Result<Frame> receive(std::chrono::milliseconds timeout) = 0;
+  // Sends an error frame (best effort, bounded wait) and closes.
+  virtual void close_with_error(WireStatus status, const std::string& message) = 0;
+  virtual void close() = 0;
+  virtual std::string peer() const = 0;
+  // Byte counters, for figures: frame bytes handed to / read from the socket.
+  virtual std::uint64_t bytes_sent() const = 0;
+  virtual std::uint64_t bytes_received() const = 0;
+};
+
+struct ServerOptions {
+  ConnectionOptions connection;
+  std::size_t max_connections = 64;  // further connections are accepted and closed at once
+};
+
+// Accepts connections and runs `handler` for each on a thread of its own; when the handler
+// returns, the connection is closed. A handler must return soon after stop() was called
+// (receive() then fails with Errc::cancelled).
+class Server {
+ public:
+  using Handler = std::function<void(Connection&)>;
+  virtual ~Server() = default;
+  static Result<std::unique_ptr<Server>> listen(const Endpoint& at, const ServerOptions& options,
+                                                Handler handler);
+  virtual std::uint16_t port() const = 0;  // the bound port (useful with port 0)
+  // Stops accepting, cancels every connection, joins every handler thread.
+  virtual void stop() = 0;
+};
+
+}  // namespace ferry::transport

@@ -1,0 +1,183 @@
+// The Ferry wire protocol, version 1: framing and message codecs.
+//
+// Pure functions over bytes: no sockets, no Asio, so the clang fuzzers build this file.
+// docs/wire-protocol.md gives every byte; keep the two in step.
+//
+// A frame is a 24-byte header followed by `payload_bytes` of payload:
+//   0  u32 magic        'F','R','Y','1' (0x31595246 little-endian)
+//   4  u16 type         MsgType
+//   6  u16 flags        0 in version 1 (receivers reject other values)
+//   8  u32 payload_bytes <= kMaxPayloadBytes, checked before any allocation
+//   12 u32 reserved     0
+//   16 u64 checksum     xxh3-64 over header bytes [0,16) followed by the payload
+// All integers little-endian.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "ferry/base/hash.h"
+#include "ferry/base/status.h"
+
+namespace ferry::transport {
+
+inline constexpr std::uint32_t kFrameMagic = 0x31595246;  // "FRY1"
+inline constexpr std::uint16_t kProtocolVersion = 1;
+inline constexpr std::size_t kFrameHeaderBytes = 24;
+inline constexpr std::uint32_t kMaxPayloadBytes = 8u << 20;  // 8 MiB
+inline constexpr std::uint32_t kMaxBlockBytes = 4u << 20;    // largest block a DATA frame carries
+inline constexpr std::size_t kMaxNameBytes = 255;             // group and disk names
+inline constexpr std::size_t kMaxMessageBytes = 1024;         // human-readable messages
+inline constexpr std::size_t kMaxDisksPerGroup = 64;
+
+enum class MsgType : std::uint16_t {
+  hello = 1,        // source -> receiver: version, group, disks
+  hello_reply = 2,  // receiver -> source: accepted or why not, last committed RP
+  rp_begin = 3,     // source -> receiver: a new RP on top of base_rp
+  data = 4,         // source -> receiver: one block (data or zeros) of the RP
+  rp_end = 5,       // source -> receiver: all frames of the RP were sent; totals
+  rp_ack = 6,       // receiver -> source: the RP is durable (or rejected, with why)
+  error = 7,        // either way: a fatal error, the sender closes after it
+};
+bool msg_type_known(std::uint16_t t);
+const char* msg_type_name(MsgType t);
+
+// Status codes carried in hello_reply, rp_ack and error.
+enum class WireStatus : std::uint16_t {
+  ok = 0,
+  bad_version = 1,
+  bad_request = 2,   // malformed or unexpected message
+  diverged = 3,      // rp_begin.base_rp is not the receiver's last committed RP (C5)
+  io_error = 4,      // receiver storage failed; retry later
+  no_space = 5,      // receiver storage is full; retry later
+  corrupt = 6,       // a frame failed its checks (C3); resend
+  busy = 7,          // another source is sending to this group
+  internal = 8,
+};
+
+struct FrameHeader {
+  MsgType type{};
+  std::uint32_t payload_bytes = 0;
+  std::uint64_t checksum = 0;
+};
+
+// Validates magic, type, flags, reserved and size. Never allocates.
+Result<FrameHeader> decode_frame_header(const void* header_bytes /* kFrameHeaderBytes */);
+// Checks the checksum of a received frame.
+Status verify_frame(const void* header_bytes, std::string_view payload);
+// Builds a whole frame (header + payload) ready to send.
+std::string encode_frame(MsgType type, std::string_view payload);
+
+// --- messages --------------------------------------------------------------------------
+
+struct DiskInfo {
+  std::string name;
+  std::uint64_t size_bytes = 0;
+  std::uint32_t block_bytes = 0;  // the source's block (bitmap granularity) size
+  friend bool operator==(const DiskInfo&, const DiskInfo&) = default;
+};
+
+struct Hello {
+  std::uint16_t version = kProtocolVersion;
+  std::string group;
+  std::string source_name;  // host/process, for logs
+  std::vector<DiskInfo> disks;
+  friend bool operator==(const Hello&, const Hello&) = default;
+};
+
+struct ReplicaDisk {
+  std::string name;
+  std::uint64_t size_bytes = 0;  // size of the replica at last_committed_rp (0: none)
+  friend bool operator==(const ReplicaDisk&, const ReplicaDisk&) = default;
+};
+
+struct HelloReply {
+  std::uint16_t version = kProtocolVersion;
+  WireStatus status = WireStatus::ok;
+  std::string message;
+  std::uint64_t last_committed_rp = 0;  // 0: the group has no RP yet
+  std::uint64_t last_committed_unix_ns = 0;
+  std::vector<ReplicaDisk> disks;  // disks the receiver holds for the group
+  friend bool operator==(const HelloReply&, const HelloReply&) = default;
+};
+
+enum class DiskMode : std::uint8_t { full = 0, incremental = 1 };
+
+struct RpDisk {
+  std::uint16_t disk_index = 0;  // index into Hello::disks
+  DiskMode mode = DiskMode::full;
+  std::uint64_t size_bytes = 0;
+  friend bool operator==(const RpDisk&, const RpDisk&) = default;
+};
+
+struct RpBegin {
+  std::uint64_t rp_id = 0;    // > base_rp
+  std::uint64_t base_rp = 0;  // the RP this delta applies on top of (0: none)
+  std::uint64_t created_unix_ns = 0;  // when the disks were captured
+  std::uint32_t flags = 0;            // kRpFlag*
+  std::vector<RpDisk> disks;
+  friend bool operator==(const RpBegin&, const RpBegin&) = default;
+};
+inline constexpr std::uint32_t kRpFlagAppConsistent = 1u << 0;
+
+enum class BlockKind : std::uint8_t { data = 0, zero = 1 };
+enum class Codec : std::uint8_t { none = 0, zstd = 1 };
+
+// One block. Identity: group (as xxh3-64 of its name), RP, disk, offset, length, sequence.
+struct DataFrame {
+  std::uint64_t group_id = 0;
+  std::uint64_t rp_id = 0;
+  std::uint64_t seq = 0;          // 0,1,2,... within the RP, in sending order
+  std::uint16_t disk_index = 0;
+  BlockKind kind = BlockKind::data;
+  Codec codec = Codec::none;
+  std::uint64_t offset_bytes = 0;
+  std::uint32_t length_bytes = 0;  // uncompressed length, <= kMaxBlockBytes
+  Hash128 hash;                    // xxh3-128 of the uncompressed bytes (zero kind: 0)
+  std::string payload;             // codec-encoded bytes; empty for kind zero
+  friend bool operator==(const DataFrame&, const DataFrame&) = default;
+};
+
+struct RpEnd {
+  std::uint64_t rp_id = 0;
+  std::uint64_t frame_count = 0;     // DATA frames sent in the RP
+  std::uint64_t logical_bytes = 0;   // sum of length_bytes over them
+  friend bool operator==(const RpEnd&, const RpEnd&) = default;
+};
+
+struct RpAck {
+  std::uint64_t rp_id = 0;
+  WireStatus status = WireStatus::ok;
+  std::string message;
+  friend bool operator==(const RpAck&, const RpAck&) = default;
+};
+
+struct ErrorMsg {
+  WireStatus status = WireStatus::internal;
+  std::string message;
+  friend bool operator==(const ErrorMsg&, const ErrorMsg&) = default;
+};
+
+std::uint64_t group_id_of(std::string_view group);
+
+// Encoders return the payload (not the frame). Decoders reject trailing bytes, unknown enum
+// values, over-long names and counts, and say which field is wrong.
+std::string encode(const Hello&);
+std::string encode(const HelloReply&);
+std::string encode(const RpBegin&);
+std::string encode(const DataFrame&);
+std::string encode(const RpEnd&);
+std::string encode(const RpAck&);
+std::string encode(const ErrorMsg&);
+Result<Hello> decode_hello(std::string_view payload);
+Result<HelloReply> decode_hello_reply(std::string_view payload);
+Result<RpBegin> decode_rp_begin(std::string_view payload);
+Result<DataFrame> decode_data(std::string_view payload);
+Result<RpEnd> decode_rp_end(std::string_view payload);
+Result<RpAck> decode_rp_ack(std::string_view payload);
+Result<ErrorMsg> decode_error(std::string_view payload);
+
+}  // namespace ferry::transport
