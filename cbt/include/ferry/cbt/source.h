@@ -62,6 +62,10 @@ class ChangeSource {
   // read in full with FullReason::new_disk).
   virtual Result<Capture> capture(std::uint64_t base_rp, std::uint64_t rp_id,
                                   const std::vector<std::string>& receiver_disks) = 0;
+  // Tears down the point-in-time views (NBD exports, fleecing jobs, scratch overlays) once
+  // everything was read, so the guest stops paying for copy-before-write while the source
+  // waits for the acknowledgement. Idempotent; finish() calls it if it was not called.
+  virtual Status release_views(Capture& capture) = 0;
   // Must be called exactly once per successful capture().
   virtual Status finish(Capture& capture, bool acknowledged) = 0;
 };
