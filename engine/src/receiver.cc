@@ -1,0 +1,329 @@
+#include "ferry/engine/receiver.h"
+
+#include <map>
+#include <mutex>
+#include <optional>
+#include <vector>
+
+#include "ferry/base/fd.h"
+#include "ferry/base/hash.h"
+#include "ferry/base/kill_point.h"
+#include "ferry/base/log.h"
+#include "ferry/engine/codec.h"
+#include "ferry/transport/wire.h"
+
+namespace ferry::engine {
+
+using transport::MsgType;
+using transport::WireStatus;
+
+namespace {
+
+struct GroupSlot {
+  std::timed_mutex busy;  // held by the session that serves the group
+  std::unique_ptr<GroupStore> store;
+};
+
+WireStatus wire_status_of(const Status& s) {
+  switch (s.code()) {
+    case Errc::diverged: return WireStatus::diverged;
+    case Errc::no_space: return WireStatus::no_space;
+    case Errc::io: return WireStatus::io_error;
+    case Errc::corrupt: return WireStatus::corrupt;
+    case Errc::protocol: return WireStatus::bad_request;
+    case Errc::busy: return WireStatus::busy;
+    case Errc::invalid_argument:
+    case Errc::not_found: return WireStatus::bad_request;
+    default: return WireStatus::internal;
+  }
+}
+
+}  // namespace
+
+struct Receiver::Impl {
+  ReceiverOptions options;
+  std::mutex mu;
+  std::map<std::string, std::unique_ptr<GroupSlot>> groups;
+
+  GroupSlot& slot(const std::string& group) {
+    std::lock_guard lock(mu);
+    auto& s = groups[group];
+    if (!s) s = std::make_unique<GroupSlot>();
+    return *s;
+  }
+};
+
+namespace {
+
+// One connection's conversation. Every check that fails ends the connection with a message
+// naming the peer, the RP and the field; the open RP is dropped, never committed.
+class Session {
+ public:
+  Session(Receiver::Impl& impl, transport::Connection& conn) : impl_(impl), conn_(conn) {}
+
+  void run() {
+    auto hello = read_hello();
+    if (!hello) return;
+    GroupSlot& slot = impl_.slot(hello->group);
+    std::unique_lock<std::timed_mutex> lock(slot.busy, std::defer_lock);
+    if (!lock.try_lock_for(impl_.options.group_wait)) {
+      reply_refused(WireStatus::busy, "group '" + hello->group + "' is being served to another source");
+      return;
+    }
+    if (!slot.store) {
+      auto store = GroupStore::open(impl_.options.store, hello->group, /*create=*/true);
+      if (!store.is_ok()) {
+        spdlog::error("{}: cannot open the store of group '{}': {}", conn_.peer(), hello->group,
+                      store.status().to_string());
+        reply_refused(wire_status_of(store.status()), store.status().to_string());
+        return;
+      }
+      slot.store = std::move(store).value();
+    }
+    store_ = slot.store.get();
+    hello_ = std::move(*hello);
+    group_id_ = transport::group_id_of(hello_.group);
+    if (!reply_accepted()) return;
+    Status s = serve_rps();
+    if (store_ && rp_open_) store_->abort_rp();
+    if (!s.is_ok() && s.code() != Errc::disconnected && s.code() != Errc::cancelled) {
+      spdlog::error("{}: group '{}': {}", conn_.peer(), hello_.group, s.to_string());
+      if (s.code() == Errc::protocol || s.code() == Errc::corrupt || s.code() == Errc::timeout)
+        conn_.close_with_error(wire_status_of(s), s.message());
+    }
+  }
+
+ private:
+  std::optional<transport::Hello> read_hello() {
+    auto f = conn_.receive(impl_.options.idle_timeout);
+    if (!f.is_ok()) {
+      log_receive_failure(f.status(), "before hello");
+      return std::nullopt;
+    }
+    if (f->type != MsgType::hello) {
+      fail_early(std::string("expected hello, got ") + transport::msg_type_name(f->type));
+      return std::nullopt;
+    }
+    auto h = transport::decode_hello(f->payload);
+    if (!h.is_ok()) {
+      fail_early("bad hello: " + h.status().message());
+      return std::nullopt;
+    }
+    if (h->version != transport::kProtocolVersion) {
+      std::string msg = "protocol version " + std::to_string(h->version) +
+                        " is not supported (this receiver speaks version " +
+                        std::to_string(transport::kProtocolVersion) + ")";
+      spdlog::error("{}: {}", conn_.peer(), msg);
+      reply_refused(WireStatus::bad_version, msg);
+      return std::nullopt;
+    }
+    return std::move(h).value();
+  }
+
+  void log_receive_failure(const Status& s, const char* when) {
+    if (s.code() == Errc::disconnected || s.code() == Errc::cancelled)
+      spdlog::info("{}: connection closed {}", conn_.peer(), when);
+    else
+      spdlog::error("{}: {} ({})", conn_.peer(), s.to_string(), when);
+  }
+
+  void fail_early(const std::string& msg) {
+    spdlog::error("{}: {}", conn_.peer(), msg);
+    conn_.close_with_error(WireStatus::bad_request, msg);
+  }
+
+  void reply_refused(WireStatus status, const std::string& msg) {
+    transport::HelloReply r;
+    r.status = status;
+    r.message = msg.substr(0, transport::kMaxMessageBytes);
+    (void)conn_.send(MsgType::hello_reply, transport::encode(r));
+    (void)conn_.flush();
+  }
+
+  bool reply_accepted() {
+    transport::HelloReply r;
+    r.last_committed_rp = store_->last_committed_rp();
+    for (const RpInfo& p : store_->points())
+      if (p.rp_id == r.last_committed_rp) r.last_committed_unix_ns = p.committed_unix_ns;
+    for (const RpDiskInfo& d : store_->replica_disks()) r.disks.push_back({d.name, d.size_bytes});
+    spdlog::info("{}: source '{}' for group '{}' ({} disk(s)); last committed RP {}", conn_.peer(),
+                 hello_.source_name, hello_.group, hello_.disks.size(), r.last_committed_rp);
+    Status s = conn_.send(MsgType::hello_reply, transport::encode(r));
+    return s.is_ok();
+  }
+
+  Status serve_rps() {
+    for (;;) {
+      FERRY_ASSIGN_OR_RETURN(transport::Frame f, conn_.receive(impl_.options.idle_timeout));
+      switch (f.type) {
+        case MsgType::rp_begin: FERRY_TRY(on_rp_begin(f.payload)); break;
+        case MsgType::data: FERRY_TRY(on_data(f.payload)); break;
+        case MsgType::rp_end: FERRY_TRY(on_rp_end(f.payload)); break;
+        case MsgType::error: {
+          auto e = transport::decode_error(f.payload);
+          return Status::error(Errc::disconnected,
+                               "source reported: " + (e.is_ok() ? e->message : "(undecodable)"));
+        }
+        default:
+          return Status::error(Errc::protocol, std::string("unexpected ") +
+                                                   transport::msg_type_name(f.type) + " frame");
+      }
+    }
+  }
+
+  // Refuses the open RP with a reason the source will read, then ends the connection.
+  Status refuse_rp(std::uint64_t rp_id, const Status& why) {
+    spdlog::error("{}: group '{}': RP {} refused: {}", conn_.peer(), hello_.group, rp_id,
+                  why.to_string());
+    if (rp_open_) store_->abort_rp();
+    rp_open_ = false;
+    transport::RpAck ack{rp_id, wire_status_of(why), why.message().substr(0, transport::kMaxMessageBytes)};
+    (void)conn_.send(MsgType::rp_ack, transport::encode(ack));
+    (void)conn_.flush();
+    return Status::error(Errc::cancelled, "RP refused");
+  }
+
+  Status on_rp_begin(std::string_view payload) {
+    if (rp_open_) return Status::error(Errc::protocol, "rp_begin while RP " + std::to_string(rp_.rp_id) + " is open");
+    FERRY_ASSIGN_OR_RETURN(transport::RpBegin b, transport::decode_rp_begin(payload));
+    RpBeginInfo info;
+    info.rp_id = b.rp_id;
+    info.base_rp = b.base_rp;
+    info.created_unix_ns = b.created_unix_ns;
+    info.flags = b.flags;
+    std::vector<bool> seen(hello_.disks.size(), false);
+    for (const transport::RpDisk& d : b.disks) {
+      if (d.disk_index >= hello_.disks.size() || seen[d.disk_index])
+        return Status::error(Errc::protocol, "rp_begin names disk index " +
+                                                 std::to_string(d.disk_index) + " twice or out of range");
+      seen[d.disk_index] = true;
+      info.disks.push_back({hello_.disks[d.disk_index].name, d.size_bytes,
+                            d.mode == transport::DiskMode::full});
+    }
+    // Frames name disks by their index in hello; map that to the RP's own disk order.
+    disk_slot_.assign(hello_.disks.size(), -1);
+    for (std::size_t i = 0; i < b.disks.size(); ++i) disk_slot_[b.disks[i].disk_index] = int(i);
+    if (Status s = store_->begin_rp(info); !s.is_ok()) return refuse_rp(b.rp_id, s);
+    rp_ = std::move(b);
+    rp_open_ = true;
+    next_seq_ = 0;
+    logical_bytes_ = 0;
+    t_begin_ = std::chrono::steady_clock::now();
+    return Status::ok();
+  }
+
+  Status check_data(const transport::DataFrame& d) {
+    auto bad = [&](const std::string& what) {
+      return Status::error(Errc::corrupt, "data frame seq " + std::to_string(d.seq) + " of RP " +
+                                              std::to_string(d.rp_id) + ": " + what);
+    };
+    if (d.group_id != group_id_) return bad("belongs to another group");
+    if (d.rp_id != rp_.rp_id) return bad("belongs to RP " + std::to_string(d.rp_id) +
+                                         ", open RP is " + std::to_string(rp_.rp_id));
+    if (d.seq != next_seq_) return bad("out of sequence (expected " + std::to_string(next_seq_) + ")");
+    if (d.disk_index >= disk_slot_.size() || disk_slot_[d.disk_index] < 0)
+      return bad("disk index " + std::to_string(d.disk_index) + " is not part of the RP");
+    std::uint64_t size = rp_.disks[disk_slot_[d.disk_index]].size_bytes;
+    if (d.offset_bytes > size || d.length_bytes > size - d.offset_bytes)
+      return bad("range " + std::to_string(d.offset_bytes) + "+" + std::to_string(d.length_bytes) +
+                 " is past the end of the disk (" + std::to_string(size) + " bytes)");
+    if (d.kind == transport::BlockKind::zero) return Status::ok();
+    std::string_view plain = d.payload;
+    if (d.codec == transport::Codec::zstd) {
+      decoded_.resize(d.length_bytes);
+      FERRY_TRY(decompressor_->decompress(d.payload.data(), d.payload.size(), decoded_.data(),
+                                          d.length_bytes));
+      plain = std::string_view(decoded_.data(), d.length_bytes);
+    }
+    if (plain.size() != d.length_bytes) return bad("payload length does not match");
+    if (!(xxh3_128(plain.data(), plain.size()) == d.hash)) return bad("block checksum mismatch");
+    return Status::ok();
+  }
+
+  Status on_data(std::string_view payload) {
+    if (!rp_open_) return Status::error(Errc::protocol, "data frame outside an RP");
+    FERRY_KILL_POINT("receiver.frame_received");
+    auto d = transport::decode_data(payload);
+    if (!d.is_ok()) return refuse_rp(rp_.rp_id, d.status());
+    if (!decompressor_) {
+      FERRY_ASSIGN_OR_RETURN(Decompressor dc, Decompressor::create());
+      decompressor_.emplace(std::move(dc));
+    }
+    if (Status s = check_data(*d); !s.is_ok()) return refuse_rp(rp_.rp_id, s);
+    BlockRecord rec;
+    rec.rp_id = d->rp_id;
+    rec.seq = d->seq;
+    rec.disk_index = static_cast<std::uint16_t>(disk_slot_[d->disk_index]);
+    rec.kind = d->kind == transport::BlockKind::zero ? RecordKind::zero : RecordKind::data;
+    rec.codec = d->codec == transport::Codec::zstd ? RecordCodec::zstd : RecordCodec::none;
+    rec.offset_bytes = d->offset_bytes;
+    rec.length_bytes = d->length_bytes;
+    rec.hash = d->hash;
+    rec.payload = d->payload;
+    if (Status s = store_->append_block(rec); !s.is_ok()) return refuse_rp(rp_.rp_id, s);
+    ++next_seq_;
+    logical_bytes_ += d->length_bytes;
+    return Status::ok();
+  }
+
+  Status on_rp_end(std::string_view payload) {
+    if (!rp_open_) return Status::error(Errc::protocol, "rp_end outside an RP");
+    FERRY_ASSIGN_OR_RETURN(transport::RpEnd e, transport::decode_rp_end(payload));
+    if (e.rp_id != rp_.rp_id || e.frame_count != next_seq_ || e.logical_bytes != logical_bytes_)
+      return refuse_rp(rp_.rp_id, Status::error(Errc::corrupt,
+          "rp_end totals do not match what arrived: " + std::to_string(e.frame_count) +
+          " frames / " + std::to_string(e.logical_bytes) + " bytes announced, " +
+          std::to_string(next_seq_) + " / " + std::to_string(logical_bytes_) + " received"));
+    auto info = store_->commit_rp(e.rp_id, e.frame_count, e.logical_bytes);
+    if (!info.is_ok()) return refuse_rp(e.rp_id, info.status());
+    rp_open_ = false;
+    FERRY_KILL_POINT("receiver.before_ack");
+    FERRY_TRY(conn_.send(MsgType::rp_ack, transport::encode(transport::RpAck{e.rp_id, WireStatus::ok, ""})));
+    FERRY_TRY(conn_.flush());
+    FERRY_KILL_POINT("receiver.after_ack");
+    double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_begin_).count();
+    spdlog::info("group '{}': RP {} committed and acknowledged ({} frames, {:.1f} MB, {:.2f} s)",
+                 hello_.group, e.rp_id, e.frame_count, e.logical_bytes / 1e6, secs);
+    // Applying is not needed for durability (the journal has it): a failure is reported and
+    // retried at the next commit or restart, and does not fail the session.
+    if (Status s = store_->apply_committed(); !s.is_ok())
+      spdlog::error("group '{}': applying RP {} to the replica failed (retried later): {}",
+                    hello_.group, e.rp_id, s.to_string());
+    return Status::ok();
+  }
+
+  Receiver::Impl& impl_;
+  transport::Connection& conn_;
+  GroupStore* store_ = nullptr;
+  transport::Hello hello_;
+  std::uint64_t group_id_ = 0;
+  transport::RpBegin rp_;
+  bool rp_open_ = false;
+  std::vector<int> disk_slot_;
+  std::uint64_t next_seq_ = 0;
+  std::uint64_t logical_bytes_ = 0;
+  std::optional<Decompressor> decompressor_;
+  std::string decoded_;
+  std::chrono::steady_clock::time_point t_begin_;
+};
+
+}  // namespace
+
+Receiver::Receiver(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Receiver::~Receiver() = default;
+
+Result<std::unique_ptr<Receiver>> Receiver::create(const ReceiverOptions& options) {
+  if (options.store.root.empty())
+    return Status::error(Errc::invalid_argument, "no store directory given");
+  FERRY_TRY(make_dirs(options.store.root));
+  auto impl = std::make_unique<Impl>();
+  impl->options = options;
+  return std::unique_ptr<Receiver>(new Receiver(std::move(impl)));
+}
+
+void Receiver::serve(transport::Connection& conn) {
+  Session s(*impl_, conn);
+  s.run();
+}
+
+}  // namespace ferry::engine

@@ -1,0 +1,548 @@
+#include "ferry/engine/sender.h"
+
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <thread>
+
+#include "ferry/base/hash.h"
+#include "ferry/base/kill_point.h"
+#include "ferry/base/log.h"
+#include "ferry/engine/codec.h"
+#include "ferry/transport/wire.h"
+
+namespace ferry::engine {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using transport::MsgType;
+
+inline constexpr std::uint64_t kExtentChunkBytes = 1ull << 30;  // extents asked per call
+inline constexpr std::size_t kMaxWorkers = 4;
+
+double seconds_since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
+
+double process_cpu_seconds() {
+  rusage ru{};
+  getrusage(RUSAGE_SELF, &ru);
+  return double(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
+         double(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
+}
+
+struct AtomicDiskStats {
+  std::atomic<std::uint64_t> read_bytes{0}, zero_bytes{0}, data_bytes{0}, payload_bytes{0},
+      frames{0};
+};
+
+// Assigns sequence numbers and sends frames one at a time, so seq order is wire order.
+class FrameSink {
+ public:
+  FrameSink(transport::Connection& conn, std::uint64_t group_id, std::uint64_t rp_id)
+      : conn_(conn), group_id_(group_id), rp_id_(rp_id) {}
+
+  Status send(transport::DataFrame& frame) {
+    frame.group_id = group_id_;
+    frame.rp_id = rp_id_;
+    std::lock_guard lock(mu_);
+    frame.seq = next_seq_++;
+    logical_bytes_ += frame.length_bytes;
+    std::string payload = transport::encode(frame);
+    return conn_.send(MsgType::data, payload);
+  }
+  std::uint64_t frames() const {
+    std::lock_guard lock(mu_);
+    return next_seq_;
+  }
+  std::uint64_t logical_bytes() const {
+    std::lock_guard lock(mu_);
+    return logical_bytes_;
+  }
+
+ private:
+  transport::Connection& conn_;
+  const std::uint64_t group_id_;
+  const std::uint64_t rp_id_;
+  mutable std::mutex mu_;
+  std::uint64_t next_seq_ = 0;
+  std::uint64_t logical_bytes_ = 0;
+};
+
+// Fixed pool of read buffers: the bound on bytes read and not yet sent.
+class BufferPool {
+ public:
+  BufferPool(std::size_t count, std::uint32_t bytes) : bytes_(bytes) {
+    FERRY_ASSERT(count > 0 && bytes > 0);
+    storage_.reset(new char[count * std::size_t(bytes)]);
+    for (std::size_t i = 0; i < count; ++i) free_.push_back(storage_.get() + i * bytes);
+  }
+  char* try_take() {
+    std::lock_guard lock(mu_);
+    if (free_.empty()) return nullptr;
+    char* b = free_.back();
+    free_.pop_back();
+    return b;
+  }
+  void give_back(char* b) {
+    {
+      std::lock_guard lock(mu_);
+      free_.push_back(b);
+    }
+    cv_.notify_one();
+  }
+  // Waits up to `timeout` for a buffer to come back.
+  void wait_for_free(std::chrono::milliseconds timeout) {
+    std::unique_lock lock(mu_);
+    cv_.wait_for(lock, timeout, [&] { return !free_.empty(); });
+  }
+  std::uint32_t buffer_bytes() const { return bytes_; }
+
+ private:
+  std::uint32_t bytes_;
+  std::unique_ptr<char[]> storage_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<char*> free_;
+};
+
+struct Job {
+  char* buf = nullptr;
+  std::uint16_t disk_index = 0;
+  std::uint64_t offset_bytes = 0;
+  std::uint32_t length_bytes = 0;
+};
+
+// Hashes, detects zeros, compresses and sends read blocks on a few threads.
+class WorkerPool {
+ public:
+  static Result<std::unique_ptr<WorkerPool>> create(unsigned count, int level,
+                                                    std::uint32_t block_bytes, FrameSink& sink,
+                                                    BufferPool& buffers,
+                                                    std::vector<AtomicDiskStats>& stats) {
+    auto pool = std::unique_ptr<WorkerPool>(new WorkerPool(sink, buffers, stats));
+    for (unsigned i = 0; i < count; ++i) {
+      FERRY_ASSIGN_OR_RETURN(Compressor c, Compressor::create(level));
+      pool->compressors_.push_back(std::make_unique<Compressor>(std::move(c)));
+      pool->out_.emplace_back(Compressor::bound(block_bytes));
+    }
+    for (unsigned i = 0; i < count; ++i) pool->threads_.emplace_back([p = pool.get(), i] { p->run(i); });
+    return pool;
+  }
+  ~WorkerPool() { shutdown(); }
+
+  void push(const Job& job) {
+    {
+      std::lock_guard lock(mu_);
+      queue_.push_back(job);
+      ++pending_;
+    }
+    cv_.notify_one();
+  }
+  // Waits until every pushed job is done; returns the first error.
+  Status drain() {
+    std::unique_lock lock(mu_);
+    idle_cv_.wait(lock, [&] { return pending_ == 0; });
+    return error_;
+  }
+  bool failed() {
+    std::lock_guard lock(mu_);
+    return !error_.is_ok();
+  }
+  void shutdown() {
+    {
+      std::lock_guard lock(mu_);
+      if (stopping_) return;
+      stopping_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+
+ private:
+  WorkerPool(FrameSink& sink, BufferPool& buffers, std::vector<AtomicDiskStats>& stats)
+      : sink_(sink), buffers_(buffers), stats_(stats) {}
+
+  void run(unsigned index) {
+    for (;;) {
+      Job job;
+      {
+        std::unique_lock lock(mu_);
+        cv_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
+        if (queue_.empty()) return;
+        job = queue_.front();
+        queue_.pop_front();
+      }
+      Status s = error_seen() ? Status::ok() : process(index, job);
+      buffers_.give_back(job.buf);
+      std::lock_guard lock(mu_);
+      if (!s.is_ok() && error_.is_ok()) error_ = s;
+      if (--pending_ == 0) idle_cv_.notify_all();
+    }
+  }
+
+  bool error_seen() {
+    std::lock_guard lock(mu_);
+    return !error_.is_ok();
+  }
+
+  Status process(unsigned index, const Job& job) {
+    AtomicDiskStats& st = stats_[job.disk_index];
+    transport::DataFrame f;
+    f.disk_index = job.disk_index;
+    f.offset_bytes = job.offset_bytes;
+    f.length_bytes = job.length_bytes;
+    if (is_all_zero(job.buf, job.length_bytes)) {
+      f.kind = transport::BlockKind::zero;
+      f.codec = transport::Codec::none;
+      st.zero_bytes += job.length_bytes;
+    } else {
+      f.kind = transport::BlockKind::data;
+      f.hash = xxh3_128(job.buf, job.length_bytes);
+      std::vector<char>& out = out_[index];
+      FERRY_ASSIGN_OR_RETURN(std::size_t n, compressors_[index]->compress(
+                                                job.buf, job.length_bytes, out.data(), out.size()));
+      if (n < job.length_bytes) {
+        f.codec = transport::Codec::zstd;
+        f.payload.assign(out.data(), n);
+      } else {  // incompressible: zstd would only add bytes
+        f.codec = transport::Codec::none;
+        f.payload.assign(job.buf, job.length_bytes);
+      }
+      st.data_bytes += job.length_bytes;
+      st.payload_bytes += f.payload.size();
+    }
+    st.frames += 1;
+    FERRY_KILL_POINT("source.mid_send");
+    return sink_.send(f);
+  }
+
+  FrameSink& sink_;
+  BufferPool& buffers_;
+  std::vector<AtomicDiskStats>& stats_;
+  std::vector<std::unique_ptr<Compressor>> compressors_;
+  std::vector<std::vector<char>> out_;
+  std::vector<std::thread> threads_;
+  std::mutex mu_;
+  std::condition_variable cv_, idle_cv_;
+  std::deque<Job> queue_;
+  std::size_t pending_ = 0;
+  bool stopping_ = false;
+  Status error_;
+};
+
+bool stop_requested(const SenderOptions& o) {
+  return o.stop && o.stop->load(std::memory_order_relaxed);
+}
+
+// Reads a failure reason the receiver may have sent before closing.
+std::string peer_reason(transport::Connection& conn) {
+  auto f = conn.receive(std::chrono::milliseconds(1000));
+  if (!f.is_ok()) return {};
+  if (f->type == MsgType::error) {
+    auto e = transport::decode_error(f->payload);
+    if (e.is_ok()) return e->message;
+  }
+  if (f->type == MsgType::rp_ack) {
+    auto a = transport::decode_rp_ack(f->payload);
+    if (a.is_ok()) return a->message;
+  }
+  return {};
+}
+
+class DiskStreamer {
+ public:
+  DiskStreamer(const SenderOptions& o, FrameSink& sink, WorkerPool& workers, BufferPool& buffers,
+               std::vector<AtomicDiskStats>& stats, DiskStats& totals)
+      : o_(o), sink_(sink), workers_(workers), buffers_(buffers), stats_(stats), totals_(totals) {}
+
+  Status stream(std::uint16_t disk_index, const cbt::DiskView& view) {
+    FERRY_ASSIGN_OR_RETURN(auto reader, o_.open_reader ? o_.open_reader(view)
+                                                       : cbt::open_nbd_reader(view));
+    const std::uint64_t size = view.size_bytes;
+    for (std::uint64_t at = 0; at < size; at += kExtentChunkBytes) {
+      std::uint64_t len = std::min(kExtentChunkBytes, size - at);
+      FERRY_ASSIGN_OR_RETURN(auto extents, reader->extents(at, len, o_.block_bytes));
+      for (const cbt::Extent& e : extents) {
+        FERRY_ASSERT(e.offset_bytes + e.length_bytes <= size);
+        totals_.extent_bytes += e.length_bytes;
+        FERRY_TRY(e.zero ? send_zero(disk_index, e) : read_data(*reader, disk_index, e));
+      }
+    }
+    while (reader->in_flight() > 0) FERRY_TRY(poll(*reader, 100));
+    return read_error_;
+  }
+
+ private:
+  Status send_zero(std::uint16_t disk_index, const cbt::Extent& e) {
+    std::uint64_t end = e.offset_bytes + e.length_bytes;
+    for (std::uint64_t at = e.offset_bytes; at < end;) {
+      std::uint32_t len = static_cast<std::uint32_t>(std::min<std::uint64_t>(
+          transport::kMaxBlockBytes, end - at));
+      transport::DataFrame f;
+      f.disk_index = disk_index;
+      f.kind = transport::BlockKind::zero;
+      f.offset_bytes = at;
+      f.length_bytes = len;
+      FERRY_TRY(sink_.send(f));
+      stats_[disk_index].zero_bytes += len;
+      stats_[disk_index].frames += 1;
+      at += len;
+    }
+    return Status::ok();
+  }
+
+  Status read_data(cbt::BlockReader& reader, std::uint16_t disk_index, const cbt::Extent& e) {
+    std::uint64_t end = e.offset_bytes + e.length_bytes;
+    std::uint64_t at = e.offset_bytes;
+    while (at < end) {
+      if (stop_requested(o_)) return Status::error(Errc::cancelled, "stopped during transfer");
+      FERRY_TRY(read_error_);
+      if (workers_.failed()) return workers_.drain();
+      // Cut at block boundaries so blocks line up with the bitmap granularity.
+      std::uint64_t block_end = (at / o_.block_bytes + 1) * o_.block_bytes;
+      std::uint32_t len = static_cast<std::uint32_t>(std::min(block_end, end) - at);
+      char* buf = nullptr;
+      while (reader.in_flight() >= o_.max_inflight_reads || !(buf = buffers_.try_take())) {
+        if (reader.in_flight() > 0)
+          FERRY_TRY(poll(reader, 50));
+        else
+          buffers_.wait_for_free(std::chrono::milliseconds(50));
+        FERRY_TRY(read_error_);
+        if (workers_.failed()) return workers_.drain();
+      }
+      Job job{buf, disk_index, at, len};
+      Status s = reader.submit_read(at, len, buf, [this, job](Status st) {
+        if (!st.is_ok()) {
+          buffers_.give_back(job.buf);
+          if (read_error_.is_ok())
+            read_error_ = std::move(st).with_context("read at offset " +
+                                                     std::to_string(job.offset_bytes));
+          return;
+        }
+        stats_[job.disk_index].read_bytes += job.length_bytes;
+        workers_.push(job);
+      });
+      if (!s.is_ok()) {
+        buffers_.give_back(buf);
+        return s;
+      }
+      at += len;
+      done_bytes_ += len;
+      if (o_.progress && (done_bytes_ & ((64u << 20) - 1)) < len) o_.progress(done_bytes_, 0);
+    }
+    return Status::ok();
+  }
+
+  Status poll(cbt::BlockReader& reader, int timeout_ms) {
+    auto r = reader.poll(timeout_ms);
+    if (!r.is_ok()) return r.status();
+    return Status::ok();
+  }
+
+  const SenderOptions& o_;
+  FrameSink& sink_;
+  WorkerPool& workers_;
+  BufferPool& buffers_;
+  std::vector<AtomicDiskStats>& stats_;
+  DiskStats& totals_;
+  Status read_error_;
+  std::uint64_t done_bytes_ = 0;
+};
+
+Result<transport::HelloReply> handshake(transport::Connection& conn, const SenderOptions& o) {
+  transport::Hello hello;
+  hello.group = o.group;
+  hello.source_name = o.source_name;
+  for (const auto& n : o.disk_names) hello.disks.push_back({n, 0, o.block_bytes});
+  FERRY_TRY(conn.send(MsgType::hello, transport::encode(hello)));
+  FERRY_ASSIGN_OR_RETURN(transport::Frame f, conn.receive(std::chrono::milliseconds(60000)));
+  if (f.type == MsgType::error) {
+    auto e = transport::decode_error(f.payload);
+    return Status::error(Errc::protocol,
+                         "receiver refused the connection: " + (e.is_ok() ? e->message : "?"));
+  }
+  if (f.type != MsgType::hello_reply)
+    return Status::error(Errc::protocol, std::string("expected hello_reply, got ") +
+                                             transport::msg_type_name(f.type));
+  FERRY_ASSIGN_OR_RETURN(transport::HelloReply reply, transport::decode_hello_reply(f.payload));
+  if (reply.status != transport::WireStatus::ok) {
+    Errc code = reply.status == transport::WireStatus::busy ? Errc::busy : Errc::protocol;
+    return Status::error(code, "receiver refused group '" + o.group + "': " + reply.message)
+        .set_retryable(reply.status == transport::WireStatus::busy);
+  }
+  return reply;
+}
+
+Result<transport::RpAck> wait_for_ack(transport::Connection& conn, std::uint64_t rp_id,
+                                      std::chrono::milliseconds timeout) {
+  FERRY_ASSIGN_OR_RETURN(transport::Frame f, conn.receive(timeout));
+  if (f.type == MsgType::error) {
+    auto e = transport::decode_error(f.payload);
+    return Status::error(Errc::protocol, "receiver failed the RP: " + (e.is_ok() ? e->message : "?"));
+  }
+  if (f.type != MsgType::rp_ack)
+    return Status::error(Errc::protocol,
+                         std::string("expected rp_ack, got ") + transport::msg_type_name(f.type));
+  FERRY_ASSIGN_OR_RETURN(transport::RpAck ack, transport::decode_rp_ack(f.payload));
+  if (ack.rp_id != rp_id)
+    return Status::error(Errc::protocol, "rp_ack for RP " + std::to_string(ack.rp_id) +
+                                             ", expected " + std::to_string(rp_id));
+  return ack;
+}
+
+Errc errc_of(transport::WireStatus s) {
+  switch (s) {
+    case transport::WireStatus::diverged: return Errc::diverged;
+    case transport::WireStatus::no_space: return Errc::no_space;
+    case transport::WireStatus::io_error: return Errc::io;
+    case transport::WireStatus::corrupt: return Errc::corrupt;
+    case transport::WireStatus::busy: return Errc::busy;
+    default: return Errc::external;
+  }
+}
+
+// Runs everything between capture and acknowledgement; the caller finishes the capture.
+Result<transport::RpAck> send_capture(transport::Connection& conn, const SenderOptions& o,
+                                      cbt::ChangeSource& source, cbt::Capture& cap,
+                                      RpStats& stats, Clock::time_point t0) {
+  transport::RpBegin begin;
+  begin.rp_id = cap.rp_id;
+  begin.base_rp = cap.base_rp;
+  begin.created_unix_ns = cap.created_unix_ns;
+  FERRY_ASSERT(cap.disks.size() == o.disk_names.size());
+  for (std::size_t i = 0; i < cap.disks.size(); ++i) {
+    const cbt::DiskView& v = cap.disks[i];
+    FERRY_ASSERT(v.name == o.disk_names[i]);
+    begin.disks.push_back({static_cast<std::uint16_t>(i),
+                           v.full_reason == cbt::FullReason::none ? transport::DiskMode::incremental
+                                                                  : transport::DiskMode::full,
+                           v.size_bytes});
+    DiskStats d;
+    d.name = v.name;
+    d.size_bytes = v.size_bytes;
+    d.full_reason = v.full_reason;
+    stats.disks.push_back(d);
+  }
+  FERRY_TRY(conn.send(MsgType::rp_begin, transport::encode(begin)));
+
+  FrameSink sink(conn, transport::group_id_of(o.group), cap.rp_id);
+  std::size_t buffer_count = std::max<std::size_t>(4, o.max_buffer_bytes / o.block_bytes);
+  BufferPool buffers(buffer_count, o.block_bytes);
+  std::vector<AtomicDiskStats> disk_stats(cap.disks.size());
+  unsigned n_workers = o.workers ? o.workers
+                                 : std::min<unsigned>(kMaxWorkers,
+                                                      std::max(1u, std::thread::hardware_concurrency()));
+  FERRY_ASSIGN_OR_RETURN(auto workers, WorkerPool::create(n_workers, o.zstd_level, o.block_bytes,
+                                                          sink, buffers, disk_stats));
+  auto t_transfer = Clock::now();
+  Status streamed;
+  for (std::size_t i = 0; i < cap.disks.size() && streamed.is_ok(); ++i) {
+    DiskStreamer ds(o, sink, *workers, buffers, disk_stats, stats.disks[i]);
+    streamed = ds.stream(static_cast<std::uint16_t>(i), cap.disks[i]);
+    if (!streamed.is_ok())
+      streamed = std::move(streamed).with_context("disk '" + cap.disks[i].name + "'");
+  }
+  Status drained = workers->drain();
+  workers->shutdown();
+  if (streamed.is_ok()) streamed = drained;
+  for (std::size_t i = 0; i < cap.disks.size(); ++i) {
+    DiskStats& d = stats.disks[i];
+    d.read_bytes = disk_stats[i].read_bytes;
+    d.zero_bytes = disk_stats[i].zero_bytes;
+    d.data_bytes = disk_stats[i].data_bytes;
+    d.payload_bytes = disk_stats[i].payload_bytes;
+    d.frames = disk_stats[i].frames;
+  }
+  if (!streamed.is_ok()) {
+    std::string why = streamed.code() == Errc::disconnected || streamed.code() == Errc::io
+                          ? peer_reason(conn) : std::string();
+    return why.empty() ? streamed : std::move(streamed).with_context("receiver: " + why);
+  }
+  // Everything is read: end the views now so the guest stops paying for copy-before-write.
+  if (Status s = source.release_views(cap); !s.is_ok())
+    spdlog::warn("releasing the point-in-time views failed (cleaned up next time): {}",
+                 s.to_string());
+  stats.transfer_seconds = seconds_since(t_transfer);
+
+  auto t_commit = Clock::now();
+  transport::RpEnd end{cap.rp_id, sink.frames(), sink.logical_bytes()};
+  FERRY_TRY(conn.send(MsgType::rp_end, transport::encode(end)));
+  FERRY_TRY(conn.flush());
+  FERRY_ASSIGN_OR_RETURN(transport::RpAck ack, wait_for_ack(conn, cap.rp_id, o.ack_timeout));
+  stats.commit_seconds = seconds_since(t_commit);
+  stats.total_seconds = seconds_since(t0);
+  if (ack.status != transport::WireStatus::ok)
+    return Status::error(errc_of(ack.status),
+                         "receiver rejected RP " + std::to_string(cap.rp_id) + ": " + ack.message)
+        .set_retryable(ack.status == transport::WireStatus::no_space ||
+                       ack.status == transport::WireStatus::io_error ||
+                       ack.status == transport::WireStatus::corrupt);
+  return ack;
+}
+
+}  // namespace
+
+Result<RpStats> take_recovery_point(cbt::ChangeSource& source, const SenderOptions& o) {
+  FERRY_ASSERT(o.block_bytes >= 4096 && o.block_bytes <= transport::kMaxBlockBytes);
+  FERRY_ASSERT(!o.disk_names.empty());
+  const auto t0 = Clock::now();
+  const double cpu0 = process_cpu_seconds();
+  FERRY_ASSIGN_OR_RETURN(auto conn, transport::Connection::connect(o.to, o.connection));
+  FERRY_ASSIGN_OR_RETURN(transport::HelloReply reply, handshake(*conn, o));
+
+  RpStats stats;
+  stats.base_rp = reply.last_committed_rp;
+  stats.rp_id = reply.last_committed_rp + 1;
+  std::vector<std::string> held;
+  for (const auto& d : reply.disks) held.push_back(d.name);
+
+  auto t_capture = Clock::now();
+  FERRY_ASSIGN_OR_RETURN(cbt::Capture cap, source.capture(stats.base_rp, stats.rp_id, held));
+  stats.capture_seconds = seconds_since(t_capture);
+  const std::uint64_t wire0 = conn->bytes_sent();
+
+  Result<transport::RpAck> acked = send_capture(*conn, o, source, cap, stats, t0);
+  stats.wire_bytes = conn->bytes_sent() - wire0;
+
+  auto t_finish = Clock::now();
+  FERRY_KILL_POINT("source.before_bitmap_cleanup");
+  Status finished = source.finish(cap, acked.is_ok());
+  FERRY_KILL_POINT("source.after_bitmap_cleanup");
+  stats.finish_seconds = seconds_since(t_finish);
+  stats.cpu_seconds = process_cpu_seconds() - cpu0;
+  conn->close();
+  if (!acked.is_ok()) {
+    if (!finished.is_ok())
+      spdlog::error("could not merge the dirty bitmaps back after a failed RP: {}",
+                    finished.to_string());
+    return std::move(acked).status().with_context("RP " + std::to_string(stats.rp_id));
+  }
+  if (!finished.is_ok())  // The RP is durable; stale bitmaps are healed at the next capture.
+    spdlog::warn("RP {} is committed, but cleaning up its bitmaps failed: {}", stats.rp_id,
+                 finished.to_string());
+  return stats;
+}
+
+std::string describe(const RpStats& s) {
+  std::uint64_t data = 0, zero = 0, payload = 0;
+  for (const auto& d : s.disks) {
+    data += d.data_bytes;
+    zero += d.zero_bytes;
+    payload += d.payload_bytes;
+  }
+  double mb = double(data + zero) / 1e6;
+  return fmt::format(
+      "RP {} (base {}): {} disk(s), {:.1f} MB changed ({:.1f} MB data, {:.1f} MB zero), "
+      "{:.1f} MB on the wire, {:.2f} s ({:.0f} MB/s; capture {:.2f} s, transfer {:.2f} s, "
+      "commit {:.2f} s)",
+      s.rp_id, s.base_rp, s.disks.size(), mb, data / 1e6, zero / 1e6, s.wire_bytes / 1e6,
+      s.total_seconds, s.total_seconds > 0 ? mb / s.total_seconds : 0.0, s.capture_seconds,
+      s.transfer_seconds, s.commit_seconds);
+}
+
+}  // namespace ferry::engine

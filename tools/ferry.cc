@@ -1,0 +1,315 @@
+// ferry: the command line. One binary, one subcommand per role.
+//
+// Exit status: 0 success, 1 failure (message on stderr naming what failed), 2 usage error.
+#include <signal.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <future>
+#include <thread>
+
+#include "ferry/base/kill_point.h"
+#include "ferry/base/log.h"
+#include "ferry/cbt/qmp_source.h"
+#include "ferry/engine/receiver.h"
+#include "ferry/engine/sender.h"
+#include "ferry/engine/store.h"
+#include "ferry/transport/connection.h"
+#include "tools.h"
+
+namespace ferry::tools {
+namespace {
+
+constexpr int kExitFailure = 1;
+constexpr int kExitUsage = 2;
+
+int fail(const std::string& what, const Status& s) {
+  std::fprintf(stderr, "ferry: %s: %s\n", what.c_str(), s.to_string().c_str());
+  return kExitFailure;
+}
+
+// Blocks SIGTERM/SIGINT/SIGHUP in every thread and turns them into a flag set by a thread of
+// its own, so that workers never run signal handlers. Must be created before other threads.
+class SignalWatcher {
+ public:
+  SignalWatcher() {
+    sigemptyset(&set_);
+    sigaddset(&set_, SIGTERM);
+    sigaddset(&set_, SIGINT);
+    sigaddset(&set_, SIGHUP);
+    pthread_sigmask(SIG_BLOCK, &set_, nullptr);
+    thread_ = std::thread([this] {
+      int sig = 0;
+      while (sigwait(&set_, &sig) == 0) {
+        if (sig == SIGHUP) continue;  // reload: nothing to reload yet
+        if (quitting_.load()) return;
+        spdlog::info("signal {} received: stopping", sig);
+        stop.store(true);
+        if (on_stop) on_stop();
+        return;
+      }
+    });
+  }
+  ~SignalWatcher() {
+    quitting_.store(true);
+    if (!stop.load()) pthread_kill(thread_.native_handle(), SIGTERM);
+    thread_.join();
+  }
+  std::atomic<bool> stop{false};
+  std::function<void()> on_stop;
+
+ private:
+  sigset_t set_{};
+  std::atomic<bool> quitting_{false};
+  std::thread thread_;
+};
+
+// ---- receive ---------------------------------------------------------------------------------
+struct ReceiveArgs {
+  std::string listen;
+  std::string store;
+};
+
+int cmd_receive(const ReceiveArgs& a) {
+  init_logging("receive");
+  auto ep = transport::parse_endpoint(a.listen, /*allow_port_zero=*/true);
+  if (!ep.is_ok()) return fail("--listen", ep.status());
+  engine::ReceiverOptions ro;
+  ro.store.root = a.store;
+  auto receiver = engine::Receiver::create(ro);
+  if (!receiver.is_ok()) return fail("receiver", receiver.status());
+  SignalWatcher signals;
+  engine::Receiver* r = receiver->get();
+  transport::ServerOptions so;
+  auto server = transport::Server::listen(*ep, so, [r](transport::Connection& c) { r->serve(c); });
+  if (!server.is_ok()) return fail("listen on " + a.listen, server.status());
+  spdlog::info("listening on {}:{} with store {}", ep->host, (*server)->port(), a.store);
+  std::promise<void> stopped;
+  signals.on_stop = [&stopped] { stopped.set_value(); };
+  stopped.get_future().wait();
+  (*server)->stop();
+  spdlog::info("stopped");
+  return 0;
+}
+
+// ---- replicate -------------------------------------------------------------------------------
+struct ReplicateArgs {
+  std::string qmp;
+  std::vector<std::string> disks;  // NODE[=NAME]
+  std::string to;
+  std::string group;
+  bool once = false;
+  double interval_seconds = 0;
+  std::string nbd_socket;
+  std::string state_dir;
+  std::uint32_t block_kib = 64;
+  int zstd_level = 1;
+};
+
+Result<std::vector<cbt::QmpDisk>> parse_disks(const std::vector<std::string>& specs) {
+  std::vector<cbt::QmpDisk> out;
+  for (const auto& s : specs) {
+    auto eq = s.find('=');
+    cbt::QmpDisk d;
+    d.node = s.substr(0, eq);
+    d.name = eq == std::string::npos ? d.node : s.substr(eq + 1);
+    if (d.node.empty() || d.name.empty())
+      return Status::error(Errc::invalid_argument, "--disk '" + s + "' is not NODE[=NAME]");
+    for (const auto& o : out)
+      if (o.name == d.name || o.node == d.node)
+        return Status::error(Errc::invalid_argument, "--disk '" + s + "' names a disk twice");
+    out.push_back(d);
+  }
+  return out;
+}
+
+int cmd_replicate(const ReplicateArgs& a) {
+  init_logging("replicate");
+  auto ep = transport::parse_endpoint(a.to);
+  if (!ep.is_ok()) return fail("--to", ep.status());
+  auto disks = parse_disks(a.disks);
+  if (!disks.is_ok()) return fail("--disk", disks.status());
+  if (a.block_kib < 4 || a.block_kib > 4096 || (a.block_kib & (a.block_kib - 1)))
+    return fail("--block-size", Status::error(Errc::invalid_argument,
+                                              "must be a power of two from 4 to 4096 KiB"));
+  SignalWatcher signals;
+  cbt::QmpSourceOptions qo;
+  qo.qmp_socket = a.qmp;
+  qo.group = a.group;
+  qo.disks = *disks;
+  qo.nbd_socket = a.nbd_socket;
+  qo.work_dir = (a.state_dir.empty() ? default_state_dir() : a.state_dir) + "/" + a.group;
+  auto source = cbt::open_qmp_source(qo);
+  if (!source.is_ok()) return fail("QEMU at " + a.qmp, source.status());
+
+  engine::SenderOptions so;
+  so.to = *ep;
+  so.group = a.group;
+  so.source_name = host_name() + ":" + a.qmp;
+  for (const auto& d : *disks) so.disk_names.push_back(d.name);
+  so.block_bytes = a.block_kib * 1024;
+  so.zstd_level = a.zstd_level;
+  so.stop = &signals.stop;
+  if (isatty(STDERR_FILENO)) so.progress = progress_printer();
+
+  if (a.once) {
+    auto rp = engine::take_recovery_point(**source, so);
+    if (!rp.is_ok()) return fail("recovery point of group '" + a.group + "'", rp.status());
+    spdlog::info("{}", engine::describe(*rp));
+    std::printf("%llu\n", static_cast<unsigned long long>(rp->rp_id));
+    return 0;
+  }
+  using namespace std::chrono;
+  const auto period = duration_cast<milliseconds>(duration<double>(a.interval_seconds));
+  while (!signals.stop.load()) {
+    auto t0 = steady_clock::now();
+    auto rp = engine::take_recovery_point(**source, so);
+    if (rp.is_ok())
+      spdlog::info("{}", engine::describe(*rp));
+    else
+      spdlog::error("recovery point of group '{}' failed (retrying in {:.1f} s): {}", a.group,
+                    a.interval_seconds, rp.status().to_string());
+    while (!signals.stop.load() && steady_clock::now() - t0 < period)
+      std::this_thread::sleep_for(milliseconds(50));
+  }
+  return 0;
+}
+
+// ---- points / restore ------------------------------------------------------------------------
+int cmd_points(const std::string& store, const std::string& group, bool json) {
+  auto pts = engine::list_points(store, group);
+  if (!pts.is_ok()) return fail("points of group '" + group + "'", pts.status());
+  if (json) {
+    nlohmann::json arr = nlohmann::json::array();
+    for (const auto& p : *pts) {
+      nlohmann::json disks = nlohmann::json::array();
+      for (const auto& d : p.disks)
+        disks.push_back({{"name", d.name}, {"size_bytes", d.size_bytes}, {"full", d.full},
+                         {"changed_bytes", d.changed_bytes}, {"zero_bytes", d.zero_bytes},
+                         {"stored_bytes", d.stored_bytes}});
+      arr.push_back({{"rp_id", p.rp_id}, {"base_rp", p.base_rp},
+                     {"created_unix_ns", p.created_unix_ns},
+                     {"committed_unix_ns", p.committed_unix_ns},
+                     {"app_consistent", (p.flags & 1u) != 0}, {"disks", disks}});
+    }
+    std::cout << arr.dump(2) << "\n";
+    return 0;
+  }
+  std::printf("%-8s %-8s %-24s %-10s %14s %14s\n", "RP", "BASE", "CREATED (UTC)", "DISKS",
+              "CHANGED", "STORED");
+  for (const auto& p : *pts) {
+    std::uint64_t changed = 0, stored = 0;
+    for (const auto& d : p.disks) {
+      changed += d.changed_bytes;
+      stored += d.stored_bytes;
+    }
+    std::printf("%-8llu %-8llu %-24s %-10zu %14s %14s\n", (unsigned long long)p.rp_id,
+                (unsigned long long)p.base_rp, format_time_ns(p.created_unix_ns).c_str(),
+                p.disks.size(), human_bytes(changed).c_str(), human_bytes(stored).c_str());
+  }
+  return 0;
+}
+
+int cmd_restore(const std::string& store, const std::string& group, std::uint64_t point,
+                const std::string& disk, const std::string& out) {
+  Status s = engine::restore_point(store, group, point, disk, out);
+  if (!s.is_ok())
+    return fail("restore of disk '" + disk + "' at RP " + std::to_string(point), s);
+  return 0;
+}
+
+}  // namespace
+}  // namespace ferry::tools
+
+int main(int argc, char** argv) {
+  using namespace ferry::tools;
+  CLI::App app{"Ferry: block-level replication of running VM disks to a journaled receiver"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", "ferry 0.1.0");
+
+  ReceiveArgs ra;
+  auto* receive = app.add_subcommand("receive", "Run the receiver in the foreground");
+  receive->add_option("--listen", ra.listen, "ADDR:PORT to listen on")->required();
+  receive->add_option("--store", ra.store, "Store directory")->required();
+
+  ReplicateArgs pa;
+  auto* rep = app.add_subcommand("replicate", "Replicate disks of a QEMU process (over QMP)");
+  rep->add_option("--qmp", pa.qmp, "QMP unix socket of QEMU or qemu-storage-daemon")->required();
+  rep->add_option("--disk", pa.disks, "NODE[=NAME]: a block node and its name in the group")
+      ->required();
+  rep->add_option("--to", pa.to, "Receiver ADDR:PORT")->required();
+  rep->add_option("--group", pa.group, "Group name")->required();
+  auto* once = rep->add_flag("--once", pa.once, "Take one recovery point and exit");
+  auto* interval = rep->add_option("--interval", pa.interval_seconds,
+                                   "Take a recovery point every SECONDS")
+                       ->check(CLI::PositiveNumber);
+  once->excludes(interval);
+  rep->add_option("--nbd-socket", pa.nbd_socket,
+                  "Unix socket of an NBD server already running in QEMU");
+  rep->add_option("--state-dir", pa.state_dir, "Scratch and state directory")
+      ->capture_default_str();
+  rep->add_option("--block-size", pa.block_kib, "Block size in KiB (default 64)");
+  rep->add_option("--zstd-level", pa.zstd_level, "zstd level (default 1)")->check(CLI::Range(-7, 19));
+
+  std::string store, group, disk, out;
+  bool json = false;
+  std::uint64_t point = 0;
+  auto* points = app.add_subcommand("points", "List the committed recovery points of a group");
+  points->add_option("--store", store, "Store directory")->required();
+  points->add_option("--group", group, "Group name")->required();
+  points->add_flag("--json", json, "JSON output");
+
+  auto* restore = app.add_subcommand("restore", "Write the image of a disk at a recovery point");
+  restore->add_option("--store", store, "Store directory")->required();
+  restore->add_option("--group", group, "Group name")->required();
+  restore->add_option("--point", point, "Recovery point id")->required();
+  restore->add_option("--disk", disk, "Disk name")->required();
+  restore->add_option("--out", out, "Output file (raw, sparse)")->required();
+
+  DemoArgs da;
+  auto* demo = app.add_subcommand("demo", "Live replication demo on this machine (qemu-storage-daemon)");
+  demo->add_option("--rps", da.rps, "Recovery points to take (at least 5)")->check(CLI::Range(5, 1000));
+  demo->add_option("--disk-mib", da.disk_mib, "Disk size in MiB")->check(CLI::Range(16, 65536));
+  demo->add_option("--keep", da.keep_dir, "Keep the demo's files in this directory");
+
+  auto* debug = app.add_subcommand("debug", "Developer helpers");
+  auto* kp = debug->add_subcommand("kill-points", "List the named kill points");
+  debug->require_subcommand(1);
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    app.exit(e);
+    return kExitUsage;
+  }
+  if (rep->parsed() && !pa.once && pa.interval_seconds <= 0) {
+    std::fprintf(stderr, "ferry replicate: one of --once or --interval SECONDS is required\n");
+    return kExitUsage;
+  }
+  try {
+    if (receive->parsed()) return cmd_receive(ra);
+    if (rep->parsed()) return cmd_replicate(pa);
+    if (points->parsed()) return cmd_points(store, group, json);
+    if (restore->parsed()) return cmd_restore(store, group, point, disk, out);
+    if (demo->parsed()) return run_demo(da, argv[0]);
+    if (kp->parsed()) {
+      for (auto k : ferry::kKillPoints) std::printf("%.*s\n", int(k.size()), k.data());
+      return 0;
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "ferry: unexpected error: %s\n", e.what());
+    return kExitFailure;
+  }
+  return kExitUsage;
+}
