@@ -174,9 +174,24 @@ def _sweep_stale():
         except (ValueError, IndexError):
             continue
         d = os.path.join(root, name)
-        if not os.path.exists(f"/proc/{pid}") and not any(
+        if os.path.exists(f"/proc/{pid}") or any(
                 mp.startswith(d + os.sep) for mp, _ in _mounts()):
+            continue
+        # A dead run: drop its images now (they can be GiBs), its logs after a day.
+        try:
+            old = time.time() - os.stat(d).st_mtime > 86400
+        except OSError:
+            continue
+        if old:
             shutil.rmtree(d, ignore_errors=True)
+            continue
+        for sub, _, files in os.walk(d):
+            for f in files:
+                if not f.endswith((".log", ".json")):
+                    try:
+                        os.unlink(os.path.join(sub, f))
+                    except OSError:
+                        pass
 
 
 # --------------------------------------------------------------------------------------
