@@ -635,15 +635,38 @@ class History:
     """What the source looked like at each RP: {rp: {disk name: snapshot path}}, plus the
     group's committed points as last seen. verify() restores RPs and compares."""
 
-    def __init__(self, env, store, group):
+    def __init__(self, env, store, group, keep_last=None):
+        """keep_last: keep the snapshots of only the first and the last `keep_last` RPs (long
+        crash loops would otherwise copy GiBs); older RPs stay in `acked` (still checked to be
+        listed) but are no longer restored."""
         self.env, self.store, self.group = env, store, group
+        self.keep_last = keep_last
         self.snaps = {}
         self.acked = []
 
+    def prune(self):
+        if self.keep_last is None or len(self.snaps) <= self.keep_last + 1:
+            return
+        rps = sorted(self.snaps)
+        keep = set(rps[:1] + rps[-self.keep_last:])
+        for rp in rps:
+            if rp not in keep:
+                del self.snaps[rp]
+        live = {p for s in self.snaps.values() for p in s.values()}
+        d = os.path.join(self.env.dir, "snaps")
+        for name in os.listdir(d) if os.path.isdir(d) else []:
+            p = os.path.join(d, name)
+            if p not in live and p not in self._pending:
+                os.unlink(p)
+
+    _pending = set()  # snapshots taken but not yet recorded (never pruned)
+
     def snapshot_all(self, qsd, label):
         qsd.sync()
-        return {d.name: qsd.snapshot(d, self.env.path("snaps", f"{label}-{d.name}.img"))
-                for d in qsd.disks}
+        out = {d.name: qsd.snapshot(d, self.env.path("snaps", f"{label}-{d.name}.img"))
+               for d in qsd.disks}
+        self._pending = set(out.values())
+        return out
 
     def record(self, rp, snaps):
         check(rp not in self.snaps or self.snaps[rp] == snaps, f"RP {rp} reported twice")
@@ -651,6 +674,7 @@ class History:
               f"RP ids must grow: got {rp} after {self.acked[-1] if self.acked else None}")
         self.snaps[rp] = snaps
         self.acked.append(rp)
+        self.prune()
 
     def verify(self, rps=None, what=""):
         pts = {p["rp_id"]: p for p in self.env.points(self.store, self.group)}

@@ -24,7 +24,7 @@ with ft.Env("kill-receiver") as env:
     qsd = env.qsd([ft.Disk("vda", SIZE, "qcow2")])
     vda = qsd.disks[0]
     rx = env.receiver()
-    hist = ft.History(env, rx.store, GROUP)
+    hist = ft.History(env, rx.store, GROUP, keep_last=3)
     stats = {"random_kills": 0, "random_kills_mid_rp": 0, "kill_points_fired": [],
              "kill_points_not_fired": [], "acked_rps_lost": 0, "replicas_not_equal": 0}
 

@@ -20,7 +20,7 @@ with ft.Env("kill-source") as env:
     qsd = env.qsd([ft.Disk("vda", SIZE, "qcow2"), ft.Disk("vdb", 32 * ft.MiB, "raw")])
     vda, vdb = qsd.disks
     rx = env.receiver()
-    hist = ft.History(env, rx.store, GROUP)
+    hist = ft.History(env, rx.store, GROUP, keep_last=3)
     stats = {"random_kills": 0, "random_kills_mid_rp": 0, "kill_points_fired": [],
              "kill_points_not_fired": [], "dirty_blocks_lost": 0}
 
