@@ -50,4 +50,12 @@ class Storage {
 // file system accepts it.
 std::shared_ptr<Storage> real_storage();
 
+// Checks once per process that io_uring can be set up (kernel support, seccomp, memlock
+// limits); the error names the missing piece. GroupStore::open calls it.
+Status probe_io_uring();
+
+// Bounds of the real storage's ring.
+inline constexpr unsigned kRingQueueDepth = 64;            // SQEs per file ring
+inline constexpr std::size_t kDirectAlignBytes = 4096;     // O_DIRECT buffer/offset/length
+
 }  // namespace ferry::engine

@@ -1,0 +1,676 @@
+#include "journal.h"
+
+#include <zstd.h>
+
+#include <algorithm>
+#include <cinttypes>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+
+#include "ferry/base/bytes.h"
+#include "ferry/base/log.h"
+
+namespace ferry::engine::journal {
+namespace {
+
+constexpr std::size_t kScanWindowBytes = 1u << 20;
+
+std::uint64_t align_up(std::uint64_t v) {
+  return (v + kBlockAlignBytes - 1) / kBlockAlignBytes * kBlockAlignBytes;
+}
+
+std::string seg_path(const std::string& dir, std::uint64_t seq) {
+  return dir + "/" + segment_name(seq);
+}
+
+Status corrupt_at(const std::string& dir, std::uint64_t seq, std::uint64_t offset,
+                  const std::string& what) {
+  return Status::error(Errc::corrupt, "journal segment " + seg_path(dir, seq) + " offset " +
+                                          std::to_string(offset) + ": " + what);
+}
+
+bool record_type_known(std::uint8_t t) { return t >= 1 && t <= 5; }
+
+}  // namespace
+
+// --- layouts ---------------------------------------------------------------------------
+
+void encode_record_header(const RecordHeader& h, char* out) {
+  std::string s;
+  s.reserve(kRecordHeaderBytes);
+  ByteWriter w(s);
+  w.u32(kRecordMagic);
+  w.u8(static_cast<std::uint8_t>(h.type));
+  w.u8(static_cast<std::uint8_t>(h.kind));
+  w.u8(static_cast<std::uint8_t>(h.codec));
+  w.u8(0);
+  w.u32(h.total_bytes);
+  w.u16(h.disk_index);
+  w.u16(0);
+  w.u64(h.lsn);
+  w.u64(h.rp_id);
+  w.u64(h.seq);
+  w.u64(h.offset_bytes);
+  w.u32(h.length_bytes);
+  w.u32(0);
+  w.u64(h.hash.lo);
+  w.u64(h.hash.hi);
+  w.u64(h.payload_checksum);
+  FERRY_ASSERT(s.size() == kRecordHeaderBytes - 8);
+  w.u64(xxh3_64(s.data(), s.size()));
+  std::memcpy(out, s.data(), kRecordHeaderBytes);
+}
+
+Result<RecordHeader> decode_record_header(const char* p, std::size_t len) {
+  if (len < kRecordHeaderBytes) return Status::error(Errc::corrupt, "record header cut short");
+  ByteReader r(p, kRecordHeaderBytes);
+  if (r.u32() != kRecordMagic) return Status::error(Errc::corrupt, "bad record magic");
+  if (load_le64(p + kRecordHeaderBytes - 8) != xxh3_64(p, kRecordHeaderBytes - 8))
+    return Status::error(Errc::corrupt, "record header checksum mismatch");
+  RecordHeader h;
+  std::uint8_t type = r.u8();
+  std::uint8_t kind = r.u8();
+  std::uint8_t codec = r.u8();
+  r.u8();
+  if (!record_type_known(type) || kind > 1 || codec > 1)
+    return Status::error(Errc::corrupt, "unknown record type, kind or codec");
+  h.type = static_cast<RecordType>(type);
+  h.kind = static_cast<RecordKind>(kind);
+  h.codec = static_cast<RecordCodec>(codec);
+  h.total_bytes = r.u32();
+  h.disk_index = r.u16();
+  r.u16();
+  h.lsn = r.u64();
+  h.rp_id = r.u64();
+  h.seq = r.u64();
+  h.offset_bytes = r.u64();
+  h.length_bytes = r.u32();
+  r.u32();
+  h.hash.lo = r.u64();
+  h.hash.hi = r.u64();
+  h.payload_checksum = r.u64();
+  FERRY_ASSERT(r.ok());
+  if (h.total_bytes < kRecordHeaderBytes || h.total_bytes > kMaxRecordBytes)
+    return Status::error(Errc::corrupt, "record length " + std::to_string(h.total_bytes) +
+                                            " out of bounds");
+  if (h.length_bytes > kMaxBlockBytes)
+    return Status::error(Errc::corrupt, "block length out of bounds");
+  return h;
+}
+
+void encode_segment_header(const SegmentHeader& h, char* out) {
+  std::string s;
+  ByteWriter w(s);
+  w.u64(kSegmentMagic);
+  w.u32(kJournalVersion);
+  w.u32(static_cast<std::uint32_t>(kSegmentHeaderBytes));
+  w.u64(h.group_id);
+  w.u64(h.segment_seq);
+  w.u64(xxh3_64(s.data(), s.size()));
+  std::memset(out, 0, kSegmentHeaderBytes);
+  std::memcpy(out, s.data(), s.size());
+}
+
+Result<SegmentHeader> decode_segment_header(const char* p, std::size_t len) {
+  constexpr std::size_t kFields = 32;
+  if (len < kSegmentHeaderBytes) return Status::error(Errc::corrupt, "segment header cut short");
+  if (load_le64(p + kFields) != xxh3_64(p, kFields))
+    return Status::error(Errc::corrupt, "segment header checksum mismatch");
+  ByteReader r(p, kFields);
+  if (r.u64() != kSegmentMagic) return Status::error(Errc::corrupt, "bad segment magic");
+  std::uint32_t version = r.u32();
+  if (version != kJournalVersion)
+    return Status::error(Errc::unsupported, "journal version " + std::to_string(version) +
+                                                " (this build reads version 1)");
+  if (r.u32() != kSegmentHeaderBytes)
+    return Status::error(Errc::corrupt, "bad segment header size");
+  SegmentHeader h;
+  h.group_id = r.u64();
+  h.segment_seq = r.u64();
+  return h;
+}
+
+std::string encode_begin(const RpBeginInfo& rp) {
+  std::string s;
+  ByteWriter w(s);
+  FERRY_ASSERT(rp.disks.size() <= kMaxDisks);
+  w.u64(rp.rp_id);
+  w.u64(rp.base_rp);
+  w.u64(rp.created_unix_ns);
+  w.u32(rp.flags);
+  w.u16(static_cast<std::uint16_t>(rp.disks.size()));
+  for (const auto& d : rp.disks) {
+    w.str16(d.name);
+    w.u64(d.size_bytes);
+    w.u8(d.full ? 1 : 0);
+  }
+  return s;
+}
+
+Result<RpBeginInfo> decode_begin(std::string_view payload) {
+  ByteReader r(payload);
+  RpBeginInfo rp;
+  rp.rp_id = r.u64();
+  rp.base_rp = r.u64();
+  rp.created_unix_ns = r.u64();
+  rp.flags = r.u32();
+  std::uint16_t n = r.u16();
+  if (!r.ok() || n > kMaxDisks) return Status::error(Errc::corrupt, "bad rp_begin payload");
+  for (std::uint16_t i = 0; i < n && r.ok(); ++i) {
+    RpBeginInfo::Disk d;
+    d.name = r.str16(kMaxNameBytes);
+    d.size_bytes = r.u64();
+    d.full = r.u8() != 0;
+    rp.disks.push_back(std::move(d));
+  }
+  if (!r.ok() || r.remaining() != 0) return Status::error(Errc::corrupt, "bad rp_begin payload");
+  return rp;
+}
+
+std::string encode_commit(const RpInfo& rp) {
+  std::string s;
+  ByteWriter w(s);
+  FERRY_ASSERT(rp.disks.size() <= kMaxDisks);
+  w.u64(rp.rp_id);
+  w.u64(rp.base_rp);
+  w.u64(rp.created_unix_ns);
+  w.u64(rp.committed_unix_ns);
+  w.u32(rp.flags);
+  w.u16(static_cast<std::uint16_t>(rp.disks.size()));
+  for (const auto& d : rp.disks) {
+    w.str16(d.name);
+    w.u64(d.size_bytes);
+    w.u8(d.full ? 1 : 0);
+    w.u64(d.changed_bytes);
+    w.u64(d.zero_bytes);
+    w.u64(d.stored_bytes);
+  }
+  return s;
+}
+
+Result<RpInfo> decode_commit(std::string_view payload) {
+  ByteReader r(payload);
+  RpInfo rp;
+  rp.rp_id = r.u64();
+  rp.base_rp = r.u64();
+  rp.created_unix_ns = r.u64();
+  rp.committed_unix_ns = r.u64();
+  rp.flags = r.u32();
+  std::uint16_t n = r.u16();
+  if (!r.ok() || n > kMaxDisks) return Status::error(Errc::corrupt, "bad rp_commit payload");
+  for (std::uint16_t i = 0; i < n && r.ok(); ++i) {
+    RpDiskInfo d;
+    d.name = r.str16(kMaxNameBytes);
+    d.size_bytes = r.u64();
+    d.full = r.u8() != 0;
+    d.changed_bytes = r.u64();
+    d.zero_bytes = r.u64();
+    d.stored_bytes = r.u64();
+    rp.disks.push_back(std::move(d));
+  }
+  if (!r.ok() || r.remaining() != 0) return Status::error(Errc::corrupt, "bad rp_commit payload");
+  return rp;
+}
+
+std::string segment_name(std::uint64_t segment_seq) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%016" PRIx64 ".seg", segment_seq);
+  return buf;
+}
+
+std::optional<std::uint64_t> parse_segment_name(const std::string& name) {
+  if (name.size() != 20 || name.compare(16, 4, ".seg") != 0) return std::nullopt;
+  std::uint64_t v = 0;
+  for (int i = 0; i < 16; ++i) {
+    char c = name[i];
+    int d = (c >= '0' && c <= '9') ? c - '0' : (c >= 'a' && c <= 'f') ? c - 'a' + 10 : -1;
+    if (d < 0) return std::nullopt;
+    v = (v << 4) | static_cast<std::uint64_t>(d);
+  }
+  return v;
+}
+
+// --- recovery scan ---------------------------------------------------------------------
+
+namespace {
+
+// A windowed reader over one segment: few syscalls for many small records.
+class SegmentView {
+ public:
+  static Result<SegmentView> open(Storage& storage, const std::string& path) {
+    FERRY_ASSIGN_OR_RETURN(auto f, storage.open(path, OpenFlags{.read_only = true}));
+    FERRY_ASSIGN_OR_RETURN(std::uint64_t size, f->size());
+    SegmentView v;
+    v.file_ = std::move(f);
+    v.size_ = size;
+    return v;
+  }
+  std::uint64_t size() const { return size_; }
+  // Up to `len` bytes at `offset` (fewer at the end of the file).
+  Result<std::string_view> view(std::uint64_t offset, std::size_t len) {
+    if (offset >= size_) return std::string_view();
+    len = static_cast<std::size_t>(std::min<std::uint64_t>(len, size_ - offset));
+    if (offset < win_off_ || offset + len > win_off_ + win_.size()) {
+      win_.resize(std::max(len, kScanWindowBytes));
+      FERRY_ASSIGN_OR_RETURN(std::size_t got, file_->pread(win_.data(), win_.size(), offset));
+      win_.resize(got);
+      win_off_ = offset;
+      if (got < len) return std::string_view(win_.data(), got);
+    }
+    return std::string_view(win_.data() + (offset - win_off_), len);
+  }
+
+ private:
+  std::unique_ptr<StorageFile> file_;
+  std::uint64_t size_ = 0;
+  std::string win_;
+  std::uint64_t win_off_ = 0;
+};
+
+class Scanner {
+ public:
+  Scanner(Storage& storage, const std::string& dir, std::uint64_t group_id, ScanMode mode)
+      : storage_(storage), dir_(dir), group_id_(group_id), mode_(mode) {}
+
+  Result<ScanResult> run() {
+    FERRY_TRY(list_segments());
+    for (std::size_t i = 0; i < out_.segments.size() && !stopped_; ++i)
+      FERRY_TRY(scan_segment(i));
+    finish();
+    return std::move(out_);
+  }
+
+ private:
+  Status list_segments() {
+    FERRY_ASSIGN_OR_RETURN(auto names, storage_.list_dir(dir_));
+    for (const auto& n : names)
+      if (auto seq = parse_segment_name(n)) out_.segments.push_back(*seq);
+    std::sort(out_.segments.begin(), out_.segments.end());
+    for (std::size_t i = 1; i < out_.segments.size(); ++i)
+      if (out_.segments[i] != out_.segments[i - 1] + 1)
+        return Status::error(Errc::corrupt,
+                             "journal " + dir_ + ": segment " +
+                                 segment_name(out_.segments[i - 1] + 1) +
+                                 " is missing (R9)");
+    return Status::ok();
+  }
+
+  Status scan_segment(std::size_t index) {
+    std::uint64_t seq = out_.segments[index];
+    FERRY_ASSIGN_OR_RETURN(SegmentView view, SegmentView::open(storage_, seg_path(dir_, seq)));
+    sizes_[seq] = view.size();
+    FERRY_ASSIGN_OR_RETURN(std::string_view hb, view.view(0, kSegmentHeaderBytes));
+    auto sh = decode_segment_header(hb.data(), hb.size());
+    if (sh.is_ok() && (sh->group_id != group_id_ || sh->segment_seq != seq))
+      return corrupt_at(dir_, seq, 0, "segment header names another group or sequence (R8)");
+    if (!sh.is_ok() && sh.status().code() == Errc::unsupported) return sh.status();
+    if (!sh.is_ok()) return invalid(index, 0, sh.status().message());
+    if (index == 0) cut_ = RecordLoc{seq, kSegmentHeaderBytes};
+    std::uint64_t pos = kSegmentHeaderBytes;
+    while (pos < view.size() && !stopped_) FERRY_TRY(scan_record(index, view, pos));
+    return Status::ok();
+  }
+
+  // Reads, checks and applies the record at `pos`; advances `pos` or stops the scan.
+  Status scan_record(std::size_t index, SegmentView& view, std::uint64_t& pos) {
+    std::uint64_t seq = out_.segments[index];
+    FERRY_ASSIGN_OR_RETURN(std::string_view hv, view.view(pos, kRecordHeaderBytes));
+    auto h = decode_record_header(hv.data(), hv.size());
+    if (!h.is_ok()) return invalid(index, pos, h.status().message());
+    bool chained = h->type == RecordType::padding || h->lsn == expected_lsn_;
+    if (!chained)
+      return invalid(index, pos, "lsn " + std::to_string(h->lsn) + " where " +
+                                     std::to_string(expected_lsn_) + " was expected");
+    FERRY_ASSIGN_OR_RETURN(std::string_view pv,
+                           view.view(pos + kRecordHeaderBytes,
+                                     h->total_bytes - kRecordHeaderBytes));
+    if (pv.size() != h->total_bytes - kRecordHeaderBytes)
+      return invalid(index, pos, "record cut short by the end of the segment");
+    if (xxh3_64(pv.data(), pv.size()) != h->payload_checksum)
+      return invalid(index, pos, "payload checksum mismatch");
+    if (h->type != RecordType::padding) ++expected_lsn_;
+    FERRY_TRY(apply(*h, pv, RecordLoc{seq, pos}));
+    pos += h->total_bytes;
+    if (h->type == RecordType::rp_commit) pos = align_up(pos);  // rest of the block: padding
+    return Status::ok();
+  }
+
+  // The record state machine. A record that passed its checksums but breaks the structure
+  // cannot come from a torn write: R11, corrupt.
+  Status apply(const RecordHeader& h, std::string_view payload, RecordLoc loc) {
+    switch (h.type) {
+      case RecordType::padding: return Status::ok();
+      case RecordType::rp_begin: return on_begin(h, payload, loc);
+      case RecordType::block: return on_block(h, loc);
+      case RecordType::rp_commit: return on_commit(h, payload, loc);
+      case RecordType::rp_abort:
+        if (open_) out_.notes.push_back("R3: RP " + std::to_string(open_->begin.rp_id) + " aborted");
+        open_.reset();
+        return Status::ok();
+    }
+    return corrupt_at(dir_, loc.segment_seq, loc.offset, "unknown record type (R11)");
+  }
+
+  Status on_begin(const RecordHeader& h, std::string_view payload, RecordLoc loc) {
+    auto b = decode_begin(payload);
+    if (!b.is_ok() || b->rp_id != h.rp_id)
+      return corrupt_at(dir_, loc.segment_seq, loc.offset, "bad rp_begin record (R11)");
+    if (open_) out_.notes.push_back("R3: RP " + std::to_string(open_->begin.rp_id) +
+                                    " superseded by a new rp_begin");
+    open_ = CommittedRp{};
+    open_->begin = std::move(*b);
+    return Status::ok();
+  }
+
+  Status on_block(const RecordHeader& h, RecordLoc loc) {
+    if (!open_ || open_->begin.rp_id != h.rp_id || h.disk_index >= open_->begin.disks.size())
+      return corrupt_at(dir_, loc.segment_seq, loc.offset,
+                        "block record outside its RP or disk (R11)");
+    const auto& disk = open_->begin.disks[h.disk_index];
+    if (h.offset_bytes > disk.size_bytes || h.length_bytes > disk.size_bytes - h.offset_bytes)
+      return corrupt_at(dir_, loc.segment_seq, loc.offset, "block beyond the disk size (R11)");
+    open_->blocks.push_back(BlockEntry{loc, h.offset_bytes, h.length_bytes, h.total_bytes,
+                                       h.disk_index, h.kind, h.codec});
+    return Status::ok();
+  }
+
+  Status on_commit(const RecordHeader& h, std::string_view payload, RecordLoc loc) {
+    auto info = decode_commit(payload);
+    bool ok = open_ && info.is_ok() && info->rp_id == h.rp_id && open_->begin.rp_id == h.rp_id &&
+              loc.offset % kBlockAlignBytes == 0;
+    std::uint64_t last = out_.committed.empty() ? 0 : out_.committed.back().info.rp_id;
+    if (!ok || h.rp_id <= last || open_->begin.base_rp != last)
+      return corrupt_at(dir_, loc.segment_seq, loc.offset,
+                        "rp_commit does not close the open RP in order (R11)");
+    open_->info = std::move(*info);
+    out_.committed.push_back(std::move(*open_));
+    open_.reset();
+    cut_ = RecordLoc{loc.segment_seq, align_up(loc.offset + h.total_bytes)};
+    cut_lsn_ = h.lsn + 1;
+    return Status::ok();
+  }
+
+  // The first record that fails a check. In recovery, a valid commit record further on
+  // proves the bad bytes were durable: corruption (R2). Otherwise it is the torn tail (R1).
+  Status invalid(std::size_t index, std::uint64_t pos, const std::string& why) {
+    stopped_ = true;
+    std::uint64_t seq = out_.segments[index];
+    if (mode_ == ScanMode::recover) {
+      FERRY_ASSIGN_OR_RETURN(auto later, find_later_commit(index, pos));
+      if (later)
+        return corrupt_at(dir_, seq, pos,
+                          why + ", yet committed RP " + std::to_string(later->rp_id) +
+                              " follows at segment " + segment_name(later->seg) + " offset " +
+                              std::to_string(later->offset) + " (R2)");
+    }
+    out_.notes.push_back("R1: tail cut at segment " + segment_name(seq) + " offset " +
+                         std::to_string(pos) + ": " + why);
+    return Status::ok();
+  }
+
+  struct LaterCommit {
+    std::uint64_t rp_id, seg, offset;
+  };
+  // Commit records start on aligned blocks, so the look-ahead reads one header per block.
+  Result<std::optional<LaterCommit>> find_later_commit(std::size_t index, std::uint64_t pos) {
+    for (std::size_t i = index; i < out_.segments.size(); ++i) {
+      std::uint64_t seq = out_.segments[i];
+      FERRY_ASSIGN_OR_RETURN(SegmentView view, SegmentView::open(storage_, seg_path(dir_, seq)));
+      std::uint64_t start = i == index ? align_up(pos + 1) : kSegmentHeaderBytes;
+      for (std::uint64_t off = start; off + kRecordHeaderBytes <= view.size();
+           off += kBlockAlignBytes) {
+        FERRY_ASSIGN_OR_RETURN(std::string_view hv, view.view(off, kRecordHeaderBytes));
+        auto h = decode_record_header(hv.data(), hv.size());
+        if (h.is_ok() && h->type == RecordType::rp_commit && h->lsn >= expected_lsn_)
+          return std::optional<LaterCommit>(LaterCommit{h->rp_id, seq, off});
+      }
+    }
+    return std::optional<LaterCommit>();
+  }
+
+  void finish() {
+    if (open_)
+      out_.notes.push_back("R3: RP " + std::to_string(open_->begin.rp_id) +
+                           " has no commit record; ignored");
+    out_.cut = cut_;
+    out_.next_lsn = cut_lsn_;
+    if (cut_) {
+      out_.next_segment_seq = cut_->segment_seq + 1;
+      out_.tail_dirty = sizes_[cut_->segment_seq] != cut_->offset ||
+                        out_.segments.back() != cut_->segment_seq;
+    } else {
+      out_.next_segment_seq = out_.segments.empty() ? 1 : out_.segments.front();
+      out_.tail_dirty = !out_.segments.empty();
+      if (!out_.segments.empty()) out_.notes.push_back("R4: no valid segment header");
+    }
+  }
+
+  Storage& storage_;
+  const std::string& dir_;
+  std::uint64_t group_id_;
+  ScanMode mode_;
+  ScanResult out_;
+  std::map<std::uint64_t, std::uint64_t> sizes_;
+  std::optional<CommittedRp> open_;
+  std::optional<RecordLoc> cut_;
+  std::uint64_t cut_lsn_ = 1;
+  std::uint64_t expected_lsn_ = 1;
+  bool stopped_ = false;
+};
+
+}  // namespace
+
+Result<ScanResult> scan(Storage& storage, const std::string& journal_dir, std::uint64_t group_id,
+                        ScanMode mode) {
+  return Scanner(storage, journal_dir, group_id, mode).run();
+}
+
+Status cut_tail(Storage& storage, const std::string& dir, const ScanResult& s) {
+  FERRY_ASSERT(s.tail_dirty);
+  for (auto seq : s.segments) {
+    if (s.cut && seq < s.cut->segment_seq) continue;
+    if (s.cut && seq == s.cut->segment_seq) {
+      FERRY_ASSIGN_OR_RETURN(auto f, storage.open(seg_path(dir, seq), OpenFlags{}));
+      FERRY_TRY(f->truncate(s.cut->offset));
+      FERRY_TRY(f->datasync());
+      continue;
+    }
+    FERRY_TRY(storage.remove(seg_path(dir, seq)));
+  }
+  return storage.sync_dir(dir);
+}
+
+// --- writer ----------------------------------------------------------------------------
+
+Result<std::unique_ptr<Writer>> Writer::open(std::shared_ptr<Storage> storage,
+                                             const Options& options, const ScanResult& scan) {
+  FERRY_ASSERT(options.segment_bytes >= kMinSegmentBytes &&
+               options.segment_bytes % kBlockAlignBytes == 0);
+  FERRY_ASSERT(options.buffer_bytes >= kMaxRecordBytes + 2 * kMaxPaddingBytes &&
+               options.buffer_bytes % kBlockAlignBytes == 0);
+  std::unique_ptr<Writer> w(new Writer());
+  w->storage_ = std::move(storage);
+  w->opt_ = options;
+  for (auto& b : w->buf_) {
+    b = static_cast<char*>(std::aligned_alloc(kBlockAlignBytes, options.buffer_bytes));
+    FERRY_ASSERT(b != nullptr);
+  }
+  w->next_lsn_ = scan.next_lsn;
+  w->next_segment_seq_ = scan.next_segment_seq;
+  if (scan.cut) {
+    FERRY_ASSIGN_OR_RETURN(
+        w->file_, w->storage_->open(seg_path(options.dir, scan.cut->segment_seq),
+                                    OpenFlags{.direct = true}));
+    w->segment_seq_ = scan.cut->segment_seq;
+    w->buf_file_offset_ = scan.cut->offset;
+    FERRY_ASSERT(w->buf_file_offset_ % kBlockAlignBytes == 0);
+  }
+  return w;
+}
+
+Writer::~Writer() {
+  file_.reset();  // waits for writes in flight before their buffers go
+  for (auto* b : buf_) std::free(b);
+}
+
+bool Writer::is_direct() const { return !file_ || file_->is_direct(); }
+
+void Writer::put(const RecordHeader& h, std::string_view payload) {
+  FERRY_ASSERT(used_ + h.total_bytes <= opt_.buffer_bytes);
+  FERRY_ASSERT(h.total_bytes == kRecordHeaderBytes + payload.size());
+  encode_record_header(h, buf_[cur_] + used_);
+  if (!payload.empty())
+    std::memcpy(buf_[cur_] + used_ + kRecordHeaderBytes, payload.data(), payload.size());
+  used_ += h.total_bytes;
+}
+
+Result<RecordLoc> Writer::append(RecordHeader h, std::string_view payload) {
+  FERRY_ASSERT(payload.size() <= kMaxPayloadBytes);
+  std::size_t total = kRecordHeaderBytes + payload.size();
+  FERRY_TRY(ensure_room(total));
+  h.total_bytes = static_cast<std::uint32_t>(total);
+  h.lsn = next_lsn_++;
+  h.payload_checksum = xxh3_64(payload.data(), payload.size());
+  RecordLoc loc{segment_seq_, buf_file_offset_ + used_};
+  put(h, payload);
+  return loc;
+}
+
+Status Writer::ensure_room(std::size_t record_bytes) {
+  if (!file_) FERRY_TRY(roll_segment());
+  std::uint64_t seg_end = buf_file_offset_ + used_ + record_bytes + kMaxPaddingBytes;
+  if (seg_end > opt_.segment_bytes) FERRY_TRY(roll_segment());
+  if (used_ + record_bytes + kMaxPaddingBytes > opt_.buffer_bytes)
+    FERRY_TRY(submit_aligned_prefix());
+  FERRY_ASSERT(used_ + record_bytes + kMaxPaddingBytes <= opt_.buffer_bytes);
+  return Status::ok();
+}
+
+// Writes the whole aligned blocks of the current buffer and carries the partial last block
+// into the other buffer, which becomes current (after its own write has finished).
+Status Writer::submit_aligned_prefix() {
+  std::size_t aligned = used_ / kBlockAlignBytes * kBlockAlignBytes;
+  FERRY_ASSERT(aligned > 0);
+  if (writes_in_flight_) FERRY_TRY(file_->wait_writes());
+  writes_in_flight_ = false;
+  FERRY_TRY(file_->submit_write(buf_[cur_], aligned, buf_file_offset_));
+  writes_in_flight_ = true;
+  int other = 1 - cur_;
+  std::memcpy(buf_[other], buf_[cur_] + aligned, used_ - aligned);
+  buf_file_offset_ += aligned;
+  used_ -= aligned;
+  cur_ = other;
+  return Status::ok();
+}
+
+Status Writer::flush() {
+  if (!file_) return Status::ok();
+  std::uint64_t end = buf_file_offset_ + used_;
+  std::size_t pad = static_cast<std::size_t>(align_up(end) - end);
+  if (pad > 0 && pad < kRecordHeaderBytes) pad += kBlockAlignBytes;
+  if (pad > 0) {
+    static const std::string kZeros(kMaxPaddingBytes, '\0');
+    RecordHeader h;
+    h.type = RecordType::padding;
+    h.total_bytes = static_cast<std::uint32_t>(pad);
+    std::string_view payload(kZeros.data(), pad - kRecordHeaderBytes);
+    h.payload_checksum = xxh3_64(payload.data(), payload.size());
+    put(h, payload);  // padding takes no lsn: it is not part of the chain
+  }
+  if (writes_in_flight_) FERRY_TRY(file_->wait_writes());
+  writes_in_flight_ = false;
+  if (used_ == 0) return Status::ok();
+  FERRY_ASSERT(used_ % kBlockAlignBytes == 0);
+  FERRY_TRY(file_->submit_write(buf_[cur_], used_, buf_file_offset_));
+  FERRY_TRY(file_->wait_writes());
+  buf_file_offset_ += used_;
+  used_ = 0;
+  return Status::ok();
+}
+
+Status Writer::sync() {
+  FERRY_ASSERT(used_ == 0 && !writes_in_flight_);
+  if (!file_) return Status::ok();
+  return file_->datasync();
+}
+
+// Closes the current segment durably, then starts the next one with its header; the new
+// file's directory entry is synced before any commit can depend on it.
+Status Writer::roll_segment() {
+  if (file_) {
+    FERRY_TRY(flush());
+    FERRY_TRY(sync());
+    file_.reset();
+  }
+  std::uint64_t seq = next_segment_seq_++;
+  std::string path = seg_path(opt_.dir, seq);
+  FERRY_ASSIGN_OR_RETURN(file_, storage_->open(path, OpenFlags{.create = true, .direct = true}));
+  FERRY_TRY(file_->truncate(0));
+  if (!file_->is_direct() && !warned_buffered_) {
+    warned_buffered_ = true;
+    spdlog::warn("journal {}: the file system refuses O_DIRECT; using buffered I/O "
+                 "(fdatasync still makes every commit durable)", opt_.dir);
+  }
+  segment_seq_ = seq;
+  buf_file_offset_ = 0;
+  FERRY_ASSERT(used_ == 0);
+  encode_segment_header(SegmentHeader{opt_.group_id, seq}, buf_[cur_]);
+  used_ = kSegmentHeaderBytes;
+  return storage_->sync_dir(opt_.dir);
+}
+
+// --- reader ----------------------------------------------------------------------------
+
+Reader::Reader(std::shared_ptr<Storage> storage, std::string dir)
+    : storage_(std::move(storage)), dir_(std::move(dir)), dctx_(ZSTD_createDCtx()) {
+  FERRY_ASSERT(dctx_ != nullptr);
+}
+
+Reader::~Reader() { ZSTD_freeDCtx(static_cast<ZSTD_DCtx*>(dctx_)); }
+
+Result<StorageFile*> Reader::segment(std::uint64_t seq) {
+  auto it = files_.find(seq);
+  if (it != files_.end()) return it->second.get();
+  FERRY_ASSIGN_OR_RETURN(auto f, storage_->open(seg_path(dir_, seq), OpenFlags{.read_only = true}));
+  StorageFile* raw = f.get();
+  files_[seq] = std::move(f);
+  return raw;
+}
+
+Status Reader::load_block(std::uint64_t rp_id, const BlockEntry& e, std::string& decoded) {
+  FERRY_ASSERT(e.total_bytes >= kRecordHeaderBytes && e.total_bytes <= kMaxRecordBytes);
+  FERRY_ASSIGN_OR_RETURN(StorageFile * f, segment(e.loc.segment_seq));
+  raw_.resize(e.total_bytes);
+  FERRY_ASSIGN_OR_RETURN(std::size_t got, f->pread(raw_.data(), raw_.size(), e.loc.offset));
+  auto bad = [&](const std::string& what) {
+    return corrupt_at(dir_, e.loc.segment_seq, e.loc.offset, what);
+  };
+  if (got != raw_.size()) return bad("record cut short");
+  auto h = decode_record_header(raw_.data(), raw_.size());
+  if (!h.is_ok()) return bad(h.status().message());
+  if (h->type != RecordType::block || h->rp_id != rp_id || h->disk_index != e.disk_index ||
+      h->offset_bytes != e.offset_bytes || h->length_bytes != e.length_bytes ||
+      h->total_bytes != e.total_bytes)
+    return bad("record is not the indexed block of RP " + std::to_string(rp_id));
+  std::string_view payload(raw_.data() + kRecordHeaderBytes, raw_.size() - kRecordHeaderBytes);
+  if (xxh3_64(payload.data(), payload.size()) != h->payload_checksum)
+    return bad("payload checksum mismatch");
+  decoded.clear();
+  if (h->kind == RecordKind::zero) return Status::ok();
+  if (h->codec == RecordCodec::none) {
+    decoded.assign(payload);
+  } else {
+    decoded.resize(h->length_bytes);
+    std::size_t n = ZSTD_decompressDCtx(static_cast<ZSTD_DCtx*>(dctx_), decoded.data(),
+                                        decoded.size(), payload.data(), payload.size());
+    if (ZSTD_isError(n) || n != h->length_bytes)
+      return bad(std::string("zstd payload does not decode to the block: ") +
+                 (ZSTD_isError(n) ? ZSTD_getErrorName(n) : "wrong length"));
+  }
+  if (decoded.size() != h->length_bytes || xxh3_128(decoded.data(), decoded.size()) != h->hash)
+    return bad("decoded block does not match its xxh3-128");
+  return Status::ok();
+}
+
+}  // namespace ferry::engine::journal

@@ -1,0 +1,196 @@
+// The write-ahead journal of one group: byte layout, the appender and the recovery scan.
+// docs/journal-format.md gives every byte and the recovery decision table (R1..R12).
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "ferry/base/hash.h"
+#include "ferry/base/status.h"
+#include "ferry/engine/storage.h"
+#include "ferry/engine/store.h"
+
+namespace ferry::engine::journal {
+
+inline constexpr std::uint64_t kSegmentMagic = 0x4745534a59525246ull;  // "FRYJSEG" + 'G'
+inline constexpr std::uint32_t kRecordMagic = 0x524a5946;              // "FYJR"
+inline constexpr std::uint32_t kJournalVersion = 1;
+inline constexpr std::size_t kBlockAlignBytes = 4096;   // batches start and end here
+inline constexpr std::size_t kSegmentHeaderBytes = 4096;  // one aligned block
+inline constexpr std::size_t kRecordHeaderBytes = 88;
+inline constexpr std::uint32_t kMaxBlockBytes = 4u << 20;  // decoded block bound (= wire)
+// Largest payload: a zstd block may exceed its decoded size a little (ZSTD_compressBound).
+inline constexpr std::uint32_t kMaxPayloadBytes = kMaxBlockBytes + (64u << 10);
+inline constexpr std::uint32_t kMaxRecordBytes = kRecordHeaderBytes + kMaxPayloadBytes;
+inline constexpr std::size_t kMaxDisks = 64;
+inline constexpr std::size_t kMaxNameBytes = 255;
+// A batch ends with a padding record up to the next aligned block; a padding record needs
+// at least its header, so the worst case is just under one block plus a header.
+inline constexpr std::size_t kMaxPaddingBytes = kBlockAlignBytes + kRecordHeaderBytes;
+// A segment holds its header, one largest record and the padding after it.
+inline constexpr std::uint64_t kMinSegmentBytes =
+    (kSegmentHeaderBytes + kMaxRecordBytes + kMaxPaddingBytes + kBlockAlignBytes - 1) /
+    kBlockAlignBytes * kBlockAlignBytes;
+static_assert(kSegmentHeaderBytes % kBlockAlignBytes == 0);
+static_assert(kRecordHeaderBytes % 8 == 0);
+
+enum class RecordType : std::uint8_t {
+  rp_begin = 1,
+  block = 2,
+  rp_commit = 3,
+  rp_abort = 4,
+  padding = 5,
+};
+
+struct RecordHeader {
+  RecordType type = RecordType::padding;
+  RecordKind kind = RecordKind::data;
+  RecordCodec codec = RecordCodec::none;
+  std::uint32_t total_bytes = 0;  // header + payload
+  std::uint16_t disk_index = 0;
+  std::uint64_t lsn = 0;  // journal sequence number: +1 per record, across segments
+  std::uint64_t rp_id = 0;
+  std::uint64_t seq = 0;  // the frame's sequence in its RP (blocks)
+  std::uint64_t offset_bytes = 0;
+  std::uint32_t length_bytes = 0;
+  Hash128 hash;                       // xxh3-128 of the decoded block
+  std::uint64_t payload_checksum = 0;  // xxh3-64 of the payload bytes
+};
+
+// Writes the 88-byte header (computing the header checksum) into `out`.
+void encode_record_header(const RecordHeader& h, char* out);
+// Checks magic, header checksum, type, bounds. Says what is wrong, never reads past `len`.
+Result<RecordHeader> decode_record_header(const char* p, std::size_t len);
+
+struct SegmentHeader {
+  std::uint64_t group_id = 0;  // xxh3-64 of the group name
+  std::uint64_t segment_seq = 0;
+};
+void encode_segment_header(const SegmentHeader& h, char* out /* kSegmentHeaderBytes */);
+Result<SegmentHeader> decode_segment_header(const char* p, std::size_t len);
+
+std::string encode_begin(const RpBeginInfo& rp);
+Result<RpBeginInfo> decode_begin(std::string_view payload);
+std::string encode_commit(const RpInfo& rp);
+Result<RpInfo> decode_commit(std::string_view payload);
+
+std::string segment_name(std::uint64_t segment_seq);  // "<16 hex digits>.seg"
+std::optional<std::uint64_t> parse_segment_name(const std::string& name);
+
+// Where a record lives.
+struct RecordLoc {
+  std::uint64_t segment_seq = 0;
+  std::uint64_t offset = 0;
+};
+
+// One block of a committed RP, enough to find, check and place it (the in-memory index).
+struct BlockEntry {
+  RecordLoc loc;
+  std::uint64_t offset_bytes = 0;
+  std::uint32_t length_bytes = 0;
+  std::uint32_t total_bytes = 0;
+  std::uint16_t disk_index = 0;
+  RecordKind kind = RecordKind::data;
+  RecordCodec codec = RecordCodec::none;
+};
+
+struct CommittedRp {
+  RpBeginInfo begin;
+  RpInfo info;
+  std::vector<BlockEntry> blocks;  // in journal order (later ones win)
+};
+
+enum class ScanMode : std::uint8_t {
+  recover = 0,    // exclusive: decides torn tail vs corruption (look-ahead, R1/R2)
+  read_only = 1,  // concurrent with a writer: trusts committed RPs before the first gap
+};
+
+struct ScanResult {
+  std::vector<CommittedRp> committed;
+  // Where appends resume: everything at or after it is not part of a committed RP.
+  std::optional<RecordLoc> cut;  // nullopt: no valid segment at all
+  std::uint64_t next_lsn = 1;
+  std::uint64_t next_segment_seq = 1;
+  bool tail_dirty = false;  // bytes or segments exist past `cut` (R1, R3, R4)
+  std::vector<std::uint64_t> segments;  // present, in order
+  std::vector<std::string> notes;        // which recovery cases fired, for logs and tests
+};
+
+Result<ScanResult> scan(Storage& storage, const std::string& journal_dir,
+                        std::uint64_t group_id, ScanMode mode);
+
+// Cuts the journal at `cut` (R1/R3/R4): truncates that segment, removes later ones, and
+// makes both durable before any new append may reuse the space.
+Status cut_tail(Storage& storage, const std::string& journal_dir, const ScanResult& scan);
+
+// Appends records in 4 KiB-aligned batches through two bounded buffers; io_uring writes one
+// buffer while the other fills. Nothing is durable until sync().
+class Writer {
+ public:
+  struct Options {
+    std::string dir;
+    std::uint64_t group_id = 0;
+    std::uint64_t segment_bytes = 0;
+    std::size_t buffer_bytes = 0;  // each of the two buffers
+  };
+  // Resumes at `cut` (or creates the first segment lazily when there is none).
+  static Result<std::unique_ptr<Writer>> open(std::shared_ptr<Storage> storage,
+                                              const Options& options, const ScanResult& scan);
+  ~Writer();
+  Writer(const Writer&) = delete;
+  Writer& operator=(const Writer&) = delete;
+
+  // Copies the record into the batch; `h.lsn` and `h.total_bytes` are filled in here.
+  Result<RecordLoc> append(RecordHeader h, std::string_view payload);
+  // Pads the batch to an aligned block, writes it and waits (not durable yet).
+  Status flush();
+  // fdatasync of the current segment (earlier segments were synced when they were closed).
+  Status sync();
+  bool is_direct() const;
+  std::uint64_t next_lsn() const { return next_lsn_; }
+
+ private:
+  Writer() = default;
+  Status ensure_room(std::size_t record_bytes);
+  Status roll_segment();
+  Status submit_aligned_prefix();
+  void put(const RecordHeader& h, std::string_view payload);
+
+  std::shared_ptr<Storage> storage_;
+  Options opt_;
+  std::unique_ptr<StorageFile> file_;
+  std::uint64_t segment_seq_ = 0;
+  std::uint64_t next_segment_seq_ = 1;
+  std::uint64_t next_lsn_ = 1;
+  char* buf_[2] = {nullptr, nullptr};
+  int cur_ = 0;
+  std::size_t used_ = 0;               // bytes in buf_[cur_]
+  std::uint64_t buf_file_offset_ = 0;  // file offset of buf_[cur_][0], aligned
+  bool writes_in_flight_ = false;
+  bool warned_buffered_ = false;  // the O_DIRECT fallback is logged once per store
+};
+
+// Reads records of committed RPs back (apply and restore): one read handle per segment.
+class Reader {
+ public:
+  Reader(std::shared_ptr<Storage> storage, std::string dir);
+  ~Reader();
+  // Reads the record at `e`, re-checks header, identity and payload checksum, decodes it
+  // and checks the xxh3-128 of the decoded bytes. Zero blocks return an empty string.
+  Status load_block(std::uint64_t rp_id, const BlockEntry& e, std::string& decoded);
+
+ private:
+  Result<StorageFile*> segment(std::uint64_t seq);
+  std::shared_ptr<Storage> storage_;
+  std::string dir_;
+  std::map<std::uint64_t, std::unique_ptr<StorageFile>> files_;
+  std::string raw_;
+  void* dctx_ = nullptr;  // ZSTD_DCtx, reused for every block
+};
+
+}  // namespace ferry::engine::journal

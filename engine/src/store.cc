@@ -1,0 +1,626 @@
+// GroupStore: the RP life cycle over the journal, recovery at open, apply and restore.
+// The recovery decision table (R1..R12) is in docs/journal-format.md.
+#include "ferry/engine/store.h"
+
+#include <fcntl.h>
+#include <sys/file.h>
+
+#include <chrono>
+#include <map>
+#include <optional>
+
+#include "ferry/base/bytes.h"
+#include "ferry/base/fd.h"
+#include "ferry/base/kill_point.h"
+#include "ferry/base/log.h"
+#include "journal.h"
+
+namespace ferry::engine {
+namespace {
+
+namespace jr = journal;
+
+constexpr std::uint32_t kStateMagic = 0x41545346;  // "FSTA"
+constexpr std::uint16_t kStateVersion = 1;
+constexpr std::size_t kStateBytes = 32;
+
+bool valid_name(const std::string& s) {
+  if (s.empty() || s.size() > jr::kMaxNameBytes || s == "." || s == "..") return false;
+  for (char c : s) {
+    bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              c == '.' || c == '_' || c == '-';
+    if (!ok) return false;
+  }
+  return true;
+}
+
+Status check_name(const char* what, const std::string& s) {
+  if (valid_name(s)) return Status::ok();
+  return Status::error(Errc::invalid_argument,
+                       std::string(what) + " name '" + s +
+                           "' is not valid ([A-Za-z0-9._-], 1..255 characters, not . or ..)");
+}
+
+struct Paths {
+  std::string group_dir, journal_dir, replica_dir, state, state_tmp, lock;
+  Paths(const std::string& root, const std::string& group)
+      : group_dir(root + "/" + group),
+        journal_dir(group_dir + "/journal"),
+        replica_dir(group_dir + "/replica"),
+        state(group_dir + "/state"),
+        state_tmp(group_dir + "/state.tmp"),
+        lock(group_dir + "/LOCK") {}
+  std::string image(const std::string& disk) const { return replica_dir + "/" + disk + ".img"; }
+};
+
+std::uint64_t group_id_of(const std::string& group) {
+  return xxh3_64(group.data(), group.size());
+}
+
+std::string encode_state(std::uint64_t group_id, std::uint64_t applied_rp) {
+  std::string s;
+  ByteWriter w(s);
+  w.u32(kStateMagic);
+  w.u16(kStateVersion);
+  w.u16(0);
+  w.u64(group_id);
+  w.u64(applied_rp);
+  w.u64(xxh3_64(s.data(), s.size()));
+  FERRY_ASSERT(s.size() == kStateBytes);
+  return s;
+}
+
+std::optional<std::uint64_t> decode_state(std::string_view s, std::uint64_t group_id) {
+  if (s.size() != kStateBytes || load_le64(s.data() + 24) != xxh3_64(s.data(), 24))
+    return std::nullopt;
+  ByteReader r(s);
+  if (r.u32() != kStateMagic || r.u16() != kStateVersion) return std::nullopt;
+  r.u16();
+  if (r.u64() != group_id) return std::nullopt;
+  return r.u64();
+}
+
+int find_disk(const RpBeginInfo& rp, const std::string& name) {
+  for (std::size_t i = 0; i < rp.disks.size(); ++i)
+    if (rp.disks[i].name == name) return static_cast<int>(i);
+  return -1;
+}
+
+std::uint64_t now_unix_ns() {
+  return static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                        std::chrono::system_clock::now().time_since_epoch())
+                                        .count());
+}
+
+// --- restore: the newest record per byte range, since the disk's last full RP -----------
+
+struct Piece {
+  std::uint64_t end = 0;
+  const jr::BlockEntry* entry = nullptr;
+  std::uint64_t rp_id = 0;
+};
+using PieceMap = std::map<std::uint64_t, Piece>;  // start -> piece; pieces never overlap
+
+void insert_piece(PieceMap& m, std::uint64_t start, Piece p) {
+  FERRY_ASSERT(p.end > start);
+  auto it = m.lower_bound(start);
+  if (it != m.begin()) {
+    auto prev = std::prev(it);
+    if (prev->second.end > start) {
+      Piece old = prev->second;
+      prev->second.end = start;
+      if (old.end > p.end) m[p.end] = old;  // the old piece continues after the new one
+    }
+  }
+  it = m.lower_bound(start);
+  while (it != m.end() && it->first < p.end) {
+    if (it->second.end > p.end) {
+      Piece rest = it->second;
+      m.erase(it);
+      m[p.end] = rest;
+      break;
+    }
+    it = m.erase(it);
+  }
+  m[start] = p;
+}
+
+void clip_pieces(PieceMap& m, std::uint64_t size_bytes) {
+  m.erase(m.lower_bound(size_bytes), m.end());
+  if (!m.empty() && m.rbegin()->second.end > size_bytes) m.rbegin()->second.end = size_bytes;
+}
+
+Result<PieceMap> build_pieces(const std::vector<jr::CommittedRp>& rps, std::size_t target,
+                              const std::string& disk) {
+  std::size_t first = target + 1;
+  for (std::size_t i = target + 1; i-- > 0;) {
+    int d = find_disk(rps[i].begin, disk);
+    if (d >= 0 && rps[i].begin.disks[d].full) {
+      first = i;
+      break;
+    }
+  }
+  if (first > target)
+    return Status::error(Errc::corrupt, "disk " + disk + " has no full RP at or before RP " +
+                                            std::to_string(rps[target].info.rp_id));
+  PieceMap m;
+  for (std::size_t i = first; i <= target; ++i) {
+    int d = find_disk(rps[i].begin, disk);
+    if (d < 0) continue;
+    if (rps[i].begin.disks[d].full) m.clear();
+    clip_pieces(m, rps[i].begin.disks[d].size_bytes);
+    for (const auto& b : rps[i].blocks)
+      if (b.disk_index == d && b.length_bytes > 0)
+        insert_piece(m, b.offset_bytes, Piece{b.offset_bytes + b.length_bytes, &b,
+                                              rps[i].info.rp_id});
+  }
+  return m;
+}
+
+// Writes the disk image at rps[target] to out_path: sparse, zero ranges skipped.
+Status write_image(const std::shared_ptr<Storage>& st, const std::string& journal_dir,
+                   const std::vector<jr::CommittedRp>& rps, std::size_t target,
+                   const std::string& disk, const std::string& out_path) {
+  int d = find_disk(rps[target].begin, disk);
+  FERRY_ASSERT(d >= 0);
+  std::uint64_t size = rps[target].begin.disks[d].size_bytes;
+  FERRY_ASSIGN_OR_RETURN(PieceMap pieces, build_pieces(rps, target, disk));
+  FERRY_ASSIGN_OR_RETURN(auto out, st->open(out_path, OpenFlags{.create = true}));
+  FERRY_TRY(out->truncate(0));
+  FERRY_TRY(out->truncate(size));
+  jr::Reader reader(st, journal_dir);
+  std::string block;
+  const jr::BlockEntry* loaded = nullptr;
+  for (const auto& [start, p] : pieces) {
+    if (p.entry->kind == RecordKind::zero) continue;
+    if (loaded != p.entry) {
+      FERRY_TRY(reader.load_block(p.rp_id, *p.entry, block));
+      loaded = p.entry;
+    }
+    const char* src = block.data() + (start - p.entry->offset_bytes);
+    std::size_t len = static_cast<std::size_t>(p.end - start);
+    FERRY_ASSERT(start - p.entry->offset_bytes + len <= block.size());
+    if (is_all_zero(src, len)) continue;
+    FERRY_TRY(out->pwrite(src, len, start));
+  }
+  return out->datasync();
+}
+
+Status restore_from(const std::shared_ptr<Storage>& st, const std::string& journal_dir,
+                    const std::string& group, const std::vector<jr::CommittedRp>& rps,
+                    std::uint64_t rp_id, const std::string& disk, const std::string& out_path) {
+  FERRY_TRY(check_name("disk", disk));
+  for (std::size_t i = 0; i < rps.size(); ++i) {
+    if (rps[i].info.rp_id != rp_id) continue;
+    if (find_disk(rps[i].begin, disk) < 0)
+      return Status::error(Errc::not_found, "disk " + disk + " is not part of RP " +
+                                                std::to_string(rp_id) + " of group " + group);
+    return write_image(st, journal_dir, rps, i, disk, out_path);
+  }
+  return Status::error(Errc::not_found,
+                       "RP " + std::to_string(rp_id) + " of group " + group + " is not committed");
+}
+
+// --- the store ---------------------------------------------------------------------------
+
+class StoreImpl final : public GroupStore {
+ public:
+  StoreImpl(const StoreOptions& options, std::string group)
+      : opt_(options), group_(std::move(group)), group_id_(group_id_of(group_)),
+        paths_(options.root, group_), st_(options.storage ? options.storage : real_storage()) {}
+
+  Status open(bool create) {
+    if (!st_->exists(paths_.group_dir)) {
+      if (!create)
+        return Status::error(Errc::not_found, "group " + group_ + " not found in store " +
+                                                  opt_.root);
+      FERRY_TRY(st_->make_dirs(paths_.group_dir));
+    }
+    FERRY_TRY(st_->make_dirs(paths_.journal_dir));
+    FERRY_TRY(st_->make_dirs(paths_.replica_dir));
+    FERRY_TRY(lock());
+    FERRY_TRY(recover());
+    std::size_t buffer_bytes = std::max<std::size_t>(
+        opt_.max_inflight_write_bytes / 2 / jr::kBlockAlignBytes * jr::kBlockAlignBytes,
+        (jr::kMaxRecordBytes + 2 * jr::kMaxPaddingBytes + jr::kBlockAlignBytes) /
+            jr::kBlockAlignBytes * jr::kBlockAlignBytes);
+    jr::Writer::Options wo{paths_.journal_dir, group_id_, opt_.segment_bytes, buffer_bytes};
+    FERRY_ASSIGN_OR_RETURN(writer_, jr::Writer::open(st_, wo, scan_));
+    return Status::ok();
+  }
+
+  const std::string& group() const override { return group_; }
+  std::uint64_t last_committed_rp() const override {
+    return rps_.empty() ? 0 : rps_.back().info.rp_id;
+  }
+  std::uint64_t last_applied_rp() const override { return applied_; }
+  std::vector<RpDiskInfo> replica_disks() const override {
+    return rps_.empty() ? std::vector<RpDiskInfo>{} : rps_.back().info.disks;
+  }
+  std::vector<RpInfo> points() const override {
+    std::vector<RpInfo> out;
+    for (const auto& r : rps_) out.push_back(r.info);
+    return out;
+  }
+  Status restore(std::uint64_t rp_id, const std::string& disk,
+                 const std::string& out_path) const override {
+    return restore_from(st_, paths_.journal_dir, group_, rps_, rp_id, disk, out_path);
+  }
+
+  Status begin_rp(const RpBeginInfo& rp) override {
+    FERRY_TRY(failed_);
+    FERRY_TRY(check_begin(rp));
+    if (open_) abort_rp();
+    FERRY_TRY(failed_);
+    jr::RecordHeader h;
+    h.type = jr::RecordType::rp_begin;
+    h.rp_id = rp.rp_id;
+    FERRY_TRY(append(h, jr::encode_begin(rp)).status());
+    open_.emplace();
+    open_->rp.begin = rp;
+    open_->stats.resize(rp.disks.size());
+    return Status::ok();
+  }
+
+  Status append_block(const BlockRecord& b) override {
+    FERRY_TRY(failed_);
+    FERRY_TRY(check_block(b));
+    jr::RecordHeader h;
+    h.type = jr::RecordType::block;
+    h.kind = b.kind;
+    h.codec = b.codec;
+    h.disk_index = b.disk_index;
+    h.rp_id = b.rp_id;
+    h.seq = b.seq;
+    h.offset_bytes = b.offset_bytes;
+    h.length_bytes = b.length_bytes;
+    h.hash = b.hash;
+    FERRY_ASSIGN_OR_RETURN(jr::RecordLoc loc, append(h, b.payload));
+    std::uint32_t total = static_cast<std::uint32_t>(jr::kRecordHeaderBytes + b.payload.size());
+    open_->rp.blocks.push_back(jr::BlockEntry{loc, b.offset_bytes, b.length_bytes, total,
+                                              b.disk_index, b.kind, b.codec});
+    auto& s = open_->stats[b.disk_index];
+    s.changed_bytes += b.length_bytes;
+    if (b.kind == RecordKind::zero) s.zero_bytes += b.length_bytes;
+    s.stored_bytes += total;
+    open_->frames += 1;
+    open_->logical_bytes += b.length_bytes;
+    return Status::ok();
+  }
+
+  Result<RpInfo> commit_rp(std::uint64_t rp_id, std::uint64_t frame_count,
+                           std::uint64_t logical_bytes) override {
+    FERRY_TRY(failed_);
+    if (!open_ || open_->rp.begin.rp_id != rp_id)
+      return Status::error(Errc::invalid_argument,
+                           "commit of RP " + std::to_string(rp_id) + ": it is not the open RP");
+    if (open_->frames != frame_count || open_->logical_bytes != logical_bytes) {
+      auto s = Status::error(Errc::protocol,
+                             "commit of RP " + std::to_string(rp_id) + ": the sender counts " +
+                                 std::to_string(frame_count) + " frames / " +
+                                 std::to_string(logical_bytes) + " bytes, the journal holds " +
+                                 std::to_string(open_->frames) + " / " +
+                                 std::to_string(open_->logical_bytes));
+      abort_rp();
+      return s;
+    }
+    FERRY_TRY(make_records_durable());
+    RpInfo info = commit_info();
+    FERRY_TRY(write_commit_record(info));
+    open_->rp.info = info;
+    rps_.push_back(std::move(open_->rp));
+    open_.reset();
+    return info;
+  }
+
+  void abort_rp() override {
+    if (!open_) return;
+    std::uint64_t id = open_->rp.begin.rp_id;
+    open_.reset();
+    if (!failed_.is_ok()) return;
+    jr::RecordHeader h;
+    h.type = jr::RecordType::rp_abort;
+    h.rp_id = id;
+    (void)append(h, {});  // not synced: recovery ignores an RP without commit anyway (R3)
+  }
+
+  Status apply_committed() override {
+    FERRY_TRY(failed_);
+    jr::Reader reader(st_, paths_.journal_dir);
+    for (const auto& rp : rps_) {
+      if (rp.info.rp_id <= applied_) continue;
+      Status s = apply_one(reader, rp);
+      if (!s.is_ok()) return fail(s.with_context("apply RP " + std::to_string(rp.info.rp_id)));
+    }
+    return Status::ok();
+  }
+
+ private:
+  struct OpenRp {
+    jr::CommittedRp rp;
+    std::vector<RpDiskInfo> stats;
+    std::uint64_t frames = 0;
+    std::uint64_t logical_bytes = 0;
+  };
+
+  Status lock() {
+    UniqueFd fd(::open(paths_.lock.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644));
+    if (!fd.valid()) return Status::from_errno(errno, "open lock file " + paths_.lock);
+    if (::flock(fd.get(), LOCK_EX | LOCK_NB) != 0) {
+      if (errno == EWOULDBLOCK)
+        return Status::error(Errc::busy, "group " + group_ + " is open elsewhere (lock " +
+                                             paths_.lock + " is held)");
+      return Status::from_errno(errno, "flock " + paths_.lock);
+    }
+    lock_ = std::move(fd);
+    return Status::ok();
+  }
+
+  // --- recovery (docs/journal-format.md, R1..R12) ---
+
+  Status recover() {
+    FERRY_TRY(probe_io_uring());
+    FERRY_ASSIGN_OR_RETURN(scan_, jr::scan(*st_, paths_.journal_dir, group_id_,
+                                           jr::ScanMode::recover));
+    for (const auto& n : scan_.notes) spdlog::info("group {}: recovery: {}", group_, n);
+    if (scan_.tail_dirty) {
+      FERRY_KILL_POINT("journal.before_truncate");
+      FERRY_TRY(jr::cut_tail(*st_, paths_.journal_dir, scan_));
+      FERRY_KILL_POINT("journal.after_truncate");
+    }
+    rps_ = std::move(scan_.committed);
+    scan_.committed.clear();
+    if (st_->exists(paths_.state_tmp)) FERRY_TRY(st_->remove(paths_.state_tmp));  // R10
+    FERRY_ASSIGN_OR_RETURN(auto state, read_state());
+    if (!state) return rebuild_replica();  // R6 / R12
+    applied_ = *state;
+    FERRY_TRY(check_state_against_journal());
+    return apply_committed();  // R5
+  }
+
+  Result<std::optional<std::uint64_t>> read_state() {
+    if (!st_->exists(paths_.state)) return std::optional<std::uint64_t>();
+    FERRY_ASSIGN_OR_RETURN(auto f, st_->open(paths_.state, OpenFlags{.read_only = true}));
+    std::string buf(kStateBytes + 1, '\0');
+    FERRY_ASSIGN_OR_RETURN(std::size_t got, f->pread(buf.data(), buf.size(), 0));
+    buf.resize(got);
+    auto v = decode_state(buf, group_id_);
+    if (!v) spdlog::warn("group {}: state file {} is corrupt; rebuilding it (R6)", group_,
+                         paths_.state);
+    return v;
+  }
+
+  // R7: the state file may never be ahead of the journal.
+  Status check_state_against_journal() {
+    if (applied_ == 0) return Status::ok();
+    for (const auto& r : rps_)
+      if (r.info.rp_id == applied_) return Status::ok();
+    return Status::error(Errc::corrupt,
+                         "state file " + paths_.state + " says RP " + std::to_string(applied_) +
+                             " is applied, but the journal has no commit for it (last committed " +
+                             std::to_string(last_committed_rp()) + ") (R7)");
+  }
+
+  // R6/R12: without a trustworthy state, every image is rewritten from the journal.
+  Status rebuild_replica() {
+    if (!rps_.empty()) {
+      std::size_t last = rps_.size() - 1;
+      for (const auto& d : rps_[last].begin.disks)
+        FERRY_TRY(write_image(st_, paths_.journal_dir, rps_, last, d.name, paths_.image(d.name)));
+    }
+    applied_ = last_committed_rp();
+    return write_state(applied_);
+  }
+
+  Status write_state(std::uint64_t applied_rp) {
+    std::string bytes = encode_state(group_id_, applied_rp);
+    {
+      FERRY_ASSIGN_OR_RETURN(auto f, st_->open(paths_.state_tmp, OpenFlags{.create = true}));
+      FERRY_TRY(f->truncate(0));
+      FERRY_TRY(f->pwrite(bytes.data(), bytes.size(), 0));
+      FERRY_TRY(f->datasync());
+    }
+    FERRY_KILL_POINT("state.before_rename");
+    FERRY_TRY(st_->rename(paths_.state_tmp, paths_.state));
+    FERRY_KILL_POINT("state.after_rename");
+    return st_->sync_dir(paths_.group_dir);
+  }
+
+  // --- RP checks ---
+
+  Status check_begin(const RpBeginInfo& rp) const {
+    auto diverged = [&](const std::string& rule, const std::string& what) {
+      return Status::error(Errc::diverged, "RP " + std::to_string(rp.rp_id) + " refused by rule " +
+                                               rule + ": " + what);
+    };
+    std::uint64_t last = last_committed_rp();
+    if (rp.disks.empty() || rp.disks.size() > jr::kMaxDisks)
+      return Status::error(Errc::invalid_argument, "RP " + std::to_string(rp.rp_id) +
+                                                       " must name 1..64 disks");
+    for (std::size_t i = 0; i < rp.disks.size(); ++i) {
+      FERRY_TRY(check_name("disk", rp.disks[i].name));
+      for (std::size_t j = 0; j < i; ++j)
+        if (rp.disks[j].name == rp.disks[i].name)
+          return Status::error(Errc::invalid_argument, "disk " + rp.disks[i].name + " named twice");
+    }
+    if (rp.rp_id <= last)
+      return diverged("C5.order", "its id is not above the last committed RP " +
+                                      std::to_string(last));
+    if (rp.base_rp != last)
+      return diverged("C5.base", "its base RP " + std::to_string(rp.base_rp) +
+                                     " is not the last committed RP " + std::to_string(last));
+    for (const auto& d : rp.disks)
+      if (!d.full && (rps_.empty() || find_disk(rps_.back().begin, d.name) < 0))
+        return diverged("C5.disk", "incremental disk " + d.name + " is not held at base RP " +
+                                       std::to_string(last));
+    return Status::ok();
+  }
+
+  Status check_block(const BlockRecord& b) const {
+    auto bad = [&](const std::string& what) {
+      return Status::error(Errc::invalid_argument,
+                           "block seq " + std::to_string(b.seq) + " of RP " +
+                               std::to_string(b.rp_id) + ": " + what);
+    };
+    if (!open_ || open_->rp.begin.rp_id != b.rp_id) return bad("not the open RP");
+    if (b.disk_index >= open_->rp.begin.disks.size()) return bad("disk index out of range");
+    std::uint64_t size = open_->rp.begin.disks[b.disk_index].size_bytes;
+    if (b.length_bytes == 0 || b.length_bytes > jr::kMaxBlockBytes) return bad("bad length");
+    if (b.offset_bytes > size || b.length_bytes > size - b.offset_bytes)
+      return bad("extends beyond the disk size " + std::to_string(size));
+    if (b.kind == RecordKind::zero && (!b.payload.empty() || b.codec != RecordCodec::none))
+      return bad("zero block with a payload");
+    if (b.kind == RecordKind::data && b.codec == RecordCodec::none &&
+        b.payload.size() != b.length_bytes)
+      return bad("raw payload size differs from the block length");
+    if (b.kind == RecordKind::data && b.codec == RecordCodec::zstd &&
+        (b.payload.empty() || b.payload.size() > jr::kMaxPayloadBytes))
+      return bad("zstd payload size out of bounds");
+    return Status::ok();
+  }
+
+  // --- journal writes: any failure leaves the store failed until re-opened ---
+
+  Result<jr::RecordLoc> append(const jr::RecordHeader& h, std::string_view payload) {
+    FERRY_KILL_POINT("journal.before_append");
+    auto loc = writer_->append(h, payload);
+    if (!loc.is_ok()) return fail(loc.status());
+    FERRY_KILL_POINT("journal.after_append");
+    return loc;
+  }
+
+  Status make_records_durable() {
+    Status s = writer_->flush();
+    if (!s.is_ok()) return fail(s);
+    FERRY_KILL_POINT("journal.before_fdatasync");
+    s = writer_->sync();
+    if (!s.is_ok()) return fail(s);
+    FERRY_KILL_POINT("journal.after_fdatasync");
+    return Status::ok();
+  }
+
+  RpInfo commit_info() const {
+    const auto& b = open_->rp.begin;
+    RpInfo info{b.rp_id, b.base_rp, b.created_unix_ns, now_unix_ns(), b.flags, {}};
+    for (std::size_t i = 0; i < b.disks.size(); ++i) {
+      RpDiskInfo d = open_->stats[i];
+      d.name = b.disks[i].name;
+      d.size_bytes = b.disks[i].size_bytes;
+      d.full = b.disks[i].full;
+      info.disks.push_back(std::move(d));
+    }
+    return info;
+  }
+
+  Status write_commit_record(const RpInfo& info) {
+    FERRY_KILL_POINT("journal.before_commit_record");
+    jr::RecordHeader h;
+    h.type = jr::RecordType::rp_commit;
+    h.rp_id = info.rp_id;
+    FERRY_ASSIGN_OR_RETURN(jr::RecordLoc loc, append(h, jr::encode_commit(info)));
+    FERRY_ASSERT(loc.offset % jr::kBlockAlignBytes == 0);  // recovery's look-ahead relies on it
+    Status s = writer_->flush();
+    if (!s.is_ok()) return fail(s);
+    FERRY_KILL_POINT("journal.after_commit_record");
+    s = writer_->sync();
+    if (!s.is_ok()) return fail(s);
+    FERRY_KILL_POINT("journal.after_commit_sync");
+    return Status::ok();
+  }
+
+  Status fail(Status s) {
+    FERRY_ASSERT(!s.is_ok());
+    open_.reset();
+    failed_ = std::move(s).with_context("group " + group_ +
+                                        " store failed (re-open to recover)");
+    spdlog::error("{}", failed_.to_string());
+    return failed_;
+  }
+
+  // --- apply ---
+
+  Status apply_one(jr::Reader& reader, const jr::CommittedRp& rp) {
+    std::vector<std::unique_ptr<StorageFile>> images;
+    for (const auto& d : rp.begin.disks) {
+      FERRY_ASSIGN_OR_RETURN(auto f, st_->open(paths_.image(d.name), OpenFlags{.create = true}));
+      if (d.full) FERRY_TRY(f->truncate(0));  // a full RP resets the disk
+      FERRY_TRY(f->truncate(d.size_bytes));
+      images.push_back(std::move(f));
+    }
+    FERRY_KILL_POINT("apply.before_write");
+    std::string block;
+    for (std::size_t i = 0; i < rp.blocks.size(); ++i) {
+      const auto& b = rp.blocks[i];
+      FERRY_ASSERT(b.disk_index < images.size());
+      FERRY_TRY(reader.load_block(rp.info.rp_id, b, block));
+      StorageFile& img = *images[b.disk_index];
+      if (b.kind == RecordKind::zero)
+        FERRY_TRY(img.punch_hole(b.offset_bytes, b.length_bytes));
+      else
+        FERRY_TRY(img.pwrite(block.data(), block.size(), b.offset_bytes));
+      if (i == rp.blocks.size() / 2) FERRY_KILL_POINT("apply.mid_write");
+    }
+    FERRY_KILL_POINT("apply.before_fsync");
+    for (auto& img : images) FERRY_TRY(img->datasync());
+    FERRY_KILL_POINT("apply.after_fsync");
+    FERRY_TRY(write_state(rp.info.rp_id));
+    applied_ = rp.info.rp_id;
+    return Status::ok();
+  }
+
+  StoreOptions opt_;
+  std::string group_;
+  std::uint64_t group_id_;
+  Paths paths_;
+  std::shared_ptr<Storage> st_;
+  UniqueFd lock_;
+  jr::ScanResult scan_;
+  std::unique_ptr<jr::Writer> writer_;
+  std::vector<jr::CommittedRp> rps_;
+  std::uint64_t applied_ = 0;
+  std::optional<OpenRp> open_;
+  Status failed_;
+};
+
+Result<jr::ScanResult> read_only_scan(const std::string& root, const std::string& group) {
+  FERRY_TRY(check_name("group", group));
+  Paths paths(root, group);
+  auto st = real_storage();
+  if (!st->exists(paths.journal_dir))
+    return Status::error(Errc::not_found, "group " + group + " not found in store " + root);
+  return jr::scan(*st, paths.journal_dir, group_id_of(group), jr::ScanMode::read_only);
+}
+
+}  // namespace
+
+Result<std::unique_ptr<GroupStore>> GroupStore::open(const StoreOptions& options,
+                                                     const std::string& group, bool create) {
+  FERRY_TRY(check_name("group", group));
+  if (options.root.empty())
+    return Status::error(Errc::invalid_argument, "store root directory is empty");
+  if (options.segment_bytes % jr::kBlockAlignBytes != 0 ||
+      options.segment_bytes < jr::kMinSegmentBytes)
+    return Status::error(Errc::invalid_argument,
+                         "segment_bytes " + std::to_string(options.segment_bytes) +
+                             " must be a multiple of 4096 and at least " +
+                             std::to_string(jr::kMinSegmentBytes));
+  auto store = std::make_unique<StoreImpl>(options, group);
+  FERRY_TRY(store->open(create));
+  return std::unique_ptr<GroupStore>(std::move(store));
+}
+
+Result<std::vector<RpInfo>> list_points(const std::string& root, const std::string& group) {
+  FERRY_ASSIGN_OR_RETURN(auto scan, read_only_scan(root, group));
+  std::vector<RpInfo> out;
+  for (const auto& r : scan.committed) out.push_back(r.info);
+  return out;
+}
+
+Status restore_point(const std::string& root, const std::string& group, std::uint64_t rp_id,
+                     const std::string& disk, const std::string& out_path) {
+  FERRY_ASSIGN_OR_RETURN(auto scan, read_only_scan(root, group));
+  return restore_from(real_storage(), Paths(root, group).journal_dir, group, scan.committed,
+                      rp_id, disk, out_path);
+}
+
+}  // namespace ferry::engine
