@@ -1,0 +1,235 @@
+// The RP life cycle on real files: commit, apply, restore of every RP, divergence rules,
+// names, the group lock, segment roll-over.
+#include <catch2/catch.hpp>
+
+#include "ferry/engine/store.h"
+#include "store_test_util.h"
+
+using namespace ferry;
+using namespace ferry::engine;
+using namespace ferry::engine::test;
+
+namespace {
+
+StoreOptions options_for(const TempDir& dir) {
+  StoreOptions o;
+  o.root = dir.path() + "/store";
+  return o;
+}
+
+// Two disks; overwrites, zero blocks, unaligned sizes and offsets, zstd and raw payloads,
+// a resize in both directions, a full RP of one disk after incrementals.
+std::vector<TestRp> life_cycle_rps() {
+  constexpr std::uint32_t kB = 65536;
+  std::vector<TestRp> rps(5);
+  rps[0].begin = {1, 0, 1, 0, {disk("vda", 16 * kB + 1000, true), disk("vdb", 8 * kB, true)}};
+  for (std::uint32_t i = 0; i < 16; ++i)
+    rps[0].blocks.push_back({0, i * std::uint64_t(kB), kB, RecordKind::data,
+                             i % 2 ? RecordCodec::zstd : RecordCodec::none, 100 + i});
+  rps[0].blocks.push_back({0, 16 * kB, 1000, RecordKind::data, RecordCodec::zstd, 200});
+  for (std::uint32_t i = 0; i < 8; i += 2)
+    rps[0].blocks.push_back({1, i * std::uint64_t(kB), kB, RecordKind::data, RecordCodec::zstd,
+                             300 + i});
+  rps[1].begin = {2, 1, 2, 0, {disk("vda", 16 * kB + 1000, false), disk("vdb", 8 * kB, false)}};
+  rps[1].blocks = {{0, 3 * kB, kB, RecordKind::zero, RecordCodec::none, 0},
+                   {0, 5 * kB + 512, 4096, RecordKind::data, RecordCodec::none, 401},
+                   {0, 16 * kB, 1000, RecordKind::data, RecordCodec::none, 402},
+                   {1, 2 * kB, kB, RecordKind::data, RecordCodec::zstd, 403},
+                   {0, 5 * kB, kB, RecordKind::data, RecordCodec::zstd, 404},  // overwrites 401
+                   {0, 5 * kB + 8192, 4096, RecordKind::zero, RecordCodec::none, 0}};
+  rps[2].begin = {3, 2, 3, 0, {disk("vda", 20 * kB, false), disk("vdb", 6 * kB + 4096, false)}};
+  rps[2].blocks = {{0, 19 * kB, kB, RecordKind::data, RecordCodec::zstd, 501},
+                   {1, 6 * kB, 4096, RecordKind::data, RecordCodec::none, 502}};
+  rps[3].begin = {4, 3, 4, 0, {disk("vda", 12 * kB, true), disk("vdb", 6 * kB + 4096, false)}};
+  rps[3].blocks = {{0, 0, kB, RecordKind::data, RecordCodec::zstd, 601},
+                   {0, 7 * kB, kB, RecordKind::data, RecordCodec::none, 602}};
+  rps[4].begin = {5, 4, 5, 0, {disk("vda", 16 * kB, false), disk("vdb", 6 * kB + 4096, false)}};
+  rps[4].blocks = {{0, 14 * kB, kB, RecordKind::data, RecordCodec::none, 701},
+                   {1, 0, kB, RecordKind::zero, RecordCodec::none, 0}};
+  return rps;
+}
+
+}  // namespace
+
+TEST_CASE("store: RP life cycle, replica and restore of every RP byte-identical", "[store]") {
+  TempDir dir;
+  auto rps = life_cycle_rps();
+  Model model = model_of(rps);
+  StoreOptions opt = options_for(dir);
+  {
+    auto store = GroupStore::open(opt, "vm1", true);
+    REQUIRE(store.is_ok());
+    for (const auto& rp : rps) {
+      auto info = feed_rp(**store, rp);
+      REQUIRE(info.is_ok());
+      CHECK(info->rp_id == rp.begin.rp_id);
+      CHECK((*store)->last_committed_rp() == rp.begin.rp_id);
+      REQUIRE((*store)->apply_committed().is_ok());
+      CHECK((*store)->last_applied_rp() == rp.begin.rp_id);
+      CHECK(check_rp(**store, model, rp.begin.rp_id, opt.root, dir.path(), true) == "");
+    }
+    for (const auto& rp : rps)
+      CHECK(check_rp(**store, model, rp.begin.rp_id, opt.root, dir.path(), false) == "");
+    auto points = (*store)->points();
+    REQUIRE(points.size() == 5);
+    CHECK(points[1].disks[0].zero_bytes == 65536 + 4096);
+    CHECK(points[1].disks[0].changed_bytes == 65536 * 2 + 4096 * 2 + 1000);
+    CHECK(points[0].disks[1].stored_bytes > 0);
+    CHECK((*store)->replica_disks().at(0).size_bytes == 16 * 65536);
+  }
+  // Re-open: the index comes back from the journal, nothing to redo.
+  auto store = GroupStore::open(opt, "vm1", false);
+  REQUIRE(store.is_ok());
+  CHECK((*store)->last_committed_rp() == 5);
+  CHECK((*store)->last_applied_rp() == 5);
+  for (const auto& rp : rps)
+    CHECK(check_rp(**store, model, rp.begin.rp_id, opt.root, dir.path(), rp.begin.rp_id == 5) == "");
+  // The read-only views agree, while the store is open (no lock needed).
+  auto listed = list_points(opt.root, "vm1");
+  REQUIRE(listed.is_ok());
+  REQUIRE(listed->size() == 5);
+  CHECK(listed->back().rp_id == 5);
+  std::string out = dir.path() + "/ro.img";
+  REQUIRE(restore_point(opt.root, "vm1", 2, "vdb", out).is_ok());
+  CHECK(slurp(out) == model.at(2).at("vdb"));
+}
+
+TEST_CASE("store: restore output is sparse", "[store]") {
+  TempDir dir;
+  StoreOptions opt = options_for(dir);
+  auto store = GroupStore::open(opt, "g", true);
+  REQUIRE(store.is_ok());
+  TestRp rp;
+  rp.begin = {1, 0, 1, 0, {disk("d", 64u << 20, true)}};
+  rp.blocks = {{0, 32u << 20, 65536, RecordKind::data, RecordCodec::zstd, 5}};
+  REQUIRE(feed_rp(**store, rp).is_ok());
+  std::string out = dir.path() + "/sparse.img";
+  REQUIRE((*store)->restore(1, "d", out).is_ok());
+  struct stat st {};
+  REQUIRE(::stat(out.c_str(), &st) == 0);
+  CHECK(st.st_size == (64 << 20));
+  CHECK(st.st_blocks * 512 < (1 << 20));
+}
+
+TEST_CASE("store: diverged base refused, naming the rule (C5)", "[store]") {
+  TempDir dir;
+  StoreOptions opt = options_for(dir);
+  auto store = GroupStore::open(opt, "g", true);
+  REQUIRE(store.is_ok());
+  auto rps = small_run();
+  // An incremental first RP: nothing is held at base 0.
+  RpBeginInfo inc = {1, 0, 1, 0, {disk("a", 4096, false)}};
+  Status s = (*store)->begin_rp(inc);
+  CHECK(s.code() == Errc::diverged);
+  CHECK(s.message().find("C5.disk") != std::string::npos);
+  REQUIRE(feed_rp(**store, rps[0]).is_ok());
+  RpBeginInfo wrong_base = rps[1].begin;
+  wrong_base.base_rp = 0;
+  s = (*store)->begin_rp(wrong_base);
+  CHECK(s.code() == Errc::diverged);
+  CHECK(s.message().find("C5.base") != std::string::npos);
+  RpBeginInfo old_id = rps[0].begin;
+  old_id.base_rp = 1;
+  s = (*store)->begin_rp(old_id);
+  CHECK(s.code() == Errc::diverged);
+  CHECK(s.message().find("C5.order") != std::string::npos);
+  RpBeginInfo new_disk = rps[1].begin;
+  new_disk.disks.push_back(disk("c", 4096, false));
+  s = (*store)->begin_rp(new_disk);
+  CHECK(s.code() == Errc::diverged);
+  CHECK(s.message().find("C5.disk") != std::string::npos);
+  // Refusals wrote nothing that matters: the right RP still goes through.
+  REQUIRE(feed_rp(**store, rps[1]).is_ok());
+  CHECK((*store)->last_committed_rp() == 2);
+}
+
+TEST_CASE("store: totals mismatch at commit discards the RP", "[store]") {
+  TempDir dir;
+  StoreOptions opt = options_for(dir);
+  auto store = GroupStore::open(opt, "g", true);
+  REQUIRE(store.is_ok());
+  auto rps = small_run();
+  REQUIRE((*store)->begin_rp(rps[0].begin).is_ok());
+  auto r = (*store)->commit_rp(1, 3, 100);
+  CHECK(r.status().code() == Errc::protocol);
+  CHECK((*store)->last_committed_rp() == 0);
+  REQUIRE(feed_rp(**store, rps[0]).is_ok());  // a retry of the same RP works
+  CHECK((*store)->last_committed_rp() == 1);
+}
+
+TEST_CASE("store: bad blocks refused before they reach the journal", "[store]") {
+  TempDir dir;
+  StoreOptions opt = options_for(dir);
+  auto store = GroupStore::open(opt, "g", true);
+  REQUIRE(store.is_ok());
+  REQUIRE((*store)->begin_rp({1, 0, 1, 0, {disk("a", 8192, true)}}).is_ok());
+  std::string raw = block_bytes(1, 4096);
+  BlockRecord b{1, 0, 0, RecordKind::data, RecordCodec::none, 6144, 4096,
+                xxh3_128(raw.data(), raw.size()), raw};
+  CHECK((*store)->append_block(b).code() == Errc::invalid_argument);  // past the end
+  b.offset_bytes = 0;
+  b.disk_index = 1;
+  CHECK((*store)->append_block(b).code() == Errc::invalid_argument);  // no such disk
+  b.disk_index = 0;
+  b.payload = std::string_view(raw).substr(0, 100);
+  CHECK((*store)->append_block(b).code() == Errc::invalid_argument);  // short raw payload
+  b.payload = raw;
+  CHECK((*store)->append_block(b).is_ok());
+}
+
+TEST_CASE("store: names, lock and not_found", "[store]") {
+  TempDir dir;
+  StoreOptions opt = options_for(dir);
+  for (const char* bad : {"", ".", "..", "a/b", "x y", "../etc"})
+    CHECK(GroupStore::open(opt, bad, true).status().code() == Errc::invalid_argument);
+  CHECK(GroupStore::open(opt, std::string(256, 'a'), true).status().code() ==
+        Errc::invalid_argument);
+  CHECK(GroupStore::open(opt, "missing", false).status().code() == Errc::not_found);
+  auto store = GroupStore::open(opt, "g.1_x-y", true);
+  REQUIRE(store.is_ok());
+  auto second = GroupStore::open(opt, "g.1_x-y", false);
+  CHECK(second.status().code() == Errc::busy);
+  Status s = (*store)->begin_rp({1, 0, 1, 0, {disk("../evil", 4096, true)}});
+  CHECK(s.code() == Errc::invalid_argument);
+  auto rps = small_run();
+  REQUIRE(feed_rp(**store, rps[0]).is_ok());
+  s = (*store)->restore(7, "a", dir.path() + "/x");
+  CHECK(s.code() == Errc::not_found);
+  CHECK(s.message().find("RP 7") != std::string::npos);
+  s = (*store)->restore(1, "zz", dir.path() + "/x");
+  CHECK(s.code() == Errc::not_found);
+  CHECK(s.message().find("zz") != std::string::npos);
+  CHECK(list_points(opt.root, "nope").status().code() == Errc::not_found);
+  CHECK(restore_point(opt.root, "g.1_x-y", 9, "a", dir.path() + "/x").code() == Errc::not_found);
+  store->reset();
+  CHECK(GroupStore::open(opt, "g.1_x-y", false).is_ok());  // the lock went with the store
+}
+
+TEST_CASE("store: journal rolls over segments and every RP restores", "[store]") {
+  TempDir dir;
+  StoreOptions opt = options_for(dir);
+  opt.segment_bytes = 5u << 20;
+  opt.max_inflight_write_bytes = 1u << 20;  // below the floor: buffers are raised to it
+  std::vector<TestRp> rps(3);
+  std::uint64_t base = 0;
+  for (std::uint64_t r = 0; r < 3; ++r) {
+    rps[r].begin = {r + 1, base, r, 0, {disk("d", 8u << 20, r == 0)}};
+    for (std::uint64_t i = 0; i < 40; ++i)
+      rps[r].blocks.push_back({0, ((i * 7 + r) % 128) * 65536, 65536, RecordKind::data,
+                               RecordCodec::none, r * 1000 + i});
+    base = r + 1;
+  }
+  Model model = model_of(rps);
+  {
+    auto store = GroupStore::open(opt, "g", true);
+    REQUIRE(store.is_ok());
+    for (const auto& rp : rps) REQUIRE(feed_rp(**store, rp).is_ok());
+    REQUIRE((*store)->apply_committed().is_ok());
+  }
+  auto names = std::filesystem::directory_iterator(opt.root + "/g/journal");
+  CHECK(std::distance(begin(names), end(names)) >= 2);
+  auto store = GroupStore::open(opt, "g", false);
+  REQUIRE(store.is_ok());
+  for (const auto& rp : rps)
+    CHECK(check_rp(**store, model, rp.begin.rp_id, opt.root, dir.path(), rp.begin.rp_id == 3) == "");
+}
