@@ -52,6 +52,9 @@ class QmpClient {
   Result<json> wait_event(std::string_view name, const EventMatch& match,
                           std::chrono::milliseconds timeout);
 
+  // Forgets queued events: called before a new sequence of commands whose events matter.
+  void clear_events() { events_.clear(); }
+
   const QemuVersion& version() const { return version_; }
   const std::string& socket_path() const { return socket_path_; }
 

@@ -61,6 +61,7 @@ const char* const kRequiredCommands[] = {
 
 struct NodeInfo {
   std::string format;
+  bool qcow2_v2 = false;  // compat 0.10: no persistent bitmaps
   std::uint64_t size_bytes = 0;
   std::uint32_t cluster_bytes = 0;
   std::vector<BitmapState> bitmaps;
@@ -103,6 +104,8 @@ Result<NodeMap> parse_nodes(const json& reply) {
       const json& image = n.value("image", json::object());
       info.size_bytes = image.value("virtual-size", std::uint64_t{0});
       info.cluster_bytes = image.value("cluster-size", std::uint32_t{0});
+      const json& fs = image.value("format-specific", json::object());
+      info.qcow2_v2 = fs.value("data", json::object()).value("compat", std::string()) == "0.10";
       for (const json& b : n.value("dirty-bitmaps", json::array())) {
         info.bitmaps.push_back({b.value("name", std::string()), b.value("recording", false),
                                 b.value("busy", false), b.value("inconsistent", false),
@@ -291,7 +294,7 @@ Status QmpSource::heal(const NodeMap& nodes, std::uint64_t base_rp,
     HealPlan plan = plan_healing(opt_.group, base_rp, held.count(d.disk.name) > 0, info.bitmaps);
     d.reason = plan.full_reason;
     d.size_bytes = info.size_bytes;
-    d.persistent = info.format == "qcow2";
+    d.persistent = info.format == "qcow2" && !info.qcow2_v2;
     d.granularity_bytes = kDefaultGranularityBytes;
     if (d.persistent && info.cluster_bytes >= kMinGranularityBytes &&
         info.cluster_bytes <= kMaxGranularityBytes)
@@ -425,6 +428,7 @@ Result<Capture> QmpSource::capture(std::uint64_t base_rp, std::uint64_t rp_id,
   if (rp_id <= base_rp)
     return Status::error(Errc::invalid_argument,
                          fmt::format("new RP {} must be after base RP {}", rp_id, base_rp));
+  qmp_->clear_events();  // events of earlier captures (and of others' jobs) are history
   clean_leftovers();
   FERRY_ASSIGN_OR_RETURN(NodeMap nodes, query_nodes());
   FERRY_TRY(check_nodes_exist(nodes));
@@ -500,8 +504,17 @@ Status QmpSource::release_disk(DiskRun& d) {
   }
   if (d.job_started) {
     auto r = run("block-job-cancel", {{"device", d.backup_job}, {"force", true}});
-    if (r) note(wait_job_gone(d.backup_job));
-    else note(r.status().with_context("job " + d.backup_job));
+    if (r) {
+      note(wait_job_gone(d.backup_job));
+    } else {
+      // The copy-before-write job ended on its own (an error in QEMU): reads after that
+      // instant may have seen new guest data, so the view was not a point in time.
+      note(Status::error(Errc::external,
+                         fmt::format("fleecing job {} of disk {} ended before the view was "
+                                     "released ({}); data read through it may not be "
+                                     "point-in-time: do not commit this RP",
+                                     d.backup_job, d.disk.name, r.status().message())));
+    }
     d.job_started = false;
   }
   if (d.overlay_added) {

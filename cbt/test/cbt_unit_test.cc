@@ -4,6 +4,16 @@
 #include "extent_math.h"
 #include "healing.h"
 
+namespace Catch {
+template <>
+struct StringMaker<ferry::cbt::Extent> {
+  static std::string convert(const ferry::cbt::Extent& e) {
+    return (e.zero ? "Z(" : "D(") + std::to_string(e.offset_bytes) + ", " +
+           std::to_string(e.length_bytes) + ")";
+  }
+};
+}  // namespace Catch
+
 using namespace ferry;
 using namespace ferry::cbt;
 
