@@ -40,6 +40,8 @@ struct ConnectionOptions {
   std::size_t max_send_queue_bytes = 32u << 20;
   std::size_t max_recv_queue_bytes = 32u << 20;
   std::chrono::milliseconds connect_timeout{10000};
+  // Bounded wait of close_with_error(), and of the flush when a Server handler returns.
+  std::chrono::milliseconds close_timeout{2000};
 };
 
 class Connection {
@@ -51,13 +53,19 @@ class Connection {
   // Queues one frame. Blocks while the send queue is over its bound. Fails once the
   // connection is closed or broken (Errc::disconnected / Errc::io).
   virtual Status send(MsgType type, std::string_view payload) = 0;
+  // As send(), but takes the payload by value, so a caller that moves it in saves the copy
+  // (DATA frames: the engine encodes a payload once and hands it over).
+  virtual Status send_owned(MsgType type, std::string payload) { return send(type, payload); }
   // Blocks until every queued frame was handed to the kernel (or the connection failed).
   virtual Status flush() = 0;
   // Next frame; Errc::timeout after `timeout`, Errc::disconnected on orderly close,
   // Errc::protocol on a bad frame.
   virtual Result<Frame> receive(std::chrono::milliseconds timeout) = 0;
-  // Sends an error frame (best effort, bounded wait) and closes.
+  // Sends an error frame (best effort, bounded by ConnectionOptions::close_timeout) and
+  // closes. `message` is cut to kMaxMessageBytes.
   virtual void close_with_error(WireStatus status, const std::string& message) = 0;
+  // Closes at once; frames still queued are dropped (call flush() first to keep them).
+  // receive() then fails with Errc::disconnected once the frames already read are taken.
   virtual void close() = 0;
   virtual std::string peer() const = 0;
   // Byte counters, for figures: frame bytes handed to / read from the socket.
@@ -71,7 +79,7 @@ struct ServerOptions {
 };
 
 // Accepts connections and runs `handler` for each on a thread of its own; when the handler
-// returns, the connection is closed. A handler must return soon after stop() was called
+// returns, frames it queued are flushed (bounded by close_timeout) and the connection is closed. A handler must return soon after stop() was called
 // (receive() then fails with Errc::cancelled).
 class Server {
  public:

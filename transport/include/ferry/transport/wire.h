@@ -70,6 +70,11 @@ Result<FrameHeader> decode_frame_header(const void* header_bytes /* kFrameHeader
 Status verify_frame(const void* header_bytes, std::string_view payload);
 // Builds a whole frame (header + payload) ready to send.
 std::string encode_frame(MsgType type, std::string_view payload);
+// Writes the header for `payload` into `out` (kFrameHeaderBytes), so a sender can send
+// header and payload as two gathered buffers without copying the payload next to it.
+void encode_frame_header(MsgType type, std::string_view payload, void* out);
+// xxh3-64 over header bytes [0,16) followed by the payload (what header bytes [16,24) hold).
+std::uint64_t frame_checksum(const void* header_bytes, std::string_view payload);
 
 // --- messages --------------------------------------------------------------------------
 
@@ -80,8 +85,13 @@ struct DiskInfo {
   friend bool operator==(const DiskInfo&, const DiskInfo&) = default;
 };
 
+// Feature bits, negotiated in hello / hello_reply (none defined in version 1; see
+// docs/wire-protocol.md for the planned ones). A receiver replies with the subset it accepts.
+inline constexpr std::uint32_t kKnownFeatures = 0;
+
 struct Hello {
   std::uint16_t version = kProtocolVersion;
+  std::uint32_t features = 0;  // offered by the source
   std::string group;
   std::string source_name;  // host/process, for logs
   std::vector<DiskInfo> disks;
@@ -97,6 +107,7 @@ struct ReplicaDisk {
 struct HelloReply {
   std::uint16_t version = kProtocolVersion;
   WireStatus status = WireStatus::ok;
+  std::uint32_t features = 0;  // accepted by the receiver: a subset of Hello::features
   std::string message;
   std::uint64_t last_committed_rp = 0;  // 0: the group has no RP yet
   std::uint64_t last_committed_unix_ns = 0;
@@ -165,6 +176,10 @@ std::uint64_t group_id_of(std::string_view group);
 
 // Encoders return the payload (not the frame). Decoders reject trailing bytes, unknown enum
 // values, over-long names and counts, and say which field is wrong.
+// Versioning: the first 2 bytes of hello (version) and the first 4 of hello_reply (version,
+// status) keep their meaning in every version. When the version is not kProtocolVersion,
+// decode_hello / decode_hello_reply return only those fields (the rest has a layout this
+// build does not know), so a receiver can answer bad_version and a source can report it.
 std::string encode(const Hello&);
 std::string encode(const HelloReply&);
 std::string encode(const RpBegin&);

@@ -1,0 +1,406 @@
+// Wire codec: round trips of every message, every rejection rule, bit flips in frames.
+#include <catch2/catch.hpp>
+
+#include <cstring>
+#include <string>
+
+#include "ferry/base/bytes.h"
+#include "ferry/transport/wire.h"
+
+using namespace ferry;
+using namespace ferry::transport;
+
+namespace {
+
+Hello sample_hello() {
+  Hello h;
+  h.features = 0;
+  h.group = "vm-web-01";
+  h.source_name = "host-a/ferry[4242]";
+  h.disks = {{"vda", 10ull << 30, 65536}, {"vdb", 512ull << 20, 4096}};
+  return h;
+}
+
+HelloReply sample_reply() {
+  HelloReply r;
+  r.status = WireStatus::ok;
+  r.message = "welcome";
+  r.last_committed_rp = 17;
+  r.last_committed_unix_ns = 1700000000123456789ull;
+  r.disks = {{"vda", 10ull << 30}, {"vdb", 0}};
+  return r;
+}
+
+RpBegin sample_begin() {
+  RpBegin b;
+  b.rp_id = 18;
+  b.base_rp = 17;
+  b.created_unix_ns = 1700000000999ull;
+  b.flags = kRpFlagAppConsistent;
+  b.disks = {{0, DiskMode::incremental, 10ull << 30}, {1, DiskMode::full, 512ull << 20}};
+  return b;
+}
+
+DataFrame sample_data() {
+  DataFrame d;
+  d.group_id = group_id_of("vm-web-01");
+  d.rp_id = 18;
+  d.seq = 5;
+  d.disk_index = 1;
+  d.kind = BlockKind::data;
+  d.codec = Codec::none;
+  d.offset_bytes = 3 * 65536;
+  d.payload = std::string(4096, 'x');
+  d.length_bytes = 4096;
+  d.hash = xxh3_128(d.payload.data(), d.payload.size());
+  return d;
+}
+
+// Expects a protocol error whose message names `field`.
+template <class T>
+void expect_rejected(const Result<T>& r, const std::string& field) {
+  INFO("expected rejection naming " << field);
+  REQUIRE_FALSE(r.is_ok());
+  CHECK(r.status().code() == Errc::protocol);
+  CHECK_THAT(r.status().message(), Catch::Contains(field));
+}
+
+void put_u16(std::string& s, std::size_t at, std::uint16_t v) {
+  s[at] = static_cast<char>(v & 0xff);
+  s[at + 1] = static_cast<char>(v >> 8);
+}
+void put_u32(std::string& s, std::size_t at, std::uint32_t v) { store_le32(s.data() + at, v); }
+// Adds one byte to the u16-length-prefixed string whose length sits at `length_at`.
+void grow_string(std::string& s, std::size_t length_at) {
+  std::uint16_t len = static_cast<std::uint16_t>(static_cast<unsigned char>(s[length_at]) |
+                                                 static_cast<unsigned char>(s[length_at + 1]) << 8);
+  put_u16(s, length_at, static_cast<std::uint16_t>(len + 1));
+  s.insert(length_at + 2, 1, 'm');
+}
+
+}  // namespace
+
+TEST_CASE("every message survives a round trip") {
+  Hello h = sample_hello();
+  CHECK(decode_hello(encode(h)).value() == h);
+  HelloReply r = sample_reply();
+  CHECK(decode_hello_reply(encode(r)).value() == r);
+  RpBegin b = sample_begin();
+  CHECK(decode_rp_begin(encode(b)).value() == b);
+  DataFrame d = sample_data();
+  CHECK(decode_data(encode(d)).value() == d);
+  DataFrame z;
+  z.group_id = 1;
+  z.rp_id = 2;
+  z.kind = BlockKind::zero;
+  z.offset_bytes = 1ull << 40;
+  z.length_bytes = kMaxBlockBytes;
+  CHECK(decode_data(encode(z)).value() == z);
+  DataFrame c = sample_data();
+  c.codec = Codec::zstd;
+  c.payload = "compressed";  // the codec checks are the engine's; here only sizes matter
+  CHECK(decode_data(encode(c)).value() == c);
+  RpEnd e{18, 1000, 1000 * 65536ull};
+  CHECK(decode_rp_end(encode(e)).value() == e);
+  RpAck a{18, WireStatus::diverged, "base 16 is not 17"};
+  CHECK(decode_rp_ack(encode(a)).value() == a);
+  ErrorMsg m{WireStatus::busy, "another source sends to vm-web-01"};
+  CHECK(decode_error(encode(m)).value() == m);
+}
+
+TEST_CASE("encoded sizes match docs/wire-protocol.md") {
+  CHECK(encode(RpEnd{}).size() == 24);
+  CHECK(encode(ErrorMsg{}).size() == 4);
+  CHECK(encode(RpAck{}).size() == 12);
+  DataFrame z;
+  z.kind = BlockKind::zero;
+  z.length_bytes = 1;
+  CHECK(encode(z).size() == 56);
+  CHECK(encode(RpBegin{1, 0, 0, 0, {{0, DiskMode::full, 1}}}).size() == 32 + 12);
+  HelloReply r;
+  CHECK(encode(r).size() == 28);
+  Hello h;
+  h.group = "g";
+  h.disks = {{"d", 1, 512}};
+  CHECK(encode(h).size() == 8 + 3 + 2 + 3 + 12);
+}
+
+TEST_CASE("names at the limit pass, one byte more fails") {
+  Hello h = sample_hello();
+  h.group = std::string(kMaxNameBytes, 'g');
+  h.disks[0].name = std::string(kMaxNameBytes, 'd');
+  CHECK(decode_hello(encode(h)).is_ok());
+  h.group.push_back('g');
+  expect_rejected(decode_hello(encode(h)), "hello.group");
+  h = sample_hello();
+  h.source_name = std::string(kMaxNameBytes + 1, 's');
+  expect_rejected(decode_hello(encode(h)), "hello.source_name");
+  h = sample_hello();
+  h.disks[1].name = std::string(kMaxNameBytes + 1, 'd');
+  expect_rejected(decode_hello(encode(h)), "hello.disks[1].name");
+  HelloReply r = sample_reply();
+  r.disks[0].name = std::string(kMaxNameBytes + 1, 'd');
+  expect_rejected(decode_hello_reply(encode(r)), "hello_reply.disks[0].name");
+  // Encoders assert the message limit, so the over-long ones are made by growing a valid
+  // message of exactly kMaxMessageBytes by one byte in place.
+  const std::string full(kMaxMessageBytes, 'm');
+  r = sample_reply();
+  r.message = full;
+  std::string p = encode(r);
+  CHECK(decode_hello_reply(p).is_ok());
+  grow_string(p, 26);
+  expect_rejected(decode_hello_reply(p), "hello_reply.message");
+  p = encode(RpAck{1, WireStatus::ok, full});
+  CHECK(decode_rp_ack(p).is_ok());
+  grow_string(p, 10);
+  expect_rejected(decode_rp_ack(p), "rp_ack.message");
+  p = encode(ErrorMsg{WireStatus::ok, full});
+  CHECK(decode_error(p).is_ok());
+  grow_string(p, 2);
+  expect_rejected(decode_error(p), "error.message");
+}
+
+TEST_CASE("required names must not be empty") {
+  Hello h = sample_hello();
+  h.group.clear();
+  expect_rejected(decode_hello(encode(h)), "hello.group");
+  h = sample_hello();
+  h.disks[0].name.clear();
+  expect_rejected(decode_hello(encode(h)), "hello.disks[0].name");
+  h = sample_hello();
+  h.source_name.clear();  // optional
+  CHECK(decode_hello(encode(h)).is_ok());
+  HelloReply r = sample_reply();
+  r.disks[1].name.clear();
+  expect_rejected(decode_hello_reply(encode(r)), "hello_reply.disks[1].name");
+}
+
+TEST_CASE("disk counts are bounded and disks unique") {
+  Hello h = sample_hello();
+  h.disks.clear();
+  expect_rejected(decode_hello(encode(h)), "hello.disk_count");
+  for (std::size_t i = 0; i < kMaxDisksPerGroup; ++i)
+    h.disks.push_back({"d" + std::to_string(i), 1, 4096});
+  CHECK(decode_hello(encode(h)).is_ok());
+  std::string p = encode(h);
+  put_u16(p, 2, kMaxDisksPerGroup + 1);  // count only: must fail on the count, not later
+  expect_rejected(decode_hello(p), "hello.disk_count");
+  h = sample_hello();
+  h.disks[1].name = h.disks[0].name;
+  expect_rejected(decode_hello(encode(h)), "hello.disks[1].name");
+  h = sample_hello();
+  h.disks[0].block_bytes = 3000;
+  expect_rejected(decode_hello(encode(h)), "hello.disks[0].block_bytes");
+  h.disks[0].block_bytes = 256;
+  expect_rejected(decode_hello(encode(h)), "hello.disks[0].block_bytes");
+  h.disks[0].block_bytes = kMaxBlockBytes * 2;
+  expect_rejected(decode_hello(encode(h)), "hello.disks[0].block_bytes");
+
+  HelloReply r = sample_reply();
+  std::string rp = encode(r);
+  put_u16(rp, 24, kMaxDisksPerGroup + 1);
+  expect_rejected(decode_hello_reply(rp), "hello_reply.disk_count");
+
+  RpBegin b = sample_begin();
+  b.disks.clear();
+  expect_rejected(decode_rp_begin(encode(b)), "rp_begin.disk_count");
+  b = sample_begin();
+  std::string bp = encode(b);
+  put_u16(bp, 28, kMaxDisksPerGroup + 1);
+  expect_rejected(decode_rp_begin(bp), "rp_begin.disk_count");
+  b = sample_begin();
+  b.disks[1].disk_index = b.disks[0].disk_index;
+  expect_rejected(decode_rp_begin(encode(b)), "rp_begin.disks[1].disk_index");
+  b = sample_begin();
+  b.disks[0].disk_index = kMaxDisksPerGroup;
+  expect_rejected(decode_rp_begin(encode(b)), "rp_begin.disks[0].disk_index");
+}
+
+TEST_CASE("unknown enum values and reserved bits are rejected") {
+  std::string p = encode(sample_reply());
+  put_u16(p, 2, 9);
+  expect_rejected(decode_hello_reply(p), "hello_reply.status");
+  p = encode(RpAck{1, WireStatus::ok, ""});
+  put_u16(p, 8, 0xffff);
+  expect_rejected(decode_rp_ack(p), "rp_ack.status");
+  p = encode(ErrorMsg{});
+  put_u16(p, 0, 100);
+  expect_rejected(decode_error(p), "error.status");
+
+  RpBegin b = sample_begin();
+  p = encode(b);
+  p[32 + 2] = 2;  // disks[0].mode
+  expect_rejected(decode_rp_begin(p), "rp_begin.disks[0].mode");
+  p = encode(b);
+  p[32 + 3] = 1;  // disks[0].reserved
+  expect_rejected(decode_rp_begin(p), "rp_begin.disks[0].reserved");
+  p = encode(b);
+  put_u16(p, 30, 1);
+  expect_rejected(decode_rp_begin(p), "rp_begin.reserved");
+  b.flags = 2;
+  expect_rejected(decode_rp_begin(encode(b)), "rp_begin.flags");
+
+  DataFrame d = sample_data();
+  p = encode(d);
+  p[38] = 2;
+  expect_rejected(decode_data(p), "data.kind");
+  p = encode(d);
+  p[39] = 2;
+  expect_rejected(decode_data(p), "data.codec");
+}
+
+TEST_CASE("rp_begin must move forward") {
+  RpBegin b = sample_begin();
+  b.rp_id = b.base_rp;
+  expect_rejected(decode_rp_begin(encode(b)), "rp_begin.rp_id");
+  b.rp_id = 0;
+  b.base_rp = 0;
+  expect_rejected(decode_rp_begin(encode(b)), "rp_begin.rp_id");
+}
+
+TEST_CASE("data frames: length, kind, codec and payload agree") {
+  DataFrame d = sample_data();
+  d.length_bytes = 0;
+  d.payload.clear();
+  expect_rejected(decode_data(encode(d)), "data.length_bytes");
+  d = sample_data();
+  d.length_bytes = kMaxBlockBytes + 1;
+  expect_rejected(decode_data(encode(d)), "data.length_bytes");
+  d = sample_data();
+  d.length_bytes = 4095;  // codec none: payload must be exactly length_bytes
+  expect_rejected(decode_data(encode(d)), "data.payload");
+  d = sample_data();
+  d.codec = Codec::zstd;
+  d.payload.clear();
+  expect_rejected(decode_data(encode(d)), "data.payload");
+  d = sample_data();
+  d.kind = BlockKind::zero;
+  d.hash = {};
+  expect_rejected(decode_data(encode(d)), "data.payload");  // zero kind with a payload
+  d.payload.clear();
+  d.codec = Codec::zstd;
+  expect_rejected(decode_data(encode(d)), "data.codec");
+  d.codec = Codec::none;
+  d.hash = {1, 0};
+  expect_rejected(decode_data(encode(d)), "data.hash");
+  d = sample_data();
+  d.offset_bytes = UINT64_MAX - 100;
+  expect_rejected(decode_data(encode(d)), "data.offset_bytes");
+  d = sample_data();
+  d.disk_index = kMaxDisksPerGroup;
+  expect_rejected(decode_data(encode(d)), "data.disk_index");
+  expect_rejected(decode_rp_end(encode(RpEnd{1, 1, kMaxBlockBytes * 2ull})), "rp_end.logical_bytes");
+}
+
+TEST_CASE("truncated payloads and trailing bytes are rejected") {
+  const std::string payloads[] = {encode(sample_hello()), encode(sample_reply()),
+                                  encode(sample_begin()), encode(RpEnd{1, 2, 3}),
+                                  encode(RpAck{1, WireStatus::ok, "ok"}),
+                                  encode(ErrorMsg{WireStatus::internal, "boom"})};
+  auto decode_any = [](int i, std::string_view p) -> Status {
+    switch (i) {
+      case 0: return decode_hello(p).status();
+      case 1: return decode_hello_reply(p).status();
+      case 2: return decode_rp_begin(p).status();
+      case 3: return decode_rp_end(p).status();
+      case 4: return decode_rp_ack(p).status();
+      default: return decode_error(p).status();
+    }
+  };
+  for (int i = 0; i < 6; ++i) {
+    const std::string& p = payloads[i];
+    REQUIRE(decode_any(i, p).is_ok());
+    for (std::size_t cut = 0; cut < p.size(); ++cut) {
+      INFO("message " << i << " cut at " << cut);
+      Status s = decode_any(i, std::string_view(p).substr(0, cut));
+      CHECK(s.code() == Errc::protocol);
+    }
+    Status s = decode_any(i, p + "x");
+    CHECK(s.code() == Errc::protocol);
+    CHECK_THAT(s.message(), Catch::Contains("trailing"));
+  }
+  // DATA's payload is "the rest", so a truncated data frame fails on its size rules.
+  std::string d = encode(sample_data());
+  for (std::size_t cut = 0; cut < d.size(); cut += 7)
+    CHECK(decode_data(std::string_view(d).substr(0, cut)).status().code() == Errc::protocol);
+}
+
+TEST_CASE("a foreign version decodes to its version only") {
+  std::string p = encode(sample_hello());
+  put_u16(p, 0, 2);
+  p += "layout of version 2";
+  Result<Hello> h = decode_hello(p);
+  REQUIRE(h.is_ok());
+  CHECK(h->version == 2);
+  CHECK(h->group.empty());
+  std::string r = encode(sample_reply());
+  put_u16(r, 0, 3);
+  put_u16(r, 2, static_cast<std::uint16_t>(WireStatus::bad_version));
+  Result<HelloReply> hr = decode_hello_reply(r);
+  REQUIRE(hr.is_ok());
+  CHECK(hr->version == 3);
+  CHECK(hr->status == WireStatus::bad_version);
+}
+
+TEST_CASE("frame header rules, checked before any payload") {
+  std::string f = encode_frame(MsgType::rp_end, encode(RpEnd{1, 2, 3}));
+  REQUIRE(f.size() == kFrameHeaderBytes + 24);
+  Result<FrameHeader> h = decode_frame_header(f.data());
+  REQUIRE(h.is_ok());
+  CHECK(h->type == MsgType::rp_end);
+  CHECK(h->payload_bytes == 24);
+  CHECK(verify_frame(f.data(), std::string_view(f).substr(kFrameHeaderBytes)).is_ok());
+
+  auto rejected = [](std::string frame, const char* field) {
+    expect_rejected(decode_frame_header(frame.data()), field);
+  };
+  std::string g = f;
+  put_u32(g, 0, 0x31595247);
+  rejected(g, "frame.magic");
+  g = f;
+  put_u16(g, 4, 0);
+  rejected(g, "frame.type");
+  put_u16(g, 4, 8);
+  rejected(g, "frame.type");
+  g = f;
+  put_u16(g, 6, 1);
+  rejected(g, "frame.flags");
+  g = f;
+  put_u32(g, 8, kMaxPayloadBytes + 1);
+  rejected(g, "frame.payload_bytes");
+  put_u32(g, 8, kMaxPayloadBytes);
+  CHECK(decode_frame_header(g.data()).is_ok());
+  g = f;
+  put_u32(g, 12, 1);
+  rejected(g, "frame.reserved");
+  // The payload must be as long as the header says.
+  Status s = verify_frame(f.data(), std::string_view(f).substr(kFrameHeaderBytes, 23));
+  CHECK(s.code() == Errc::protocol);
+  CHECK_THAT(s.message(), Catch::Contains("frame.payload_bytes"));
+}
+
+TEST_CASE("every single bit flip in a frame is detected") {
+  DataFrame d = sample_data();
+  d.payload = std::string(100, 'q');
+  d.length_bytes = 100;
+  std::string frame = encode_frame(MsgType::data, encode(d));
+  for (std::size_t bit = 0; bit < frame.size() * 8; ++bit) {
+    std::string g = frame;
+    g[bit / 8] = static_cast<char>(g[bit / 8] ^ (1 << (bit % 8)));
+    Result<FrameHeader> h = decode_frame_header(g.data());
+    if (!h.is_ok()) continue;
+    INFO("bit " << bit);
+    // A flipped payload_bytes makes the frame a different length: the receiver reads that
+    // many bytes, which here means the payload no longer matches.
+    std::string_view payload = std::string_view(g).substr(kFrameHeaderBytes);
+    CHECK(verify_frame(g.data(), payload).code() == Errc::protocol);
+  }
+}
+
+TEST_CASE("group ids are xxh3-64 of the name") {
+  CHECK(group_id_of("vm-web-01") == xxh3_64("vm-web-01", 9));
+  CHECK(group_id_of("a") != group_id_of("b"));
+  CHECK(std::string(msg_type_name(MsgType::rp_ack)) == "rp_ack");
+  CHECK(msg_type_known(7));
+  CHECK_FALSE(msg_type_known(8));
+}
