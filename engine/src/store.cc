@@ -363,18 +363,21 @@ class StoreImpl final : public GroupStore {
     FERRY_ASSIGN_OR_RETURN(scan_, jr::scan(*st_, paths_.journal_dir, group_id_,
                                            jr::ScanMode::recover));
     for (const auto& n : scan_.notes) spdlog::info("group {}: recovery: {}", group_, n);
+    rps_ = std::move(scan_.committed);
+    scan_.committed.clear();
+    // R7 is checked before anything is cut, so a refusal leaves the evidence in place.
+    FERRY_ASSIGN_OR_RETURN(auto state, read_state());
+    if (state) {
+      applied_ = *state;
+      FERRY_TRY(check_state_against_journal());
+    }
     if (scan_.tail_dirty) {
       FERRY_KILL_POINT("journal.before_truncate");
       FERRY_TRY(jr::cut_tail(*st_, paths_.journal_dir, scan_));
       FERRY_KILL_POINT("journal.after_truncate");
     }
-    rps_ = std::move(scan_.committed);
-    scan_.committed.clear();
     if (st_->exists(paths_.state_tmp)) FERRY_TRY(st_->remove(paths_.state_tmp));  // R10
-    FERRY_ASSIGN_OR_RETURN(auto state, read_state());
     if (!state) return rebuild_replica();  // R6 / R12
-    applied_ = *state;
-    FERRY_TRY(check_state_against_journal());
     return apply_committed();  // R5
   }
 
