@@ -57,6 +57,7 @@ void encode_record_header(const RecordHeader& h, char* out) {
   w.u64(h.hash.lo);
   w.u64(h.hash.hi);
   w.u64(h.payload_checksum);
+  w.u64(h.position);
   FERRY_ASSERT(s.size() == kRecordHeaderBytes - 8);
   w.u64(xxh3_64(s.data(), s.size()));
   std::memcpy(out, s.data(), kRecordHeaderBytes);
@@ -90,6 +91,7 @@ Result<RecordHeader> decode_record_header(const char* p, std::size_t len) {
   h.hash.lo = r.u64();
   h.hash.hi = r.u64();
   h.payload_checksum = r.u64();
+  h.position = r.u64();
   FERRY_ASSERT(r.ok());
   if (h.total_bytes < kRecordHeaderBytes || h.total_bytes > kMaxRecordBytes)
     return Status::error(Errc::corrupt, "record length " + std::to_string(h.total_bytes) +
@@ -318,6 +320,8 @@ class Scanner {
     FERRY_ASSIGN_OR_RETURN(std::string_view hv, view.view(pos, kRecordHeaderBytes));
     auto h = decode_record_header(hv.data(), hv.size());
     if (!h.is_ok()) return invalid(index, pos, h.status().message());
+    if (h->position != record_position(seq, pos))
+      return invalid(index, pos, "record written for another place (misdirected)");
     bool chained = h->type == RecordType::padding || h->lsn == expected_lsn_;
     if (!chained)
       return invalid(index, pos, "lsn " + std::to_string(h->lsn) + " where " +
@@ -422,7 +426,8 @@ class Scanner {
            off += kBlockAlignBytes) {
         FERRY_ASSIGN_OR_RETURN(std::string_view hv, view.view(off, kRecordHeaderBytes));
         auto h = decode_record_header(hv.data(), hv.size());
-        if (h.is_ok() && h->type == RecordType::rp_commit && h->lsn >= expected_lsn_)
+        if (h.is_ok() && h->type == RecordType::rp_commit && h->lsn >= expected_lsn_ &&
+            h->position == record_position(seq, off))
           return std::optional<LaterCommit>(LaterCommit{h->rp_id, seq, off});
       }
     }
@@ -487,6 +492,7 @@ Result<std::unique_ptr<Writer>> Writer::open(std::shared_ptr<Storage> storage,
                                              const Options& options, const ScanResult& scan) {
   FERRY_ASSERT(options.segment_bytes >= kMinSegmentBytes &&
                options.segment_bytes % kBlockAlignBytes == 0);
+  FERRY_ASSERT(options.segment_bytes < (1ull << kPositionOffsetBits));
   FERRY_ASSERT(options.buffer_bytes >= kMaxRecordBytes + 2 * kMaxPaddingBytes &&
                options.buffer_bytes % kBlockAlignBytes == 0);
   std::unique_ptr<Writer> w(new Writer());
@@ -533,6 +539,7 @@ Result<RecordLoc> Writer::append(RecordHeader h, std::string_view payload) {
   h.lsn = next_lsn_++;
   h.payload_checksum = xxh3_64(payload.data(), payload.size());
   RecordLoc loc{segment_seq_, buf_file_offset_ + used_};
+  h.position = record_position(loc.segment_seq, loc.offset);
   put(h, payload);
   return loc;
 }
@@ -576,6 +583,7 @@ Status Writer::flush() {
     h.total_bytes = static_cast<std::uint32_t>(pad);
     std::string_view payload(kZeros.data(), pad - kRecordHeaderBytes);
     h.payload_checksum = xxh3_64(payload.data(), payload.size());
+    h.position = record_position(segment_seq_, end);
     put(h, payload);  // padding takes no lsn: it is not part of the chain
   }
   if (writes_in_flight_) FERRY_TRY(file_->wait_writes());
@@ -651,7 +659,8 @@ Status Reader::load_block(std::uint64_t rp_id, const BlockEntry& e, std::string&
   if (!h.is_ok()) return bad(h.status().message());
   if (h->type != RecordType::block || h->rp_id != rp_id || h->disk_index != e.disk_index ||
       h->offset_bytes != e.offset_bytes || h->length_bytes != e.length_bytes ||
-      h->total_bytes != e.total_bytes)
+      h->total_bytes != e.total_bytes ||
+      h->position != record_position(e.loc.segment_seq, e.loc.offset))
     return bad("record is not the indexed block of RP " + std::to_string(rp_id));
   std::string_view payload(raw_.data() + kRecordHeaderBytes, raw_.size() - kRecordHeaderBytes);
   if (xxh3_64(payload.data(), payload.size()) != h->payload_checksum)

@@ -22,7 +22,7 @@ inline constexpr std::uint32_t kRecordMagic = 0x524a5946;              // "FYJR"
 inline constexpr std::uint32_t kJournalVersion = 1;
 inline constexpr std::size_t kBlockAlignBytes = 4096;   // batches start and end here
 inline constexpr std::size_t kSegmentHeaderBytes = 4096;  // one aligned block
-inline constexpr std::size_t kRecordHeaderBytes = 88;
+inline constexpr std::size_t kRecordHeaderBytes = 96;
 inline constexpr std::uint32_t kMaxBlockBytes = 4u << 20;  // decoded block bound (= wire)
 // Largest payload: a zstd block may exceed its decoded size a little (ZSTD_compressBound).
 inline constexpr std::uint32_t kMaxPayloadBytes = kMaxBlockBytes + (64u << 10);
@@ -60,7 +60,14 @@ struct RecordHeader {
   std::uint32_t length_bytes = 0;
   Hash128 hash;                       // xxh3-128 of the decoded block
   std::uint64_t payload_checksum = 0;  // xxh3-64 of the payload bytes
+  // Where the writer put the record: segment_seq << 40 | offset. A misdirected write is a
+  // valid record in the wrong place; this field exposes it.
+  std::uint64_t position = 0;
 };
+inline constexpr int kPositionOffsetBits = 40;
+inline std::uint64_t record_position(std::uint64_t segment_seq, std::uint64_t offset) {
+  return (segment_seq << kPositionOffsetBits) | offset;
+}
 
 // Writes the 88-byte header (computing the header checksum) into `out`.
 void encode_record_header(const RecordHeader& h, char* out);

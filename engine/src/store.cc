@@ -22,7 +22,12 @@ namespace jr = journal;
 
 constexpr std::uint32_t kStateMagic = 0x41545346;  // "FSTA"
 constexpr std::uint16_t kStateVersion = 1;
-constexpr std::size_t kStateBytes = 32;
+constexpr std::size_t kStateBytes = 40;
+
+struct State {
+  std::uint64_t applied_rp = 0;
+  std::uint64_t applying_rp = 0;  // != 0: an apply was under way; images are not trusted
+};
 
 bool valid_name(const std::string& s) {
   if (s.empty() || s.size() > jr::kMaxNameBytes || s == "." || s == "..") return false;
@@ -57,27 +62,31 @@ std::uint64_t group_id_of(const std::string& group) {
   return xxh3_64(group.data(), group.size());
 }
 
-std::string encode_state(std::uint64_t group_id, std::uint64_t applied_rp) {
+std::string encode_state(std::uint64_t group_id, State st) {
   std::string s;
   ByteWriter w(s);
   w.u32(kStateMagic);
   w.u16(kStateVersion);
   w.u16(0);
   w.u64(group_id);
-  w.u64(applied_rp);
+  w.u64(st.applied_rp);
+  w.u64(st.applying_rp);
   w.u64(xxh3_64(s.data(), s.size()));
   FERRY_ASSERT(s.size() == kStateBytes);
   return s;
 }
 
-std::optional<std::uint64_t> decode_state(std::string_view s, std::uint64_t group_id) {
-  if (s.size() != kStateBytes || load_le64(s.data() + 24) != xxh3_64(s.data(), 24))
+std::optional<State> decode_state(std::string_view s, std::uint64_t group_id) {
+  if (s.size() != kStateBytes || load_le64(s.data() + 32) != xxh3_64(s.data(), 32))
     return std::nullopt;
   ByteReader r(s);
   if (r.u32() != kStateMagic || r.u16() != kStateVersion) return std::nullopt;
   r.u16();
   if (r.u64() != group_id) return std::nullopt;
-  return r.u64();
+  State st;
+  st.applied_rp = r.u64();
+  st.applying_rp = r.u64();
+  return st;
 }
 
 int find_disk(const RpBeginInfo& rp, const std::string& name) {
@@ -368,7 +377,7 @@ class StoreImpl final : public GroupStore {
     // R7 is checked before anything is cut, so a refusal leaves the evidence in place.
     FERRY_ASSIGN_OR_RETURN(auto state, read_state());
     if (state) {
-      applied_ = *state;
+      applied_ = state->applied_rp;
       FERRY_TRY(check_state_against_journal());
     }
     if (scan_.tail_dirty) {
@@ -378,11 +387,14 @@ class StoreImpl final : public GroupStore {
     }
     if (st_->exists(paths_.state_tmp)) FERRY_TRY(st_->remove(paths_.state_tmp));  // R10
     if (!state) return rebuild_replica();  // R6 / R12
+    // R5b: an apply was cut short. Its writes may have been torn or misdirected anywhere in
+    // the images, so redoing only its blocks is not enough: rewrite the images.
+    if (state->applying_rp != 0) return rebuild_replica();
     return apply_committed();  // R5
   }
 
-  Result<std::optional<std::uint64_t>> read_state() {
-    if (!st_->exists(paths_.state)) return std::optional<std::uint64_t>();
+  Result<std::optional<State>> read_state() {
+    if (!st_->exists(paths_.state)) return std::optional<State>();
     FERRY_ASSIGN_OR_RETURN(auto f, st_->open(paths_.state, OpenFlags{.read_only = true}));
     std::string buf(kStateBytes + 1, '\0');
     FERRY_ASSIGN_OR_RETURN(std::size_t got, f->pread(buf.data(), buf.size(), 0));
@@ -412,11 +424,11 @@ class StoreImpl final : public GroupStore {
         FERRY_TRY(write_image(st_, paths_.journal_dir, rps_, last, d.name, paths_.image(d.name)));
     }
     applied_ = last_committed_rp();
-    return write_state(applied_);
+    return write_state(State{applied_, 0});
   }
 
-  Status write_state(std::uint64_t applied_rp) {
-    std::string bytes = encode_state(group_id_, applied_rp);
+  Status write_state(State st) {
+    std::string bytes = encode_state(group_id_, st);
     {
       FERRY_ASSIGN_OR_RETURN(auto f, st_->open(paths_.state_tmp, OpenFlags{.create = true}));
       FERRY_TRY(f->truncate(0));
@@ -543,6 +555,7 @@ class StoreImpl final : public GroupStore {
   // --- apply ---
 
   Status apply_one(jr::Reader& reader, const jr::CommittedRp& rp) {
+    FERRY_TRY(write_state(State{applied_, rp.info.rp_id}));
     std::vector<std::unique_ptr<StorageFile>> images;
     for (const auto& d : rp.begin.disks) {
       FERRY_ASSIGN_OR_RETURN(auto f, st_->open(paths_.image(d.name), OpenFlags{.create = true}));
@@ -565,8 +578,9 @@ class StoreImpl final : public GroupStore {
     }
     FERRY_KILL_POINT("apply.before_fsync");
     for (auto& img : images) FERRY_TRY(img->datasync());
+    FERRY_TRY(st_->sync_dir(paths_.replica_dir));  // a new image's name must survive too
     FERRY_KILL_POINT("apply.after_fsync");
-    FERRY_TRY(write_state(rp.info.rp_id));
+    FERRY_TRY(write_state(State{rp.info.rp_id, 0}));
     applied_ = rp.info.rp_id;
     return Status::ok();
   }
@@ -602,7 +616,8 @@ Result<std::unique_ptr<GroupStore>> GroupStore::open(const StoreOptions& options
   if (options.root.empty())
     return Status::error(Errc::invalid_argument, "store root directory is empty");
   if (options.segment_bytes % jr::kBlockAlignBytes != 0 ||
-      options.segment_bytes < jr::kMinSegmentBytes)
+      options.segment_bytes < jr::kMinSegmentBytes ||
+      options.segment_bytes >= (1ull << jr::kPositionOffsetBits))
     return Status::error(Errc::invalid_argument,
                          "segment_bytes " + std::to_string(options.segment_bytes) +
                              " must be a multiple of 4096 and at least " +
