@@ -387,13 +387,18 @@ class Qsd:
                      "--blockdev", f"driver={d.fmt},file=file{i},node-name={d.node}",
                      "--export", f"type=fuse,id=e{i},node-name={d.node},mountpoint={d.mount},"
                                  "writable=on"]
+        # Two monitors: one for ferry (a QMP socket serves one client at a time), one that
+        # the test keeps connected for its own queries.
+        self.test_qmp_path = os.path.join(env.dir, f"{tag}-test.qmp")
         argv += ["--chardev", f"socket,id=m0,path={self.qmp_path},server=on,wait=off",
-                 "--monitor", "chardev=m0"]
+                 "--monitor", "chardev=m0",
+                 "--chardev", f"socket,id=m1,path={self.test_qmp_path},server=on,wait=off",
+                 "--monitor", "chardev=m1"]
         self.proc = Proc(env, tag, argv, os.path.join(env.dir, f"{tag}.log"))
         env._mounts.extend(d.mount for d in self.disks)
         deadline = time.monotonic() + 30
         while True:
-            ready = os.path.exists(self.qmp_path) and all(
+            ready = os.path.exists(self.qmp_path) and os.path.exists(self.test_qmp_path) and all(
                 is_mounted(d.mount) and os.stat(d.mount).st_size == d.size_bytes
                 for d in self.disks)
             if ready:
@@ -407,7 +412,7 @@ class Qsd:
             time.sleep(0.05)
         for d in self.disks:
             d.fd = os.open(d.mount, os.O_RDWR)
-        self.qmp = Qmp(self.qmp_path)
+        self.qmp = Qmp(self.test_qmp_path)
         log(f"{tag}: pid {self.proc.pid}, disks " +
             ", ".join(f"{d.name}({d.fmt}, {d.size_bytes} B)" for d in self.disks))
 

@@ -13,15 +13,25 @@ import ferrytest as ft
 GROUP = "cli"
 
 
+problems = []  # every broken case is reported, not only the first
+
+
 def expect(env, args, rc, *names, timeout=120):
     r = env.run(args, timeout=timeout)
-    ft.check(r.rc == rc, f"expected exit {rc}:\n{r}")
     msg = r.err + r.out
-    for n in names:
-        ft.check(re.search(re.escape(str(n)), msg, re.I),
-                 f"the message does not name {n!r}:\n{r}")
-    ft.check(msg.strip(), f"exit {rc} without any message:\n{r}")
-    ft.log(f"ok: ferry {' '.join(map(str, args))[:80]} -> {rc}: {msg.strip().splitlines()[-1][:120]}")
+    bad = []
+    if r.rc != rc:
+        bad.append(f"expected exit {rc}")
+    bad += [f"the message does not name {n!r}" for n in names
+            if not re.search(re.escape(str(n)), msg, re.I)]
+    if not msg.strip():
+        bad.append("no message at all")
+    if bad:
+        problems.append(f"{'; '.join(bad)}:\n{r}")
+        ft.log(f"BAD: ferry {' '.join(map(str, args))[:100]}: {'; '.join(bad)}")
+    else:
+        ft.log(f"ok: ferry {' '.join(map(str, args))[:80]} -> {rc}: "
+               f"{msg.strip().splitlines()[-1][:120]}")
     return r
 
 
@@ -73,7 +83,8 @@ with ft.Env("cli-errors") as env:
     r = expect(env, ["replicate", "--qmp", qsd.qmp_path, "--disk", vda.spec, "--to",
                      f"127.0.0.1:{dead_port}", "--group", GROUP, "--once"], 1, dead_port,
                timeout=180)
-    ft.check(r.seconds < 120, f"unreachable receiver took {r.seconds:.0f}s to report")
+    if r.seconds >= 120:
+        problems.append(f"unreachable receiver took {r.seconds:.0f}s to report")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
@@ -81,9 +92,10 @@ with ft.Env("cli-errors") as env:
         expect(env, ["receive", "--listen", f"127.0.0.1:{port}", "--store", env.path("s2")],
                1, port, timeout=30)
     r = env.run(["receive", "--listen", "not-an-address", "--store", env.path("s3")], timeout=30)
-    ft.check(r.rc in (1, 2) and "not-an-address" in r.err + r.out,
-             f"a malformed --listen must fail naming it:\n{r}")
+    if not (r.rc in (1, 2) and "not-an-address" in r.err + r.out):
+        problems.append(f"a malformed --listen must fail (1 or 2) naming it:\n{r}")
 
+    ft.check(not problems, f"{len(problems)} CLI error case(s) wrong:\n\n" + "\n\n".join(problems))
     ft.check_eq([p["rp_id"] for p in env.points(rx.store, GROUP)], [rp],
                 "points after the failed commands")
     snaps = hist.snapshot_all(qsd, "rp2")
