@@ -976,15 +976,16 @@ class Env:
         if diff:
             raise TestFailure(f"restore of {group}/{disk} at RP {point} {what}differs from the "
                               f"source: {diff}")
-        log(f"RP {point} {disk}: restore equals the source ({what.strip() or 'ok'})")
+        log(f"RP {point} {disk}: restore equals the source {what.strip()}")
         os.unlink(out)
 
     def store_bytes(self, store):
+        """Bytes allocated under `store` (sparse replicas count for their data only)."""
         total = 0
         for root, _, files in os.walk(store):
             for f in files:
                 try:
-                    total += os.lstat(os.path.join(root, f)).st_size
+                    total += os.lstat(os.path.join(root, f)).st_blocks * 512
                 except OSError:
                     pass
         return total

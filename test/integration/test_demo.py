@@ -4,13 +4,13 @@ writer, 5 RPs, restores, checks), prints a summary and exits 0; it leaves no pro
 mount behind."""
 
 import os
-import subprocess
+import re
 
 import ferrytest as ft
 
 
-def descendants_of_nothing_left(env):
-    """qemu-storage-daemon or ferry processes whose cwd or args point into our temp dir."""
+def processes_in(paths):
+    """Processes whose cwd or args point into one of `paths`."""
     left = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit() or int(pid) == os.getpid():
@@ -21,7 +21,7 @@ def descendants_of_nothing_left(env):
             cwd = os.readlink(f"/proc/{pid}/cwd")
         except OSError:
             continue
-        if env.dir in args or cwd.startswith(env.dir):
+        if any(p in args or cwd.startswith(p) for p in paths):
             left.append(f"{pid}: {args[:200]}")
     return left
 
@@ -32,9 +32,13 @@ with ft.Env("demo") as env:
     ft.check_eq(r.rc, 0, f"exit status of ferry demo\n{r}")
     lines = [l for l in r.out.splitlines() if l.strip()]
     ft.check(len(lines) >= 3, f"ferry demo printed no summary:\n{r}")
-    ft.check(not any(m.startswith(env.dir + os.sep) for m, _ in ft._mounts()),
+    m = re.search(r"working in (\S+)", r.out + r.err)
+    paths = [env.dir] + ([m.group(1)] if m else [])
+    ft.check(not any(mp.startswith(p + os.sep) for mp, _ in ft._mounts() for p in paths),
              "ferry demo left FUSE mounts behind")
-    left = descendants_of_nothing_left(env)
+    if m:
+        ft.check(not os.path.exists(m.group(1)), f"ferry demo left {m.group(1)} behind")
+    left = processes_in(paths)
     ft.check(not left, "ferry demo left processes behind:\n" + "\n".join(left))
     # --rps below the minimum is a usage error.
     r = env.run(["demo", "--rps", "2"], timeout=30)
