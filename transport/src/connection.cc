@@ -17,13 +17,18 @@
 
 #include <boost/asio.hpp>
 
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+
 #include <algorithm>
 #include <array>
-#include <cctype>
 #include <atomic>
+#include <cctype>
+#include <cerrno>
 #include <condition_variable>
+#include <cstring>
 #include <deque>
-#include <future>
 #include <list>
 #include <mutex>
 #include <optional>
@@ -124,14 +129,26 @@ std::string endpoint_text(const tcp::endpoint& ep) {
   return e.to_string();
 }
 
+void set_int_option(tcp::socket& socket, int level, int name, int value, const char* what,
+                    const std::string& peer) {
+  if (::setsockopt(socket.native_handle(), level, name, &value, sizeof value) != 0)
+    spdlog::warn("transport: {} on {}: {}", what, peer, std::strerror(errno));
+}
+
 // TCP_NODELAY: frames are whole messages, Nagle only adds latency to acks.
-// SO_KEEPALIVE: a peer that vanished without a FIN is eventually noticed.
-void tune_socket(tcp::socket& socket, const std::string& peer) {
-  boost::system::error_code ec;
-  socket.set_option(tcp::no_delay(true), ec);
-  if (ec) spdlog::warn("transport: TCP_NODELAY on {}: {}", peer, ec.message());
-  socket.set_option(asio::socket_base::keep_alive(true), ec);
-  if (ec) spdlog::warn("transport: SO_KEEPALIVE on {}: {}", peer, ec.message());
+// SO_KEEPALIVE with short probes and TCP_USER_TIMEOUT: a peer that vanished without a FIN
+// (half-open link, partition) fails the connection within dead_peer_timeout, idle or not,
+// so the engine reconnects instead of waiting on a socket that will never move.
+void tune_socket(tcp::socket& socket, const ConnectionOptions& options, const std::string& peer) {
+  int dead_ms = static_cast<int>(std::clamp<std::int64_t>(options.dead_peer_timeout.count(),
+                                                          1000, 3600 * 1000));
+  int probe_s = std::max(1, dead_ms / 1000 / 4);
+  set_int_option(socket, IPPROTO_TCP, TCP_NODELAY, 1, "TCP_NODELAY", peer);
+  set_int_option(socket, SOL_SOCKET, SO_KEEPALIVE, 1, "SO_KEEPALIVE", peer);
+  set_int_option(socket, IPPROTO_TCP, TCP_KEEPIDLE, probe_s, "TCP_KEEPIDLE", peer);
+  set_int_option(socket, IPPROTO_TCP, TCP_KEEPINTVL, probe_s, "TCP_KEEPINTVL", peer);
+  set_int_option(socket, IPPROTO_TCP, TCP_KEEPCNT, 3, "TCP_KEEPCNT", peer);
+  set_int_option(socket, IPPROTO_TCP, TCP_USER_TIMEOUT, dead_ms, "TCP_USER_TIMEOUT", peer);
 }
 
 struct OutFrame {
@@ -478,7 +495,7 @@ Result<std::unique_ptr<Connection>> ClientConnection::open(const Endpoint& to,
   tcp::endpoint remote = socket.remote_endpoint(ec);
   if (ec) return status_from_asio(ec, "connect to " + to.to_string());
   std::string peer = endpoint_text(remote);
-  tune_socket(socket, peer);
+  tune_socket(socket, options, peer);
   conn->core_ = std::make_shared<Core>(std::move(socket), options, peer);
   conn->core_->start();
   conn->work_.emplace(asio::make_work_guard(conn->io_));
@@ -595,7 +612,7 @@ void TcpServer::admit(tcp::socket socket) {
                  name_, sessions_.size());
     return;  // `socket` closes as it goes out of scope
   }
-  tune_socket(socket, peer);
+  tune_socket(socket, options_.connection, peer);
   auto session = std::make_unique<Session>();
   session->core = std::make_shared<Core>(std::move(socket), options_.connection, peer);
   session->core->start();

@@ -366,6 +366,35 @@ TEST_CASE("stop() while a handler is blocked in receive() returns promptly") {
   CHECK_FALSE(Connection::connect(Endpoint{"127.0.0.1", server->port()}).is_ok());
 }
 
+TEST_CASE("stop() while a handler is blocked in send() returns promptly") {
+  ConnectionOptions small;
+  small.max_send_queue_bytes = 1 << 20;
+  small.max_recv_queue_bytes = 1 << 20;
+  ServerOptions options;
+  options.connection = small;
+  Outcomes outcomes;
+  std::atomic<int> frames_queued{0};
+  auto server = listen_local(
+      [&](Connection& conn) {
+        std::string block(1 << 20, 'b');
+        for (;;) {  // the client never reads: this blocks once every buffer is full
+          Status s = conn.send(MsgType::data, block);
+          if (!s.is_ok()) return outcomes.add(s);
+          ++frames_queued;
+        }
+      },
+      options);
+  auto client = connect_local(server->port(), small);
+  std::this_thread::sleep_for(1s);
+  int stalled_at = frames_queued.load();
+  std::this_thread::sleep_for(300ms);
+  REQUIRE(frames_queued.load() == stalled_at);  // the handler is blocked in send()
+  auto t0 = Clock::now();
+  server->stop();
+  CHECK(Clock::now() - t0 < 2s);
+  CHECK(outcomes.wait_for(1)[0].code() == Errc::cancelled);
+}
+
 TEST_CASE("connections beyond max_connections are closed at once") {
   ServerOptions options;
   options.max_connections = 1;

@@ -42,6 +42,10 @@ struct ConnectionOptions {
   std::chrono::milliseconds connect_timeout{10000};
   // Bounded wait of close_with_error(), and of the flush when a Server handler returns.
   std::chrono::milliseconds close_timeout{2000};
+  // A peer that stops acknowledging (cable pulled, host gone, partition) fails the connection
+  // after about this long instead of TCP's ~15 minutes (TCP_USER_TIMEOUT, plus keepalive
+  // probes while idle). A peer that is alive but not reading is flow control, not death.
+  std::chrono::milliseconds dead_peer_timeout{60000};
 };
 
 class Connection {
