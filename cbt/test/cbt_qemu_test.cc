@@ -4,6 +4,8 @@
 #include <catch2/catch.hpp>
 
 #include <fcntl.h>
+#include <signal.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstdlib>
@@ -424,4 +426,82 @@ TEST_CASE("NBD reader throughput", "[perf]") {
   CHECK(mb_s > 100);  // a floor that catches a broken path on a loaded shared machine
   r.reset();
   finish(*src, c, true);
+}
+
+namespace {
+
+// Runs cbt_source_child (next to this binary) with FERRY_KILL_AT=point; returns its wait status.
+int run_child_killed_at(const std::string& point, Qsd& q, bool ack) {
+  char self[4096];
+  ssize_t n = ::readlink("/proc/self/exe", self, sizeof self - 1);
+  REQUIRE(n > 0);
+  self[n] = '\0';
+  std::string exe = std::string(self).substr(0, std::string(self).rfind('/')) + "/cbt_source_child";
+  pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    ::setenv("FERRY_KILL_AT", point.c_str(), 1);
+    std::string work = q.dir() + "/work";
+    ::execl(exe.c_str(), exe.c_str(), q.qmp_socket().c_str(), work.c_str(), ack ? "1" : "0",
+            static_cast<char*>(nullptr));
+    std::_Exit(127);
+  }
+  int st = 0;
+  REQUIRE(::waitpid(pid, &st, 0) == pid);
+  return st;
+}
+
+}  // namespace
+
+// The source dies at each named kill point; the receiver committed RP 2 only if it was
+// acknowledged and the kill came after reading. The next capture must see every write since
+// the receiver's RP, and nothing of the dead source may stay in QEMU.
+TEST_CASE("a source killed at each kill point heals without losing a dirty bit") {
+  struct Case {
+    const char* point;
+    bool ack;
+  };
+  const Case cases[] = {{"source.after_transaction", false},
+                        {"source.before_bitmap_cleanup", false},
+                        {"source.before_bitmap_cleanup", true},
+                        {"source.after_bitmap_cleanup", false},
+                        {"source.after_bitmap_cleanup", true}};
+  for (const Case& k : cases) {
+    DYNAMIC_SECTION(k.point << (k.ack ? " (receiver committed RP 2)" : " (no commit)")) {
+      auto q = start_qsd({{"d0", true, 256 * MiB}});
+      auto o = options(*q, {{"d0", "disk0"}});
+      {
+        auto src = open_source(o);
+        Capture c1 = capture(*src, 0, 1, {});
+        finish(*src, c1, true);
+      }
+      REQUIRE(q->write("d0", 1 * MiB, pattern(4096, 30)).is_ok());  // in RP 2
+      int st = run_child_killed_at(k.point, *q, k.ack);
+      REQUIRE(WIFSIGNALED(st));
+      CHECK(WTERMSIG(st) == SIGKILL);
+      REQUIRE(q->write("d0", 7 * MiB, pattern(4096, 31)).is_ok());  // after RP 2
+      auto src = open_source(o);
+      const std::uint64_t base = k.ack ? 2 : 1;
+      Capture c3 = capture(*src, base, 3, {"disk0"});
+      REQUIRE(c3.disks[0].full_reason == FullReason::none);
+      auto r = nbd_reader(c3.disks[0]);
+      std::vector<Extent> want = {D(7 * MiB, 64 * KiB)};
+      if (!k.ack) want.insert(want.begin(), D(1 * MiB, 64 * KiB));
+      CHECK(data_extents(all_extents(*r)) == want);
+      r.reset();
+      finish(*src, c3, true);
+      auto left = q->nodes_with_prefix("ferry-");
+      REQUIRE(left.is_ok());
+      CHECK(left->empty());
+      auto bitmaps = q->monitor().execute("query-named-block-nodes", {{"flat", true}},
+                                          std::chrono::milliseconds(10000));
+      REQUIRE(bitmaps.is_ok());
+      std::vector<std::string> names;
+      for (const auto& n : *bitmaps)
+        if (n.value("node-name", std::string()) == "d0")
+          for (const auto& b : n.value("dirty-bitmaps", json::array()))
+            names.push_back(b.value("name", std::string()));
+      CHECK(names == std::vector<std::string>{"ferry.g1.3"});  // exactly one live bitmap
+    }
+  }
 }
