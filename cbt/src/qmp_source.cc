@@ -186,6 +186,7 @@ class QmpSource final : public ChangeSource {
   QmpSourceOptions opt_;
   std::unique_ptr<QmpClient> qmp_;
   std::string prefix_;
+  std::weak_ptr<CaptureState> active_;  // temporary names are per group: one capture at a time
 };
 
 Result<NodeMap> QmpSource::query_nodes() {
@@ -428,6 +429,9 @@ Result<Capture> QmpSource::capture(std::uint64_t base_rp, std::uint64_t rp_id,
   if (rp_id <= base_rp)
     return Status::error(Errc::invalid_argument,
                          fmt::format("new RP {} must be after base RP {}", rp_id, base_rp));
+  if (auto prev = active_.lock(); prev && !prev->finished)
+    return Status::error(Errc::busy, fmt::format("group {}: the capture of RP {} is not finished",
+                                                 opt_.group, prev->rp_id));
   qmp_->clear_events();  // events of earlier captures (and of others' jobs) are history
   clean_leftovers();
   FERRY_ASSIGN_OR_RETURN(NodeMap nodes, query_nodes());
@@ -487,6 +491,7 @@ Result<Capture> QmpSource::capture(std::uint64_t base_rp, std::uint64_t rp_id,
     c.disks.push_back(std::move(v));
   }
   c.state = st;
+  active_ = st;
   return c;
 }
 

@@ -505,3 +505,17 @@ TEST_CASE("a source killed at each kill point heals without losing a dirty bit")
     }
   }
 }
+
+TEST_CASE("a second capture before finish is refused; rp must grow") {
+  auto q = start_qsd({{"d0", true, 64 * MiB}});
+  auto src = open_source(options(*q, {{"d0", "disk0"}}));
+  CHECK(src->capture(3, 3, {}).status().code() == Errc::invalid_argument);
+  Capture c = capture(*src, 0, 1, {});
+  CHECK(src->capture(0, 2, {}).status().code() == Errc::busy);
+  CHECK(src->release_views(c).is_ok());
+  CHECK(src->release_views(c).is_ok());  // idempotent
+  finish(*src, c, true);
+  Capture c2 = capture(*src, 1, 2, {"disk0"});
+  CHECK(c2.disks[0].full_reason == FullReason::none);
+  finish(*src, c2, false);
+}

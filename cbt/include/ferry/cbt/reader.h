@@ -33,12 +33,15 @@ class BlockReader {
   // zero and data parts by allocation status); for a full view, every allocated extent, with
   // unallocated/zero ranges as zero extents. Extents are aligned to `align_bytes` (except at
   // the end of the disk). Called with successive ranges so memory stays bounded.
+  // offset_bytes must be a multiple of align_bytes (a power of two) and below size_bytes();
+  // the end of the range is rounded up to align_bytes (capped at the disk's end).
   virtual Result<std::vector<Extent>> extents(std::uint64_t offset_bytes,
                                               std::uint64_t length_bytes,
                                               std::uint32_t align_bytes) = 0;
 
   // Starts a read of [offset, offset+length) into buf (which stays valid until completion).
-  // `done` is called from poll() with the result of the read.
+  // `done` is called from poll() with the result of the read. When submit_read itself returns
+  // an error, `done` is never called. Not thread-safe: one thread drives a reader.
   using Done = std::function<void(Status)>;
   virtual Status submit_read(std::uint64_t offset_bytes, std::uint32_t length_bytes, void* buf,
                              Done done) = 0;
