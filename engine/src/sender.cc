@@ -53,7 +53,7 @@ class FrameSink {
     frame.seq = next_seq_++;
     logical_bytes_ += frame.length_bytes;
     std::string payload = transport::encode(frame);
-    return conn_.send(MsgType::data, payload);
+    return conn_.send_owned(MsgType::data, std::move(payload));
   }
   std::uint64_t frames() const {
     std::lock_guard lock(mu_);
