@@ -500,7 +500,8 @@ Status QmpSource::release_disk(DiskRun& d) {
   auto note = [&](Status s) {
     if (!s) {
       spdlog::warn("group {} disk {}: {}", opt_.group, d.disk.name, s.to_string());
-      if (first) first = std::move(s);
+      // The error that invalidates the RP wins over mere clean-up trouble.
+      if (first || (s.data_lost() && !first.data_lost())) first = std::move(s);
     }
   };
   if (d.export_added) {
@@ -518,7 +519,8 @@ Status QmpSource::release_disk(DiskRun& d) {
                          fmt::format("fleecing job {} of disk {} ended before the view was "
                                      "released ({}); data read through it may not be "
                                      "point-in-time: do not commit this RP",
-                                     d.backup_job, d.disk.name, r.status().message())));
+                                     d.backup_job, d.disk.name, r.status().message()))
+               .set_data_lost());
     }
     d.job_started = false;
   }
@@ -544,7 +546,7 @@ Status QmpSource::release(CaptureState& st) {
   Status first;
   for (DiskRun& d : st.disks) {
     Status s = release_disk(d);
-    if (!s && first) first = s;
+    if (!s && (first || (s.data_lost() && !first.data_lost()))) first = s;
   }
   if (st.nbd_started) {
     auto r = run("nbd-server-stop", json::object());

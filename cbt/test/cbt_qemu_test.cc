@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <random>
+#include <thread>
 
 #include "ferry/base/fd.h"
 #include "ferry/cbt/qmp_source.h"
@@ -518,4 +519,28 @@ TEST_CASE("a second capture before finish is refused; rp must grow") {
   Capture c2 = capture(*src, 1, 2, {"disk0"});
   CHECK(c2.disks[0].full_reason == FullReason::none);
   finish(*src, c2, false);
+}
+
+TEST_CASE("a fleecing job that ends early invalidates the RP (data_lost)") {
+  auto q = start_qsd({{"d0", true, 64 * MiB}});
+  auto src = open_source(options(*q, {{"d0", "disk0"}}));
+  Capture c = capture(*src, 0, 1, {});
+  auto jobs = q->monitor().execute("query-jobs", std::chrono::milliseconds(10000));
+  REQUIRE(jobs.is_ok());
+  std::string fleece;
+  for (const auto& j : *jobs)
+    if (j.value("id", std::string()).rfind("ferry-", 0) == 0) fleece = j.value("id", std::string());
+  REQUIRE(!fleece.empty());
+  // QEMU ends the job behind Ferry's back (as an I/O error on the overlay would).
+  REQUIRE(q->monitor().execute("block-job-cancel", {{"device", fleece}, {"force", true}},
+                               std::chrono::milliseconds(10000)).is_ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  Status s = src->release_views(c);
+  CHECK(!s.is_ok());
+  CHECK(s.data_lost());
+  CHECK(s.message().find("point-in-time") != std::string::npos);
+  CHECK(src->finish(c, false).is_ok());  // the views are gone already
+  auto left = q->nodes_with_prefix("ferry-");
+  REQUIRE(left.is_ok());
+  CHECK(left->empty());
 }

@@ -65,6 +65,8 @@ class ChangeSource {
   // Tears down the point-in-time views (NBD exports, fleecing jobs, scratch overlays) once
   // everything was read, so the guest stops paying for copy-before-write while the source
   // waits for the acknowledgement. Idempotent; finish() calls it if it was not called.
+  // An error with data_lost() set means the view stopped being point-in-time before it was
+  // released (QEMU's copy-before-write job ended early): the RP must not be committed.
   virtual Status release_views(Capture& capture) = 0;
   // Must be called exactly once per successful capture().
   virtual Status finish(Capture& capture, bool acknowledged) = 0;
