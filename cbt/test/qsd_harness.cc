@@ -60,11 +60,23 @@ bool is_mounted(const std::string& path) {
   return false;
 }
 
+bool on_path(const std::string& exe) {
+  const char* path = std::getenv("PATH");
+  std::string dirs = path ? path : "/usr/bin:/bin";
+  for (std::size_t at = 0; at <= dirs.size();) {
+    std::size_t colon = dirs.find(':', at);
+    if (colon == std::string::npos) colon = dirs.size();
+    if (::access((dirs.substr(at, colon - at) + "/" + exe).c_str(), X_OK) == 0) return true;
+    at = colon + 1;
+  }
+  return false;
+}
+
 }  // namespace
 
 bool Qsd::available() {
-  return ::access("/usr/bin/qemu-storage-daemon", X_OK) == 0 &&
-         ::access("/usr/bin/qemu-img", X_OK) == 0 && ::access("/dev/fuse", R_OK | W_OK) == 0;
+  return on_path("qemu-storage-daemon") && on_path("qemu-img") &&
+         ::access("/dev/fuse", R_OK | W_OK) == 0;
 }
 
 std::string Qsd::image_path(const QsdDisk& d) const {
