@@ -464,9 +464,13 @@ Result<transport::RpAck> send_capture(transport::Connection& conn, const SenderO
     return why.empty() ? streamed : std::move(streamed).with_context("receiver: " + why);
   }
   // Everything is read: end the views now so the guest stops paying for copy-before-write.
-  if (Status s = source.release_views(cap); !s.is_ok())
+  if (Status s = source.release_views(cap); !s.is_ok()) {
+    // data_lost: the view did not stay point-in-time (the fleecing job ended early), so what
+    // was read may mix two instants; such an RP must never be committed.
+    if (s.data_lost()) return std::move(s).with_context("point-in-time view broke");
     spdlog::warn("releasing the point-in-time views failed (cleaned up next time): {}",
                  s.to_string());
+  }
   stats.transfer_seconds = seconds_since(t_transfer);
 
   auto t_commit = Clock::now();
@@ -510,9 +514,7 @@ Result<RpStats> take_recovery_point(cbt::ChangeSource& source, const SenderOptio
   stats.wire_bytes = conn->bytes_sent() - wire0;
 
   auto t_finish = Clock::now();
-  FERRY_KILL_POINT("source.before_bitmap_cleanup");
-  Status finished = source.finish(cap, acked.is_ok());
-  FERRY_KILL_POINT("source.after_bitmap_cleanup");
+  Status finished = source.finish(cap, acked.is_ok());  // fires the source.*_bitmap_cleanup points
   stats.finish_seconds = seconds_since(t_finish);
   stats.cpu_seconds = process_cpu_seconds() - cpu0;
   conn->close();
