@@ -22,6 +22,10 @@ namespace {
 struct GroupSlot {
   std::timed_mutex busy;  // held by the session that serves the group
   std::unique_ptr<GroupStore> store;
+  // The last storage failure reported for the group: the same failure again (a source
+  // retrying against a full disk) is logged at debug level, so a lasting fault is reported
+  // once rather than at every retry.
+  std::string last_storage_error;
 };
 
 WireStatus wire_status_of(const Status& s) {
@@ -81,11 +85,19 @@ class Session {
       slot.store = std::move(store).value();
     }
     store_ = slot.store.get();
+    slot_ = &slot;
     hello_ = std::move(*hello);
     group_id_ = transport::group_id_of(hello_.group);
     if (!reply_accepted()) return;
     Status s = serve_rps();
     if (store_ && rp_open_) store_->abort_rp();
+    if (storage_failed_) {
+      // After a failed write or sync the store refuses everything until it is re-opened;
+      // re-opening runs recovery (cuts what the failed RP left in the journal). The next
+      // session does that, so the receiver resumes by itself once the fault is gone.
+      slot.store.reset();
+      store_ = nullptr;
+    }
     if (!s.is_ok() && s.code() != Errc::disconnected && s.code() != Errc::cancelled) {
       spdlog::error("{}: group '{}': {}", conn_.peer(), hello_.group, s.to_string());
       if (s.code() == Errc::protocol || s.code() == Errc::corrupt || s.code() == Errc::timeout)
@@ -175,6 +187,26 @@ class Session {
   Status refuse_rp(std::uint64_t rp_id, const Status& why) {
     spdlog::error("{}: group '{}': RP {} refused: {}", conn_.peer(), hello_.group, rp_id,
                   why.to_string());
+    return send_refusal(rp_id, why);
+  }
+
+  // A failure of the receiver's own storage (EIO, ENOSPC, a failed sync): the RP is refused
+  // as retryable, the store is re-opened by the next session, and a repeated identical
+  // failure is not logged again at error level.
+  Status storage_failure(std::uint64_t rp_id, const Status& why) {
+    storage_failed_ = true;
+    std::string text = why.to_string();
+    if (text != slot_->last_storage_error)
+      spdlog::error("group '{}': RP {} not committed, the store failed: {} (the source retries; "
+                    "the receiver resumes once the cause is gone)", hello_.group, rp_id, text);
+    else
+      spdlog::debug("group '{}': RP {} not committed, same storage failure: {}", hello_.group,
+                    rp_id, text);
+    slot_->last_storage_error = text;
+    return send_refusal(rp_id, why);
+  }
+
+  Status send_refusal(std::uint64_t rp_id, const Status& why) {
     if (rp_open_) store_->abort_rp();
     rp_open_ = false;
     transport::RpAck ack{rp_id, wire_status_of(why), why.message().substr(0, transport::kMaxMessageBytes)};
@@ -203,7 +235,10 @@ class Session {
     // Frames name disks by their index in hello; map that to the RP's own disk order.
     disk_slot_.assign(hello_.disks.size(), -1);
     for (std::size_t i = 0; i < b.disks.size(); ++i) disk_slot_[b.disks[i].disk_index] = int(i);
-    if (Status s = store_->begin_rp(info); !s.is_ok()) return refuse_rp(b.rp_id, s);
+    if (Status s = store_->begin_rp(info); !s.is_ok()) {
+      if (s.code() == Errc::io || s.code() == Errc::no_space) return storage_failure(b.rp_id, s);
+      return refuse_rp(b.rp_id, s);
+    }
     rp_ = std::move(b);
     rp_open_ = true;
     next_seq_ = 0;
@@ -260,7 +295,7 @@ class Session {
     rec.length_bytes = d->length_bytes;
     rec.hash = d->hash;
     rec.payload = d->payload;
-    if (Status s = store_->append_block(rec); !s.is_ok()) return refuse_rp(rp_.rp_id, s);
+    if (Status s = store_->append_block(rec); !s.is_ok()) return storage_failure(rp_.rp_id, s);
     ++next_seq_;
     logical_bytes_ += d->length_bytes;
     return Status::ok();
@@ -275,8 +310,17 @@ class Session {
           " frames / " + std::to_string(e.logical_bytes) + " bytes announced, " +
           std::to_string(next_seq_) + " / " + std::to_string(logical_bytes_) + " received"));
     auto info = store_->commit_rp(e.rp_id, e.frame_count, e.logical_bytes);
-    if (!info.is_ok()) return refuse_rp(e.rp_id, info.status());
+    if (!info.is_ok()) {
+      if (info.status().code() == Errc::protocol || info.status().code() == Errc::corrupt)
+        return refuse_rp(e.rp_id, info.status());
+      return storage_failure(e.rp_id, info.status());
+    }
     rp_open_ = false;
+    if (!slot_->last_storage_error.empty()) {
+      spdlog::info("group '{}': storage works again (was: {})", hello_.group,
+                   slot_->last_storage_error);
+      slot_->last_storage_error.clear();
+    }
     FERRY_KILL_POINT("receiver.before_ack");
     FERRY_TRY(conn_.send(MsgType::rp_ack, transport::encode(transport::RpAck{e.rp_id, WireStatus::ok, ""})));
     FERRY_TRY(conn_.flush());
@@ -295,6 +339,8 @@ class Session {
   Receiver::Impl& impl_;
   transport::Connection& conn_;
   GroupStore* store_ = nullptr;
+  GroupSlot* slot_ = nullptr;
+  bool storage_failed_ = false;
   transport::Hello hello_;
   std::uint64_t group_id_ = 0;
   transport::RpBegin rp_;
