@@ -40,6 +40,7 @@ const char* full_reason_name(FullReason r) {
     case FullReason::bitmap_inconsistent: return "bitmap_inconsistent";
     case FullReason::bitmap_busy: return "bitmap_busy";
     case FullReason::new_disk: return "new_disk";
+    case FullReason::no_checkpoint: return "no_checkpoint";
   }
   return "unknown";
 }
@@ -158,6 +159,11 @@ class QmpSource final : public ChangeSource {
   }
 
   Status probe();
+  std::vector<std::string> disk_names() const override {
+    std::vector<std::string> out;
+    for (const auto& d : opt_.disks) out.push_back(d.name);
+    return out;
+  }
   Result<Capture> capture(std::uint64_t base_rp, std::uint64_t rp_id,
                           const std::vector<std::string>& receiver_disks) override;
   Status release_views(Capture& capture) override;

@@ -414,6 +414,7 @@ Result<transport::RpAck> send_capture(transport::Connection& conn, const SenderO
   begin.rp_id = cap.rp_id;
   begin.base_rp = cap.base_rp;
   begin.created_unix_ns = cap.created_unix_ns;
+  if (cap.app_consistent) begin.flags |= transport::kRpFlagAppConsistent;
   FERRY_ASSERT(cap.disks.size() == o.disk_names.size());
   for (std::size_t i = 0; i < cap.disks.size(); ++i) {
     const cbt::DiskView& v = cap.disks[i];

@@ -30,6 +30,7 @@ enum class FullReason : std::uint8_t {
   bitmap_inconsistent,  // QEMU reports the bitmap inconsistent (QEMU was killed)
   bitmap_busy,          // the bitmap is in use by someone else
   new_disk,             // the receiver does not hold this disk
+  no_checkpoint,        // the disk cannot carry a bitmap/checkpoint (raw format)
 };
 const char* full_reason_name(FullReason r);
 
@@ -50,6 +51,7 @@ struct Capture {
   std::uint64_t rp_id = 0;
   std::uint64_t created_unix_ns = 0;
   std::vector<DiskView> disks;
+  bool app_consistent = false;  // file systems were frozen through the guest agent
   // Implementation-private state needed by finish().
   std::shared_ptr<void> state;
 };
@@ -57,6 +59,8 @@ struct Capture {
 class ChangeSource {
  public:
   virtual ~ChangeSource() = default;
+  // The disks of the group, in group order (capture() returns views in this order).
+  virtual std::vector<std::string> disk_names() const = 0;
   // base_rp: the receiver's last committed RP (0: none). rp_id: the new RP, > base_rp.
   // receiver_disks: names of the disks the receiver already holds at base_rp (others are
   // read in full with FullReason::new_disk).

@@ -1,0 +1,36 @@
+// ChangeSource for a running libvirt domain: checkpoints plus pull-mode backups over NBD.
+//
+// Per RP: virDomainBackupBegin in pull mode with <incremental> = the checkpoint of the last
+// acknowledged RP and a new checkpoint created atomically with the job, exported over NBD on
+// a unix socket (scratch files under work_dir); the engine reads dirty extents and data with
+// libnbd exactly as for the QMP source; release_views() ends the job (virDomainAbortJob).
+// finish(ack) drops checkpoints that are no longer needed; without an ack the next RP is
+// again incremental from the last acknowledged checkpoint.
+//
+// Ferry owns the truth about change tracking: a ledger under work_dir records, per disk, the
+// last acknowledged RP and its checkpoint; each capture reconciles it with libvirt's
+// checkpoint list and QEMU's bitmaps and heals (redefine lost checkpoint metadata) or falls
+// back to a full read with a named FullReason (the engine then runs a hash-compare resync
+// when the receiver already holds the disk). See docs/change-tracking.md.
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <string>
+
+#include "ferry/cbt/source.h"
+
+namespace ferry::cbt {
+
+struct LibvirtSourceOptions {
+  std::string uri = "qemu:///system";
+  std::string domain;    // name or UUID
+  std::string group;     // group name (the caller defaults it to the domain name)
+  std::string work_dir;  // ledger, scratch files, NBD socket; created if missing
+  bool quiesce = false;  // freeze file systems through the guest agent around backup begin
+  std::chrono::milliseconds freeze_timeout{10000};  // longest a guest stays frozen
+};
+
+Result<std::unique_ptr<ChangeSource>> open_libvirt_source(const LibvirtSourceOptions& options);
+
+}  // namespace ferry::cbt
