@@ -36,7 +36,7 @@ int main(int argc, char** argv) {
   reply.last_committed_unix_ns = 1700000000000000000ull;
   reply.disks = {{"vda", 1ull << 30}};
   RpBegin begin{8, 7, 1700000000000000001ull, kRpFlagAppConsistent,
-                {{0, DiskMode::incremental, 1ull << 30}, {1, DiskMode::full, 1ull << 20}}};
+                {{0, DiskMode::resync, 1ull << 30}, {1, DiskMode::full, 1ull << 20}}};
   DataFrame data;
   data.group_id = group_id_of("vm-web-01");
   data.rp_id = 8;
@@ -61,7 +61,11 @@ int main(int argc, char** argv) {
             write(dir, "data_zstd", MsgType::data, encode(packed)) &&
             write(dir, "rp_end", MsgType::rp_end, encode(RpEnd{8, 3, 3 * 65536})) &&
             write(dir, "rp_ack", MsgType::rp_ack, encode(RpAck{8, WireStatus::diverged, "base"})) &&
-            write(dir, "error", MsgType::error, encode(ErrorMsg{WireStatus::busy, "busy"}));
+            write(dir, "error", MsgType::error, encode(ErrorMsg{WireStatus::busy, "busy"})) &&
+            write(dir, "hash_request", MsgType::hash_request,
+                  encode(HashRequest{0, 65536, 64ull << 20, 64ull << 20})) &&
+            write(dir, "hash_list", MsgType::hash_list,
+                  encode(HashList{0, 65536, 64ull << 20, {{1, 2}, {3, 4}, {5, 6}}}));
   if (!ok) std::perror(dir.c_str());
   return ok ? 0 : 1;
 }

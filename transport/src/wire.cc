@@ -18,6 +18,9 @@ static_assert(kFrameHeaderBytes == 24);
 static_assert(kMaxPayloadBytes >= kMaxBlockBytes + 1024, "a DATA frame must fit a raw block");
 static_assert(kMaxNameBytes <= 0xffff && kMaxMessageBytes <= 0xffff, "lengths are u16");
 static_assert(kMaxDisksPerGroup <= 0xffff, "disk counts are u16");
+static_assert(kHashListFixedBytes + std::size_t(kMaxHashesPerList) * kHashBytes <= kMaxPayloadBytes,
+              "the largest hash_list must fit one frame");
+static_assert(kMaxHashRequestBytes % kMaxBlockBytes == 0);
 
 constexpr std::size_t kChecksumOffset = 16;  // header bytes [0,16) are covered by the checksum
 constexpr std::size_t kDataFixedBytes = 56;  // DATA fields before the block payload
@@ -123,8 +126,11 @@ std::string indexed(const char* array, std::size_t i, const char* field) {
 }  // namespace
 
 bool msg_type_known(std::uint16_t t) {
-  return t >= static_cast<std::uint16_t>(MsgType::hello) &&
-         t <= static_cast<std::uint16_t>(MsgType::error);
+  if (t >= static_cast<std::uint16_t>(MsgType::hello) &&
+      t <= static_cast<std::uint16_t>(MsgType::error))
+    return true;
+  return t == static_cast<std::uint16_t>(MsgType::hash_request) ||
+         t == static_cast<std::uint16_t>(MsgType::hash_list);
 }
 
 const char* msg_type_name(MsgType t) {
@@ -136,6 +142,8 @@ const char* msg_type_name(MsgType t) {
     case MsgType::rp_end: return "rp_end";
     case MsgType::rp_ack: return "rp_ack";
     case MsgType::error: return "error";
+    case MsgType::hash_request: return "hash_request";
+    case MsgType::hash_list: return "hash_list";
   }
   return "unknown";
 }
@@ -228,12 +236,19 @@ std::string encode(const Hello& m) {
   return out;
 }
 
+static bool block_bytes_valid(std::uint32_t block_bytes) {
+  return block_bytes >= kMinDiskBlockBytes && block_bytes <= kMaxBlockBytes &&
+         std::has_single_bit(block_bytes);
+}
+
+static std::string block_bytes_rule(std::uint32_t block_bytes) {
+  return fmt::format("{}, must be a power of two in [{}, {}]", block_bytes, kMinDiskBlockBytes,
+                     kMaxBlockBytes);
+}
+
 static void check_block_bytes(FieldReader& r, std::size_t i, std::uint32_t block_bytes) {
-  if (block_bytes < kMinDiskBlockBytes || block_bytes > kMaxBlockBytes ||
-      !std::has_single_bit(block_bytes))
-    r.fail(indexed("disks", i, "block_bytes"),
-           fmt::format("{}, must be a power of two in [{}, {}]", block_bytes,
-                       kMinDiskBlockBytes, kMaxBlockBytes));
+  if (!block_bytes_valid(block_bytes))
+    r.fail(indexed("disks", i, "block_bytes"), block_bytes_rule(block_bytes));
 }
 
 Result<Hello> decode_hello(std::string_view payload) {
@@ -330,7 +345,7 @@ static void read_rp_disk(FieldReader& r, std::size_t i, const RpBegin& m, RpDisk
   if (d.disk_index >= kMaxDisksPerGroup)
     r.fail(indexed("disks", i, "disk_index"),
            fmt::format("{}, limit {}", d.disk_index, kMaxDisksPerGroup - 1));
-  if (mode > static_cast<std::uint8_t>(DiskMode::incremental))
+  if (mode > static_cast<std::uint8_t>(DiskMode::resync))
     r.fail(indexed("disks", i, "mode"), fmt::format("unknown mode {}", mode));
   if (reserved != 0) r.fail(indexed("disks", i, "reserved"), "must be 0");
   for (std::size_t j = 0; j < i; ++j)
@@ -490,6 +505,97 @@ Result<ErrorMsg> decode_error(std::string_view payload) {
   ErrorMsg m;
   m.status = read_wire_status(r, "status");
   m.message = r.str("message", kMaxMessageBytes, false);
+  return finish(r, std::move(m));
+}
+
+// --- hash_request, hash_list (resync) ----------------------------------------------------
+
+// Rules shared by both messages: disk index, block size, offset aligned to the block size.
+static void check_hash_range(FieldReader& r, std::uint16_t disk_index, std::uint32_t block_bytes,
+                             std::uint64_t offset_bytes) {
+  if (disk_index >= kMaxDisksPerGroup)
+    return r.fail("disk_index", fmt::format("{}, limit {}", disk_index, kMaxDisksPerGroup - 1));
+  if (!block_bytes_valid(block_bytes)) return r.fail("block_bytes", block_bytes_rule(block_bytes));
+  if (offset_bytes % block_bytes != 0)
+    r.fail("offset_bytes", fmt::format("{} is not a multiple of block_bytes {}", offset_bytes,
+                                       block_bytes));
+}
+
+std::string encode(const HashRequest& m) {
+  std::string out;
+  ByteWriter w(out);
+  w.u16(m.disk_index);
+  w.u16(0);  // reserved
+  w.u32(m.block_bytes);
+  w.u64(m.offset_bytes);
+  w.u64(m.length_bytes);
+  return out;
+}
+
+Result<HashRequest> decode_hash_request(std::string_view payload) {
+  FieldReader r("hash_request", payload);
+  HashRequest m;
+  m.disk_index = r.u16("disk_index");
+  std::uint16_t reserved = r.u16("reserved");
+  m.block_bytes = r.u32("block_bytes");
+  m.offset_bytes = r.u64("offset_bytes");
+  m.length_bytes = r.u64("length_bytes");
+  if (r.ok() && reserved != 0) r.fail("reserved", "must be 0");
+  if (r.ok()) check_hash_range(r, m.disk_index, m.block_bytes, m.offset_bytes);
+  if (r.ok() && (m.length_bytes == 0 || m.length_bytes > kMaxHashRequestBytes))
+    r.fail("length_bytes", fmt::format("{}, must be in [1, {}]", m.length_bytes,
+                                       kMaxHashRequestBytes));
+  if (r.ok() && m.offset_bytes > UINT64_MAX - m.length_bytes)
+    r.fail("offset_bytes", fmt::format("{} + length {} overflows", m.offset_bytes,
+                                       m.length_bytes));
+  return finish(r, m);
+}
+
+std::string encode(const HashList& m) {
+  FERRY_ASSERT(!m.hashes.empty() && m.hashes.size() <= kMaxHashesPerList);
+  std::string out;
+  out.reserve(kHashListFixedBytes + m.hashes.size() * kHashBytes);
+  ByteWriter w(out);
+  w.u16(m.disk_index);
+  w.u16(0);  // reserved
+  w.u32(m.block_bytes);
+  w.u64(m.offset_bytes);
+  w.u32(static_cast<std::uint32_t>(m.hashes.size()));
+  w.u32(0);  // reserved
+  FERRY_ASSERT(out.size() == kHashListFixedBytes);
+  for (const Hash128& h : m.hashes) {
+    w.u64(h.lo);
+    w.u64(h.hi);
+  }
+  return out;
+}
+
+Result<HashList> decode_hash_list(std::string_view payload) {
+  FieldReader r("hash_list", payload);
+  HashList m;
+  m.disk_index = r.u16("disk_index");
+  std::uint16_t reserved = r.u16("reserved");
+  m.block_bytes = r.u32("block_bytes");
+  m.offset_bytes = r.u64("offset_bytes");
+  std::uint32_t count = r.u32("count");
+  std::uint32_t reserved2 = r.u32("reserved2");
+  if (r.ok() && (reserved != 0 || reserved2 != 0)) r.fail("reserved", "must be 0");
+  if (r.ok()) check_hash_range(r, m.disk_index, m.block_bytes, m.offset_bytes);
+  if (r.ok() && (count == 0 || count > kMaxHashesPerList))
+    r.fail("count", fmt::format("{}, must be in [1, {}]", count, kMaxHashesPerList));
+  // The size is checked against count before the list is allocated.
+  if (r.ok() && r.remaining() != std::size_t(count) * kHashBytes)
+    r.fail("hashes", fmt::format("{} bytes for {} digests of {} bytes", r.remaining(), count,
+                                 kHashBytes));
+  if (r.ok() && m.offset_bytes / m.block_bytes > (UINT64_MAX / m.block_bytes) - count)
+    r.fail("offset_bytes", fmt::format("{} + {} blocks of {} overflows", m.offset_bytes, count,
+                                       m.block_bytes));
+  if (!r.ok()) return r.finish();
+  m.hashes.resize(count);
+  for (std::uint32_t i = 0; i < count; ++i) {
+    m.hashes[i].lo = r.u64("hashes");
+    m.hashes[i].hi = r.u64("hashes");
+  }
   return finish(r, std::move(m));
 }
 

@@ -229,7 +229,7 @@ TEST_CASE("unknown enum values and reserved bits are rejected") {
 
   RpBegin b = sample_begin();
   p = encode(b);
-  p[32 + 2] = 2;  // disks[0].mode
+  p[32 + 2] = 3;  // disks[0].mode (2 is resync)
   expect_rejected(decode_rp_begin(p), "rp_begin.disks[0].mode");
   p = encode(b);
   p[32 + 3] = 1;  // disks[0].reserved
@@ -402,5 +402,138 @@ TEST_CASE("group ids are xxh3-64 of the name") {
   CHECK(group_id_of("a") != group_id_of("b"));
   CHECK(std::string(msg_type_name(MsgType::rp_ack)) == "rp_ack");
   CHECK(msg_type_known(7));
-  CHECK_FALSE(msg_type_known(8));
+  CHECK_FALSE(msg_type_known(8));  // kept for rp_resume
+  CHECK_FALSE(msg_type_known(9));
+  CHECK(msg_type_known(10));
+  CHECK(msg_type_known(11));
+  CHECK_FALSE(msg_type_known(12));
+  CHECK(std::string(msg_type_name(MsgType::hash_list)) == "hash_list");
+}
+
+// --- resync messages -------------------------------------------------------------------
+
+namespace {
+
+HashRequest sample_hash_request() { return HashRequest{3, 65536, 128ull << 20, 64ull << 20}; }
+
+HashList sample_hash_list(std::size_t count = 5) {
+  HashList l;
+  l.disk_index = 3;
+  l.block_bytes = 65536;
+  l.offset_bytes = 128ull << 20;
+  for (std::size_t i = 0; i < count; ++i) l.hashes.push_back({i * 7 + 1, ~i});
+  return l;
+}
+
+}  // namespace
+
+TEST_CASE("resync messages: round trips and sizes") {
+  HashRequest q = sample_hash_request();
+  CHECK(encode(q).size() == 24);
+  CHECK(decode_hash_request(encode(q)).value() == q);
+  q.length_bytes = kMaxHashRequestBytes;  // the limit itself passes
+  q.block_bytes = 512;
+  q.offset_bytes = 512 * 3;
+  CHECK(decode_hash_request(encode(q)).value() == q);
+  HashList l = sample_hash_list();
+  CHECK(encode(l).size() == kHashListFixedBytes + 5 * kHashBytes);
+  CHECK(decode_hash_list(encode(l)).value() == l);
+  HashList big = sample_hash_list(kMaxHashesPerList);
+  std::string p = encode(big);
+  CHECK(p.size() <= kMaxPayloadBytes);
+  CHECK(decode_hash_list(p).value() == big);
+  // Digests travel lo then hi, like data.hash.
+  HashList one = sample_hash_list(1);
+  one.hashes[0] = {0x0102030405060708ull, 0x1112131415161718ull};
+  p = encode(one);
+  CHECK(load_le64(p.data() + 24) == 0x0102030405060708ull);
+  CHECK(load_le64(p.data() + 32) == 0x1112131415161718ull);
+  RpBegin b = sample_begin();
+  b.disks[0].mode = DiskMode::resync;
+  CHECK(decode_rp_begin(encode(b)).value() == b);
+  std::string bp = encode(b);
+  bp[32 + 2] = 3;
+  expect_rejected(decode_rp_begin(bp), "rp_begin.disks[0].mode");
+}
+
+TEST_CASE("hash_request: every rule") {
+  HashRequest q = sample_hash_request();
+  q.disk_index = kMaxDisksPerGroup;
+  expect_rejected(decode_hash_request(encode(q)), "hash_request.disk_index");
+  q = sample_hash_request();
+  for (std::uint32_t bad : {0u, 256u, 3000u, kMaxBlockBytes * 2}) {
+    q.block_bytes = bad;
+    expect_rejected(decode_hash_request(encode(q)), "hash_request.block_bytes");
+  }
+  q = sample_hash_request();
+  q.offset_bytes += 512;  // not a multiple of the block size
+  expect_rejected(decode_hash_request(encode(q)), "hash_request.offset_bytes");
+  q = sample_hash_request();
+  q.length_bytes = 0;
+  expect_rejected(decode_hash_request(encode(q)), "hash_request.length_bytes");
+  q.length_bytes = kMaxHashRequestBytes + 1;
+  expect_rejected(decode_hash_request(encode(q)), "hash_request.length_bytes");
+  q = sample_hash_request();
+  q.offset_bytes = (UINT64_MAX / 65536) * 65536;
+  expect_rejected(decode_hash_request(encode(q)), "hash_request.offset_bytes");
+  std::string p = encode(sample_hash_request());
+  put_u16(p, 2, 1);
+  expect_rejected(decode_hash_request(p), "hash_request.reserved");
+  p = encode(sample_hash_request());
+  for (std::size_t cut = 0; cut < p.size(); ++cut)
+    CHECK(decode_hash_request(std::string_view(p).substr(0, cut)).status().code() == Errc::protocol);
+  expect_rejected(decode_hash_request(p + "x"), "trailing");
+}
+
+TEST_CASE("hash_list: every rule, count checked before allocation") {
+  std::string good = encode(sample_hash_list());
+  std::string p = good;
+  put_u16(p, 0, kMaxDisksPerGroup);
+  expect_rejected(decode_hash_list(p), "hash_list.disk_index");
+  p = good;
+  put_u16(p, 2, 1);
+  expect_rejected(decode_hash_list(p), "hash_list.reserved");
+  p = good;
+  put_u32(p, 20, 1);
+  expect_rejected(decode_hash_list(p), "hash_list.reserved");
+  p = good;
+  put_u32(p, 4, 1000);
+  expect_rejected(decode_hash_list(p), "hash_list.block_bytes");
+  p = good;
+  store_le64(p.data() + 8, (128ull << 20) + 4096);
+  expect_rejected(decode_hash_list(p), "hash_list.offset_bytes");
+  p = good;
+  store_le64(p.data() + 8, (UINT64_MAX / 65536 - 2) * 65536);  // the 5 blocks pass the end
+  expect_rejected(decode_hash_list(p), "hash_list.offset_bytes");
+  p = good;
+  put_u32(p, 16, 0);
+  expect_rejected(decode_hash_list(p), "hash_list.count");
+  // A count over the limit fails on the count, not on the (missing) digests.
+  p = good;
+  put_u32(p, 16, kMaxHashesPerList + 1);
+  expect_rejected(decode_hash_list(p), "hash_list.count");
+  p = good;
+  put_u32(p, 16, 0xffffffffu);
+  expect_rejected(decode_hash_list(p), "hash_list.count");
+  // count and digest bytes must agree both ways.
+  p = good;
+  put_u32(p, 16, 6);
+  expect_rejected(decode_hash_list(p), "hash_list.hashes");
+  p = good;
+  put_u32(p, 16, 4);
+  expect_rejected(decode_hash_list(p), "hash_list.hashes");
+  expect_rejected(decode_hash_list(good + "x"), "hash_list.hashes");
+  for (std::size_t cut = 0; cut < good.size(); ++cut)
+    CHECK(decode_hash_list(std::string_view(good).substr(0, cut)).status().code() == Errc::protocol);
+}
+
+TEST_CASE("resync frames: checksummed like any other") {
+  std::string f = encode_frame(MsgType::hash_list, encode(sample_hash_list()));
+  Result<FrameHeader> h = decode_frame_header(f.data());
+  REQUIRE(h.is_ok());
+  CHECK(h->type == MsgType::hash_list);
+  CHECK(verify_frame(f.data(), std::string_view(f).substr(kFrameHeaderBytes)).is_ok());
+  f[kFrameHeaderBytes + 30] ^= 1;  // one bit of a digest
+  CHECK(verify_frame(f.data(), std::string_view(f).substr(kFrameHeaderBytes)).code() ==
+        Errc::protocol);
 }

@@ -41,6 +41,9 @@ enum class MsgType : std::uint16_t {
   rp_end = 5,       // source -> receiver: all frames of the RP were sent; totals
   rp_ack = 6,       // receiver -> source: the RP is durable (or rejected, with why)
   error = 7,        // either way: a fatal error, the sender closes after it
+  // 8 and 9 are kept for the planned resume of an interrupted RP (rp_resume).
+  hash_request = 10,  // source -> receiver: digests of a range of a resync disk, please
+  hash_list = 11,     // receiver -> source: xxh3-128 digests of consecutive blocks
 };
 bool msg_type_known(std::uint16_t t);
 const char* msg_type_name(MsgType t);
@@ -85,9 +88,11 @@ struct DiskInfo {
   friend bool operator==(const DiskInfo&, const DiskInfo&) = default;
 };
 
-// Feature bits, negotiated in hello / hello_reply (none defined in version 1; see
-// docs/wire-protocol.md for the planned ones). A receiver replies with the subset it accepts.
-inline constexpr std::uint32_t kKnownFeatures = 0;
+// Feature bits, negotiated in hello / hello_reply (docs/wire-protocol.md). A receiver replies
+// with the subset it accepts; either side uses only accepted features.
+inline constexpr std::uint32_t kFeatureResume = 1u << 0;    // reserved (planned, not spoken)
+inline constexpr std::uint32_t kFeatureHashList = 1u << 1;  // resync: hash_request/hash_list
+inline constexpr std::uint32_t kKnownFeatures = kFeatureHashList;
 
 struct Hello {
   std::uint16_t version = kProtocolVersion;
@@ -115,7 +120,10 @@ struct HelloReply {
   friend bool operator==(const HelloReply&, const HelloReply&) = default;
 };
 
-enum class DiskMode : std::uint8_t { full = 0, incremental = 1 };
+// full: the disk from scratch. incremental: a delta on base_rp chosen by the change tracking.
+// resync: a delta on base_rp whose blocks were chosen by comparing block digests with the
+// receiver's replica (change tracking was lost; C4). Needs kFeatureHashList.
+enum class DiskMode : std::uint8_t { full = 0, incremental = 1, resync = 2 };
 
 struct RpDisk {
   std::uint16_t disk_index = 0;  // index into Hello::disks
@@ -172,6 +180,33 @@ struct ErrorMsg {
   friend bool operator==(const ErrorMsg&, const ErrorMsg&) = default;
 };
 
+// Resync limits: one hash_request covers at most 1 GiB of disk; one hash_list carries at most
+// 65536 digests (1 MiB of payload), so a request at small blocks is answered by several lists.
+inline constexpr std::uint64_t kMaxHashRequestBytes = 1ull << 30;
+inline constexpr std::uint32_t kMaxHashesPerList = 1u << 16;
+inline constexpr std::size_t kHashBytes = 16;  // one xxh3-128 digest: lo u64, hi u64
+inline constexpr std::size_t kHashListFixedBytes = 24;
+
+// Asks for the digests of the blocks of [offset_bytes, offset_bytes + length_bytes) of one
+// disk of the open RP, in blocks of block_bytes (the last block may end early at the disk's end).
+struct HashRequest {
+  std::uint16_t disk_index = 0;
+  std::uint32_t block_bytes = 0;   // power of two in [512, kMaxBlockBytes]
+  std::uint64_t offset_bytes = 0;  // multiple of block_bytes
+  std::uint64_t length_bytes = 0;  // 1..kMaxHashRequestBytes
+  friend bool operator==(const HashRequest&, const HashRequest&) = default;
+};
+
+// Digests of `hashes.size()` consecutive blocks starting at offset_bytes (xxh3-128 of the
+// replica's bytes at base_rp; a block past the replica's end never appears).
+struct HashList {
+  std::uint16_t disk_index = 0;
+  std::uint32_t block_bytes = 0;
+  std::uint64_t offset_bytes = 0;  // multiple of block_bytes
+  std::vector<Hash128> hashes;     // 1..kMaxHashesPerList
+  friend bool operator==(const HashList&, const HashList&) = default;
+};
+
 std::uint64_t group_id_of(std::string_view group);
 
 // Encoders return the payload (not the frame). Decoders reject trailing bytes, unknown enum
@@ -187,6 +222,8 @@ std::string encode(const DataFrame&);
 std::string encode(const RpEnd&);
 std::string encode(const RpAck&);
 std::string encode(const ErrorMsg&);
+std::string encode(const HashRequest&);
+std::string encode(const HashList&);
 Result<Hello> decode_hello(std::string_view payload);
 Result<HelloReply> decode_hello_reply(std::string_view payload);
 Result<RpBegin> decode_rp_begin(std::string_view payload);
@@ -194,5 +231,8 @@ Result<DataFrame> decode_data(std::string_view payload);
 Result<RpEnd> decode_rp_end(std::string_view payload);
 Result<RpAck> decode_rp_ack(std::string_view payload);
 Result<ErrorMsg> decode_error(std::string_view payload);
+Result<HashRequest> decode_hash_request(std::string_view payload);
+// Checks count against kMaxHashesPerList and the payload size before allocating the list.
+Result<HashList> decode_hash_list(std::string_view payload);
 
 }  // namespace ferry::transport
