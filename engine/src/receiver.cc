@@ -1,5 +1,6 @@
 #include "ferry/engine/receiver.h"
 
+#include <filesystem>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -364,6 +365,23 @@ Result<std::unique_ptr<Receiver>> Receiver::create(const ReceiverOptions& option
   FERRY_TRY(make_dirs(options.store.root));
   auto impl = std::make_unique<Impl>();
   impl->options = options;
+  // Recover every group now, not at its source's next hello: after a crash the replicas are
+  // brought back to one committed RP (torn tail cut, committed RPs re-applied) at start-up.
+  // A group that cannot be opened is reported and left for its next session to retry.
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator(options.store.root, ec)) {
+    if (!entry.is_directory()) continue;
+    const std::string group = entry.path().filename().string();
+    auto store = GroupStore::open(options.store, group, /*create=*/false);
+    if (!store.is_ok()) {
+      spdlog::error("group '{}': recovery at start-up failed: {}", group, store.status().to_string());
+      continue;
+    }
+    spdlog::info("group '{}': recovered; last committed RP {}, applied RP {}", group,
+                 (*store)->last_committed_rp(), (*store)->last_applied_rp());
+    impl->slot(group).store = std::move(store).value();
+  }
+  if (ec) return Status::from_errno(ec.value(), "list store directory " + options.store.root);
   return std::unique_ptr<Receiver>(new Receiver(std::move(impl)));
 }
 
