@@ -5,6 +5,10 @@
 #include <fcntl.h>
 #include <sys/file.h>
 
+#include <unistd.h>
+
+#include <bit>
+#include <cerrno>
 #include <chrono>
 #include <map>
 #include <optional>
@@ -210,6 +214,64 @@ Status restore_from(const std::shared_ptr<Storage>& st, const std::string& journ
                        "RP " + std::to_string(rp_id) + " of group " + group + " is not committed");
 }
 
+// --- resync digests: the replica image read around its holes ----------------------------
+
+// Walks a sparse image in ascending order and hashes blocks; a block that lies wholly in a
+// hole is hashed as zeros without a read. The data/hole map is asked of the file system once
+// per data run (SEEK_DATA, then SEEK_HOLE), not once per block.
+class ImageHasher {
+ public:
+  ImageHasher(int fd, std::uint64_t size_bytes, std::uint32_t block_bytes)
+      : fd_(fd), size_(size_bytes), buf_(block_bytes, '\0') {}
+
+  Result<Hash128> block(std::uint64_t offset, std::uint32_t length) {
+    FERRY_ASSERT(length > 0 && length <= buf_.size() && offset + length <= size_);
+    if (offset >= hole_) FERRY_TRY(locate(offset));
+    if (offset + length <= data_) return zero_digest(length);
+    std::size_t done = 0;
+    while (done < length) {
+      ssize_t n = ::pread(fd_, buf_.data() + done, length - done, static_cast<off_t>(offset + done));
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) return Status::from_errno(errno, "read replica at " + std::to_string(offset + done));
+      if (n == 0) {  // the image is shorter than the RP's size: the rest reads as zeros
+        std::fill(buf_.begin() + static_cast<std::ptrdiff_t>(done), buf_.begin() + length, '\0');
+        break;
+      }
+      done += static_cast<std::size_t>(n);
+    }
+    return xxh3_128(buf_.data(), length);
+  }
+
+ private:
+  // Sets [data_, hole_) to the first data run that ends after `offset`.
+  Status locate(std::uint64_t offset) {
+    off_t d = ::lseek(fd_, static_cast<off_t>(offset), SEEK_DATA);
+    if (d < 0 && errno == ENXIO) {  // no data from here to the end of the file
+      data_ = hole_ = UINT64_MAX;
+      return Status::ok();
+    }
+    if (d < 0) return Status::from_errno(errno, "SEEK_DATA in replica");
+    off_t h = ::lseek(fd_, d, SEEK_HOLE);
+    if (h < 0) return Status::from_errno(errno, "SEEK_HOLE in replica");
+    data_ = static_cast<std::uint64_t>(d);
+    hole_ = static_cast<std::uint64_t>(h);
+    FERRY_ASSERT(hole_ > offset);
+    return Status::ok();
+  }
+  Hash128 zero_digest(std::uint32_t length) {
+    auto it = zero_digests_.find(length);
+    if (it != zero_digests_.end()) return it->second;
+    std::string zeros(length, '\0');
+    return zero_digests_[length] = xxh3_128(zeros.data(), zeros.size());
+  }
+
+  int fd_;
+  std::uint64_t size_;
+  std::string buf_;
+  std::uint64_t data_ = 0, hole_ = 0;  // the current data run; nothing located yet
+  std::map<std::uint32_t, Hash128> zero_digests_;
+};
+
 // --- the store ---------------------------------------------------------------------------
 
 class StoreImpl final : public GroupStore {
@@ -246,6 +308,39 @@ class StoreImpl final : public GroupStore {
   std::vector<RpDiskInfo> replica_disks() const override {
     return rps_.empty() ? std::vector<RpDiskInfo>{} : rps_.back().info.disks;
   }
+  Result<std::vector<Hash128>> replica_digests(const std::string& disk, std::uint64_t offset_bytes,
+                                               std::uint32_t block_bytes,
+                                               std::uint32_t block_count) override {
+    FERRY_TRY(failed_);
+    if (rps_.empty()) return Status::error(Errc::not_found, "group " + group_ + " has no RP");
+    int d = find_disk(rps_.back().begin, disk);
+    if (d < 0)
+      return Status::error(Errc::not_found, "disk " + disk + " is not held at RP " +
+                                                std::to_string(last_committed_rp()));
+    const std::uint64_t size = rps_.back().begin.disks[d].size_bytes;
+    if (block_bytes == 0 || block_bytes > jr::kMaxBlockBytes || !std::has_single_bit(block_bytes) ||
+        offset_bytes % block_bytes != 0 || block_count == 0 || block_count > kMaxDigestBlocks ||
+        offset_bytes >= size || (block_count - 1) > (size - offset_bytes - 1) / block_bytes)
+      return Status::error(Errc::invalid_argument,
+                           "digests of " + std::to_string(block_count) + " blocks of " +
+                               std::to_string(block_bytes) + " bytes at " +
+                               std::to_string(offset_bytes) + " of disk " + disk + " (" +
+                               std::to_string(size) + " bytes): not inside the disk");
+    if (applied_ < last_committed_rp()) FERRY_TRY(apply_committed());
+    UniqueFd fd(::open(paths_.image(disk).c_str(), O_RDONLY | O_CLOEXEC));
+    if (!fd.valid()) return Status::from_errno(errno, "open replica " + paths_.image(disk));
+    ImageHasher hasher(fd.get(), size, block_bytes);
+    std::vector<Hash128> out;
+    out.reserve(block_count);
+    for (std::uint32_t i = 0; i < block_count; ++i) {
+      std::uint64_t at = offset_bytes + std::uint64_t(i) * block_bytes;
+      auto len = static_cast<std::uint32_t>(std::min<std::uint64_t>(block_bytes, size - at));
+      FERRY_ASSIGN_OR_RETURN(Hash128 h, hasher.block(at, len));
+      out.push_back(h);
+    }
+    return out;
+  }
+
   std::vector<RpInfo> points() const override {
     std::vector<RpInfo> out;
     for (const auto& r : rps_) out.push_back(r.info);

@@ -111,6 +111,18 @@ class GroupStore {
   // Brings the replica images to the newest committed RP, crash-consistently.
   virtual Status apply_committed() = 0;
 
+  // Resync (C4): the xxh3-128 digests of `block_count` consecutive blocks of `disk` in the
+  // replica at last_committed_rp(), starting at offset_bytes (a multiple of block_bytes, a
+  // power of two <= 4 MiB). The last block of the disk may be short: its digest covers only
+  // the bytes up to the disk's end; no block may start at or past the end. Committed RPs are
+  // applied first, so the replica is exactly that RP. Holes are hashed as zeros without being
+  // read (SEEK_DATA/SEEK_HOLE). Bounded: block_count <= kMaxDigestBlocks; memory is one block.
+  static constexpr std::uint32_t kMaxDigestBlocks = 1u << 16;
+  virtual Result<std::vector<Hash128>> replica_digests(const std::string& disk,
+                                                       std::uint64_t offset_bytes,
+                                                       std::uint32_t block_bytes,
+                                                       std::uint32_t block_count) = 0;
+
   virtual std::vector<RpInfo> points() const = 0;
   // Writes the raw image of `disk` at committed RP `rp_id` to out_path (sparse).
   virtual Status restore(std::uint64_t rp_id, const std::string& disk,
