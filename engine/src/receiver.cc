@@ -155,6 +155,8 @@ class Session {
 
   bool reply_accepted() {
     transport::HelloReply r;
+    r.features = hello_.features & transport::kKnownFeatures;
+    features_ = r.features;
     r.last_committed_rp = store_->last_committed_rp();
     for (const RpInfo& p : store_->points())
       if (p.rp_id == r.last_committed_rp) r.last_committed_unix_ns = p.committed_unix_ns;
@@ -172,6 +174,7 @@ class Session {
         case MsgType::rp_begin: FERRY_TRY(on_rp_begin(f.payload)); break;
         case MsgType::data: FERRY_TRY(on_data(f.payload)); break;
         case MsgType::rp_end: FERRY_TRY(on_rp_end(f.payload)); break;
+        case MsgType::hash_request: FERRY_TRY(on_hash_request(f.payload)); break;
         case MsgType::error: {
           auto e = transport::decode_error(f.payload);
           return Status::error(Errc::disconnected,
@@ -230,12 +233,20 @@ class Session {
         return Status::error(Errc::protocol, "rp_begin names disk index " +
                                                  std::to_string(d.disk_index) + " twice or out of range");
       seen[d.disk_index] = true;
+      if (d.mode == transport::DiskMode::resync) {
+        if ((features_ & transport::kFeatureHashList) == 0)
+          return Status::error(Errc::protocol, "rp_begin: resync mode without the hash_list feature");
+        if (Status s = check_resync_disk(b, hello_.disks[d.disk_index].name, d); !s.is_ok())
+          return refuse_rp(b.rp_id, s);
+      }
       info.disks.push_back({hello_.disks[d.disk_index].name, d.size_bytes,
                             d.mode == transport::DiskMode::full});
     }
     // Frames name disks by their index in hello; map that to the RP's own disk order.
     disk_slot_.assign(hello_.disks.size(), -1);
     for (std::size_t i = 0; i < b.disks.size(); ++i) disk_slot_[b.disks[i].disk_index] = int(i);
+    next_hash_offset_.assign(b.disks.size(), 0);
+    hash_bytes_sent_ = 0;
     if (Status s = store_->begin_rp(info); !s.is_ok()) {
       if (s.code() == Errc::io || s.code() == Errc::no_space) return storage_failure(b.rp_id, s);
       return refuse_rp(b.rp_id, s);
@@ -302,6 +313,76 @@ class Session {
     return Status::ok();
   }
 
+  // A resync disk is a delta on base_rp like an incremental one, so the replica must hold it
+  // at base_rp, and at the same size: the digests describe the replica as it is, and a resize
+  // is sent as a full copy by the source (docs/ARCHITECTURE.md, "Resync").
+  Status check_resync_disk(const transport::RpBegin& b, const std::string& name,
+                           const transport::RpDisk& d) const {
+    auto refused = [&](const char* rule, const std::string& what) {
+      return Status::error(Errc::diverged, "RP " + std::to_string(b.rp_id) + " refused by rule " +
+                                               rule + ": resync disk " + name + " " + what);
+    };
+    if (b.base_rp != store_->last_committed_rp())
+      return Status::ok();  // begin_rp refuses it by C5.base, naming both numbers
+    for (const RpDiskInfo& held : store_->replica_disks()) {
+      if (held.name != name) continue;
+      if (held.size_bytes != d.size_bytes)
+        return refused("C4.resync_size", "is " + std::to_string(d.size_bytes) +
+                                              " bytes, the replica at base RP " +
+                                              std::to_string(b.base_rp) + " has " +
+                                              std::to_string(held.size_bytes));
+      return Status::ok();
+    }
+    return refused("C4.resync_base", "is not held at base RP " + std::to_string(b.base_rp));
+  }
+
+  // Answers with the replica's digests of the range, in hash_lists of at most
+  // kMaxHashesPerList. Requests of a disk must move forward (each starts at or after the end
+  // of the previous one), so one RP hashes each replica at most once.
+  Status on_hash_request(std::string_view payload) {
+    if (!rp_open_) return Status::error(Errc::protocol, "hash_request outside an RP");
+    FERRY_ASSIGN_OR_RETURN(transport::HashRequest q, transport::decode_hash_request(payload));
+    auto bad = [&](const std::string& what) {
+      return Status::error(Errc::protocol, "hash_request for disk index " +
+                                               std::to_string(q.disk_index) + " of RP " +
+                                               std::to_string(rp_.rp_id) + ": " + what);
+    };
+    if (q.disk_index >= disk_slot_.size() || disk_slot_[q.disk_index] < 0)
+      return bad("the disk is not part of the RP");
+    const int slot = disk_slot_[q.disk_index];
+    const transport::RpDisk& d = rp_.disks[slot];
+    if (d.mode != transport::DiskMode::resync) return bad("the disk is not in resync mode");
+    if (q.block_bytes != hello_.disks[q.disk_index].block_bytes)
+      return bad("block_bytes " + std::to_string(q.block_bytes) + " is not the disk's " +
+                 std::to_string(hello_.disks[q.disk_index].block_bytes) + " from hello");
+    if (q.offset_bytes >= d.size_bytes || q.length_bytes > d.size_bytes - q.offset_bytes)
+      return bad("range past the end of the disk (" + std::to_string(d.size_bytes) + " bytes)");
+    if (q.offset_bytes < next_hash_offset_[slot])
+      return bad("range starts at " + std::to_string(q.offset_bytes) +
+                 ", before the end of the previous request " +
+                 std::to_string(next_hash_offset_[slot]));
+    next_hash_offset_[slot] = q.offset_bytes + q.length_bytes;
+    const std::string& name = hello_.disks[q.disk_index].name;
+    const std::uint64_t end = q.offset_bytes + q.length_bytes;
+    for (std::uint64_t at = q.offset_bytes; at < end;) {
+      std::uint64_t blocks = (end - at + q.block_bytes - 1) / q.block_bytes;
+      auto count = static_cast<std::uint32_t>(
+          std::min<std::uint64_t>(blocks, transport::kMaxHashesPerList));
+      transport::HashList list;
+      list.disk_index = q.disk_index;
+      list.block_bytes = q.block_bytes;
+      list.offset_bytes = at;
+      auto digests = store_->replica_digests(name, at, q.block_bytes, count);
+      if (!digests.is_ok()) return storage_failure(rp_.rp_id, digests.status());
+      list.hashes = std::move(digests).value();
+      std::string out = transport::encode(list);
+      hash_bytes_sent_ += transport::kFrameHeaderBytes + out.size();
+      FERRY_TRY(conn_.send_owned(MsgType::hash_list, std::move(out)));
+      at += std::uint64_t(count) * q.block_bytes;
+    }
+    return Status::ok();
+  }
+
   Status on_rp_end(std::string_view payload) {
     if (!rp_open_) return Status::error(Errc::protocol, "rp_end outside an RP");
     FERRY_ASSIGN_OR_RETURN(transport::RpEnd e, transport::decode_rp_end(payload));
@@ -327,8 +408,11 @@ class Session {
     FERRY_TRY(conn_.flush());
     FERRY_KILL_POINT("receiver.after_ack");
     double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_begin_).count();
-    spdlog::info("group '{}': RP {} committed and acknowledged ({} frames, {:.1f} MB, {:.2f} s)",
-                 hello_.group, e.rp_id, e.frame_count, e.logical_bytes / 1e6, secs);
+    spdlog::info("group '{}': RP {} committed and acknowledged ({} frames, {:.1f} MB, {:.2f} s{})",
+                 hello_.group, e.rp_id, e.frame_count, e.logical_bytes / 1e6, secs,
+                 hash_bytes_sent_ ? fmt::format("; resync: {:.2f} MB of digests sent",
+                                                hash_bytes_sent_ / 1e6)
+                                  : std::string());
     // Applying is not needed for durability (the journal has it): a failure is reported and
     // retried at the next commit or restart, and does not fail the session.
     if (Status s = store_->apply_committed(); !s.is_ok())
@@ -347,6 +431,9 @@ class Session {
   transport::RpBegin rp_;
   bool rp_open_ = false;
   std::vector<int> disk_slot_;
+  std::uint32_t features_ = 0;                  // accepted in hello_reply
+  std::vector<std::uint64_t> next_hash_offset_;  // per RP disk: where the next request may start
+  std::uint64_t hash_bytes_sent_ = 0;            // hash_list frames of the open RP
   std::uint64_t next_seq_ = 0;
   std::uint64_t logical_bytes_ = 0;
   std::optional<Decompressor> decompressor_;

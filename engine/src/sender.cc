@@ -6,7 +6,9 @@
 #include <algorithm>
 #include <condition_variable>
 #include <deque>
+#include <map>
 #include <mutex>
+#include <optional>
 #include <thread>
 
 #include "ferry/base/hash.h"
@@ -23,6 +25,12 @@ using transport::MsgType;
 
 inline constexpr std::uint64_t kExtentChunkBytes = 1ull << 30;  // extents asked per call
 inline constexpr std::size_t kMaxWorkers = 4;
+// Resync: the disk is compared region by region; the source keeps this many regions'
+// hash_requests ahead of the one it reads, so the receiver hashes while the source reads.
+inline constexpr std::uint64_t kResyncRegionBytes = 64ull << 20;
+inline constexpr std::size_t kResyncRequestsAhead = 4;
+static_assert(kResyncRegionBytes % transport::kMaxBlockBytes == 0, "regions hold whole blocks");
+static_assert(kResyncRegionBytes <= transport::kMaxHashRequestBytes);
 
 double seconds_since(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
@@ -37,7 +45,7 @@ double process_cpu_seconds() {
 
 struct AtomicDiskStats {
   std::atomic<std::uint64_t> read_bytes{0}, zero_bytes{0}, data_bytes{0}, payload_bytes{0},
-      frames{0};
+      frames{0}, compared_blocks{0}, differing_blocks{0};
 };
 
 // Assigns sequence numbers and sends frames one at a time, so seq order is wire order.
@@ -115,6 +123,8 @@ struct Job {
   std::uint16_t disk_index = 0;
   std::uint64_t offset_bytes = 0;
   std::uint32_t length_bytes = 0;
+  bool compare = false;  // resync: drop the block when its digest equals `replica_digest`
+  Hash128 replica_digest;
 };
 
 // Hashes, detects zeros, compresses and sends read blocks on a few threads.
@@ -196,13 +206,20 @@ class WorkerPool {
     f.disk_index = job.disk_index;
     f.offset_bytes = job.offset_bytes;
     f.length_bytes = job.length_bytes;
+    std::optional<Hash128> digest;
+    if (job.compare) {  // the hash is computed anyway: compare before compressing
+      digest = xxh3_128(job.buf, job.length_bytes);
+      st.compared_blocks += 1;
+      if (*digest == job.replica_digest) return Status::ok();  // the replica holds it
+      st.differing_blocks += 1;
+    }
     if (is_all_zero(job.buf, job.length_bytes)) {
       f.kind = transport::BlockKind::zero;
       f.codec = transport::Codec::none;
       st.zero_bytes += job.length_bytes;
     } else {
       f.kind = transport::BlockKind::data;
-      f.hash = xxh3_128(job.buf, job.length_bytes);
+      f.hash = digest ? *digest : xxh3_128(job.buf, job.length_bytes);
       std::vector<char>& out = out_[index];
       FERRY_ASSIGN_OR_RETURN(std::size_t n, compressors_[index]->compress(
                                                 job.buf, job.length_bytes, out.data(), out.size()));
@@ -254,6 +271,98 @@ std::string peer_reason(transport::Connection& conn) {
   return {};
 }
 
+// The receiver's digests of one resync disk, region by region. Keeps kResyncRequestsAhead
+// hash_requests outstanding (bounded: the hash_lists in flight are a few hundred KiB at most,
+// so the receiver never blocks on a full send queue while the source blocks on it).
+class DigestFeed {
+ public:
+  struct Region {
+    std::uint64_t offset_bytes = 0;
+    std::uint64_t length_bytes = 0;
+    std::vector<Hash128> digests;  // one per block; the last block may be short
+  };
+
+  DigestFeed(transport::Connection& conn, std::uint16_t disk_index, std::uint32_t block_bytes,
+             std::uint64_t size_bytes, std::chrono::milliseconds timeout)
+      : conn_(conn), disk_index_(disk_index), block_bytes_(block_bytes), size_(size_bytes),
+        timeout_(timeout) {}
+
+  bool done() const { return next_take_ >= size_; }
+
+  // Receives the digests of the next region (requesting more regions ahead first).
+  Result<Region> take() {
+    FERRY_ASSERT(!done());
+    FERRY_TRY(request_ahead());
+    Region r;
+    r.offset_bytes = next_take_;
+    r.length_bytes = std::min(kResyncRegionBytes, size_ - next_take_);
+    const std::uint64_t blocks = (r.length_bytes + block_bytes_ - 1) / block_bytes_;
+    while (r.digests.size() < blocks) FERRY_TRY(receive_list(r, blocks));
+    next_take_ += r.length_bytes;
+    return r;
+  }
+  std::uint64_t hash_bytes() const { return hash_bytes_; }
+
+ private:
+  Status request_ahead() {
+    while (next_request_ < size_ && next_request_ - next_take_ < kResyncRequestsAhead * kResyncRegionBytes) {
+      transport::HashRequest q;
+      q.disk_index = disk_index_;
+      q.block_bytes = block_bytes_;
+      q.offset_bytes = next_request_;
+      q.length_bytes = std::min(kResyncRegionBytes, size_ - next_request_);
+      std::string payload = transport::encode(q);
+      hash_bytes_ += transport::kFrameHeaderBytes + payload.size();
+      FERRY_TRY(conn_.send(MsgType::hash_request, payload));
+      next_request_ += q.length_bytes;
+    }
+    return conn_.flush();
+  }
+
+  // One hash_list, which must continue region `r` exactly where it stands.
+  Status receive_list(Region& r, std::uint64_t blocks) {
+    FERRY_ASSIGN_OR_RETURN(transport::Frame f, conn_.receive(timeout_));
+    if (f.type != MsgType::hash_list) return unexpected(f);
+    hash_bytes_ += transport::kFrameHeaderBytes + f.payload.size();
+    FERRY_ASSIGN_OR_RETURN(transport::HashList l, transport::decode_hash_list(f.payload));
+    const std::uint64_t want = r.offset_bytes + r.digests.size() * std::uint64_t(block_bytes_);
+    if (l.disk_index != disk_index_ || l.block_bytes != block_bytes_ || l.offset_bytes != want ||
+        l.hashes.size() > blocks - r.digests.size())
+      return Status::error(Errc::protocol,
+                           fmt::format("hash_list for disk {} at {} ({} digests of {} bytes); "
+                                       "expected disk {} at {}, at most {} digests of {} bytes",
+                                       l.disk_index, l.offset_bytes, l.hashes.size(),
+                                       l.block_bytes, disk_index_, want,
+                                       blocks - r.digests.size(), block_bytes_));
+    r.digests.insert(r.digests.end(), l.hashes.begin(), l.hashes.end());
+    return Status::ok();
+  }
+
+  // The receiver answered with something else: a refusal (rp_ack) or an error says why.
+  static Status unexpected(const transport::Frame& f) {
+    std::string why;
+    if (f.type == MsgType::error) {
+      auto e = transport::decode_error(f.payload);
+      why = e.is_ok() ? e->message : "(undecodable error)";
+    } else if (f.type == MsgType::rp_ack) {
+      auto a = transport::decode_rp_ack(f.payload);
+      why = a.is_ok() ? a->message : "(undecodable rp_ack)";
+    }
+    return Status::error(Errc::protocol, std::string("expected hash_list, got ") +
+                                             transport::msg_type_name(f.type) +
+                                             (why.empty() ? "" : ": " + why));
+  }
+
+  transport::Connection& conn_;
+  const std::uint16_t disk_index_;
+  const std::uint32_t block_bytes_;
+  const std::uint64_t size_;
+  const std::chrono::milliseconds timeout_;
+  std::uint64_t next_request_ = 0;  // start of the next region to request
+  std::uint64_t next_take_ = 0;     // start of the next region to hand out
+  std::uint64_t hash_bytes_ = 0;
+};
+
 class DiskStreamer {
  public:
   DiskStreamer(const SenderOptions& o, FrameSink& sink, WorkerPool& workers, BufferPool& buffers,
@@ -277,7 +386,68 @@ class DiskStreamer {
     return read_error_;
   }
 
+  // Resync (C4): the whole disk, region by region, sending only the blocks whose digest
+  // differs from the receiver's. Data extents are read and compared by the workers; zero
+  // extents are compared with the digest of zeros without reading.
+  Status resync(transport::Connection& conn, std::uint16_t disk_index, const cbt::DiskView& view) {
+    FERRY_ASSIGN_OR_RETURN(auto reader, o_.open_reader ? o_.open_reader(view)
+                                                       : cbt::open_nbd_reader(view));
+    DigestFeed feed(conn, disk_index, o_.block_bytes, view.size_bytes, o_.ack_timeout);
+    Status s = resync_regions(feed, *reader, disk_index);
+    totals_.resync_hash_bytes = feed.hash_bytes();
+    if (!s.is_ok()) return s;
+    while (reader->in_flight() > 0) FERRY_TRY(poll(*reader, 100));
+    return read_error_;
+  }
+
  private:
+  Status resync_regions(DigestFeed& feed, cbt::BlockReader& reader, std::uint16_t disk_index) {
+    while (!feed.done()) {
+      FERRY_ASSIGN_OR_RETURN(DigestFeed::Region region, feed.take());
+      const std::uint64_t end = region.offset_bytes + region.length_bytes;
+      FERRY_ASSIGN_OR_RETURN(auto extents, reader.extents(region.offset_bytes,
+                                                          region.length_bytes, o_.block_bytes));
+      for (const cbt::Extent& e : extents) {
+        FERRY_ASSERT(e.offset_bytes >= region.offset_bytes &&
+                     e.offset_bytes + e.length_bytes <= end);
+        totals_.extent_bytes += e.length_bytes;
+        FERRY_TRY(e.zero ? resync_zero(disk_index, e, region)
+                         : read_data(reader, disk_index, e, &region));
+      }
+    }
+    return Status::ok();
+  }
+
+  // A zero extent of the view: the blocks whose replica digest is not that of zeros are sent
+  // as zero frames (runs merged up to kMaxBlockBytes), without reading anything.
+  Status resync_zero(std::uint16_t disk_index, const cbt::Extent& e,
+                     const DigestFeed::Region& region) {
+    FERRY_ASSERT(e.offset_bytes % o_.block_bytes == 0);
+    const std::uint64_t end = e.offset_bytes + e.length_bytes;
+    std::uint64_t run_start = 0, run_end = 0;  // differing blocks not sent yet
+    for (std::uint64_t at = e.offset_bytes; at < end; at += o_.block_bytes) {
+      auto len = static_cast<std::uint32_t>(std::min<std::uint64_t>(o_.block_bytes, end - at));
+      const Hash128& want = region.digests[(at - region.offset_bytes) / o_.block_bytes];
+      stats_[disk_index].compared_blocks += 1;
+      if (want == zero_digest(len)) continue;
+      stats_[disk_index].differing_blocks += 1;
+      if (run_end != at || run_end - run_start + len > transport::kMaxBlockBytes) {
+        if (run_end > run_start) FERRY_TRY(send_zero(disk_index, {run_start, run_end - run_start, true}));
+        run_start = at;
+      }
+      run_end = at + len;
+    }
+    if (run_end > run_start) FERRY_TRY(send_zero(disk_index, {run_start, run_end - run_start, true}));
+    return Status::ok();
+  }
+
+  const Hash128& zero_digest(std::uint32_t length) {
+    auto it = zero_digests_.find(length);
+    if (it != zero_digests_.end()) return it->second;
+    std::string zeros(length, '\0');
+    return zero_digests_[length] = xxh3_128(zeros.data(), zeros.size());
+  }
+
   Status send_zero(std::uint16_t disk_index, const cbt::Extent& e) {
     std::uint64_t end = e.offset_bytes + e.length_bytes;
     for (std::uint64_t at = e.offset_bytes; at < end;) {
@@ -296,7 +466,9 @@ class DiskStreamer {
     return Status::ok();
   }
 
-  Status read_data(cbt::BlockReader& reader, std::uint16_t disk_index, const cbt::Extent& e) {
+  // `region`: resync only; each block then carries the receiver's digest to compare with.
+  Status read_data(cbt::BlockReader& reader, std::uint16_t disk_index, const cbt::Extent& e,
+                   const DigestFeed::Region* region = nullptr) {
     std::uint64_t end = e.offset_bytes + e.length_bytes;
     std::uint64_t at = e.offset_bytes;
     while (at < end) {
@@ -316,6 +488,11 @@ class DiskStreamer {
         if (workers_.failed()) return workers_.drain();
       }
       Job job{buf, disk_index, at, len};
+      if (region) {
+        FERRY_ASSERT(at % o_.block_bytes == 0 && at >= region->offset_bytes);
+        job.compare = true;
+        job.replica_digest = region->digests[(at - region->offset_bytes) / o_.block_bytes];
+      }
       Status s = reader.submit_read(at, len, buf, [this, job](Status st) {
         if (!st.is_ok()) {
           buffers_.give_back(job.buf);
@@ -352,12 +529,14 @@ class DiskStreamer {
   DiskStats& totals_;
   Status read_error_;
   std::uint64_t done_bytes_ = 0;
+  std::map<std::uint32_t, Hash128> zero_digests_;  // by block length (the last may be short)
 };
 
 Result<transport::HelloReply> handshake(transport::Connection& conn, const SenderOptions& o) {
   transport::Hello hello;
   hello.group = o.group;
   hello.source_name = o.source_name;
+  hello.features = transport::kFeatureHashList;
   for (const auto& n : o.disk_names) hello.disks.push_back({n, 0, o.block_bytes});
   FERRY_TRY(conn.send(MsgType::hello, transport::encode(hello)));
   FERRY_ASSIGN_OR_RETURN(transport::Frame f, conn.receive(std::chrono::milliseconds(60000)));
@@ -406,8 +585,33 @@ Errc errc_of(transport::WireStatus s) {
   }
 }
 
+// Change tracking that was lost or cannot be trusted: the disk may differ from the replica
+// anywhere, so it is compared block by block rather than read as an incremental (C4).
+bool tracking_lost(cbt::FullReason r) {
+  switch (r) {
+    case cbt::FullReason::no_bitmap:
+    case cbt::FullReason::bitmap_inconsistent:
+    case cbt::FullReason::bitmap_busy:
+    case cbt::FullReason::no_checkpoint: return true;
+    default: return false;
+  }
+}
+
+// incremental when the change tracking holds; resync when it was lost but the receiver holds
+// the disk at base_rp at the same size and speaks hash_list; full otherwise (first RP, new
+// disk, a resized disk, an older receiver).
+transport::DiskMode mode_of(const cbt::DiskView& v, const transport::HelloReply& reply) {
+  if (v.full_reason == cbt::FullReason::none) return transport::DiskMode::incremental;
+  if (!tracking_lost(v.full_reason) || (reply.features & transport::kFeatureHashList) == 0)
+    return transport::DiskMode::full;
+  for (const auto& d : reply.disks)
+    if (d.name == v.name && d.size_bytes == v.size_bytes) return transport::DiskMode::resync;
+  return transport::DiskMode::full;
+}
+
 // Runs everything between capture and acknowledgement; the caller finishes the capture.
 Result<transport::RpAck> send_capture(transport::Connection& conn, const SenderOptions& o,
+                                      const transport::HelloReply& reply,
                                       cbt::ChangeSource& source, cbt::Capture& cap,
                                       RpStats& stats, Clock::time_point t0) {
   transport::RpBegin begin;
@@ -419,14 +623,16 @@ Result<transport::RpAck> send_capture(transport::Connection& conn, const SenderO
   for (std::size_t i = 0; i < cap.disks.size(); ++i) {
     const cbt::DiskView& v = cap.disks[i];
     FERRY_ASSERT(v.name == o.disk_names[i]);
-    begin.disks.push_back({static_cast<std::uint16_t>(i),
-                           v.full_reason == cbt::FullReason::none ? transport::DiskMode::incremental
-                                                                  : transport::DiskMode::full,
-                           v.size_bytes});
+    const transport::DiskMode mode = mode_of(v, reply);
+    begin.disks.push_back({static_cast<std::uint16_t>(i), mode, v.size_bytes});
+    if (mode == transport::DiskMode::resync)
+      spdlog::info("disk '{}': change tracking lost ({}); resync by block digests against the "
+                   "replica at RP {}", v.name, cbt::full_reason_name(v.full_reason), cap.base_rp);
     DiskStats d;
     d.name = v.name;
     d.size_bytes = v.size_bytes;
     d.full_reason = v.full_reason;
+    d.mode = mode;
     stats.disks.push_back(d);
   }
   FERRY_TRY(conn.send(MsgType::rp_begin, transport::encode(begin)));
@@ -444,7 +650,10 @@ Result<transport::RpAck> send_capture(transport::Connection& conn, const SenderO
   Status streamed;
   for (std::size_t i = 0; i < cap.disks.size() && streamed.is_ok(); ++i) {
     DiskStreamer ds(o, sink, *workers, buffers, disk_stats, stats.disks[i]);
-    streamed = ds.stream(static_cast<std::uint16_t>(i), cap.disks[i]);
+    const auto index = static_cast<std::uint16_t>(i);
+    streamed = stats.disks[i].mode == transport::DiskMode::resync
+                   ? ds.resync(conn, index, cap.disks[i])
+                   : ds.stream(index, cap.disks[i]);
     if (!streamed.is_ok())
       streamed = std::move(streamed).with_context("disk '" + cap.disks[i].name + "'");
   }
@@ -458,6 +667,9 @@ Result<transport::RpAck> send_capture(transport::Connection& conn, const SenderO
     d.data_bytes = disk_stats[i].data_bytes;
     d.payload_bytes = disk_stats[i].payload_bytes;
     d.frames = disk_stats[i].frames;
+    d.resync_compared_blocks = disk_stats[i].compared_blocks;
+    d.resync_sent_blocks = disk_stats[i].differing_blocks;
+    stats.hash_bytes += d.resync_hash_bytes;
   }
   if (!streamed.is_ok()) {
     std::string why = streamed.code() == Errc::disconnected || streamed.code() == Errc::io
@@ -511,7 +723,7 @@ Result<RpStats> take_recovery_point(cbt::ChangeSource& source, const SenderOptio
   stats.capture_seconds = seconds_since(t_capture);
   const std::uint64_t wire0 = conn->bytes_sent();
 
-  Result<transport::RpAck> acked = send_capture(*conn, o, source, cap, stats, t0);
+  Result<transport::RpAck> acked = send_capture(*conn, o, reply, source, cap, stats, t0);
   stats.wire_bytes = conn->bytes_sent() - wire0;
 
   auto t_finish = Clock::now();
@@ -532,20 +744,29 @@ Result<RpStats> take_recovery_point(cbt::ChangeSource& source, const SenderOptio
 }
 
 std::string describe(const RpStats& s) {
-  std::uint64_t data = 0, zero = 0, payload = 0;
+  std::uint64_t data = 0, zero = 0, payload = 0, compared = 0, differing = 0;
+  std::size_t resynced = 0;
   for (const auto& d : s.disks) {
     data += d.data_bytes;
     zero += d.zero_bytes;
     payload += d.payload_bytes;
+    compared += d.resync_compared_blocks;
+    differing += d.resync_sent_blocks;
+    resynced += d.mode == transport::DiskMode::resync;
   }
   double mb = double(data + zero) / 1e6;
+  std::string resync;
+  if (resynced > 0)
+    resync = fmt::format("; resync of {} disk(s): {} blocks compared, {} differed and were sent, "
+                         "{} hash bytes ({:.2f} MB)",
+                         resynced, compared, differing, s.hash_bytes, s.hash_bytes / 1e6);
   return fmt::format(
       "RP {} (base {}): {} disk(s), {:.1f} MB changed ({:.1f} MB data, {:.1f} MB zero), "
       "{:.1f} MB on the wire, {:.2f} s ({:.0f} MB/s; capture {:.2f} s, transfer {:.2f} s, "
-      "commit {:.2f} s)",
+      "commit {:.2f} s){}; {} wire bytes",
       s.rp_id, s.base_rp, s.disks.size(), mb, data / 1e6, zero / 1e6, s.wire_bytes / 1e6,
       s.total_seconds, s.total_seconds > 0 ? mb / s.total_seconds : 0.0, s.capture_seconds,
-      s.transfer_seconds, s.commit_seconds);
+      s.transfer_seconds, s.commit_seconds, resync, s.wire_bytes);
 }
 
 }  // namespace ferry::engine

@@ -45,12 +45,18 @@ struct DiskStats {
   std::string name;
   std::uint64_t size_bytes = 0;
   cbt::FullReason full_reason = cbt::FullReason::none;
+  // How the disk was sent: incremental (change tracking), full, or resync (change tracking
+  // lost but the receiver holds the disk: only blocks whose digests differ were sent; C4).
+  transport::DiskMode mode = transport::DiskMode::full;
   std::uint64_t extent_bytes = 0;   // bytes covered by the extents to send
   std::uint64_t read_bytes = 0;     // bytes read from the view
   std::uint64_t zero_bytes = 0;     // sent as zero records (unread or found zero)
   std::uint64_t data_bytes = 0;     // sent as data records (uncompressed size)
   std::uint64_t payload_bytes = 0;  // data records' payload on the wire (compressed)
   std::uint64_t frames = 0;
+  std::uint64_t resync_compared_blocks = 0;  // blocks compared with the receiver's digests
+  std::uint64_t resync_sent_blocks = 0;      // of which differed and were sent
+  std::uint64_t resync_hash_bytes = 0;       // hash_list frame bytes received for the disk
 };
 
 struct RpStats {
@@ -58,6 +64,8 @@ struct RpStats {
   std::uint64_t base_rp = 0;
   std::vector<DiskStats> disks;
   std::uint64_t wire_bytes = 0;  // every byte sent on the connection for this RP
+  // Resync traffic: hash_request frames sent plus hash_list frames received (0 without resync).
+  std::uint64_t hash_bytes = 0;
   double capture_seconds = 0;    // bitmap transaction + fleecing + exports
   double transfer_seconds = 0;   // extents, reads, compression, sending
   double commit_seconds = 0;     // from rp_end until the acknowledgement
