@@ -215,9 +215,19 @@ with ft.Env(TEST) as env:
                 if not rx.alive():
                     break
             if rx.alive():
-                stats["points_not_hit"] += 1
-                stop_receiver(rx)
-                ft.log(f"{label}: not hit")
+                # Apply runs after the ack and may still be going at SIGTERM: a point that
+                # fires during shutdown is a kill like any other (-9 instead of 0).
+                rc = rx.proc.terminate(timeout=20)
+                ft.check(rc in (0, -9), f"{label}: receiver exited {rc} on SIGTERM:\n"
+                                        f"{ft.tail(rx.log_path)}")
+                if rc == 0:
+                    stats["points_not_hit"] += 1
+                    ft.log(f"{label}: not hit")
+                else:
+                    stats["kills_at_points"] += 1
+                    fired.add(kp)
+                    ft.log(f"{label}: fired during shutdown")
+                reap(env, rx.proc)
             else:
                 ft.check(rx.proc.p.returncode == -9,
                          f"{label}: receiver died with {rx.proc.p.returncode}, not the kill "
