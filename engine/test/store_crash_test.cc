@@ -8,6 +8,7 @@
 #include <signal.h>
 #include <sys/wait.h>
 
+#include <ctime>
 #include <filesystem>
 
 #include "ferry/base/kill_point.h"
@@ -76,6 +77,31 @@ std::string verify_recovered(StoreOptions opt, const Model& model, const Outcome
   return "";
 }
 
+// Figures for docs/reliability.md: one JSON line on stdout and appended to
+// $FERRY_RESULTS_DIR/<test>.jsonl (test/reliability/meson.build and test/run set it).
+// FERRY_LONG=1 scales the runs up.
+bool long_mode() {
+  const char* v = std::getenv("FERRY_LONG");
+  return v != nullptr && *v != '\0' && std::string(v) != "0";
+}
+
+void write_figure(const std::string& test, const std::string& figure,
+                  const std::string& fields_json) {
+  std::string line = "{\"test\": \"" + test + "\", \"figure\": \"" + figure +
+                     "\", \"long\": " + (long_mode() ? "true" : "false") + ", \"unix_time\": " +
+                     std::to_string(static_cast<long long>(::time(nullptr))) + ", " +
+                     fields_json + "}";
+  std::printf("%s\n", line.c_str());
+  const char* dir = std::getenv("FERRY_RESULTS_DIR");
+  if (dir == nullptr || *dir == '\0') return;
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  if (FILE* f = std::fopen((std::string(dir) + "/" + test + ".jsonl").c_str(), "a")) {
+    std::fprintf(f, "%s\n", line.c_str());
+    std::fclose(f);
+  }
+}
+
 const char* mode_name(CutMode m) {
   return m == CutMode::drop ? "drop" : m == CutMode::tear ? "tear" : "misdirect";
 }
@@ -99,6 +125,10 @@ TEST_CASE("power cut at every operation, every prefix of unsynced writes, drop/t
     total_ops = twin->mutating_ops();
   }
   std::uint64_t states = 0, violations = 0, torn_or_misdirected = 0;
+  auto t0 = std::time(nullptr);
+  // The seed picks where a misdirected write lands; a long run tries more of them.
+  const std::uint64_t reps = long_mode() ? 8 : 1;
+  for (std::uint64_t rep = 0; rep < reps; ++rep)
   for (std::uint64_t n = 1; n <= total_ops; ++n) {
     for (CutMode mode : {CutMode::drop, CutMode::tear, CutMode::misdirect}) {
       std::size_t unsynced = 0;
@@ -106,7 +136,7 @@ TEST_CASE("power cut at every operation, every prefix of unsynced writes, drop/t
         TempDir d("/dev/shm");
         StoreOptions opt;
         opt.root = d.path() + "/s";
-        std::uint64_t seed = n * 1000 + keep * 3 + static_cast<std::uint64_t>(mode);
+        std::uint64_t seed = rep * 1000003 + n * 1000 + keep * 3 + static_cast<std::uint64_t>(mode);
         auto twin = FaultyStorage::create(real_storage(), seed, {{}, true, true, n});
         opt.storage = twin;
         Outcome o = run_workload(opt, rps);
@@ -132,6 +162,15 @@ TEST_CASE("power cut at every operation, every prefix of unsynced writes, drop/t
               static_cast<unsigned long long>(torn_or_misdirected),
               static_cast<unsigned long long>(total_ops),
               static_cast<unsigned long long>(violations));
+  write_figure("store-power-cut",
+               std::to_string(states) + " crash states, " + std::to_string(violations) +
+                   " violations, torn and misdirected records detected 100%",
+               "\"seed\": null, \"iterations\": " + std::to_string(states) +
+                   ", \"faults_injected\": " + std::to_string(states) +
+                   ", \"torn_or_misdirected_states\": " + std::to_string(torn_or_misdirected) +
+                   ", \"operations\": " + std::to_string(total_ops) +
+                   ", \"violations\": " + std::to_string(violations) +
+                   ", \"duration_s\": " + std::to_string(std::time(nullptr) - t0));
   CHECK(violations == 0);
   CHECK(states > total_ops);
 }
@@ -145,6 +184,7 @@ TEST_CASE("EIO and ENOSPC at every N, transient and persistent", "[store][crash]
     int err;
   };
   std::uint64_t runs = 0, violations = 0, acks_after_failed_sync = 0;
+  auto t0 = std::time(nullptr);
   for (Kind kind : {Kind{FaultOp::write, EIO}, Kind{FaultOp::write, ENOSPC},
                     Kind{FaultOp::sync, EIO}, Kind{FaultOp::read, EIO}}) {
     for (bool persistent : {false, true}) {
@@ -174,6 +214,14 @@ TEST_CASE("EIO and ENOSPC at every N, transient and persistent", "[store][crash]
               static_cast<unsigned long long>(runs),
               static_cast<unsigned long long>(acks_after_failed_sync),
               static_cast<unsigned long long>(violations));
+  write_figure("store-io-errors",
+               std::to_string(runs) + " runs, " + std::to_string(acks_after_failed_sync) +
+                   " acks after a failed fsync, " + std::to_string(violations) + " violations",
+               "\"seed\": null, \"iterations\": " + std::to_string(runs) +
+                   ", \"faults_injected\": " + std::to_string(runs) +
+                   ", \"acks_after_failed_fsync\": " + std::to_string(acks_after_failed_sync) +
+                   ", \"violations\": " + std::to_string(violations) +
+                   ", \"duration_s\": " + std::to_string(std::time(nullptr) - t0));
   CHECK(acks_after_failed_sync == 0);
   CHECK(violations == 0);
   CHECK(runs > 50);
@@ -206,6 +254,7 @@ TEST_CASE("SIGKILL at every store kill point, recovery after", "[store][crash]")
   auto rps = small_run();
   Model model = model_of(rps);
   int crash_points = 0, violations = 0;
+  auto t0 = std::time(nullptr);
   for (auto point : kKillPoints) {
     std::string name(point);
     bool store_point = name.rfind("journal.", 0) == 0 || name.rfind("apply.", 0) == 0 ||
@@ -255,5 +304,11 @@ TEST_CASE("SIGKILL at every store kill point, recovery after", "[store][crash]")
   }
   std::printf("store kill points: %d crash points, %d replicas not equal to one committed RP "
               "or acknowledged RPs lost\n", crash_points, violations);
+  write_figure("store-kill-points",
+               std::to_string(crash_points) + " crash points, " + std::to_string(violations) +
+                   " replicas not equal to one committed RP or acknowledged RPs lost",
+               "\"seed\": null, \"iterations\": " + std::to_string(crash_points) +
+                   ", \"faults_injected\": " + std::to_string(crash_points) +
+                   ", \"violations\": " + std::to_string(violations) + ", \"duration_s\": " + std::to_string(std::time(nullptr) - t0));
   CHECK(crash_points >= 30);
 }

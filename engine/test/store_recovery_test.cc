@@ -1,6 +1,9 @@
 // Recovery decision table (docs/journal-format.md): one test per labelled case, on real files.
 #include <catch2/catch.hpp>
 
+#include <cstdio>
+#include <cstdlib>
+#include <ctime>
 #include <filesystem>
 
 #include "ferry/engine/store.h"
@@ -12,6 +15,31 @@ using namespace ferry::engine::test;
 namespace fs = std::filesystem;
 
 namespace {
+
+// Figures for docs/reliability.md: one JSON line on stdout and appended to
+// $FERRY_RESULTS_DIR/<test>.jsonl (test/reliability/meson.build and test/run set it).
+// FERRY_LONG=1 scales the runs up.
+bool long_mode() {
+  const char* v = std::getenv("FERRY_LONG");
+  return v != nullptr && *v != '\0' && std::string(v) != "0";
+}
+
+void write_figure(const std::string& test, const std::string& figure,
+                  const std::string& fields_json) {
+  std::string line = "{\"test\": \"" + test + "\", \"figure\": \"" + figure +
+                     "\", \"long\": " + (long_mode() ? "true" : "false") + ", \"unix_time\": " +
+                     std::to_string(static_cast<long long>(::time(nullptr))) + ", " +
+                     fields_json + "}";
+  std::printf("%s\n", line.c_str());
+  const char* dir = std::getenv("FERRY_RESULTS_DIR");
+  if (dir == nullptr || *dir == '\0') return;
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  if (FILE* f = std::fopen((std::string(dir) + "/" + test + ".jsonl").c_str(), "a")) {
+    std::fprintf(f, "%s\n", line.c_str());
+    std::fclose(f);
+  }
+}
 
 struct Fixture {
   TempDir dir;
@@ -224,7 +252,9 @@ TEST_CASE("corrupted bytes anywhere in a segment are detected, never applied",
   std::string pristine = slurp(f.seg(1));
   std::string state = slurp(f.gdir() + "/state");
   int tried = 0, refused = 0, harmless = 0;
-  for (std::uint64_t off = 0; off < pristine.size(); off += 97) {
+  auto t0 = std::time(nullptr);
+  const std::uint64_t step = long_mode() ? 7 : 97;  // a long run flips many more bytes
+  for (std::uint64_t off = 0; off < pristine.size(); off += step) {
     std::string bad = pristine;
     bad[off] = static_cast<char>(bad[off] ^ 0x01);
     spit(f.seg(1), bad);
@@ -244,5 +274,14 @@ TEST_CASE("corrupted bytes anywhere in a segment are detected, never applied",
   }
   std::printf("store corruption sweep: %d flips, %d refused as corrupt, %d in unchecked "
               "padding, 0 applied\n", tried, refused, harmless);
+  write_figure("store-corruption-sweep",
+               std::to_string(tried) + " journal bytes flipped, " + std::to_string(refused) +
+                   " refused as corrupt, " + std::to_string(harmless) +
+                   " in unchecked padding, 0 applied",
+               "\"seed\": null, \"iterations\": " + std::to_string(tried) +
+                   ", \"faults_injected\": " + std::to_string(tried) + ", \"refused\": " +
+                   std::to_string(refused) + ", \"harmless\": " + std::to_string(harmless) +
+                   ", \"violations\": 0, \"duration_s\": " +
+                   std::to_string(std::time(nullptr) - t0));
   CHECK(refused > 0);
 }
