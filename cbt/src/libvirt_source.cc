@@ -156,9 +156,10 @@ void decide(DiskRun& d, std::uint64_t base_rp, bool receiver_has, const LedgerDi
     return;
   }
   auto b = node->bitmaps.find(ledger->checkpoint);
-  if (b == node->bitmaps.end() || !metadata_ok) { d.reason = FullReason::no_bitmap; return; }
+  if (b == node->bitmaps.end()) { d.reason = FullReason::no_bitmap; return; }
   if (b->second.inconsistent) { d.reason = FullReason::bitmap_inconsistent; return; }
   if (b->second.busy) { d.reason = FullReason::bitmap_busy; return; }
+  if (!metadata_ok) { d.reason = FullReason::no_bitmap; return; }  // heal could not redefine
   d.reason = FullReason::none;
   d.incremental_from = ledger->checkpoint;
   if (b->second.granularity_bytes) d.granularity_bytes = b->second.granularity_bytes;
