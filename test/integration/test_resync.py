@@ -7,8 +7,9 @@ incomplete incremental and never to a full copy when the receiver holds the disk
    scattered 64 KiB blocks (data into data, data into holes, zeros over data); `--once` must
    resync: the RP restores byte-identical to the source, it carries exactly the changed
    blocks, and the bytes on the wire stay close to the changed bytes plus the digests.
-2. qcow2 disk whose qemu-storage-daemon is killed -9 (the persistent bitmap is left
-   inconsistent): the next RP is a resync too, and equal.
+2. qcow2 disk whose qemu-storage-daemon is killed -9 after writes (the persistent bitmap is
+   left inconsistent): the next RP is a resync too, equal, and carries the writes made both
+   before and after the kill.
 After each resync the next RP is an ordinary incremental again."""
 
 import os
@@ -164,12 +165,19 @@ with ft.Env("resync") as env:
     snaps = hist2.snapshot_all(q2, "q-full")
     rq1 = env.replicate_once(q2, rx.addr, GROUP_QCOW2)
     hist2.record(rq1, snaps)
-    q2.sync()
-    q2.kill9()
+    # QEMU writes a persistent bitmap into the image only when it closes it: a clean restart
+    # stores it, the restarted daemon marks it in use, and a kill -9 leaves it so.
+    q2.stop()
     q2 = reopen_qsd(env, q2, "qsdq")
     vdq = q2.disks[0]
     wl2.take_touched(0)
-    picked2 = scattered_changes(env, wl2, q2, vdq, blocks2, SIZE2 // 100 // BLOCK)
+    n = SIZE2 // 100 // BLOCK
+    picked2 = scattered_changes(env, wl2, q2, vdq, blocks2, n // 2)  # before the kill: lost
+    q2.sync()                                                      # from the bitmap
+    q2.kill9()
+    q2 = reopen_qsd(env, q2, "qsdq")
+    vdq = q2.disks[0]
+    picked2 |= scattered_changes(env, wl2, q2, vdq, blocks2 - picked2, n - n // 2)
     changed2 = len(picked2) * BLOCK
     rq2, d2, wire2, hashes2 = resync_rp(env, q2, rx, hist2, GROUP_QCOW2, "q-resync", rq1,
                                         "bitmap_inconsistent")
