@@ -316,7 +316,9 @@ class DigestFeed {
       FERRY_TRY(conn_.send(MsgType::hash_request, payload));
       next_request_ += q.length_bytes;
     }
-    return conn_.flush();
+    // No flush: the I/O thread sends queued frames as they come, and a flush here would wait
+    // for the data frames the workers keep queueing.
+    return Status::ok();
   }
 
   // One hash_list, which must continue region `r` exactly where it stands.
