@@ -2,6 +2,7 @@
 //
 // Exit status: 0 success, 1 failure (message on stderr naming what failed), 2 usage error.
 #include <signal.h>
+#include <systemd/sd-daemon.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
@@ -20,6 +21,7 @@
 #include "ferry/engine/sender.h"
 #include "ferry/engine/store.h"
 #include "ferry/transport/connection.h"
+#include "agent.h"
 #include "tools.h"
 
 namespace ferry::tools {
@@ -89,9 +91,13 @@ int cmd_receive(const ReceiveArgs& a) {
   auto server = transport::Server::listen(*ep, so, [r](transport::Connection& c) { r->serve(c); });
   if (!server.is_ok()) return fail("listen on " + a.listen, server.status());
   spdlog::info("listening on {}:{} with store {}", ep->host, (*server)->port(), a.store);
+  // systemd (Type=notify): ready once the listen socket is bound; a no-op without NOTIFY_SOCKET.
+  sd_notifyf(0, "READY=1\nSTATUS=listening on %s:%u, store %s", ep->host.c_str(),
+             unsigned((*server)->port()), a.store.c_str());
   std::promise<void> stopped;
   signals.on_stop = [&stopped] { stopped.set_value(); };
   stopped.get_future().wait();
+  sd_notify(0, "STOPPING=1");
   (*server)->stop();
   spdlog::info("stopped");
   return 0;
@@ -128,6 +134,35 @@ Result<std::vector<cbt::QmpDisk>> parse_disks(const std::vector<std::string>& sp
   return out;
 }
 
+// --once: one RP, its id on stdout. Otherwise an RP every interval (from the start of the
+// previous one) until SIGTERM; a failed RP is logged and retried at the next tick.
+int run_recovery_points(cbt::ChangeSource& source, engine::SenderOptions& so, bool once,
+                        double interval_seconds, SignalWatcher& signals) {
+  if (once) {
+    auto rp = engine::take_recovery_point(source, so);
+    if (so.progress) std::fprintf(stderr, "\n");
+    if (!rp.is_ok()) return fail("recovery point of group '" + so.group + "'", rp.status());
+    spdlog::info("{}", engine::describe(*rp));
+    std::printf("%llu\n", static_cast<unsigned long long>(rp->rp_id));
+    return 0;
+  }
+  using namespace std::chrono;
+  const auto period = duration_cast<milliseconds>(duration<double>(interval_seconds));
+  while (!signals.stop.load()) {
+    auto t0 = steady_clock::now();
+    auto rp = engine::take_recovery_point(source, so);
+    if (so.progress) std::fprintf(stderr, "\n");
+    if (rp.is_ok())
+      spdlog::info("{}", engine::describe(*rp));
+    else
+      spdlog::error("recovery point of group '{}' failed (retrying in {:.1f} s): {}", so.group,
+                    interval_seconds, rp.status().to_string());
+    while (!signals.stop.load() && steady_clock::now() - t0 < period)
+      std::this_thread::sleep_for(milliseconds(50));
+  }
+  return 0;
+}
+
 int cmd_replicate(const ReplicateArgs& a) {
   init_logging("replicate");
   auto ep = transport::parse_endpoint(a.to);
@@ -157,27 +192,42 @@ int cmd_replicate(const ReplicateArgs& a) {
   so.stop = &signals.stop;
   if (isatty(STDERR_FILENO)) so.progress = progress_printer();
 
-  if (a.once) {
-    auto rp = engine::take_recovery_point(**source, so);
-    if (!rp.is_ok()) return fail("recovery point of group '" + a.group + "'", rp.status());
-    spdlog::info("{}", engine::describe(*rp));
-    std::printf("%llu\n", static_cast<unsigned long long>(rp->rp_id));
-    return 0;
-  }
-  using namespace std::chrono;
-  const auto period = duration_cast<milliseconds>(duration<double>(a.interval_seconds));
-  while (!signals.stop.load()) {
-    auto t0 = steady_clock::now();
-    auto rp = engine::take_recovery_point(**source, so);
-    if (rp.is_ok())
-      spdlog::info("{}", engine::describe(*rp));
-    else
-      spdlog::error("recovery point of group '{}' failed (retrying in {:.1f} s): {}", a.group,
-                    a.interval_seconds, rp.status().to_string());
-    while (!signals.stop.load() && steady_clock::now() - t0 < period)
-      std::this_thread::sleep_for(milliseconds(50));
-  }
-  return 0;
+  return run_recovery_points(**source, so, a.once, a.interval_seconds, signals);
+}
+
+// ---- protect -----------------------------------------------------------------------------------
+struct ProtectArgs {
+  std::string domain;
+  std::string to;
+  std::string group;  // default: the domain name
+  bool once = false;
+  double interval_seconds = 0;
+  bool quiesce = false;
+  std::string uri = "qemu:///system";
+  std::string state_dir;
+};
+
+int cmd_protect(const ProtectArgs& a) {
+  init_logging("protect");
+  auto ep = transport::parse_endpoint(a.to);
+  if (!ep.is_ok()) return fail("--to", ep.status());
+  TargetConfig t;
+  t.kind = TargetKind::libvirt_domain;
+  t.domain = a.domain;
+  t.uri = a.uri;
+  t.group = a.group.empty() ? a.domain : a.group;
+  t.quiesce = a.quiesce;
+  SignalWatcher signals;
+  auto source = open_target_source(t, a.state_dir.empty() ? default_state_dir() : a.state_dir);
+  if (!source.is_ok()) return fail("domain '" + a.domain + "' at " + a.uri, source.status());
+  engine::SenderOptions so;
+  so.to = *ep;
+  so.group = t.group;
+  so.source_name = target_source_name(t);
+  so.disk_names = (*source)->disk_names();
+  so.stop = &signals.stop;
+  if (isatty(STDERR_FILENO)) so.progress = progress_printer();
+  return run_recovery_points(**source, so, a.once, a.interval_seconds, signals);
 }
 
 // ---- points / restore ------------------------------------------------------------------------
@@ -256,6 +306,32 @@ int main(int argc, char** argv) {
   rep->add_option("--block-size", pa.block_kib, "Block size in KiB (default 64)");
   rep->add_option("--zstd-level", pa.zstd_level, "zstd level (default 1)")->check(CLI::Range(-7, 19));
 
+  ProtectArgs pr;
+  auto* protect = app.add_subcommand("protect", "Replicate every disk of a running libvirt domain");
+  protect->add_option("--domain", pr.domain, "Domain name or UUID")->required();
+  protect->add_option("--to", pr.to, "Receiver ADDR:PORT")->required();
+  protect->add_option("--group", pr.group, "Group name (default: the domain name)");
+  auto* p_once = protect->add_flag("--once", pr.once, "Take one recovery point and exit");
+  auto* p_interval = protect->add_option("--interval", pr.interval_seconds,
+                                         "Take a recovery point every SECONDS")
+                         ->check(CLI::PositiveNumber);
+  p_once->excludes(p_interval);
+  protect->add_flag("--quiesce", pr.quiesce,
+                    "Freeze the guest's file systems (qemu-guest-agent) at each capture");
+  protect->add_option("--uri", pr.uri, "libvirt connection URI")->capture_default_str();
+  protect->add_option("--state-dir", pr.state_dir, "State directory (default /var/lib/ferry)");
+
+  std::string config_path = kDefaultConfigPath;
+  auto* agent = app.add_subcommand("agent", "Run the host service: every target of a config");
+  agent->add_option("--config", config_path, "Config file (TOML)")->capture_default_str();
+
+  std::string status_socket = kDefaultStatusSocket;
+  bool status_json = false;
+  auto* status = app.add_subcommand(
+      "status", "Ask the agent how its targets are doing (exit 3: an RPO over its threshold)");
+  status->add_option("--socket", status_socket, "The agent's status socket")->capture_default_str();
+  status->add_flag("--json", status_json, "JSON output");
+
   std::string store, group, disk, out;
   bool json = false;
   std::uint64_t point = 0;
@@ -297,8 +373,15 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "ferry replicate: one of --once or --interval SECONDS is required\n");
     return kExitUsage;
   }
+  if (protect->parsed() && !pr.once && pr.interval_seconds <= 0) {
+    std::fprintf(stderr, "ferry protect: one of --once or --interval SECONDS is required\n");
+    return kExitUsage;
+  }
   try {
     if (receive->parsed()) return cmd_receive(ra);
+    if (protect->parsed()) return cmd_protect(pr);
+    if (agent->parsed()) return cmd_agent(config_path);
+    if (status->parsed()) return cmd_status(status_socket, status_json);
     if (rep->parsed()) return cmd_replicate(pa);
     if (points->parsed()) return cmd_points(store, group, json);
     if (restore->parsed()) return cmd_restore(store, group, point, disk, out);

@@ -14,6 +14,12 @@ struct DemoArgs {
 };
 int run_demo(const DemoArgs& args, const char* argv0);
 
+// ferry agent --config FILE (agent.cc): runs until SIGTERM; 0 on a clean stop, 1 when the
+// config or the status socket is unusable at start.
+int cmd_agent(const std::string& config_path);
+// ferry status (status.cc): 0 all RPOs within their thresholds, 3 one is over, 1 unreachable.
+int cmd_status(const std::string& socket_path, bool json);
+
 std::string default_state_dir();  // $FERRY_STATE_DIR or /var/lib/ferry
 std::string host_name();
 std::string human_bytes(std::uint64_t bytes);
