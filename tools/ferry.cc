@@ -37,9 +37,11 @@ int fail(const std::string& what, const Status& s) {
 
 // Blocks SIGTERM/SIGINT/SIGHUP in every thread and turns them into a flag set by a thread of
 // its own, so that workers never run signal handlers. Must be created before other threads.
+// `on_stop` is fixed before the thread starts: a signal that arrives during start-up is never
+// lost.
 class SignalWatcher {
  public:
-  SignalWatcher() {
+  explicit SignalWatcher(std::function<void()> on_stop = {}) : on_stop_(std::move(on_stop)) {
     sigemptyset(&set_);
     sigaddset(&set_, SIGTERM);
     sigaddset(&set_, SIGINT);
@@ -52,7 +54,7 @@ class SignalWatcher {
         if (quitting_.load()) return;
         spdlog::info("signal {} received: stopping", sig);
         stop.store(true);
-        if (on_stop) on_stop();
+        if (on_stop_) on_stop_();
         return;
       }
     });
@@ -63,9 +65,9 @@ class SignalWatcher {
     thread_.join();
   }
   std::atomic<bool> stop{false};
-  std::function<void()> on_stop;
 
  private:
+  const std::function<void()> on_stop_;
   sigset_t set_{};
   std::atomic<bool> quitting_{false};
   std::thread thread_;
@@ -85,7 +87,8 @@ int cmd_receive(const ReceiveArgs& a) {
   ro.store.root = a.store;
   auto receiver = engine::Receiver::create(ro);
   if (!receiver.is_ok()) return fail("receiver", receiver.status());
-  SignalWatcher signals;
+  std::promise<void> stopped;
+  SignalWatcher signals([&stopped] { stopped.set_value(); });
   engine::Receiver* r = receiver->get();
   transport::ServerOptions so;
   auto server = transport::Server::listen(*ep, so, [r](transport::Connection& c) { r->serve(c); });
@@ -94,8 +97,6 @@ int cmd_receive(const ReceiveArgs& a) {
   // systemd (Type=notify): ready once the listen socket is bound; a no-op without NOTIFY_SOCKET.
   sd_notifyf(0, "READY=1\nSTATUS=listening on %s:%u, store %s", ep->host.c_str(),
              unsigned((*server)->port()), a.store.c_str());
-  std::promise<void> stopped;
-  signals.on_stop = [&stopped] { stopped.set_value(); };
   stopped.get_future().wait();
   sd_notify(0, "STOPPING=1");
   (*server)->stop();
@@ -357,6 +358,13 @@ int main(int argc, char** argv) {
   auto* kp = debug->add_subcommand("kill-points", "List the named kill points");
   debug->require_subcommand(1);
 
+  auto names_subcommand = [&app](const std::string& word) {
+    return !app.get_subcommands([&word](CLI::App* sub) { return sub->check_name(word); }).empty();
+  };
+  if (argc > 1 && argv[1][0] != '-' && !names_subcommand(argv[1])) {
+    std::fprintf(stderr, "ferry: unknown subcommand '%s' (try ferry --help)\n", argv[1]);
+    return kExitUsage;
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

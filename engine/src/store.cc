@@ -360,7 +360,7 @@ class StoreImpl final : public GroupStore {
     h.type = jr::RecordType::rp_begin;
     h.rp_id = rp.rp_id;
     FERRY_TRY(append(h, jr::encode_begin(rp)).status());
-    open_.emplace();
+    open_ = OpenRp{};
     open_->rp.begin = rp;
     open_->stats.resize(rp.disks.size());
     return Status::ok();
