@@ -765,10 +765,10 @@ std::string describe(const RpStats& s) {
   return fmt::format(
       "RP {} (base {}): {} disk(s), {:.1f} MB changed ({:.1f} MB data, {:.1f} MB zero), "
       "{:.1f} MB on the wire, {:.2f} s ({:.0f} MB/s; capture {:.2f} s, transfer {:.2f} s, "
-      "commit {:.2f} s){}; {} wire bytes",
+      "commit {:.2f} s, then finish {:.2f} s){}; {} wire bytes",
       s.rp_id, s.base_rp, s.disks.size(), mb, data / 1e6, zero / 1e6, s.wire_bytes / 1e6,
       s.total_seconds, s.total_seconds > 0 ? mb / s.total_seconds : 0.0, s.capture_seconds,
-      s.transfer_seconds, s.commit_seconds, resync, s.wire_bytes);
+      s.transfer_seconds, s.commit_seconds, s.finish_seconds, resync, s.wire_bytes);
 }
 
 }  // namespace ferry::engine

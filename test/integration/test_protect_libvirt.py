@@ -48,7 +48,7 @@ N_RPS_A = int(os.environ.get("FERRY_PROTECT_RPS", "4"))
 
 RP_LINE = re.compile(
     r"RP (\d+) \(base (\d+)\): (\d+) disk\(s\), ([\d.]+) MB changed .*?([\d.]+) MB on the wire, "
-    r"([\d.]+) s \(.*?capture ([\d.]+) s, transfer ([\d.]+) s, commit ([\d.]+) s\)(.*?); "
+    r"([\d.]+) s \(.*?capture ([\d.]+) s, transfer ([\d.]+) s, commit ([\d.]+) s(?:, then finish [\d.]+ s)?\)(.*?); "
     r"(\d+) wire bytes")
 
 
