@@ -404,12 +404,17 @@ class Session {
       slot_->last_storage_error.clear();
     }
     FERRY_KILL_POINT("receiver.before_ack");
-    FERRY_TRY(conn_.send(MsgType::rp_ack, transport::encode(transport::RpAck{e.rp_id, WireStatus::ok, ""})));
-    FERRY_TRY(conn_.flush());
+    // The RP is committed whatever happens to the acknowledgement: a source that closes as
+    // soon as it has read the ack can make flush() fail. Apply it all the same, so the replica
+    // is never older than an acknowledged RP, then report the connection's state.
+    Status acked = conn_.send(MsgType::rp_ack,
+                              transport::encode(transport::RpAck{e.rp_id, WireStatus::ok, ""}));
+    if (acked.is_ok()) acked = conn_.flush();
     FERRY_KILL_POINT("receiver.after_ack");
     double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_begin_).count();
-    spdlog::info("group '{}': RP {} committed and acknowledged ({} frames, {:.1f} MB, {:.2f} s{})",
-                 hello_.group, e.rp_id, e.frame_count, e.logical_bytes / 1e6, secs,
+    spdlog::info("group '{}': RP {} committed{} ({} frames, {:.1f} MB, {:.2f} s{})", hello_.group,
+                 e.rp_id, acked.is_ok() ? " and acknowledged" : ", acknowledgement not confirmed",
+                 e.frame_count, e.logical_bytes / 1e6, secs,
                  hash_bytes_sent_ ? fmt::format("; resync: {:.2f} MB of digests sent",
                                                 hash_bytes_sent_ / 1e6)
                                   : std::string());
@@ -418,7 +423,7 @@ class Session {
     if (Status s = store_->apply_committed(); !s.is_ok())
       spdlog::error("group '{}': applying RP {} to the replica failed (retried later): {}",
                     hello_.group, e.rp_id, s.to_string());
-    return Status::ok();
+    return acked;
   }
 
   Receiver::Impl& impl_;
