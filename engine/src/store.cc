@@ -485,7 +485,30 @@ class StoreImpl final : public GroupStore {
     // R5b: an apply was cut short. Its writes may have been torn or misdirected anywhere in
     // the images, so redoing only its blocks is not enough: rewrite the images.
     if (state->applying_rp != 0) return rebuild_replica();
+    // R13: the state says an RP is applied, but one of its images is gone or has the wrong
+    // size (deleted or lost by the file system): the replica cannot be trusted; rebuild it.
+    if (applied_ != 0 && !applied_images_intact()) {
+      spdlog::warn("group {}: a replica image of applied RP {} is missing or has the wrong "
+                   "size; rewriting the replica from the journal (R13)", group_, applied_);
+      return rebuild_replica();
+    }
     return apply_committed();  // R5
+  }
+
+  bool applied_images_intact() {
+    for (const auto& r : rps_) {
+      if (r.info.rp_id != applied_) continue;
+      for (const auto& d : r.begin.disks) {
+        const std::string path = paths_.image(d.name);
+        if (!st_->exists(path)) return false;
+        auto f = st_->open(path, OpenFlags{.read_only = true});
+        if (!f.is_ok()) return false;
+        auto size = (*f)->size();
+        if (!size.is_ok() || *size != d.size_bytes) return false;
+      }
+      return true;
+    }
+    return false;
   }
 
   Result<std::optional<State>> read_state() {
