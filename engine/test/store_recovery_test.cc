@@ -183,6 +183,17 @@ TEST_CASE("recovery R6: a missing or corrupt state file is rebuilt from the jour
   f.expect_all(**s, 3);
 }
 
+TEST_CASE("recovery R13: a missing or mis-sized image of the applied RP is rebuilt",
+          "[store][recovery]") {
+  Fixture f;
+  f.run(3);
+  SECTION("missing") { fs::remove(f.gdir() + "/replica/a.img"); }
+  SECTION("truncated") { fs::resize_file(f.gdir() + "/replica/a.img", 4096); }
+  auto s = f.reopen();
+  REQUIRE(s.is_ok());
+  f.expect_all(**s, 3);
+}
+
 TEST_CASE("recovery R7: a state file ahead of the journal refuses to open", "[store][recovery]") {
   Fixture ahead;
   ahead.run(3);
