@@ -139,16 +139,17 @@ int main(int argc, char** argv) {
       std::string name = "record-" + std::to_string(n) + "-type" +
                          std::to_string(static_cast<int>(h->type));
       put(rec / name, seg.substr(pos, std::min<std::size_t>(h->total_bytes, 8192)));
-      if (h->type == jr::RecordType::rp_begin || h->type == jr::RecordType::rp_commit)
+      if (h->type == jr::RecordType::rp_begin || h->type == jr::RecordType::rp_commit ||
+          h->type == jr::RecordType::rp_commit_mirror)
         put(rec / (name + "-payload"), seg.substr(pos + jr::kRecordHeaderBytes,
                                                   h->total_bytes - jr::kRecordHeaderBytes));
     }
     ++n;
     pos += h->total_bytes;
-    if (h->type == jr::RecordType::rp_commit) {
+    // Version 2: a commit record and its mirror, each zero-filled to its block end.
+    if (h->type == jr::RecordType::rp_commit || h->type == jr::RecordType::rp_commit_mirror)
       pos = (pos + jr::kBlockAlignBytes - 1) / jr::kBlockAlignBytes * jr::kBlockAlignBytes;
-      commit_ends.push_back(pos);
-    }
+    if (h->type == jr::RecordType::rp_commit_mirror) commit_ends.push_back(pos);
   }
   put(recov / "segment-3rps", seg);
   put(recov / "segment-torn-mid", seg.substr(0, seg.size() - 1000));

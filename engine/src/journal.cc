@@ -15,6 +15,8 @@ namespace ferry::engine::journal {
 namespace {
 
 constexpr std::size_t kScanWindowBytes = 1u << 20;
+// A device writes a 512-byte sector whole or not at all: the grain of a torn write.
+constexpr std::uint64_t kSectorBytes = 512;
 
 std::uint64_t align_up(std::uint64_t v) {
   return (v + kBlockAlignBytes - 1) / kBlockAlignBytes * kBlockAlignBytes;
@@ -30,7 +32,11 @@ Status corrupt_at(const std::string& dir, std::uint64_t seq, std::uint64_t offse
                                           std::to_string(offset) + ": " + what);
 }
 
-bool record_type_known(std::uint8_t t) { return t >= 1 && t <= 5; }
+bool record_type_known(std::uint8_t t) { return t >= 1 && t <= 6; }
+
+bool is_commit_copy(RecordType t) {
+  return t == RecordType::rp_commit || t == RecordType::rp_commit_mirror;
+}
 
 }  // namespace
 
@@ -104,8 +110,9 @@ Result<RecordHeader> decode_record_header(const char* p, std::size_t len) {
 void encode_segment_header(const SegmentHeader& h, char* out) {
   std::string s;
   ByteWriter w(s);
+  FERRY_ASSERT(h.version >= kOldestJournalVersion && h.version <= kJournalVersion);
   w.u64(kSegmentMagic);
-  w.u32(kJournalVersion);
+  w.u32(h.version);
   w.u32(static_cast<std::uint32_t>(kSegmentHeaderBytes));
   w.u64(h.group_id);
   w.u64(h.segment_seq);
@@ -122,14 +129,17 @@ Result<SegmentHeader> decode_segment_header(const char* p, std::size_t len) {
   ByteReader r(p, kFields);
   if (r.u64() != kSegmentMagic) return Status::error(Errc::corrupt, "bad segment magic");
   std::uint32_t version = r.u32();
-  if (version != kJournalVersion)
-    return Status::error(Errc::unsupported, "journal version " + std::to_string(version) +
-                                                " (this build reads version 1)");
+  if (version < kOldestJournalVersion || version > kJournalVersion)
+    return Status::error(Errc::unsupported,
+                         "journal version " + std::to_string(version) + " (this build reads " +
+                             std::to_string(kOldestJournalVersion) + " to " +
+                             std::to_string(kJournalVersion) + ")");
   if (r.u32() != kSegmentHeaderBytes)
     return Status::error(Errc::corrupt, "bad segment header size");
   SegmentHeader h;
   h.group_id = r.u64();
   h.segment_seq = r.u64();
+  h.version = version;
   return h;
 }
 
@@ -308,52 +318,195 @@ class Scanner {
       return corrupt_at(dir_, seq, 0, "segment header names another group or sequence (R8)");
     if (!sh.is_ok() && sh.status().code() == Errc::unsupported) return sh.status();
     if (!sh.is_ok()) return invalid(index, 0, sh.status().message());
-    if (index == 0) cut_ = RecordLoc{seq, kSegmentHeaderBytes};
+    version_ = sh->version;
+    if (index == 0) {
+      cut_ = RecordLoc{seq, kSegmentHeaderBytes};
+      cut_version_ = version_;
+    }
     std::uint64_t pos = kSegmentHeaderBytes;
     while (pos < view.size() && !stopped_) FERRY_TRY(scan_record(index, view, pos));
     return Status::ok();
   }
 
+  // One record read and checked; `why` says what is wrong (empty: every check passed).
+  struct Checked {
+    RecordHeader h;
+    std::string_view payload;  // valid until the next read of the view
+    std::string why;
+    bool payload_mismatch = false;  // the header is good, the payload checksum is not
+  };
+
+  // Reads the record at `pos` and checks header, place, lsn (`lsn`; padding has none) and
+  // payload. Fails only for I/O errors, never for bad bytes.
+  Result<Checked> check_record(SegmentView& view, std::uint64_t seq, std::uint64_t pos,
+                               std::uint64_t lsn) {
+    Checked c;
+    FERRY_ASSIGN_OR_RETURN(std::string_view hv, view.view(pos, kRecordHeaderBytes));
+    auto h = decode_record_header(hv.data(), hv.size());
+    if (!h.is_ok()) {
+      c.why = h.status().message();
+      return c;
+    }
+    c.h = *h;
+    if (h->position != record_position(seq, pos)) {
+      c.why = "record written for another place (misdirected)";
+      return c;
+    }
+    if (h->type != RecordType::padding && h->lsn != lsn) {
+      c.why = "lsn " + std::to_string(h->lsn) + " where " + std::to_string(lsn) + " was expected";
+      return c;
+    }
+    FERRY_ASSIGN_OR_RETURN(c.payload, view.view(pos + kRecordHeaderBytes,
+                                                h->total_bytes - kRecordHeaderBytes));
+    if (c.payload.size() != h->total_bytes - kRecordHeaderBytes) {
+      c.why = "record cut short by the end of the segment";
+    } else if (xxh3_64(c.payload.data(), c.payload.size()) != h->payload_checksum) {
+      c.why = "payload checksum mismatch";
+      c.payload_mismatch = true;
+    }
+    return c;
+  }
+
   // Reads, checks and applies the record at `pos`; advances `pos` or stops the scan.
   Status scan_record(std::size_t index, SegmentView& view, std::uint64_t& pos) {
     std::uint64_t seq = out_.segments[index];
-    FERRY_ASSIGN_OR_RETURN(std::string_view hv, view.view(pos, kRecordHeaderBytes));
-    auto h = decode_record_header(hv.data(), hv.size());
-    if (!h.is_ok()) return invalid(index, pos, h.status().message());
-    if (h->position != record_position(seq, pos))
-      return invalid(index, pos, "record written for another place (misdirected)");
-    bool chained = h->type == RecordType::padding || h->lsn == expected_lsn_;
-    if (!chained)
-      return invalid(index, pos, "lsn " + std::to_string(h->lsn) + " where " +
-                                     std::to_string(expected_lsn_) + " was expected");
-    FERRY_ASSIGN_OR_RETURN(std::string_view pv,
-                           view.view(pos + kRecordHeaderBytes,
-                                     h->total_bytes - kRecordHeaderBytes));
-    if (pv.size() != h->total_bytes - kRecordHeaderBytes)
-      return invalid(index, pos, "record cut short by the end of the segment");
-    if (xxh3_64(pv.data(), pv.size()) != h->payload_checksum)
-      return invalid(index, pos, "payload checksum mismatch");
-    if (h->type != RecordType::padding) ++expected_lsn_;
-    FERRY_TRY(apply(*h, pv, RecordLoc{seq, pos}));
-    pos += h->total_bytes;
-    if (h->type == RecordType::rp_commit) pos = align_up(pos);  // rest of the block: padding
+    FERRY_ASSIGN_OR_RETURN(Checked c, check_record(view, seq, pos, expected_lsn_));
+    if (!c.why.empty()) {
+      if (version_ >= 2 && open_ && pos % kBlockAlignBytes == 0) {
+        FERRY_ASSIGN_OR_RETURN(bool committed, commit_from_mirror(index, view, pos, c.why));
+        if (committed) return Status::ok();
+      }
+      return invalid(index, pos, c.why);
+    }
+    if (c.h.type == RecordType::rp_commit_mirror)
+      return corrupt_at(dir_, seq, pos, "rp_commit_mirror without its rp_commit before it (R11)");
+    if (c.h.type != RecordType::padding) ++expected_lsn_;
+    if (c.h.type == RecordType::rp_commit) {
+      std::string payload(c.payload);  // the view's window moves when the mirror is read
+      if (version_ < 2) {
+        std::uint64_t end = after_v1_commit(pos + c.h.total_bytes);
+        FERRY_TRY(on_commit(c.h, payload, RecordLoc{seq, pos}, end));
+        pos = end;
+        return Status::ok();
+      }
+      std::uint64_t copy = align_up(c.h.total_bytes);
+      FERRY_TRY(on_commit(c.h, payload, RecordLoc{seq, pos}, pos + 2 * copy));
+      FERRY_TRY(check_mirror(view, seq, pos, c.h, payload));
+      pos += 2 * copy;
+      return Status::ok();
+    }
+    FERRY_TRY(apply(c.h, c.payload, RecordLoc{seq, pos}));
+    pos += c.h.total_bytes;
     return Status::ok();
   }
 
+  // Version 1 ends a commit's batch with a padding record to the block end; when less than a
+  // record header's room was left, that padding runs on through the whole next block.
+  static std::uint64_t after_v1_commit(std::uint64_t end) {
+    std::uint64_t next = align_up(end);
+    if (next != end && next - end < kRecordHeaderBytes) next += kBlockAlignBytes;
+    return next;
+  }
+
+  static bool is_mirror_of(const RecordHeader& m, std::uint64_t seq, std::uint64_t commit_pos,
+                           std::uint64_t rp_id, std::uint64_t copy_bytes) {
+    return m.type == RecordType::rp_commit_mirror && m.rp_id == rp_id &&
+           m.offset_bytes == record_position(seq, commit_pos) &&
+           align_up(m.total_bytes) == copy_bytes;
+  }
+
+  // Version 2, a valid commit record at `pos`: its mirror follows in the next aligned block.
+  // A damaged mirror loses nothing (R14): the commit record alone commits the RP.
+  Status check_mirror(SegmentView& view, std::uint64_t seq, std::uint64_t pos,
+                      const RecordHeader& h, const std::string& payload) {
+    std::uint64_t copy = align_up(h.total_bytes);
+    FERRY_ASSIGN_OR_RETURN(Checked m, check_record(view, seq, pos + copy, h.lsn));
+    if (m.why.empty() && !is_mirror_of(m.h, seq, pos, h.rp_id, copy))
+      m.why = "not the mirror of that commit record";
+    else if (m.why.empty() && m.payload != payload)
+      m.why = "its payload differs from the commit record's";
+    if (!m.why.empty())
+      out_.notes.push_back("R14: RP " + std::to_string(h.rp_id) + ": the mirror of its commit "
+                           "record, segment " + segment_name(seq) + " offset " +
+                           std::to_string(pos + copy) + ", is damaged (" + m.why +
+                           "); the commit record at offset " + std::to_string(pos) +
+                           " commits it");
+    return Status::ok();
+  }
+
+  // Version 2: the record at aligned `pos` failed a check while an RP is open. If it was that
+  // RP's commit record, its mirror in one of the next aligned blocks commits the RP (R14). If
+  // both copies show damage that no torn write explains, refuse (R15): the RP was committed
+  // and maybe acknowledged, so cutting it as a torn tail would lose it silently.
+  Result<bool> commit_from_mirror(std::size_t index, SegmentView& view, std::uint64_t& pos,
+                                  const std::string& why) {
+    std::uint64_t seq = out_.segments[index];
+    std::uint64_t rp = open_->begin.rp_id;
+    for (std::uint64_t n = 1; n <= kMaxCommitCopyBlocks; ++n) {
+      std::uint64_t copy = n * kBlockAlignBytes;
+      if (pos + copy + kRecordHeaderBytes > view.size()) break;
+      FERRY_ASSIGN_OR_RETURN(Checked m, check_record(view, seq, pos + copy, expected_lsn_));
+      if (!m.why.empty() || !is_mirror_of(m.h, seq, pos, rp, copy)) continue;
+      std::string payload(m.payload);
+      RecordHeader h = m.h;
+      h.type = RecordType::rp_commit;
+      out_.notes.push_back("R14: RP " + std::to_string(rp) + ": its commit record, segment " +
+                           segment_name(seq) + " offset " + std::to_string(pos) +
+                           ", is damaged (" + why + "); its mirror at offset " +
+                           std::to_string(pos + copy) + " commits it");
+      ++expected_lsn_;
+      FERRY_TRY(on_commit(h, payload, RecordLoc{seq, pos}, pos + 2 * copy));
+      pos += 2 * copy;
+      return true;
+    }
+    if (mode_ != ScanMode::recover) return false;
+    FERRY_ASSIGN_OR_RETURN(bool damaged, commit_copy_damaged(view, pos, rp));
+    if (!damaged) return false;
+    stopped_ = true;
+    return corrupt_at(dir_, seq, pos,
+                      "the commit record of RP " + std::to_string(rp) +
+                          " and its mirror are both damaged (" + why +
+                          "); refusing rather than lose a committed RP (R15)");
+  }
+
+  // Damage no torn or lost write explains, in the commit record's block or a mirror slot
+  // after it. A sector is written whole or not at all, so a header with the record magic and
+  // a commit type that fails its checksum, or a commit copy of RP `rp` that fits in one
+  // sector yet fails its payload checksum, was once written whole: it was durable.
+  Result<bool> commit_copy_damaged(SegmentView& view, std::uint64_t pos, std::uint64_t rp) {
+    for (std::uint64_t n = 0; n <= kMaxCommitCopyBlocks; ++n) {
+      std::uint64_t at = pos + n * kBlockAlignBytes;
+      FERRY_ASSIGN_OR_RETURN(std::string_view hv, view.view(at, kRecordHeaderBytes));
+      if (hv.size() < kRecordHeaderBytes) break;
+      auto type = static_cast<RecordType>(static_cast<std::uint8_t>(hv[4]));
+      if (load_le32(hv.data()) != kRecordMagic || !is_commit_copy(type)) continue;
+      auto h = decode_record_header(hv.data(), hv.size());
+      if (!h.is_ok()) return true;
+      if (h->rp_id != rp || h->total_bytes > kSectorBytes) continue;
+      FERRY_ASSIGN_OR_RETURN(std::string_view pv, view.view(at + kRecordHeaderBytes,
+                                                            h->total_bytes - kRecordHeaderBytes));
+      if (pv.size() == h->total_bytes - kRecordHeaderBytes &&
+          xxh3_64(pv.data(), pv.size()) != h->payload_checksum)
+        return true;
+    }
+    return false;
+  }
+
   // The record state machine. A record that passed its checksums but breaks the structure
-  // cannot come from a torn write: R11, corrupt.
+  // cannot come from a torn write: R11, corrupt. (Commit records go through on_commit.)
   Status apply(const RecordHeader& h, std::string_view payload, RecordLoc loc) {
     switch (h.type) {
       case RecordType::padding: return Status::ok();
       case RecordType::rp_begin: return on_begin(h, payload, loc);
       case RecordType::block: return on_block(h, loc);
-      case RecordType::rp_commit: return on_commit(h, payload, loc);
       case RecordType::rp_abort:
         if (open_) out_.notes.push_back("R3: RP " + std::to_string(open_->begin.rp_id) + " aborted");
         open_.reset();
         return Status::ok();
+      case RecordType::rp_commit:
+      case RecordType::rp_commit_mirror: break;
     }
-    return corrupt_at(dir_, loc.segment_seq, loc.offset, "unknown record type (R11)");
+    return corrupt_at(dir_, loc.segment_seq, loc.offset, "unexpected record type (R11)");
   }
 
   Status on_begin(const RecordHeader& h, std::string_view payload, RecordLoc loc) {
@@ -379,7 +532,10 @@ class Scanner {
     return Status::ok();
   }
 
-  Status on_commit(const RecordHeader& h, std::string_view payload, RecordLoc loc) {
+  // Closes the open RP; appends resume at `end` (after the commit and, in version 2, its
+  // mirror).
+  Status on_commit(const RecordHeader& h, std::string_view payload, RecordLoc loc,
+                   std::uint64_t end) {
     auto info = decode_commit(payload);
     bool ok = open_ && info.is_ok() && info->rp_id == h.rp_id && open_->begin.rp_id == h.rp_id &&
               loc.offset % kBlockAlignBytes == 0;
@@ -387,10 +543,12 @@ class Scanner {
     if (!ok || h.rp_id <= last || open_->begin.base_rp != last)
       return corrupt_at(dir_, loc.segment_seq, loc.offset,
                         "rp_commit does not close the open RP in order (R11)");
+    FERRY_ASSERT(end % kBlockAlignBytes == 0 && end > loc.offset);
     open_->info = std::move(*info);
     out_.committed.push_back(std::move(*open_));
     open_.reset();
-    cut_ = RecordLoc{loc.segment_seq, align_up(loc.offset + h.total_bytes)};
+    cut_ = RecordLoc{loc.segment_seq, end};
+    cut_version_ = version_;
     cut_lsn_ = h.lsn + 1;
     return Status::ok();
   }
@@ -426,7 +584,7 @@ class Scanner {
            off += kBlockAlignBytes) {
         FERRY_ASSIGN_OR_RETURN(std::string_view hv, view.view(off, kRecordHeaderBytes));
         auto h = decode_record_header(hv.data(), hv.size());
-        if (h.is_ok() && h->type == RecordType::rp_commit && h->lsn >= expected_lsn_ &&
+        if (h.is_ok() && is_commit_copy(h->type) && h->lsn >= expected_lsn_ &&
             h->position == record_position(seq, off))
           return std::optional<LaterCommit>(LaterCommit{h->rp_id, seq, off});
       }
@@ -439,6 +597,7 @@ class Scanner {
       out_.notes.push_back("R3: RP " + std::to_string(open_->begin.rp_id) +
                            " has no commit record; ignored");
     out_.cut = cut_;
+    out_.cut_version = cut_version_;
     out_.next_lsn = cut_lsn_;
     if (cut_) {
       out_.next_segment_seq = cut_->segment_seq + 1;
@@ -459,6 +618,8 @@ class Scanner {
   std::map<std::uint64_t, std::uint64_t> sizes_;
   std::optional<CommittedRp> open_;
   std::optional<RecordLoc> cut_;
+  std::uint32_t cut_version_ = kJournalVersion;
+  std::uint32_t version_ = kJournalVersion;  // of the segment being scanned
   std::uint64_t cut_lsn_ = 1;
   std::uint64_t expected_lsn_ = 1;
   bool stopped_ = false;
@@ -504,7 +665,12 @@ Result<std::unique_ptr<Writer>> Writer::open(std::shared_ptr<Storage> storage,
   }
   w->next_lsn_ = scan.next_lsn;
   w->next_segment_seq_ = scan.next_segment_seq;
-  if (scan.cut) {
+  // A segment has one version: after older segments, appends start a new segment.
+  if (scan.cut && scan.cut_version != kJournalVersion)
+    spdlog::info("journal {}: segment {} has version {}; new records go to a version {} segment",
+                 options.dir, segment_name(scan.cut->segment_seq), scan.cut_version,
+                 kJournalVersion);
+  if (scan.cut && scan.cut_version == kJournalVersion) {
     FERRY_ASSIGN_OR_RETURN(
         w->file_, w->storage_->open(seg_path(options.dir, scan.cut->segment_seq),
                                     OpenFlags{.direct = true}));
@@ -531,8 +697,17 @@ void Writer::put(const RecordHeader& h, std::string_view payload) {
   used_ += h.total_bytes;
 }
 
+void Writer::put_zeros_to_block_end() {
+  std::size_t end = static_cast<std::size_t>(align_up(used_));
+  FERRY_ASSERT(end <= opt_.buffer_bytes);
+  std::memset(buf_[cur_] + used_, 0, end - used_);
+  used_ = end;
+}
+
 Result<RecordLoc> Writer::append(RecordHeader h, std::string_view payload) {
   FERRY_ASSERT(payload.size() <= kMaxPayloadBytes);
+  FERRY_ASSERT(h.type != RecordType::rp_commit_mirror);
+  if (h.type == RecordType::rp_commit) return append_commit(h, payload);
   std::size_t total = kRecordHeaderBytes + payload.size();
   FERRY_TRY(ensure_room(total));
   h.total_bytes = static_cast<std::uint32_t>(total);
@@ -541,6 +716,32 @@ Result<RecordLoc> Writer::append(RecordHeader h, std::string_view payload) {
   RecordLoc loc{segment_seq_, buf_file_offset_ + used_};
   h.position = record_position(loc.segment_seq, loc.offset);
   put(h, payload);
+  return loc;
+}
+
+// The commit record and its mirror, each from an aligned block and zero-filled to the block
+// end: one damaged copy (bit rot, a misdirected write over it) leaves the other (R14). Both
+// go out in the same write and the same fdatasync.
+Result<RecordLoc> Writer::append_commit(RecordHeader h, std::string_view payload) {
+  FERRY_ASSERT(payload.size() <= kMaxCommitPayloadBytes);
+  std::size_t total = kRecordHeaderBytes + payload.size();
+  std::size_t copy = static_cast<std::size_t>(align_up(total));
+  FERRY_TRY(ensure_room(2 * copy));
+  RecordLoc loc{segment_seq_, buf_file_offset_ + used_};
+  FERRY_ASSERT(loc.offset % kBlockAlignBytes == 0);  // the store flushes before a commit
+  h.total_bytes = static_cast<std::uint32_t>(total);
+  h.lsn = next_lsn_++;
+  h.payload_checksum = xxh3_64(payload.data(), payload.size());
+  h.position = record_position(loc.segment_seq, loc.offset);
+  put(h, payload);
+  put_zeros_to_block_end();
+  RecordHeader mirror = h;
+  mirror.type = RecordType::rp_commit_mirror;
+  mirror.offset_bytes = h.position;  // names the record it mirrors
+  mirror.position = record_position(loc.segment_seq, loc.offset + copy);
+  put(mirror, payload);
+  put_zeros_to_block_end();
+  FERRY_ASSERT(buf_file_offset_ + used_ == loc.offset + 2 * copy);
   return loc;
 }
 

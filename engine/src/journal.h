@@ -1,5 +1,5 @@
 // The write-ahead journal of one group: byte layout, the appender and the recovery scan.
-// docs/journal-format.md gives every byte and the recovery decision table (R1..R12).
+// docs/journal-format.md gives every byte and the recovery decision table (R1..R15).
 #pragma once
 
 #include <cstdint>
@@ -19,7 +19,10 @@ namespace ferry::engine::journal {
 
 inline constexpr std::uint64_t kSegmentMagic = 0x4745534a59525246ull;  // "FRYJSEG" + 'G'
 inline constexpr std::uint32_t kRecordMagic = 0x524a5946;              // "FYJR"
-inline constexpr std::uint32_t kJournalVersion = 1;
+// Version 2 stores every commit record twice (the rp_commit record and its mirror in the
+// next aligned block); version 1 segments are still read, never appended to.
+inline constexpr std::uint32_t kJournalVersion = 2;
+inline constexpr std::uint32_t kOldestJournalVersion = 1;
 inline constexpr std::size_t kBlockAlignBytes = 4096;   // batches start and end here
 inline constexpr std::size_t kSegmentHeaderBytes = 4096;  // one aligned block
 inline constexpr std::size_t kRecordHeaderBytes = 96;
@@ -38,6 +41,12 @@ inline constexpr std::uint64_t kMinSegmentBytes =
     kBlockAlignBytes * kBlockAlignBytes;
 static_assert(kSegmentHeaderBytes % kBlockAlignBytes == 0);
 static_assert(kRecordHeaderBytes % 8 == 0);
+// The largest rp_commit payload (encode_commit): 38 fixed bytes, then per disk a u16-prefixed
+// name and 33 bytes. Each copy of a commit record takes whole aligned blocks.
+inline constexpr std::size_t kMaxCommitPayloadBytes = 38 + kMaxDisks * (2 + kMaxNameBytes + 33);
+inline constexpr std::size_t kMaxCommitCopyBlocks =
+    (kRecordHeaderBytes + kMaxCommitPayloadBytes + kBlockAlignBytes - 1) / kBlockAlignBytes;
+static_assert(kMaxCommitCopyBlocks == 5);
 
 enum class RecordType : std::uint8_t {
   rp_begin = 1,
@@ -45,6 +54,9 @@ enum class RecordType : std::uint8_t {
   rp_commit = 3,
   rp_abort = 4,
   padding = 5,
+  // The second copy of an rp_commit (version 2): same lsn, rp id and payload; it starts at
+  // the aligned block after the commit record and offset_bytes holds the commit's position.
+  rp_commit_mirror = 6,
 };
 
 struct RecordHeader {
@@ -77,6 +89,7 @@ Result<RecordHeader> decode_record_header(const char* p, std::size_t len);
 struct SegmentHeader {
   std::uint64_t group_id = 0;  // xxh3-64 of the group name
   std::uint64_t segment_seq = 0;
+  std::uint32_t version = kJournalVersion;  // kOldestJournalVersion..kJournalVersion
 };
 void encode_segment_header(const SegmentHeader& h, char* out /* kSegmentHeaderBytes */);
 Result<SegmentHeader> decode_segment_header(const char* p, std::size_t len);
@@ -121,6 +134,7 @@ struct ScanResult {
   std::vector<CommittedRp> committed;
   // Where appends resume: everything at or after it is not part of a committed RP.
   std::optional<RecordLoc> cut;  // nullopt: no valid segment at all
+  std::uint32_t cut_version = kJournalVersion;  // of the segment `cut` is in
   std::uint64_t next_lsn = 1;
   std::uint64_t next_segment_seq = 1;
   bool tail_dirty = false;  // bytes or segments exist past `cut` (R1, R3, R4)
@@ -152,7 +166,9 @@ class Writer {
   Writer(const Writer&) = delete;
   Writer& operator=(const Writer&) = delete;
 
-  // Copies the record into the batch; `h.lsn` and `h.total_bytes` are filled in here.
+  // Copies the record into the batch; `h.lsn` and `h.total_bytes` are filled in here. An
+  // rp_commit must start an aligned block (flush first); it is stored twice (the record and
+  // its rp_commit_mirror in the next aligned block, zeros between) and the batch ends aligned.
   Result<RecordLoc> append(RecordHeader h, std::string_view payload);
   // Pads the batch to an aligned block, writes it and waits (not durable yet).
   Status flush();
@@ -167,6 +183,8 @@ class Writer {
   Status roll_segment();
   Status submit_aligned_prefix();
   void put(const RecordHeader& h, std::string_view payload);
+  void put_zeros_to_block_end();
+  Result<RecordLoc> append_commit(RecordHeader h, std::string_view payload);
 
   std::shared_ptr<Storage> storage_;
   Options opt_;

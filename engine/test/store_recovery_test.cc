@@ -6,6 +6,8 @@
 #include <ctime>
 #include <filesystem>
 
+#include "../src/journal.h"
+#include "ferry/base/bytes.h"
 #include "ferry/engine/store.h"
 #include "store_test_util.h"
 
@@ -13,6 +15,7 @@ using namespace ferry;
 using namespace ferry::engine;
 using namespace ferry::engine::test;
 namespace fs = std::filesystem;
+namespace jr = ferry::engine::journal;
 
 namespace {
 
@@ -76,6 +79,37 @@ void flip_byte(const std::string& path, std::uint64_t offset) {
   REQUIRE(offset < data.size());
   data[offset] = static_cast<char>(data[offset] ^ 0x5a);
   spit(path, data);
+}
+
+std::uint64_t align_block(std::uint64_t v) {
+  return (v + jr::kBlockAlignBytes - 1) / jr::kBlockAlignBytes * jr::kBlockAlignBytes;
+}
+
+struct SegRecord {
+  std::uint64_t offset = 0;
+  jr::RecordHeader h;
+};
+
+// The records of a segment in file order (a commit copy is followed by zeros to its block end).
+std::vector<SegRecord> segment_records(const std::string& seg) {
+  std::vector<SegRecord> out;
+  std::uint64_t pos = jr::kSegmentHeaderBytes;
+  while (pos + jr::kRecordHeaderBytes <= seg.size()) {
+    auto h = jr::decode_record_header(seg.data() + pos, seg.size() - pos);
+    if (!h.is_ok()) break;
+    out.push_back({pos, *h});
+    pos += h->total_bytes;
+    if (h->type == jr::RecordType::rp_commit || h->type == jr::RecordType::rp_commit_mirror)
+      pos = align_block(pos);
+  }
+  return out;
+}
+
+std::vector<SegRecord> records_of(const std::string& path, jr::RecordType type) {
+  std::vector<SegRecord> out;
+  for (const auto& r : segment_records(slurp(path)))
+    if (r.h.type == type) out.push_back(r);
+  return out;
 }
 
 }  // namespace
@@ -247,6 +281,190 @@ TEST_CASE("recovery R10: a left-over state.tmp is removed", "[store][recovery]")
   CHECK(!fs::exists(f.gdir() + "/state.tmp"));
 }
 
+TEST_CASE("journal v2: every commit record is stored twice, in separate aligned blocks",
+          "[store][recovery]") {
+  Fixture f;
+  f.run(3);
+  auto commits = records_of(f.seg(1), jr::RecordType::rp_commit);
+  auto mirrors = records_of(f.seg(1), jr::RecordType::rp_commit_mirror);
+  REQUIRE(commits.size() == 3);
+  REQUIRE(mirrors.size() == 3);
+  std::string seg = slurp(f.seg(1));
+  for (std::size_t i = 0; i < 3; ++i) {
+    const auto& c = commits[i];
+    const auto& m = mirrors[i];
+    CHECK(c.offset % jr::kBlockAlignBytes == 0);
+    CHECK(m.offset == c.offset + align_block(c.h.total_bytes));
+    CHECK(m.h.lsn == c.h.lsn);
+    CHECK(m.h.rp_id == c.h.rp_id);
+    CHECK(m.h.offset_bytes == jr::record_position(1, c.offset));
+    CHECK(seg.compare(m.offset + jr::kRecordHeaderBytes, m.h.total_bytes - jr::kRecordHeaderBytes,
+                      seg, c.offset + jr::kRecordHeaderBytes,
+                      c.h.total_bytes - jr::kRecordHeaderBytes) == 0);
+  }
+  CHECK(load_le32(seg.data() + 8) == 2);  // segment header: version 2
+}
+
+// The last RP is committed (and maybe acknowledged) but not applied yet: the state file says
+// RP 2, so nothing but the commit record proves RP 3. Before version 2 a damaged last commit
+// record read as a torn tail (R1) and RP 3 was cut silently.
+TEST_CASE("recovery R14: a damaged copy of the last commit record loses nothing",
+          "[store][recovery]") {
+  Fixture f;
+  f.run(2);
+  f.run(3, /*apply=*/false);
+  auto c = records_of(f.seg(1), jr::RecordType::rp_commit).back();
+  auto m = records_of(f.seg(1), jr::RecordType::rp_commit_mirror).back();
+  REQUIRE(c.h.rp_id == 3);
+  REQUIRE(m.h.rp_id == 3);
+  SECTION("commit record header") { flip_byte(f.seg(1), c.offset + 20); }
+  SECTION("commit record magic") { flip_byte(f.seg(1), c.offset); }
+  SECTION("commit record payload") { flip_byte(f.seg(1), c.offset + jr::kRecordHeaderBytes + 9); }
+  SECTION("commit record block zeroed") {
+    std::string seg = slurp(f.seg(1));
+    seg.replace(c.offset, jr::kBlockAlignBytes, jr::kBlockAlignBytes, '\0');
+    spit(f.seg(1), seg);
+  }
+  SECTION("mirror header") { flip_byte(f.seg(1), m.offset + 30); }
+  SECTION("mirror payload") { flip_byte(f.seg(1), m.offset + jr::kRecordHeaderBytes + 3); }
+  SECTION("mirror cut off (the file ends before it)") { fs::resize_file(f.seg(1), m.offset); }
+  {
+    auto s = f.reopen();
+    REQUIRE(s.is_ok());
+    f.expect_all(**s, 3);
+  }
+  // Appends resume after both copies; the next RP commits and everything survives a reopen.
+  TestRp rp4;
+  rp4.begin = {4, 3, 4000, 0, {disk("a", 45000, false), disk("b", 8192, false)}};
+  rp4.blocks = {{0, 8192, 4096, RecordKind::data, RecordCodec::none, 41}};
+  f.model.apply(rp4);
+  {
+    auto s = f.reopen();
+    REQUIRE(s.is_ok());
+    REQUIRE(feed_rp(**s, rp4).is_ok());
+    REQUIRE((*s)->apply_committed().is_ok());
+  }
+  auto s = f.reopen();
+  REQUIRE(s.is_ok());
+  f.expect_all(**s, 4);
+}
+
+TEST_CASE("recovery R14: a damaged older commit record no longer refuses the group",
+          "[store][recovery]") {
+  Fixture f;
+  f.run(3);
+  auto c = records_of(f.seg(1), jr::RecordType::rp_commit)[1];
+  REQUIRE(c.h.rp_id == 2);
+  flip_byte(f.seg(1), c.offset + jr::kRecordHeaderBytes + 1);
+  auto s = f.reopen();
+  REQUIRE(s.is_ok());
+  f.expect_all(**s, 3);
+}
+
+TEST_CASE("recovery R15: both copies of the last commit record damaged refuse, loudly",
+          "[store][recovery]") {
+  Fixture f;
+  f.run(2);
+  f.run(3, /*apply=*/false);
+  auto c = records_of(f.seg(1), jr::RecordType::rp_commit).back();
+  auto m = records_of(f.seg(1), jr::RecordType::rp_commit_mirror).back();
+  REQUIRE(c.h.rp_id == 3);
+  std::uint64_t size = fs::file_size(f.seg(1));
+  SECTION("both headers") {
+    flip_byte(f.seg(1), c.offset + 40);
+    flip_byte(f.seg(1), m.offset + 50);
+  }
+  SECTION("both payloads") {
+    flip_byte(f.seg(1), c.offset + jr::kRecordHeaderBytes + 2);
+    flip_byte(f.seg(1), m.offset + jr::kRecordHeaderBytes + 2);
+  }
+  SECTION("commit payload, mirror zeroed") {
+    flip_byte(f.seg(1), c.offset + jr::kRecordHeaderBytes + 2);
+    std::string seg = slurp(f.seg(1));
+    seg.replace(m.offset, jr::kBlockAlignBytes, jr::kBlockAlignBytes, '\0');
+    spit(f.seg(1), seg);
+  }
+  auto s = f.reopen();
+  REQUIRE(!s.is_ok());
+  CHECK(s.status().code() == Errc::corrupt);
+  CHECK(s.status().message().find("(R15)") != std::string::npos);
+  CHECK(s.status().message().find("0000000000000001.seg offset " + std::to_string(c.offset)) !=
+        std::string::npos);
+  CHECK(fs::file_size(f.seg(1)) == size);  // nothing cut: the evidence stays
+}
+
+TEST_CASE("recovery R1: a commit write torn before its sync is a torn tail, not R15",
+          "[store][recovery]") {
+  Fixture f;
+  f.run(2);
+  f.run(3, /*apply=*/false);
+  auto c = records_of(f.seg(1), jr::RecordType::rp_commit).back();
+  // As a power cut leaves it: the sectors of both copies never reached the disk.
+  std::string seg = slurp(f.seg(1));
+  std::uint64_t mirror_end = c.offset + 2 * align_block(c.h.total_bytes);
+  seg.replace(c.offset, mirror_end - c.offset, mirror_end - c.offset, '\0');
+  spit(f.seg(1), seg);
+  auto m2 = records_of(f.seg(1), jr::RecordType::rp_commit_mirror).back();  // RP 2: 3 is zeroed
+  REQUIRE(m2.h.rp_id == 2);
+  auto s = f.reopen();
+  REQUIRE(s.is_ok());
+  f.expect_all(**s, 2);
+  CHECK(fs::file_size(f.seg(1)) == m2.offset + align_block(m2.h.total_bytes));  // RP 3 cut (R3)
+}
+
+// A journal of version 1 (one commit copy, a padding record after it) is read, and new
+// records go to a new version-2 segment. Built from a version-2 journal: each mirror becomes
+// a version-1 padding record of the same size, the segment header says version 1.
+TEST_CASE("journal v1 segments are still read; appends continue in a v2 segment",
+          "[store][recovery]") {
+  Fixture f;
+  f.run(2);
+  std::string seg = slurp(f.seg(1));
+  std::uint64_t group_id = load_le64(seg.data() + 16);
+  jr::encode_segment_header(jr::SegmentHeader{group_id, 1, 1}, seg.data());
+  for (const auto& m : records_of(f.seg(1), jr::RecordType::rp_commit_mirror)) {
+    std::uint64_t bytes = align_block(m.h.total_bytes);
+    std::string zeros(bytes - jr::kRecordHeaderBytes, '\0');
+    jr::RecordHeader pad;
+    pad.type = jr::RecordType::padding;
+    pad.total_bytes = static_cast<std::uint32_t>(bytes);
+    pad.payload_checksum = xxh3_64(zeros.data(), zeros.size());
+    pad.position = jr::record_position(1, m.offset);
+    seg.replace(m.offset, bytes, std::string(jr::kRecordHeaderBytes, '\0') + zeros);
+    jr::encode_record_header(pad, seg.data() + m.offset);
+  }
+  spit(f.seg(1), seg);
+  {
+    auto s = f.reopen();
+    REQUIRE(s.is_ok());
+    f.expect_all(**s, 2);
+    REQUIRE(feed_rp(**s, f.rps[2]).is_ok());
+    REQUIRE((*s)->apply_committed().is_ok());
+  }
+  REQUIRE(fs::exists(f.seg(2)));
+  CHECK(load_le32(slurp(f.seg(1)).data() + 8) == 1);
+  CHECK(load_le32(slurp(f.seg(2)).data() + 8) == 2);
+  CHECK(records_of(f.seg(2), jr::RecordType::rp_commit_mirror).size() == 1);
+  auto s = f.reopen();
+  REQUIRE(s.is_ok());
+  f.expect_all(**s, 3);
+}
+
+TEST_CASE("a journal of an unknown version refuses to open, naming the version",
+          "[store][recovery]") {
+  Fixture f;
+  f.run(1);
+  std::string seg = slurp(f.seg(1));
+  seg[8] = 3;  // version 3, header checksum recomputed: a newer build wrote it
+  std::uint64_t sum = xxh3_64(seg.data(), 32);
+  for (int i = 0; i < 8; ++i) seg[32 + i] = static_cast<char>(sum >> (8 * i));
+  spit(f.seg(1), seg);
+  auto s = f.reopen();
+  REQUIRE(!s.is_ok());
+  CHECK(s.status().code() == Errc::unsupported);
+  CHECK(s.status().message().find("journal version 3") != std::string::npos);
+}
+
 TEST_CASE("recovery R12: a fresh group starts empty", "[store][recovery]") {
   Fixture f;
   auto s = GroupStore::open(f.opt, "g", true);
@@ -262,7 +480,17 @@ TEST_CASE("corrupted bytes anywhere in a segment are detected, never applied",
   f.run(3);
   std::string pristine = slurp(f.seg(1));
   std::string state = slurp(f.gdir() + "/state");
-  int tried = 0, refused = 0, harmless = 0;
+  int tried = 0, refused = 0, harmless = 0, other_copy = 0;
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> copies;  // [begin, end) of commit copies
+  for (const auto& r : segment_records(pristine))
+    if (r.h.type == jr::RecordType::rp_commit || r.h.type == jr::RecordType::rp_commit_mirror)
+      copies.emplace_back(r.offset, r.offset + r.h.total_bytes);
+  REQUIRE(copies.size() == 6);
+  auto in_copy = [&](std::uint64_t off) {
+    for (auto [b, e] : copies)
+      if (off >= b && off < e) return true;
+    return false;
+  };
   auto t0 = std::time(nullptr);
   const std::uint64_t step = long_mode() ? 7 : 97;  // a long run flips many more bytes
   for (std::uint64_t off = 0; off < pristine.size(); off += step) {
@@ -277,21 +505,25 @@ TEST_CASE("corrupted bytes anywhere in a segment are detected, never applied",
       ++refused;
       continue;
     }
-    // Opened: the flip hit bytes no check covers (padding after a commit). All data intact.
+    // Opened: the flip hit one copy of a commit record (the other one commits the RP, R14)
+    // or bytes no check covers (the zeros after a commit copy). All data intact.
     REQUIRE((*s)->last_committed_rp() == 3);
     for (std::uint64_t r = 1; r <= 3; ++r)
       REQUIRE(check_rp(**s, f.model, r, f.opt.root, f.dir.path(), r == 3) == "");
-    ++harmless;
+    ++(in_copy(off) ? other_copy : harmless);
   }
-  std::printf("store corruption sweep: %d flips, %d refused as corrupt, %d in unchecked "
-              "padding, 0 applied\n", tried, refused, harmless);
+  std::printf("store corruption sweep: %d flips, %d refused as corrupt, %d in one commit copy "
+              "(recovered from the other), %d in unchecked padding, 0 applied\n", tried,
+              refused, other_copy, harmless);
   write_figure("store-corruption-sweep",
                std::to_string(tried) + " journal bytes flipped, " + std::to_string(refused) +
-                   " refused as corrupt, " + std::to_string(harmless) +
-                   " in unchecked padding, 0 applied",
+                   " refused as corrupt, " + std::to_string(other_copy) +
+                   " in one commit copy (the other committed the RP), " +
+                   std::to_string(harmless) + " in unchecked padding, 0 applied",
                "\"seed\": null, \"iterations\": " + std::to_string(tried) +
                    ", \"faults_injected\": " + std::to_string(tried) + ", \"refused\": " +
                    std::to_string(refused) + ", \"harmless\": " + std::to_string(harmless) +
+                   ", \"recovered_from_other_copy\": " + std::to_string(other_copy) +
                    ", \"violations\": 0, \"duration_s\": " +
                    std::to_string(std::time(nullptr) - t0));
   CHECK(refused > 0);

@@ -9,11 +9,14 @@ fails, `ferry points` is unchanged, the replica still equals the last committed 
 the receiver stays up; then a clean run through the same proxy commits and equals the source.
 
 Part 2, the journal on disk (receiver stopped): bytes flipped in a committed block record
-(header and payload), in a commit record, in the segment header, in the state file, and
-garbage appended to the tail. At restart the receiver either refuses the group with an error
-naming the segment and offset, or recovers per the table (R1 cut a torn tail, R6 rebuild from
-the journal) with nothing acknowledged lost; `points`/`restore` either fail loudly or give
-exactly a committed RP of the catalog, and the replica equals a committed RP.
+(header and payload), in one copy of an older commit record, in one copy of the last commit
+record, in both copies of the last commit record, in the segment header, in the state file,
+and garbage appended to the tail. At restart the receiver either refuses the group with an
+error naming the segment and offset (both commit copies: R15), or recovers per the table (R1
+cut a torn tail, R6 rebuild from the journal, R14 the other commit copy) with every
+acknowledged RP still committed and restorable; `points`/`restore` either fail loudly (only
+when refused) or give exactly a committed RP of the catalog, and the replica equals a
+committed RP.
 Figure: "frames corrupted C, detected 100%; journal corruptions J, detected 100%"."""
 
 import os
@@ -185,7 +188,8 @@ def data_frames(capture):
 SEG_MAGIC = 0x4745534a59525246
 REC_MAGIC = 0x524a5946
 REC_HEADER = 96
-TYPES = {1: "rp_begin", 2: "block", 3: "rp_commit", 4: "rp_abort", 5: "padding"}
+TYPES = {1: "rp_begin", 2: "block", 3: "rp_commit", 4: "rp_abort", 5: "padding",
+         6: "rp_commit_mirror"}
 
 
 def records(seg):
@@ -202,7 +206,7 @@ def records(seg):
             break
         out.append((pos, TYPES.get(rtype, str(rtype)), total))
         pos += total
-        if rtype == 3:
+        if rtype in (3, 6):  # each copy of a commit record is zero-filled to its block end
             pos += -pos % 4096
     return out
 
@@ -318,11 +322,17 @@ with ft.Env(TEST) as env:
     seg_name = segs[-1]
     recs = records(os.path.join(gdir, "journal", seg_name))
     commits = [r_ for r_ in recs if r_[1] == "rp_commit"]
+    mirrors = [r_ for r_ in recs if r_[1] == "rp_commit_mirror"]
     blocks = [r_ for r_ in recs if r_[1] == "block"]
-    ft.check(len(commits) >= 2 and blocks, f"journal parse found {len(commits)} commits, "
-                                           f"{len(blocks)} blocks")
+    ft.check(len(commits) >= 2 and blocks and len(mirrors) == len(commits),
+             f"journal parse found {len(commits)} commits, {len(mirrors)} mirrors, "
+             f"{len(blocks)} blocks")
+    # A commit record is stored twice (journal v2): one damaged copy (either one) must be
+    # recovered from the other (R14) with every acknowledged RP committed and restorable; both
+    # copies damaged must be refused loudly (R15).
     jcases = ["block-header", "block-payload", "commit-record", "last-commit-record",
-              "segment-header", "state", "tail-garbage"]
+              "last-commit-both-copies", "segment-header", "state", "tail-garbage"]
+    recover_cases = ("tail-garbage", "state", "commit-record", "last-commit-record")
     jrounds = 1 if not ft.LONG else 10
     for rnd in range(jrounds):
         for jc in jcases:
@@ -337,11 +347,18 @@ with ft.Env(TEST) as env:
                 off, _t, n = rng.choice(cands)
                 where = off + REC_HEADER + rng.randrange(n - REC_HEADER)
             elif jc == "commit-record":
-                off, _t, n = rng.choice(commits[:-1])
+                i = rng.randrange(len(commits) - 1)
+                off, _t, n = rng.choice([commits[i], mirrors[i]])
                 where = off + rng.randrange(n)
             elif jc == "last-commit-record":
-                off, _t, n = commits[-1]
+                off, _t, n = rng.choice([commits[-1], mirrors[-1]])
                 where = off + rng.randrange(n)
+            elif jc == "last-commit-both-copies":
+                # past magic and type (bytes 0..4): both copies still show they were commits
+                off, _t, n = mirrors[-1]
+                flip(seg, off + 5 + rng.randrange(n - 5), rng)
+                off, _t, n = commits[-1]
+                where = off + 5 + rng.randrange(n - 5)
             elif jc == "segment-header":
                 where = rng.randrange(40)
             if jc == "state":
@@ -374,14 +391,19 @@ with ft.Env(TEST) as env:
                 ft.check(re.search(r"corrupt|unsupported", msg, re.I) and
                          re.search(r"segment \S+ offset \d+|state file", msg, re.I),
                          f"{label}: refusal does not name the segment and offset: {msg}")
+                ft.check(jc not in recover_cases,
+                         f"{label}: refused, but the table recovers it (R14/R1/R6): {msg}")
+                if jc == "last-commit-both-copies":
+                    ft.check("(R15)" in msg, f"{label}: refused without naming R15: {msg}")
                 stats["journal_refused"] += 1
                 ft.log(f"{label}: refused: {msg[:200]}")
             else:
-                ft.check(jc in ("tail-garbage", "state"),
+                ft.check(jc in recover_cases,
                          f"{label}: corrupt committed bytes were accepted at start-up "
                          f"(expected R2/R7/R8 refusal):\n{new_log[-2000:]}")
                 stats["journal_recovered_per_table"] += 1
-                ft.log(f"{label}: recovered per the table (R1 cut / R6 rebuild)")
+                ft.log(f"{label}: recovered per the table (R1 cut / R6 rebuild / R14 other "
+                       f"commit copy)")
             # points and restores: a committed RP of the catalog, or a loud failure
             r = env.run(["points", "--store", rx.store, "--group", GROUP, "--json"], timeout=60)
             listed = []
@@ -402,6 +424,10 @@ with ft.Env(TEST) as env:
                               "--disk", "vda", "--out", out], timeout=120)
                 if rr.rc != 0:
                     ft.check(rr.err.strip(), f"{label}: restore of RP {rp} failed silently")
+                    if not refused:
+                        stats["violations"] += 1
+                        raise ft.TestFailure(f"{label}: recovered, but restore of committed "
+                                             f"RP {rp} fails: {rr.err.strip()[:300]}")
                     stats["restores_failed_loudly"] += 1
                     continue
                 v = cat.check({"vda": out})
