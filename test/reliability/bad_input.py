@@ -3,7 +3,9 @@
 
 Part 1, the wire: a proxy between `ferry replicate` and `ferry receive` damages one frame per
 connection: flips a bit in its header, flips a bit in its payload, truncates it (the stream
-goes on), splices in a DATA frame of another group's stream, replays a DATA frame of an older
+goes on), makes its length field larger than the payload (the stream goes on with as many
+more bytes), larger than the 8 MiB bound, or smaller than the payload (each must be rejected
+by the frame decoder, before anything reaches the journal), splices in a DATA frame of another group's stream, replays a DATA frame of an older
 RP, cuts the connection mid-frame, duplicates a frame, swaps two frames. Every case: replicate
 fails, `ferry points` is unchanged, the replica still equals the last committed RP (oracle),
 the receiver stays up; then a clean run through the same proxy commits and equals the source.
@@ -35,8 +37,13 @@ from oracle import ft  # noqa: E402
 TEST = "bad-input"
 GROUP, OTHER = "bi", "bi2"
 SIZE = 16 * ft.MiB
-WIRE_CASES = ["header-bit", "payload-bit", "truncate", "splice-other-group", "replay-old-rp",
-              "cut-mid-frame", "duplicate", "reorder"]
+WIRE_CASES = ["header-bit", "payload-bit", "truncate", "length-longer", "length-over-max",
+              "length-shorter", "splice-other-group", "replay-old-rp", "cut-mid-frame",
+              "duplicate", "reorder"]
+# Frame length field cases: the frame decoder (transport) must reject them, so the receiver's
+# log must say "bad frame" (nothing of that frame reached the engine or the journal).
+LENGTH_CASES = ("length-longer", "length-over-max", "length-shorter")
+MAX_FRAME_PAYLOAD = 8 << 20  # kMaxPayloadBytes, docs/wire-protocol.md
 
 
 class MutatingProxy:
@@ -167,6 +174,25 @@ class MutatingProxy:
             n = rng.randrange(0, len(payload))
             self.mutated.append((case, f"payload cut to {n} of {len(payload)} bytes"))
             return head + payload[:n]
+        if case in LENGTH_CASES:
+            h = bytearray(head)
+            plen = struct.unpack_from("<I", h, 8)[0]
+            if case == "length-longer":
+                # the bytes after the frame follow, as the rest of a live stream would
+                more = rng.choice([1, rng.randint(2, 4096), rng.randint(4097, 1 << 20)])
+                struct.pack_into("<I", h, 8, plen + more)
+                self.mutated.append((case, f"length {plen} -> {plen + more}, {more} more "
+                                           f"bytes follow"))
+                return bytes(h) + payload + rng.randbytes(more)
+            if case == "length-over-max":
+                big = rng.randint(MAX_FRAME_PAYLOAD + 1, (1 << 32) - 1)
+                struct.pack_into("<I", h, 8, big)
+                self.mutated.append((case, f"length {plen} -> {big}"))
+                return bytes(h) + payload
+            less = rng.randint(1, plen)
+            struct.pack_into("<I", h, 8, plen - less)
+            self.mutated.append((case, f"length {plen} -> {plen - less}"))
+            return bytes(h) + payload
         if case in ("splice-other-group", "replay-old-rp"):
             self.mutated.append((case, f"replaced by a {len(self.inject)}-byte frame"))
             return self.inject
@@ -307,6 +333,10 @@ with ft.Env(TEST) as env:
             new_log = rx.log_text()[log_at:]
             ft.log(f"{case} ({detail}): replicate exit {r.rc}; receiver said: "
                    f"{' | '.join(l[24:140] for l in new_log.splitlines() if ' error' in l or ' warn' in l)[:400]}")
+            if case in LENGTH_CASES:
+                ft.check("bad frame" in new_log,
+                         f"{case} ({detail}): not rejected by the frame decoder (before the "
+                         f"journal); the receiver said:\n{new_log[-2000:]}")
             stats["frames_detected"] += 1
             pc["detected"] += 1
             clean_run(f"after {case}")
