@@ -23,10 +23,14 @@ namespace {
 struct GroupSlot {
   std::timed_mutex busy;  // held by the session that serves the group
   std::unique_ptr<GroupStore> store;
-  // The last storage failure reported for the group: the same failure again (a source
-  // retrying against a full disk) is logged at debug level, so a lasting fault is reported
-  // once rather than at every retry.
-  std::string last_storage_error;
+  // The storage failure episode of the group: from the first failed RP until an RP commits
+  // again. Its cause is logged once at error level; the retries of the source (every second
+  // against a full disk) only at debug; a different kind of failure (ENOSPC -> EIO) is a
+  // new cause and logged again; the commit that ends it logs one "resumed" line.
+  std::string last_storage_error;  // the first failure of the episode; empty: no episode
+  Errc last_storage_code = Errc::ok;
+  std::uint64_t storage_failures = 0;  // refused RPs in the episode
+  std::chrono::steady_clock::time_point storage_failed_since;
 };
 
 WireStatus wire_status_of(const Status& s) {
@@ -195,18 +199,28 @@ class Session {
   }
 
   // A failure of the receiver's own storage (EIO, ENOSPC, a failed sync): the RP is refused
-  // as retryable, the store is re-opened by the next session, and a repeated identical
-  // failure is not logged again at error level.
+  // as retryable and the store is re-opened by the next session. The cause is logged once
+  // per episode (see GroupSlot), not at every retry of the source.
   Status storage_failure(std::uint64_t rp_id, const Status& why) {
     storage_failed_ = true;
+    GroupSlot& g = *slot_;
     std::string text = why.to_string();
-    if (text != slot_->last_storage_error)
+    bool same_cause = !g.last_storage_error.empty() && why.code() == g.last_storage_code;
+    if (g.last_storage_error.empty()) {
+      g.storage_failures = 0;
+      g.storage_failed_since = std::chrono::steady_clock::now();
+    }
+    ++g.storage_failures;
+    if (same_cause) {
+      spdlog::debug("group '{}': RP {} not committed, storage still failing ({} refused): {}",
+                    hello_.group, rp_id, g.storage_failures, text);
+    } else {
       spdlog::error("group '{}': RP {} not committed, the store failed: {} (the source retries; "
                     "the receiver resumes once the cause is gone)", hello_.group, rp_id, text);
-    else
-      spdlog::debug("group '{}': RP {} not committed, same storage failure: {}", hello_.group,
-                    rp_id, text);
-    slot_->last_storage_error = text;
+      g.last_storage_error = text;
+      g.last_storage_code = why.code();
+    }
+    FERRY_ASSERT(!g.last_storage_error.empty() && g.storage_failures > 0);
     return send_refusal(rp_id, why);
   }
 
@@ -399,9 +413,14 @@ class Session {
     }
     rp_open_ = false;
     if (!slot_->last_storage_error.empty()) {
-      spdlog::info("group '{}': storage works again (was: {})", hello_.group,
-                   slot_->last_storage_error);
+      double failed_s = std::chrono::duration<double>(std::chrono::steady_clock::now() -
+                                                       slot_->storage_failed_since).count();
+      spdlog::info("group '{}': storage resumed: RP {} committed after {} refused RP attempt(s) "
+                   "over {:.1f} s (cause: {})", hello_.group, e.rp_id, slot_->storage_failures,
+                   failed_s, slot_->last_storage_error);
       slot_->last_storage_error.clear();
+      slot_->last_storage_code = Errc::ok;
+      slot_->storage_failures = 0;
     }
     FERRY_KILL_POINT("receiver.before_ack");
     // The RP is committed whatever happens to the acknowledgement: a source that closes as

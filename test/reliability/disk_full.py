@@ -7,10 +7,13 @@ thread keeps writing single self-validating 4 KiB blocks (the catalog marks a st
 write, so every RP must equal one of those states). Per episode, at a seeded moment, a balloon
 file takes all free space. While it is full, for FULL_S seconds:
   * no new RP commits (nothing is acknowledged that is not durable);
-  * the receiver names the cause (lines naming no-space are counted: bounded, not per frame);
+  * the receiver names the cause once per episode: at most MAX_NOSPACE_ERRORS error lines
+    naming no-space (the failure as the store saw it and as the session refused the RP), not
+    one per retry of the source;
   * its CPU time over the period stays low (no busy loop);
   * the last committed RP still restores equal to a catalog state.
-Then the balloon goes and a new RP must commit within RESUME_BOUND_S without an operator.
+Then the balloon goes and a new RP must commit within RESUME_BOUND_S without an operator, and
+the receiver logs exactly one "storage resumed" line (info) for the episode.
 At the end the writer stops and the next RP equals the source exactly.
 Figure: "E episodes, 0 violations, resume time after space returns p50/max"."""
 
@@ -34,6 +37,15 @@ FULL_S = 8.0
 RESUME_BOUND_S = 60.0
 MAX_CPU_SHARE = 0.25         # of one core, while full
 NOSPACE = re.compile(r"no space|ENOSPC|space left", re.I)
+ERROR_LINE = re.compile(r"^\S+ \S+ error: ")   # "<time> receive error: ..." (ferrytest log)
+RESUMED = re.compile(r" info: group '[^']+': storage resumed: ")
+MAX_NOSPACE_ERRORS = 2
+
+
+def log_since(path, offset):
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")
 
 
 def sh(*argv):
@@ -128,6 +140,7 @@ with ft.Env(TEST) as env:
     th.start()
     rep = ft.Proc(env, "replicate", [env.ferry] + args, env.path("replicate.log"))
     violations, resume_s, episodes, nospace_lines, cpu_shares = [], [], 0, [], []
+    nospace_errors, resumed_lines = [], []
 
     def points():
         r = env.run(["points", "--store", store, "--group", GROUP, "--json"], timeout=60)
@@ -168,9 +181,7 @@ with ft.Env(TEST) as env:
         share = cpu / (time.monotonic() - t0)
         cpu_shares.append(round(share, 3))
         during = points()
-        with open(rx.log_path, "rb") as f:
-            f.seek(log_at)
-            new_log = f.read().decode(errors="replace")
+        new_log = log_since(rx.log_path, log_at)
         n_lines = sum(1 for line in new_log.splitlines() if NOSPACE.search(line))
         nospace_lines.append(n_lines)
         ft.log(f"episode {ep}: while full: points {before[-3:]} -> {during[-3:]}, receiver CPU "
@@ -198,6 +209,20 @@ with ft.Env(TEST) as env:
         resume_s.append(took)
         ft.log(f"episode {ep}: RP {rp} committed {took:.1f}s after space came back")
         check_rp(rp, f"episode {ep}, after space came back")
+        # The whole episode's log: the cause once, at error level; then one "resumed" line.
+        ep_log = log_since(rx.log_path, log_at).splitlines()
+        errs = [l for l in ep_log if ERROR_LINE.search(l) and NOSPACE.search(l)]
+        resumed = [l for l in ep_log if RESUMED.search(l)]
+        nospace_errors.append(len(errs))
+        resumed_lines.append(len(resumed))
+        ft.log(f"episode {ep}: {len(errs)} error lines naming no-space, {len(resumed)} "
+               f"'storage resumed' lines")
+        if len(errs) > MAX_NOSPACE_ERRORS:
+            violations.append(f"episode {ep}: {len(errs)} error lines naming no-space (at most "
+                              f"{MAX_NOSPACE_ERRORS} per episode):\n" + "\n".join(errs[:6]))
+        if len(resumed) != 1:
+            violations.append(f"episode {ep}: {len(resumed)} 'storage resumed' lines (1 "
+                              f"expected)")
         episodes += 1
 
     # Quiet source: the next RP equals it exactly.
@@ -231,6 +256,7 @@ with ft.Env(TEST) as env:
                         faults_injected=n_episodes, violations=len(violations),
                         duration_s=round(time.monotonic() - t_start, 1),
                         resume_s=[round(x, 2) for x in resume_s],
-                        nospace_log_lines=nospace_lines, receiver_cpu_share_while_full=cpu_shares,
+                        nospace_log_lines=nospace_lines, nospace_error_lines=nospace_errors,
+                        resumed_lines=resumed_lines, receiver_cpu_share_while_full=cpu_shares,
                         violation_texts=violations[:5])
     ft.check(not violations, f"{len(violations)} violations: {violations}")
