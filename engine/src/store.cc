@@ -666,7 +666,8 @@ class StoreImpl final : public GroupStore {
     open_.reset();
     failed_ = std::move(s).with_context("group " + group_ +
                                         " store failed (re-open to recover)");
-    spdlog::error("{}", failed_.to_string());
+    // The caller reports it (the receiver once per failure episode, not at every retry).
+    spdlog::debug("{}", failed_.to_string());
     return failed_;
   }
 
