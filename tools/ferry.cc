@@ -16,6 +16,7 @@
 
 #include "ferry/base/kill_point.h"
 #include "ferry/base/log.h"
+#include "ferry/base/memory.h"
 #include "ferry/cbt/qmp_source.h"
 #include "ferry/engine/receiver.h"
 #include "ferry/engine/sender.h"
@@ -279,6 +280,7 @@ int cmd_restore(const std::string& store, const std::string& group, std::uint64_
 
 int main(int argc, char** argv) {
   using namespace ferry::tools;
+  ferry::tune_allocator();
   CLI::App app{"Ferry: block-level replication of running VM disks to a journaled receiver"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "ferry 0.1.0");

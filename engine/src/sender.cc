@@ -14,6 +14,7 @@
 #include "ferry/base/hash.h"
 #include "ferry/base/kill_point.h"
 #include "ferry/base/log.h"
+#include "ferry/base/memory.h"
 #include "ferry/engine/codec.h"
 #include "ferry/transport/wire.h"
 
@@ -54,14 +55,14 @@ class FrameSink {
   FrameSink(transport::Connection& conn, std::uint64_t group_id, std::uint64_t rp_id)
       : conn_(conn), group_id_(group_id), rp_id_(rp_id) {}
 
-  Status send(transport::DataFrame& frame) {
+  // `payload`: the block's encoded bytes (empty for a zero block).
+  Status send(transport::DataFrame& frame, std::string_view payload = {}) {
     frame.group_id = group_id_;
     frame.rp_id = rp_id_;
     std::lock_guard lock(mu_);
     frame.seq = next_seq_++;
     logical_bytes_ += frame.length_bytes;
-    std::string payload = transport::encode(frame);
-    return conn_.send_owned(MsgType::data, std::move(payload));
+    return conn_.send_owned(MsgType::data, transport::encode_data(frame, payload));
   }
   std::uint64_t frames() const {
     std::lock_guard lock(mu_);
@@ -86,8 +87,8 @@ class BufferPool {
  public:
   BufferPool(std::size_t count, std::uint32_t bytes) : bytes_(bytes) {
     FERRY_ASSERT(count > 0 && bytes > 0);
-    storage_.reset(new char[count * std::size_t(bytes)]);
-    for (std::size_t i = 0; i < count; ++i) free_.push_back(storage_.get() + i * bytes);
+    storage_ = PinnedRegion(count * std::size_t(bytes));
+    for (std::size_t i = 0; i < count; ++i) free_.push_back(storage_.data() + i * bytes);
   }
   char* try_take() {
     std::lock_guard lock(mu_);
@@ -112,7 +113,7 @@ class BufferPool {
 
  private:
   std::uint32_t bytes_;
-  std::unique_ptr<char[]> storage_;
+  PinnedRegion storage_;
   std::mutex mu_;
   std::condition_variable cv_;
   std::vector<char*> free_;
@@ -207,6 +208,7 @@ class WorkerPool {
     f.offset_bytes = job.offset_bytes;
     f.length_bytes = job.length_bytes;
     std::optional<Hash128> digest;
+    std::string_view payload;
     if (job.compare) {  // the hash is computed anyway: compare before compressing
       digest = xxh3_128(job.buf, job.length_bytes);
       st.compared_blocks += 1;
@@ -225,17 +227,17 @@ class WorkerPool {
                                                 job.buf, job.length_bytes, out.data(), out.size()));
       if (n < job.length_bytes) {
         f.codec = transport::Codec::zstd;
-        f.payload.assign(out.data(), n);
+        payload = std::string_view(out.data(), n);
       } else {  // incompressible: zstd would only add bytes
         f.codec = transport::Codec::none;
-        f.payload.assign(job.buf, job.length_bytes);
+        payload = std::string_view(job.buf, job.length_bytes);
       }
       st.data_bytes += job.length_bytes;
-      st.payload_bytes += f.payload.size();
+      st.payload_bytes += payload.size();
     }
     st.frames += 1;
     FERRY_KILL_POINT("source.mid_send");
-    return sink_.send(f);
+    return sink_.send(f, payload);
   }
 
   FrameSink& sink_;
