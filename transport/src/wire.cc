@@ -379,9 +379,12 @@ Result<RpBegin> decode_rp_begin(std::string_view payload) {
 
 // --- data ------------------------------------------------------------------------------
 
-std::string encode(const DataFrame& m) {
+std::string encode(const DataFrame& m) { return encode_data(m, m.payload); }
+
+std::string encode_data(const DataFrame& m, std::string_view payload) {
+  FERRY_ASSERT(m.payload.empty() || m.payload.data() == payload.data());
   std::string out;
-  out.reserve(kDataFixedBytes + m.payload.size());
+  out.reserve(kDataFixedBytes + payload.size());
   ByteWriter w(out);
   w.u64(m.group_id);
   w.u64(m.rp_id);
@@ -394,7 +397,7 @@ std::string encode(const DataFrame& m) {
   w.u64(m.hash.lo);
   w.u64(m.hash.hi);
   FERRY_ASSERT(out.size() == kDataFixedBytes);
-  w.bytes(m.payload.data(), m.payload.size());
+  w.bytes(payload.data(), payload.size());
   return out;
 }
 

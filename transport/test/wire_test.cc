@@ -292,6 +292,17 @@ TEST_CASE("data frames: length, kind, codec and payload agree") {
   expect_rejected(decode_rp_end(encode(RpEnd{1, 1, kMaxBlockBytes * 2ull})), "rp_end.logical_bytes");
 }
 
+TEST_CASE("encode_data with the payload apart gives the same bytes as encode") {
+  DataFrame d = sample_data();
+  DataFrame fields = d;
+  fields.payload.clear();
+  std::string apart = encode_data(fields, d.payload);
+  CHECK(apart == encode(d));
+  auto back = decode_data(apart);
+  REQUIRE(back.is_ok());
+  CHECK(*back == d);
+}
+
 TEST_CASE("truncated payloads and trailing bytes are rejected") {
   const std::string payloads[] = {encode(sample_hello()), encode(sample_reply()),
                                   encode(sample_begin()), encode(RpEnd{1, 2, 3}),

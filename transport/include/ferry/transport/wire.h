@@ -219,6 +219,9 @@ std::string encode(const Hello&);
 std::string encode(const HelloReply&);
 std::string encode(const RpBegin&);
 std::string encode(const DataFrame&);
+// The same bytes with the payload given apart (the fields of `m` without its payload), so a
+// sender encodes straight from its compression buffer without a copy into m.payload.
+std::string encode_data(const DataFrame& m, std::string_view payload);
 std::string encode(const RpEnd&);
 std::string encode(const RpAck&);
 std::string encode(const ErrorMsg&);
