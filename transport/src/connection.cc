@@ -154,7 +154,16 @@ void tune_socket(tcp::socket& socket, const ConnectionOptions& options, const st
 struct OutFrame {
   std::array<unsigned char, kFrameHeaderBytes> header;
   std::string payload;
+  std::size_t written = 0;  // bytes of header+payload already sent by an inline write
   std::size_t bytes() const { return header.size() + payload.size(); }
+  std::size_t unsent() const { return bytes() - written; }
+  // Appends the unsent parts to `out`.
+  void buffers(std::vector<asio::const_buffer>& out) const {
+    if (written < header.size())
+      out.push_back(asio::buffer(header.data() + written, header.size() - written));
+    std::size_t pw = written > header.size() ? written - header.size() : 0;
+    if (pw < payload.size()) out.push_back(asio::buffer(payload.data() + pw, payload.size() - pw));
+  }
 };
 
 OutFrame make_out_frame(MsgType type, std::string payload) {
@@ -221,6 +230,7 @@ class Core final : public Connection, public std::enable_shared_from_this<Core> 
  private:
   tcp::socket& socket() { return stream_; }
   Status enqueue(OutFrame frame, Clock::time_point deadline);
+  int write_inline(OutFrame& frame);  // caller holds mu_; returns 0 or an errno
   Status wait_flushed(Clock::time_point deadline);
   void start_write();
   void on_written(const boost::system::error_code& ec, std::size_t bytes);
@@ -277,13 +287,53 @@ Status Core::enqueue(OutFrame frame, Clock::time_point deadline) {
     return Status::error(Errc::timeout, fmt::format("send queue to {} stayed full", peer_))
         .set_retryable();
   if (!failure_.is_ok()) return failure_;
-  unsent_bytes_ += frame.bytes();
+  if (!write_active_ && send_queue_.empty()) {
+    // Inline write: the writer is idle, so this thread writes the frame itself (under mu_,
+    // which keeps frames in order and keeps close_socket() away: it only runs after fail()
+    // set failure_ under mu_). Saves the hop to the I/O thread for most frames; whatever the
+    // socket does not take now goes to the I/O thread as usual. Plain TCP only: a TLS stream
+    // must be written through its engine.
+    int err = write_inline(frame);
+    if (err != 0) {
+      lock.unlock();
+      fail(Status::from_errno(err, "send to " + peer_));
+      return Status::error(Errc::disconnected, fmt::format("send to {}: {}", peer_, std::strerror(err)))
+          .set_retryable();
+    }
+    if (frame.unsent() == 0) return Status::ok();
+  }
+  unsent_bytes_ += frame.unsent();
   send_queue_.push_back(std::move(frame));
   if (write_active_) return Status::ok();  // the writer picks it up when its write ends
   write_active_ = true;
   lock.unlock();
   asio::post(stream_.get_executor(), [self = shared_from_this()] { self->start_write(); });
   return Status::ok();
+}
+
+int Core::write_inline(OutFrame& frame) {
+  std::vector<asio::const_buffer> parts;
+  parts.reserve(2);
+  frame.buffers(parts);
+  iovec iov[2];
+  msghdr msg{};
+  for (std::size_t i = 0; i < parts.size(); ++i) {
+    iov[i].iov_base = const_cast<void*>(parts[i].data());
+    iov[i].iov_len = parts[i].size();
+  }
+  msg.msg_iov = iov;
+  msg.msg_iovlen = parts.size();
+  for (;;) {
+    ssize_t n = ::sendmsg(socket().native_handle(), &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (n >= 0) {
+      frame.written += static_cast<std::size_t>(n);
+      bytes_sent_.fetch_add(static_cast<std::size_t>(n), std::memory_order_relaxed);
+      return 0;
+    }
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;  // the I/O thread waits for room
+    return errno;
+  }
 }
 
 Status Core::wait_flushed(Clock::time_point deadline) {
@@ -309,10 +359,7 @@ void Core::start_write() {
     }
   }
   write_buffers_.clear();
-  for (const OutFrame& f : writing_) {
-    write_buffers_.push_back(asio::buffer(f.header));
-    if (!f.payload.empty()) write_buffers_.push_back(asio::buffer(f.payload));
-  }
+  for (const OutFrame& f : writing_) f.buffers(write_buffers_);
   asio::async_write(stream_, write_buffers_,
                     [self = shared_from_this()](const boost::system::error_code& ec,
                                                 std::size_t bytes) { self->on_written(ec, bytes); });
@@ -322,7 +369,7 @@ void Core::on_written(const boost::system::error_code& ec, std::size_t bytes) {
   if (ec) return fail(status_from_asio(ec, "send to " + peer_));
   bytes_sent_.fetch_add(bytes, std::memory_order_relaxed);
   std::size_t written = 0;
-  for (const OutFrame& f : writing_) written += f.bytes();
+  for (const OutFrame& f : writing_) written += f.unsent();
   FERRY_ASSERT(written == bytes);
   writing_.clear();  // frees the payloads outside the lock
   {
