@@ -7,9 +7,13 @@
 // Send: send() copies the payload once into a queue entry (header beside it, not in front of
 // it) and wakes the writer only when it is idle; the writer takes everything queued and hands
 // it to one gathered async_write, so a busy connection costs no thread hop per frame.
-// Receive: the I/O thread reads header, checks it before allocating, reads the payload into
-// the Frame that receive() returns (no copy), verifies the checksum, and queues it. Past
-// max_recv_queue_bytes it stops reading, so TCP's window pushes back on the peer.
+// Send, inline: when the writer is idle the caller writes the frame itself (sendmsg,
+// MSG_DONTWAIT) and only what the socket does not take goes to the I/O thread.
+// Receive: the I/O thread reads what the socket holds into a 256 KiB buffer, checks each
+// header before copying its payload out, verifies the checksum, and queues all whole frames
+// with one wake-up; a frame larger than the buffer is read straight into its payload. Past
+// max_recv_queue_bytes it stops reading (the queue may exceed the bound by the frames of one
+// buffer), so TCP's window pushes back on the peer.
 //
 // TLS later: all reads and writes go through `stream_`; only socket() touches the TCP layer.
 // Swapping Stream for ssl::stream<tcp::socket> adds a handshake after connect/accept.
@@ -174,6 +178,10 @@ OutFrame make_out_frame(MsgType type, std::string payload) {
   return f;
 }
 
+// Receive buffer of a connection; larger frames are read straight into their payload.
+constexpr std::size_t kRxBufferBytes = 256u << 10;
+static_assert(kRxBufferBytes > kFrameHeaderBytes);
+
 // Most frames one gathered write takes; bounds the iovec list, not the bytes (the send
 // queue bound does that).
 constexpr std::size_t kMaxFramesPerWrite = 512;
@@ -235,7 +243,9 @@ class Core final : public Connection, public std::enable_shared_from_this<Core> 
   void start_write();
   void on_written(const boost::system::error_code& ec, std::size_t bytes);
   void read_header();
-  void on_header(const boost::system::error_code& ec);
+  void read_more();
+  void parse_buffered();
+  bool deliver(std::vector<Frame>& frames);
   void on_payload(const boost::system::error_code& ec);
 
   Stream stream_;
@@ -259,8 +269,15 @@ class Core final : public Connection, public std::enable_shared_from_this<Core> 
   // I/O thread only.
   std::vector<OutFrame> writing_;
   std::vector<asio::const_buffer> write_buffers_;
+  // Bytes read and not yet framed: [rx_begin_, rx_end_) of rx_buf_. One read takes as many
+  // frames as the socket holds (one system call and one wake-up for many small frames).
+  std::unique_ptr<char[]> rx_buf_{new char[kRxBufferBytes]};
+  std::size_t rx_begin_ = 0, rx_end_ = 0;
+  std::vector<Frame> rx_ready_;
+  // A frame larger than rx_buf_: its header, and its payload filled to rx_large_have_.
   std::array<unsigned char, kFrameHeaderBytes> rx_header_{};
   Frame rx_frame_;
+  std::size_t rx_large_have_ = 0;
 };
 
 void Core::fail(Status why) {
@@ -382,26 +399,102 @@ void Core::on_written(const boost::system::error_code& ec, std::size_t bytes) {
 }
 
 void Core::read_header() {
-  asio::async_read(stream_, asio::buffer(rx_header_),
-                   [self = shared_from_this()](const boost::system::error_code& ec, std::size_t) {
-                     self->on_header(ec);
-                   });
+  // Called to start reading and to resume after a pause: frames already buffered go first.
+  parse_buffered();
 }
 
-void Core::on_header(const boost::system::error_code& ec) {
-  if (ec) return fail(status_from_asio(ec, "receive from " + peer_));
-  Result<FrameHeader> header = decode_frame_header(rx_header_.data());
-  if (!header.is_ok()) {
-    spdlog::warn("transport: bad frame from {}: {}", peer_, header.status().message());
-    return fail(header.status().with_context("bad frame from " + peer_));
+void Core::read_more() {
+  if (rx_begin_ == rx_end_) {
+    rx_begin_ = rx_end_ = 0;
+  } else if (rx_begin_ > 0) {  // keep the partial frame at the front: room for the rest
+    std::memmove(rx_buf_.get(), rx_buf_.get() + rx_begin_, rx_end_ - rx_begin_);
+    rx_end_ -= rx_begin_;
+    rx_begin_ = 0;
   }
-  rx_frame_.type = header->type;
-  rx_frame_.payload.resize(header->payload_bytes);  // bounded by decode_frame_header
-  if (header->payload_bytes == 0) return on_payload({});
-  asio::async_read(stream_, asio::buffer(rx_frame_.payload),
-                   [self = shared_from_this()](const boost::system::error_code& ec2, std::size_t) {
-                     self->on_payload(ec2);
-                   });
+  FERRY_ASSERT(rx_end_ < kRxBufferBytes);
+  stream_.async_read_some(asio::buffer(rx_buf_.get() + rx_end_, kRxBufferBytes - rx_end_),
+                          [self = shared_from_this()](const boost::system::error_code& ec,
+                                                      std::size_t n) {
+                            if (ec) return self->fail(status_from_asio(ec, "receive from " + self->peer_));
+                            self->rx_end_ += n;
+                            self->parse_buffered();
+                          });
+}
+
+// Takes every whole frame out of the buffer (header checked before its payload is copied),
+// queues them with one wake-up, and reads on unless the queue is full. A frame larger than
+// the buffer is read straight into its payload (on_payload).
+void Core::parse_buffered() {
+  rx_ready_.clear();
+  Status bad;
+  bool large = false;
+  while (rx_end_ - rx_begin_ >= kFrameHeaderBytes) {
+    const char* at = rx_buf_.get() + rx_begin_;
+    Result<FrameHeader> header = decode_frame_header(reinterpret_cast<const unsigned char*>(at));
+    if (!header.is_ok()) {
+      bad = header.status();
+      break;
+    }
+    const std::size_t need = kFrameHeaderBytes + header->payload_bytes;
+    const std::size_t have = rx_end_ - rx_begin_;
+    if (have < need) {
+      if (need > kRxBufferBytes) {  // larger than the buffer: read the rest into the payload
+        std::memcpy(rx_header_.data(), at, kFrameHeaderBytes);
+        rx_frame_.type = header->type;
+        rx_frame_.payload.resize(header->payload_bytes);  // bounded by decode_frame_header
+        std::memcpy(rx_frame_.payload.data(), at + kFrameHeaderBytes, have - kFrameHeaderBytes);
+        rx_large_have_ = have - kFrameHeaderBytes;
+        rx_begin_ = rx_end_ = 0;
+        large = true;
+      }
+      break;
+    }
+    Frame f;
+    f.type = header->type;
+    f.payload.assign(at + kFrameHeaderBytes, header->payload_bytes);
+    Status valid = verify_frame(reinterpret_cast<const unsigned char*>(at), f.payload);
+    if (!valid.is_ok()) {
+      bad = std::move(valid);
+      break;
+    }
+    rx_begin_ += need;
+    rx_ready_.push_back(std::move(f));
+  }
+  // Frames before a bad one are good and are delivered first.
+  bool pause = deliver(rx_ready_);
+  rx_ready_.clear();
+  if (!bad.is_ok()) {
+    spdlog::warn("transport: bad frame from {}: {}", peer_, bad.message());
+    return fail(std::move(bad).with_context("bad frame from " + peer_));
+  }
+  if (large) {
+    asio::async_read(stream_,
+                     asio::buffer(rx_frame_.payload.data() + rx_large_have_,
+                                  rx_frame_.payload.size() - rx_large_have_),
+                     [self = shared_from_this()](const boost::system::error_code& ec, std::size_t) {
+                       self->on_payload(ec);
+                     });
+    return;
+  }
+  if (!pause) read_more();
+}
+
+// Queues frames read by the I/O thread; returns whether reading must pause (queue full).
+bool Core::deliver(std::vector<Frame>& frames) {
+  std::size_t bytes = 0;
+  for (const Frame& f : frames) bytes += kFrameHeaderBytes + f.payload.size();
+  bytes_received_.fetch_add(bytes, std::memory_order_relaxed);
+  bool pause = false;
+  {
+    std::lock_guard lock(mu_);
+    if (!failure_.is_ok()) return true;
+    for (Frame& f : frames) recv_queue_.push_back(std::move(f));
+    recv_queue_bytes_ += bytes;
+    pause = recv_queue_bytes_ >= options_.max_recv_queue_bytes;
+    read_paused_ = pause;
+  }
+  if (!frames.empty()) recv_cv_.notify_one();
+  return pause;
 }
 
 void Core::on_payload(const boost::system::error_code& ec) {
@@ -411,20 +504,12 @@ void Core::on_payload(const boost::system::error_code& ec) {
     spdlog::warn("transport: bad frame from {}: {}", peer_, valid.message());
     return fail(std::move(valid).with_context("bad frame from " + peer_));
   }
-  std::size_t frame_bytes = kFrameHeaderBytes + rx_frame_.payload.size();
-  bytes_received_.fetch_add(frame_bytes, std::memory_order_relaxed);
-  bool pause = false;
-  {
-    std::lock_guard lock(mu_);
-    if (!failure_.is_ok()) return;
-    recv_queue_bytes_ += frame_bytes;
-    recv_queue_.push_back(std::move(rx_frame_));
-    pause = recv_queue_bytes_ >= options_.max_recv_queue_bytes;
-    read_paused_ = pause;
-  }
-  recv_cv_.notify_one();
+  rx_ready_.clear();
+  rx_ready_.push_back(std::move(rx_frame_));
   rx_frame_ = Frame{};
-  if (!pause) read_header();
+  bool pause = deliver(rx_ready_);
+  rx_ready_.clear();
+  if (!pause) read_more();
 }
 
 Result<Frame> Core::receive(milliseconds timeout) {

@@ -200,6 +200,37 @@ TEST_CASE("large frames arrive intact and in order") {
   CHECK(outcomes.wait_for(1)[0].is_ok());
 }
 
+TEST_CASE("many small frames, sizes around the receive buffer's, arrive intact and in order") {
+  // Frames of 0 B .. 300 KiB: several per read, frames cut across reads, and frames larger
+  // than the connection's 256 KiB receive buffer between them.
+  constexpr int kFrames = 3000;
+  auto size_of = [](int i) -> std::size_t {
+    std::uint64_t x = std::uint64_t(i) * 2654435761u;
+    switch (i % 4) {
+      case 0: return x % 64;
+      case 1: return x % 4096;
+      case 2: return 60000 + x % 8000;
+      default: return (i % 40 == 3) ? 250000 + x % 60000 : x % 20000;
+    }
+  };
+  Outcomes outcomes;
+  auto server = listen_local([&](Connection& conn) {
+    for (int i = 0; i < kFrames; ++i) {
+      Result<Frame> f = conn.receive(10s);
+      if (!f.is_ok()) return outcomes.add(f.status());
+      if (f->payload != pattern(size_of(i), i))
+        return outcomes.add(Status::error(Errc::corrupt, "frame " + std::to_string(i) + " differs"));
+    }
+    outcomes.add(Status::ok());
+  });
+  auto client = connect_local(server->port());
+  for (int i = 0; i < kFrames; ++i) REQUIRE(client->send(MsgType::data, pattern(size_of(i), i)).is_ok());
+  REQUIRE(client->flush().is_ok());
+  Status got = outcomes.wait_for(1)[0];
+  INFO(got.to_string());
+  CHECK(got.is_ok());
+}
+
 TEST_CASE("a receiver that does not read makes send() block with bounded queues") {
   constexpr std::size_t kFrameBytes = 256 << 10;
   ConnectionOptions small;
