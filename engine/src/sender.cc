@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <condition_variable>
 #include <deque>
 #include <map>
@@ -26,6 +27,10 @@ using transport::MsgType;
 
 inline constexpr std::uint64_t kExtentChunkBytes = 1ull << 30;  // extents asked per call
 inline constexpr std::size_t kMaxWorkers = 4;
+// Adjacent changed blocks are read with one NBD/io_uring request of at most this many bytes
+// (fewer requests and system calls per byte; the bitmap's granularity stays the frame unit).
+inline constexpr std::uint64_t kMaxReadRunBytes = 1u << 20;
+inline constexpr std::size_t kMaxReadRunJobs = 16;  // bound on blocks per run (small blocks)
 // Resync: the disk is compared region by region; the source keeps this many regions'
 // hash_requests ahead of the one it reads, so the receiver hashes while the source reads.
 inline constexpr std::uint64_t kResyncRegionBytes = 64ull << 20;
@@ -82,32 +87,62 @@ class FrameSink {
   std::uint64_t logical_bytes_ = 0;
 };
 
-// Fixed pool of read buffers: the bound on bytes read and not yet sent.
+// Fixed pool of read buffers, one block each, in one mapping: the bound on bytes read and not
+// yet sent. Consecutive free slots can be taken together, so a run of adjacent blocks is read
+// with one request into contiguous memory and still handed back slot by slot.
 class BufferPool {
  public:
-  BufferPool(std::size_t count, std::uint32_t bytes) : bytes_(bytes) {
+  BufferPool(std::size_t count, std::uint32_t bytes) : bytes_(bytes), used_(count, false) {
     FERRY_ASSERT(count > 0 && bytes > 0);
     storage_ = PinnedRegion(count * std::size_t(bytes));
-    for (std::size_t i = 0; i < count; ++i) free_.push_back(storage_.data() + i * bytes);
+    free_count_ = count;
+  }
+  // Up to `max_slots` (>= 1) adjacent free slots; returns the first and sets `*got`, or
+  // nullptr when none is free.
+  char* try_take_run(std::size_t max_slots, std::size_t* got) {
+    FERRY_ASSERT(max_slots >= 1);
+    std::lock_guard lock(mu_);
+    if (free_count_ == 0) return nullptr;
+    std::size_t best = used_.size(), best_len = 0;
+    for (std::size_t i = 0; i < used_.size() && best_len < max_slots;) {
+      if (used_[i]) {
+        ++i;
+        continue;
+      }
+      std::size_t j = i;
+      while (j < used_.size() && !used_[j] && j - i < max_slots) ++j;
+      if (j - i > best_len) {
+        best = i;
+        best_len = j - i;
+      }
+      i = j;
+    }
+    FERRY_ASSERT(best_len >= 1);
+    for (std::size_t k = best; k < best + best_len; ++k) used_[k] = true;
+    free_count_ -= best_len;
+    *got = best_len;
+    return storage_.data() + best * std::size_t(bytes_);
   }
   char* try_take() {
-    std::lock_guard lock(mu_);
-    if (free_.empty()) return nullptr;
-    char* b = free_.back();
-    free_.pop_back();
-    return b;
+    std::size_t got = 0;
+    return try_take_run(1, &got);
   }
   void give_back(char* b) {
+    std::size_t slot = static_cast<std::size_t>(b - storage_.data()) / bytes_;
+    FERRY_ASSERT(b >= storage_.data() && slot < used_.size() &&
+                 b == storage_.data() + slot * std::size_t(bytes_));
     {
       std::lock_guard lock(mu_);
-      free_.push_back(b);
+      FERRY_ASSERT(used_[slot]);
+      used_[slot] = false;
+      ++free_count_;
     }
     cv_.notify_one();
   }
   // Waits up to `timeout` for a buffer to come back.
   void wait_for_free(std::chrono::milliseconds timeout) {
     std::unique_lock lock(mu_);
-    cv_.wait_for(lock, timeout, [&] { return !free_.empty(); });
+    cv_.wait_for(lock, timeout, [&] { return free_count_ > 0; });
   }
   std::uint32_t buffer_bytes() const { return bytes_; }
 
@@ -116,7 +151,8 @@ class BufferPool {
   PinnedRegion storage_;
   std::mutex mu_;
   std::condition_variable cv_;
-  std::vector<char*> free_;
+  std::vector<bool> used_;  // guarded by mu_
+  std::size_t free_count_ = 0;
 };
 
 struct Job {
@@ -126,6 +162,12 @@ struct Job {
   std::uint32_t length_bytes = 0;
   bool compare = false;  // resync: drop the block when its digest equals `replica_digest`
   Hash128 replica_digest;
+};
+
+// The blocks of one read request.
+struct ReadRun {
+  std::array<Job, kMaxReadRunJobs> jobs;
+  std::size_t count = 0;
 };
 
 // Hashes, detects zeros, compresses and sends read blocks on a few threads.
@@ -146,13 +188,17 @@ class WorkerPool {
   }
   ~WorkerPool() { shutdown(); }
 
-  void push(const Job& job) {
+  void push(const Job& job) { push_all(&job, 1); }
+  void push_all(const Job* jobs, std::size_t n) {
     {
       std::lock_guard lock(mu_);
-      queue_.push_back(job);
-      ++pending_;
+      for (std::size_t i = 0; i < n; ++i) queue_.push_back(jobs[i]);
+      pending_ += n;
     }
-    cv_.notify_one();
+    if (n == 1)
+      cv_.notify_one();
+    else
+      cv_.notify_all();
   }
   // Waits until every pushed job is done; returns the first error.
   Status drain() {
@@ -471,19 +517,32 @@ class DiskStreamer {
   }
 
   // `region`: resync only; each block then carries the receiver's digest to compare with.
+  // Adjacent whole blocks are read together, up to kMaxReadRunBytes per request, into adjacent
+  // pool slots; each block is then a job of its own.
   Status read_data(cbt::BlockReader& reader, std::uint16_t disk_index, const cbt::Extent& e,
                    const DigestFeed::Region* region = nullptr) {
-    std::uint64_t end = e.offset_bytes + e.length_bytes;
+    const std::uint64_t end = e.offset_bytes + e.length_bytes;
+    const std::size_t max_run_blocks =
+        std::max<std::size_t>(1, std::min<std::size_t>(kMaxReadRunBytes / o_.block_bytes,
+                                                       kMaxReadRunJobs));
     std::uint64_t at = e.offset_bytes;
     while (at < end) {
       if (stop_requested(o_)) return Status::error(Errc::cancelled, "stopped during transfer");
       FERRY_TRY(read_error_);
       if (workers_.failed()) return workers_.drain();
-      // Cut at block boundaries so blocks line up with the bitmap granularity.
-      std::uint64_t block_end = (at / o_.block_bytes + 1) * o_.block_bytes;
-      std::uint32_t len = static_cast<std::uint32_t>(std::min(block_end, end) - at);
+      // Cut at block boundaries so blocks line up with the bitmap granularity. A run starts on
+      // a block boundary (else it is the one partial block) and its blocks are whole except
+      // possibly the last, at the end of the extent.
+      const std::uint64_t first_end = (at / o_.block_bytes + 1) * o_.block_bytes;
+      std::size_t want = 1;
+      if (at % o_.block_bytes == 0) {
+        std::uint64_t blocks_left = (end - at + o_.block_bytes - 1) / o_.block_bytes;
+        want = static_cast<std::size_t>(std::min<std::uint64_t>(blocks_left, max_run_blocks));
+      }
       char* buf = nullptr;
-      while (reader.in_flight() >= o_.max_inflight_reads || !(buf = buffers_.try_take())) {
+      std::size_t got = 0;
+      while (reader.in_flight() >= o_.max_inflight_reads ||
+             !(buf = buffers_.try_take_run(want, &got))) {
         if (reader.in_flight() > 0)
           FERRY_TRY(poll(reader, 50));
         else
@@ -491,28 +550,41 @@ class DiskStreamer {
         FERRY_TRY(read_error_);
         if (workers_.failed()) return workers_.drain();
       }
-      Job job{buf, disk_index, at, len};
-      if (region) {
-        FERRY_ASSERT(at % o_.block_bytes == 0 && at >= region->offset_bytes);
-        job.compare = true;
-        job.replica_digest = region->digests[(at - region->offset_bytes) / o_.block_bytes];
+      const std::uint64_t run_end =
+          got == 1 ? std::min(first_end, end)
+                   : std::min<std::uint64_t>(end, at + std::uint64_t(got) * o_.block_bytes);
+      ReadRun run;
+      for (std::uint64_t p = at; p < run_end; p += o_.block_bytes) {
+        const std::uint64_t piece_end = std::min<std::uint64_t>(run_end, (p / o_.block_bytes + 1) * o_.block_bytes);
+        Job job{buf + (p - at), disk_index, p, static_cast<std::uint32_t>(piece_end - p)};
+        if (region) {
+          FERRY_ASSERT(p % o_.block_bytes == 0 && p >= region->offset_bytes);
+          job.compare = true;
+          job.replica_digest = region->digests[(p - region->offset_bytes) / o_.block_bytes];
+        }
+        run.jobs[run.count++] = job;
+        if (got == 1) break;
       }
-      Status s = reader.submit_read(at, len, buf, [this, job](Status st) {
+      FERRY_ASSERT(run.count == got);
+      const auto len = static_cast<std::uint32_t>(run_end - at);
+      Status s = reader.submit_read(at, len, buf, [this, run](Status st) {
         if (!st.is_ok()) {
-          buffers_.give_back(job.buf);
+          for (std::size_t k = 0; k < run.count; ++k) buffers_.give_back(run.jobs[k].buf);
           if (read_error_.is_ok())
             read_error_ = std::move(st).with_context("read at offset " +
-                                                     std::to_string(job.offset_bytes));
+                                                     std::to_string(run.jobs[0].offset_bytes));
           return;
         }
-        stats_[job.disk_index].read_bytes += job.length_bytes;
-        workers_.push(job);
+        std::uint64_t bytes = 0;
+        for (std::size_t k = 0; k < run.count; ++k) bytes += run.jobs[k].length_bytes;
+        stats_[run.jobs[0].disk_index].read_bytes += bytes;
+        workers_.push_all(run.jobs.data(), run.count);
       });
       if (!s.is_ok()) {
-        buffers_.give_back(buf);
+        for (std::size_t k = 0; k < run.count; ++k) buffers_.give_back(run.jobs[k].buf);
         return s;
       }
-      at += len;
+      at = run_end;
       done_bytes_ += len;
       if (o_.progress && (done_bytes_ & ((64u << 20) - 1)) < len) o_.progress(done_bytes_, 0);
     }
