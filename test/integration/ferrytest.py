@@ -44,6 +44,10 @@ SKIP = 77
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 LONG = os.environ.get("FERRY_LONG", "") not in ("", "0")
+# The ASan+UBSan pass of test/run: the same tests, the long randomised loops with fewer rounds
+# (the sanitizers look at code paths, which the first rounds already take); its figures are
+# printed, not kept in results/ (they describe an instrumented build).
+SANITIZE = os.environ.get("FERRY_SANITIZE", "") not in ("", "0")
 
 
 class TestFailure(Exception):
@@ -1041,6 +1045,9 @@ def write_result(name, figure, **fields):
     $FERRY_RESULTS_DIR) and prints it."""
     rec = {"test": name, "figure": figure, "unix_time": int(time.time()), **fields}
     line = json.dumps(rec, sort_keys=True)
+    if SANITIZE:
+        print(f"RESULT (sanitizer build, not kept) {line}", flush=True)
+        return
     d = os.environ.get("FERRY_RESULTS_DIR") or os.path.join(REPO, "test", "reliability",
                                                             "results")
     try:

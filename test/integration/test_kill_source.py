@@ -53,7 +53,7 @@ with ft.Env("kill-source") as env:
                  f"{label}: Ferry bitmaps left on the disks after a healthy RP: {left}")
 
     # 1. Random-time kills of a large RP while the guest keeps writing.
-    rounds = 2 if not ft.LONG else 8
+    rounds = 8 if ft.LONG else 1 if ft.SANITIZE else 2
     for r in range(rounds):
         change = rng.choice([24, 32, 48]) * ft.MiB if not ft.LONG else rng.choice([64, 128]) * ft.MiB
         start = rng.randrange(0, SIZE - change, ft.MiB)

@@ -78,7 +78,7 @@ with ft.Env("rps-two-disks") as env:
         except Exception as e:  # reported below: the writer must not die silently
             errors.append(e)
 
-    rounds = 3 if not ft.LONG else 10
+    rounds = 10 if ft.LONG else 2 if ft.SANITIZE else 3
     for r in range(rounds):
         t = threading.Thread(target=writer, daemon=True)
         t.start()
