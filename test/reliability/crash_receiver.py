@@ -12,11 +12,15 @@ its start until it listens is the recovery time), stopped cleanly, and then
   * the newly committed RPs (and a random older one) restore equal to their catalog state
     (every committed RP is restored at the end of a short run).
 Then replication continues. Default: every receiver point once plus a few random kills;
-FERRY_LONG=1: points x n in 1..5 and random kills up to >= 1000 crash points.
+FERRY_LONG=1: points x n in {1,2,3,5,8} and random kills up to >= 1000 crash points. To keep a
+long run near a second per point, it writes smaller RPs (2..12 runs of <= 16 blocks instead
+of 4..40 runs of <= 64) and restores the new RP at every 5th point and an older one at every
+20th (the replica is still checked against the oracle after every kill, and a sample of 40
+RPs is restored at the end).
 Prints one JSON figure line and appends it to results/crash-receiver.jsonl."""
 
+import contextlib
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -24,6 +28,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import oracle  # noqa: E402
 from oracle import ft  # noqa: E402
+import struct  # noqa: E402
 
 GROUP = "cr"
 SIZE = 32 * ft.MiB
@@ -65,6 +70,18 @@ def stop_receiver(rx):
     ft.check(rc == 0, f"receiver exited {rc} on SIGTERM after recovery:\n{ft.tail(rx.log_path)}")
 
 
+PHASE_S = {}  # where the time of a crash point goes (reported in the figure line)
+
+
+@contextlib.contextmanager
+def phase(name):
+    t0 = time.monotonic()
+    try:
+        yield
+    finally:
+        PHASE_S[name] = PHASE_S.get(name, 0.0) + time.monotonic() - t0
+
+
 def pct(xs, p):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else None
@@ -92,23 +109,28 @@ with ft.Env(TEST) as env:
         receiver is killed -9 that long after the replicate started (if still running).
         Returns (rc, rp or None, state)."""
         global last_sent_state
-        wr.random_writes(qsd, rng.randint(4, 40), max_run=rng.choice([4, 16, 64]))
-        qsd.sync()
-        state = cat.mark(wr, label)
+        with phase("write"):
+            if ft.LONG:
+                wr.random_writes(qsd, rng.randint(2, 12), max_run=rng.choice([4, 16]))
+            else:
+                wr.random_writes(qsd, rng.randint(4, 40), max_run=rng.choice([4, 16, 64]))
+            qsd.sync()
+            state = cat.mark(wr, label)
         last_sent_state = state
         stats["attempts"] += 1
-        rep = env.replicate_popen(qsd, rx.addr, GROUP, tag="replicate")
-        if kill_after is not None:
-            t0 = time.monotonic()
-            while rep.alive() and time.monotonic() - t0 < kill_after:
-                time.sleep(0.002)
-            if rx.alive():
-                rx.proc.kill9()
-        try:
-            out, _ = rep.p.communicate(timeout=180)
-        except subprocess.TimeoutExpired:
-            raise ft.TestFailure(f"{label}: replicate did not finish in 180s:\n"
-                                 f"{ft.tail(rep.log_path)}")
+        with phase("replicate"):
+            rep = env.replicate_popen(qsd, rx.addr, GROUP, tag="replicate")
+            if kill_after is not None:
+                t0 = time.monotonic()
+                while rep.alive() and time.monotonic() - t0 < kill_after:
+                    time.sleep(0.002)
+                if rx.alive():
+                    rx.proc.kill9()
+            try:
+                out, _ = rep.p.communicate(timeout=180)
+            except subprocess.TimeoutExpired:
+                raise ft.TestFailure(f"{label}: replicate did not finish in 180s:\n"
+                                     f"{ft.tail(rep.log_path)}")
         rc = rep.p.returncode
         reap(env, rep)
         lines = out.decode().split()
@@ -121,9 +143,12 @@ with ft.Env(TEST) as env:
 
     def check_after_crash(label):
         """Restart (recovery), stop, then the oracle on the replica and the RPs."""
-        recovery_s.append(start_receiver(env, rx))
-        stop_receiver(rx)
-        pts = env.points(rx.store, GROUP)
+        with phase("recover"):
+            recovery_s.append(start_receiver(env, rx))
+        with phase("stop"):
+            stop_receiver(rx)
+        with phase("points"):
+            pts = env.points(rx.store, GROUP)
         ids = [p["rp_id"] for p in pts]
         lost = [r for r in acked if r not in ids]
         stats["acked_rps_lost"] += len(lost)
@@ -143,7 +168,8 @@ with ft.Env(TEST) as env:
         ft.check(last_acked <= k, f"{label}: newest committed RP {k} < last acknowledged "
                                   f"{last_acked}")
         ft.check(cat.state_of[k] <= last_sent_state, f"{label}: RP {k} is newer than sent")
-        v = cat.check(replica)
+        with phase("check_replica"):
+            v = cat.check(replica)
         if v.equals_rps != [k]:
             stats["replicas_not_equal"] += 1
             cat.save(env.path("catalog.json"))
@@ -151,14 +177,36 @@ with ft.Env(TEST) as env:
                                  f"{k}, it {v.describe()} (catalog kept in {env.dir})")
         todo = [r for r in ids if r not in checked_rps]
         old = [r for r in ids if r in checked_rps]
+        if ft.LONG:  # the newest at every 5th check, an older one at every 20th
+            n_checks = stats["checks"] = stats.get("checks", 0) + 1
+            todo = todo[-1:] if n_checks % 5 == 0 else []
+            old = old if n_checks % 20 == 0 else []
         if old:
             todo.append(rng.choice(old))
         for r in todo:
             restore_and_check(r, label)
 
+    state_path = os.path.join(rx.store, GROUP, "state")
+
+    def wait_applied(rp, bound_s):
+        """Until the receiver's state file says RP `rp` is applied (apply and state points
+        fire just after the ack), the receiver died, or bound_s passed."""
+        t0 = time.monotonic()
+        while rx.alive() and time.monotonic() - t0 < bound_s:
+            try:
+                with open(state_path, "rb") as f:
+                    applied, applying = struct.unpack_from("<QQ", f.read(40), 16)
+                if rp is not None and applied == rp and applying == 0:
+                    return
+            except (OSError, struct.error):
+                pass
+            time.sleep(0.005)
+
     def restore_and_check(r, label):
-        outs = {d: env.restore(rx.store, GROUP, r, d) for d in disks}
-        v = cat.check(outs)
+        with phase("restore"):
+            outs = {d: env.restore(rx.store, GROUP, r, d) for d in disks}
+        with phase("check_restore"):
+            v = cat.check(outs)
         for p in outs.values():
             os.unlink(p)
         stats["restores_checked"] += 1
@@ -208,16 +256,19 @@ with ft.Env(TEST) as env:
             start_receiver(env, rx, {"FERRY_KILL_AT": f"{kp}:{n}"})
             # Enough RPs for the n-th hit; truncate points fire at recovery (a torn tail).
             for a in range(n + 1):
-                attempt(f"{label} a{a}")
+                _rc, rp_, _st = attempt(f"{label} a{a}")
                 if not rx.alive():
                     break
-                time.sleep(0.2)  # apply / state points fire just after the ack
+                with phase("sleep"):
+                    # apply / state points fire just after the ack: give the apply its time
+                    wait_applied(rp_, 2.0 if rp_ is not None else 0.2)
                 if not rx.alive():
                     break
             if rx.alive():
                 # Apply runs after the ack and may still be going at SIGTERM: a point that
                 # fires during shutdown is a kill like any other (-9 instead of 0).
-                rc = rx.proc.terminate(timeout=20)
+                with phase("stop"):
+                    rc = rx.proc.terminate(timeout=20)
                 ft.check(rc in (0, -9), f"{label}: receiver exited {rc} on SIGTERM:\n"
                                         f"{ft.tail(rx.log_path)}")
                 if rc == 0:
@@ -269,5 +320,6 @@ with ft.Env(TEST) as env:
                         recovery_p50_ms=round(pct(recovery_s, 50) * 1000, 1),
                         recovery_p99_ms=round(pct(recovery_s, 99) * 1000, 1),
                         points_fired=sorted(fired), points_never_fired=not_fired,
-                        committed_rps=len(all_ids), **stats)
+                        committed_rps=len(all_ids),
+                        phase_s={k_: round(v_, 1) for k_, v_ in sorted(PHASE_S.items())}, **stats)
     ft.check(stats["kills_at_points"] > 0, "no kill point fired: a build without fault points?")
