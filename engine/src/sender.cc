@@ -126,10 +126,6 @@ class BufferPool {
     *got = best_len;
     return storage_.data() + best * std::size_t(bytes_);
   }
-  char* try_take() {
-    std::size_t got = 0;
-    return try_take_run(1, &got);
-  }
   void give_back(char* b) {
     std::size_t slot = static_cast<std::size_t>(b - storage_.data()) / bytes_;
     FERRY_ASSERT(b >= storage_.data() && slot < used_.size() &&
@@ -191,7 +187,6 @@ class WorkerPool {
   }
   ~WorkerPool() { shutdown(); }
 
-  void push(const Job& job) { push_all(&job, 1); }
   void push_all(const Job* jobs, std::size_t n) {
     {
       std::lock_guard lock(mu_);

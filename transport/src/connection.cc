@@ -329,17 +329,12 @@ Status Core::enqueue(OutFrame frame, Clock::time_point deadline) {
 }
 
 int Core::write_inline(OutFrame& frame) {
-  std::vector<asio::const_buffer> parts;
-  parts.reserve(2);
-  frame.buffers(parts);
-  iovec iov[2];
+  FERRY_ASSERT(frame.written == 0);  // only a fresh frame is written inline
+  iovec iov[2] = {{frame.header.data(), frame.header.size()},
+                  {frame.payload.data(), frame.payload.size()}};
   msghdr msg{};
-  for (std::size_t i = 0; i < parts.size(); ++i) {
-    iov[i].iov_base = const_cast<void*>(parts[i].data());
-    iov[i].iov_len = parts[i].size();
-  }
   msg.msg_iov = iov;
-  msg.msg_iovlen = parts.size();
+  msg.msg_iovlen = frame.payload.empty() ? 1 : 2;
   for (;;) {
     ssize_t n = ::sendmsg(socket().native_handle(), &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
     if (n >= 0) {
