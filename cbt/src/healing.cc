@@ -35,12 +35,18 @@ HealPlan full(FullReason reason, const char* rule) {
 HealPlan plan_healing(std::string_view group, std::uint64_t base_rp, bool receiver_has_disk,
                       const std::vector<BitmapState>& bitmaps) {
   bool base_found = false, needed_inconsistent = false, needed_busy = false;
+  const BitmapState* newest = nullptr;  // the one recording writes since the last capture
+  std::uint64_t newest_rp = 0;
   for (const BitmapState& b : bitmaps) {
     auto rp = bitmap_rp(group, b.name);
     if (!rp || *rp < base_rp) continue;
     if (*rp == base_rp && !b.inconsistent) base_found = true;
     if (b.inconsistent) needed_inconsistent = true;
     else if (b.busy) needed_busy = true;
+    if (!newest || *rp > newest_rp) {
+      newest = &b;
+      newest_rp = *rp;
+    }
   }
   HealPlan plan;
   if (base_rp == 0) plan = full(FullReason::first_rp, "H1");
@@ -48,6 +54,9 @@ HealPlan plan_healing(std::string_view group, std::uint64_t base_rp, bool receiv
   else if (needed_inconsistent) plan = full(FullReason::bitmap_inconsistent, "H3");
   else if (needed_busy) plan = full(FullReason::bitmap_busy, "H4");
   else if (!base_found) plan = full(FullReason::no_bitmap, "H5");
+  // Every capture leaves its new bitmap recording, so a frozen newest one means the bitmap
+  // that recorded the writes after it was frozen is gone (removed by hand): a gap.
+  else if (!newest->recording) plan = full(FullReason::no_bitmap, "H8");
 
   const bool incremental = plan.full_reason == FullReason::none;
   for (const BitmapState& b : bitmaps) {

@@ -10,8 +10,13 @@
 //   H3 a ferry.G.x with x >= base is inconsistent  -> full bitmap_inconsistent
 //   H4 a ferry.G.x with x >= base is busy          -> full bitmap_busy (busy ones untouched)
 //   H5 ferry.G.<base> missing                      -> full no_bitmap
+//   H8 the newest ferry.G.x with x >= base is not recording -> full no_bitmap (writes after
+//      it was frozen went to a bitmap that no longer exists)
 //   H6 otherwise incremental: merge every x > base into base, enable base, remove them
 //   H7 always: x < base is stale (a later RP was committed): remove it
+//   An unacknowledged RP x (finish(acknowledged=false)) leaves ferry.G.<base> frozen and
+//   ferry.G.x recording, so the next capture is incremental whichever RP the receiver holds:
+//   base -> H6 (x merged into base); x -> H6 on x with base removed by H7.
 //   Inconsistent bitmaps are always removed (QEMU allows nothing else on them); busy ones
 //   are never touched (someone else uses them).
 #pragma once

@@ -562,9 +562,9 @@ Status QmpSource::release(CaptureState& st) {
   return first;
 }
 
-// No acknowledgement: fold the new bitmap back into the base one so the next capture from
-// the same base sees every write since base. Full disks keep "ferry.G.<new>" as it is (the
-// base bitmap does not exist): useful if the receiver did commit and only the ack was lost.
+// A capture that failed before anything was sent: fold the new bitmap back into the base one
+// so QEMU is left as before the capture. Full disks keep "ferry.G.<new>" as it is (the base
+// bitmap does not exist). An RP that was sent but not acknowledged keeps both (finish()).
 Status QmpSource::restore_bitmaps(CaptureState& st) {
   if (!st.bitmaps_switched) return Status::ok();
   const std::string base = bitmap_name(opt_.group, st.base_rp);
@@ -609,7 +609,11 @@ Status QmpSource::finish(Capture& capture, bool acknowledged) {
       if (!r) s = r.status().with_context("removing base bitmaps of group " + opt_.group);
     }
   } else {
-    s = restore_bitmaps(*st);
+    // Not acknowledged does not mean not committed: the receiver may hold either RP now.
+    // Both bitmaps stay as the capture left them (base frozen, new recording) and the next
+    // capture picks by the receiver's answer (healing.h): base -> new is merged into it (H6),
+    // new -> base is stale (H7). Merging here instead would make a lost ack cost a full read.
+    st->bitmaps_switched = false;
   }
   FERRY_KILL_POINT("source.after_bitmap_cleanup");
   // A failed bitmap step is healed by the next capture (healing.h): report it all the same.

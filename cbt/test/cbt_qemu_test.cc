@@ -225,6 +225,27 @@ TEST_CASE("finish without ack merges back: the next capture sees the union") {
   finish(*src, c3, true);
 }
 
+// The receiver committed RP 2 but its acknowledgement was lost: the next capture from 2 must
+// still be incremental (H6 on ferry.g1.2, ferry.g1.1 stale by H7), not a full read.
+TEST_CASE("finish without ack keeps the new bitmap: a lost ack costs no full read") {
+  auto q = start_qsd({{"d0", true, 256 * MiB}});
+  auto src = open_source(options(*q, {{"d0", "disk0"}}));
+  Capture c1 = capture(*src, 0, 1, {});
+  finish(*src, c1, true);
+  REQUIRE(q->write("d0", 1 * MiB, pattern(4096, 7)).is_ok());
+  Capture c2 = capture(*src, 1, 2, {"disk0"});
+  REQUIRE(q->write("d0", 9 * MiB, pattern(4096, 8)).is_ok());  // lands in ferry.g1.2
+  finish(*src, c2, false);
+  REQUIRE(q->write("d0", 20 * MiB, pattern(4096, 9)).is_ok());
+  Capture c3 = capture(*src, 2, 3, {"disk0"});
+  REQUIRE(c3.disks[0].full_reason == FullReason::none);
+  auto r = nbd_reader(c3.disks[0]);
+  CHECK(data_extents(all_extents(*r)) ==
+        std::vector<Extent>{D(9 * MiB, 64 * KiB), D(20 * MiB, 64 * KiB)});
+  r.reset();
+  finish(*src, c3, true);
+}
+
 TEST_CASE("a source killed mid-RP heals and loses no dirty bit") {
   auto q = start_qsd({{"d0", true, 256 * MiB}});
   auto o = options(*q, {{"d0", "disk0"}});

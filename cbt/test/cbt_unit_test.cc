@@ -118,3 +118,35 @@ TEST_CASE("healing H4/H5: busy is left alone, missing base is full") {
   CHECK(std::string(q.rule) == "H5");
   CHECK(q.remove == std::vector<std::string>{"ferry.g.6"});
 }
+
+// After finish(acknowledged=false) of RP 6 on base 5: ferry.g.5 frozen, ferry.g.6 recording.
+TEST_CASE("healing after a lost ack: incremental whichever RP the receiver holds") {
+  BitmapState frozen5 = bm("ferry.g.5");
+  frozen5.recording = false;
+  const std::vector<BitmapState> left = {frozen5, bm("ferry.g.6")};
+  auto not_committed = plan_healing("g", 5, true, left);  // receiver says 5: H6
+  CHECK(not_committed.full_reason == FullReason::none);
+  CHECK(std::string(not_committed.rule) == "H6");
+  CHECK(not_committed.merge_into_base == std::vector<std::string>{"ferry.g.6"});
+  CHECK(not_committed.remove == std::vector<std::string>{"ferry.g.6"});
+  CHECK(not_committed.enable_base);
+  auto committed = plan_healing("g", 6, true, left);  // receiver says 6: base 5 is stale (H7)
+  CHECK(committed.full_reason == FullReason::none);
+  CHECK(std::string(committed.rule) == "H6");
+  CHECK(committed.merge_into_base.empty());
+  CHECK(committed.remove == std::vector<std::string>{"ferry.g.5"});
+}
+
+TEST_CASE("healing H8: a frozen newest bitmap means its successor is gone") {
+  BitmapState frozen5 = bm("ferry.g.5");
+  frozen5.recording = false;
+  auto p = plan_healing("g", 5, true, {frozen5});
+  CHECK(p.full_reason == FullReason::no_bitmap);
+  CHECK(std::string(p.rule) == "H8");
+  CHECK(p.remove == std::vector<std::string>{"ferry.g.5"});
+  BitmapState frozen6 = bm("ferry.g.6");
+  frozen6.recording = false;
+  CHECK(std::string(plan_healing("g", 5, true, {bm("ferry.g.5"), frozen6}).rule) == "H8");
+  // a stale bitmap below base does not count as the newest
+  CHECK(std::string(plan_healing("g", 5, true, {bm("ferry.g.4"), bm("ferry.g.5")}).rule) == "H6");
+}
