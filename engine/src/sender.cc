@@ -818,7 +818,7 @@ Result<RpStats> take_recovery_point(cbt::ChangeSource& source, const SenderOptio
 }
 
 std::string describe(const RpStats& s) {
-  std::uint64_t data = 0, zero = 0, payload = 0, compared = 0, differing = 0;
+  std::uint64_t data = 0, zero = 0, payload = 0, compared = 0, differing = 0, read = 0;
   std::size_t resynced = 0;
   for (const auto& d : s.disks) {
     data += d.data_bytes;
@@ -826,6 +826,7 @@ std::string describe(const RpStats& s) {
     payload += d.payload_bytes;
     compared += d.resync_compared_blocks;
     differing += d.resync_sent_blocks;
+    read += d.read_bytes;
     resynced += d.mode == transport::DiskMode::resync;
   }
   double mb = double(data + zero) / 1e6;
@@ -835,10 +836,11 @@ std::string describe(const RpStats& s) {
                          "{} hash bytes ({:.2f} MB)",
                          resynced, compared, differing, s.hash_bytes, s.hash_bytes / 1e6);
   return fmt::format(
-      "RP {} (base {}): {} disk(s), {:.1f} MB changed ({:.1f} MB data, {:.1f} MB zero), "
+      "RP {} (base {}): {} disk(s), {:.1f} MB changed ({:.1f} MB data, {:.1f} MB zero, {} bytes "
+      "read), "
       "{:.1f} MB on the wire, {:.2f} s ({:.0f} MB/s; capture {:.2f} s, transfer {:.2f} s, "
       "commit {:.2f} s, then finish {:.2f} s){}; {} wire bytes",
-      s.rp_id, s.base_rp, s.disks.size(), mb, data / 1e6, zero / 1e6, s.wire_bytes / 1e6,
+      s.rp_id, s.base_rp, s.disks.size(), mb, data / 1e6, zero / 1e6, read, s.wire_bytes / 1e6,
       s.total_seconds, s.total_seconds > 0 ? mb / s.total_seconds : 0.0, s.capture_seconds,
       s.transfer_seconds, s.commit_seconds, s.finish_seconds, resync, s.wire_bytes);
 }

@@ -4,8 +4,9 @@
 // <rp> is the RP at whose capture it started recording. Persistent when the node's format
 // supports it (qcow2). capture(base, new) — in one QMP transaction — adds "ferry.G.<new>",
 // disables "ferry.G.<base>" and starts a fleecing view of every disk; the view is exported
-// over NBD with "ferry.G.<base>". finish(ack) removes "ferry.G.<base>" (ack) or merges
-// "ferry.G.<new>" back into it, re-enables it, and removes "ferry.G.<new>" (no ack).
+// over NBD with "ferry.G.<base>". finish(ack) removes "ferry.G.<base>" (ack) or keeps both
+// (no ack: the receiver may have committed either RP); the next capture merges "ferry.G.<new>"
+// into "ferry.G.<base>" or drops the base, by the receiver's answer (healing.h).
 // Leftovers of a source killed mid-RP are healed at the next capture (see qmp_source.cc).
 #pragma once
 

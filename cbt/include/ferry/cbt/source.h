@@ -5,8 +5,9 @@
 // instant, starts recording changes for the next RP and freezes the record of changes since
 // `base_rp`; it returns one DiskView per disk, readable over NBD while the guest goes on
 // writing. finish() ends the capture: acknowledged=true drops what is no longer needed;
-// acknowledged=false merges the frozen record back so no dirty bit is ever lost (QEMU's
-// successor/reclaim model, docs/interop/bitmaps.rst).
+// acknowledged=false keeps what either outcome needs (the receiver may have committed the RP
+// and only the ack was lost): the next capture continues from whichever RP the receiver holds
+// and no dirty bit is ever lost (QEMU's successor/reclaim model, docs/interop/bitmaps.rst).
 //
 // The QMP implementation (qmp_source.h) drives QEMU or qemu-storage-daemon; the libvirt one
 // (a later issue) will implement the same interface, so the engine never knows which it reads.
