@@ -417,18 +417,25 @@ class DiskStreamer {
                std::vector<AtomicDiskStats>& stats, DiskStats& totals)
       : o_(o), sink_(sink), workers_(workers), buffers_(buffers), stats_(stats), totals_(totals) {}
 
-  Status stream(std::uint16_t disk_index, const cbt::DiskView& view) {
+  // `tracked_end_bytes`: an incremental view's dirty bitmap is trusted below it only; from it
+  // to the end the disk is sent as a full view (see grown_from()). The disk's size for a
+  // full view.
+  Status stream(std::uint16_t disk_index, const cbt::DiskView& view,
+                std::uint64_t tracked_end_bytes) {
+    FERRY_ASSERT(tracked_end_bytes <= view.size_bytes);
     FERRY_ASSIGN_OR_RETURN(auto reader, o_.open_reader ? o_.open_reader(view)
                                                        : cbt::open_nbd_reader(view));
-    const std::uint64_t size = view.size_bytes;
-    for (std::uint64_t at = 0; at < size; at += kExtentChunkBytes) {
-      std::uint64_t len = std::min(kExtentChunkBytes, size - at);
-      FERRY_ASSIGN_OR_RETURN(auto extents, reader->extents(at, len, o_.block_bytes));
-      for (const cbt::Extent& e : extents) {
-        FERRY_ASSERT(e.offset_bytes + e.length_bytes <= size);
-        totals_.extent_bytes += e.length_bytes;
-        FERRY_TRY(e.zero ? send_zero(disk_index, e) : read_data(*reader, disk_index, e));
-      }
+    FERRY_TRY(stream_range(*reader, disk_index, 0, tracked_end_bytes));
+    if (tracked_end_bytes < view.size_bytes) {
+      // The same point-in-time view without the bitmap: every byte, data or zero.
+      cbt::DiskView whole = view;
+      whole.dirty_context.clear();
+      FERRY_ASSIGN_OR_RETURN(auto all, o_.open_reader ? o_.open_reader(whole)
+                                                      : cbt::open_nbd_reader(whole));
+      Status s = stream_range(*all, disk_index, tracked_end_bytes, view.size_bytes);
+      // Both readers' reads point into the shared buffers: none may outlive this call.
+      while (all->in_flight() > 0) FERRY_TRY(poll(*all, 100));
+      FERRY_TRY(s);
     }
     while (reader->in_flight() > 0) FERRY_TRY(poll(*reader, 100));
     return read_error_;
@@ -589,6 +596,24 @@ class DiskStreamer {
     return Status::ok();
   }
 
+  // The extents of [begin, end) sent, in chunks so memory stays bounded; an extent reaching
+  // past `end` (a granule wider than a block) is cut there, the rest is another range's.
+  Status stream_range(cbt::BlockReader& reader, std::uint16_t disk_index, std::uint64_t begin,
+                      std::uint64_t end) {
+    for (std::uint64_t at = begin; at < end; at += kExtentChunkBytes) {
+      std::uint64_t len = std::min(kExtentChunkBytes, end - at);
+      FERRY_ASSIGN_OR_RETURN(auto extents, reader.extents(at, len, o_.block_bytes));
+      for (cbt::Extent e : extents) {
+        FERRY_ASSERT(e.offset_bytes >= at && e.offset_bytes + e.length_bytes <= reader.size_bytes());
+        if (e.offset_bytes >= end) break;
+        e.length_bytes = std::min(e.length_bytes, end - e.offset_bytes);
+        totals_.extent_bytes += e.length_bytes;
+        FERRY_TRY(e.zero ? send_zero(disk_index, e) : read_data(reader, disk_index, e));
+      }
+    }
+    return Status::ok();
+  }
+
   Status poll(cbt::BlockReader& reader, int timeout_ms) {
     auto r = reader.poll(timeout_ms);
     if (!r.is_ok()) return r.status();
@@ -683,6 +708,27 @@ transport::DiskMode mode_of(const cbt::DiskView& v, const transport::HelloReply&
   return transport::DiskMode::full;
 }
 
+// Where an incremental disk's dirty bitmap stops telling the whole story: QEMU marks nothing
+// dirty when a disk grows, yet the grown area can hold data (a block device extended with
+// `lvextend`, a file grown behind QEMU's back) or differ from what the replica held beyond its
+// old end. So from the replica's end, rounded down to a block, to the new end the disk is sent
+// in full. A shrink needs nothing: the receiver cuts the replica at the new size. Returns the
+// disk's size when the bitmap covers all of it.
+std::uint64_t replica_size(const transport::HelloReply& reply, const std::string& name) {
+  for (const auto& d : reply.disks)
+    if (d.name == name) return d.size_bytes;
+  return 0;
+}
+
+std::uint64_t grown_from(const cbt::DiskView& v, transport::DiskMode mode,
+                         const transport::HelloReply& reply, std::uint32_t block_bytes) {
+  if (mode != transport::DiskMode::incremental) return v.size_bytes;
+  for (const auto& d : reply.disks)
+    if (d.name == v.name && d.size_bytes < v.size_bytes)
+      return d.size_bytes / block_bytes * block_bytes;
+  return v.size_bytes;
+}
+
 // Runs everything between capture and acknowledgement; the caller finishes the capture.
 Result<transport::RpAck> send_capture(transport::Connection& conn, const SenderOptions& o,
                                       const transport::HelloReply& reply,
@@ -694,6 +740,7 @@ Result<transport::RpAck> send_capture(transport::Connection& conn, const SenderO
   begin.created_unix_ns = cap.created_unix_ns;
   if (cap.app_consistent) begin.flags |= transport::kRpFlagAppConsistent;
   FERRY_ASSERT(cap.disks.size() == o.disk_names.size());
+  std::vector<std::uint64_t> tracked_end;  // per disk, see grown_from()
   for (std::size_t i = 0; i < cap.disks.size(); ++i) {
     const cbt::DiskView& v = cap.disks[i];
     FERRY_ASSERT(v.name == o.disk_names[i]);
@@ -702,6 +749,11 @@ Result<transport::RpAck> send_capture(transport::Connection& conn, const SenderO
     if (mode == transport::DiskMode::resync)
       spdlog::info("disk '{}': change tracking lost ({}); resync by block digests against the "
                    "replica at RP {}", v.name, cbt::full_reason_name(v.full_reason), cap.base_rp);
+    tracked_end.push_back(grown_from(v, mode, reply, o.block_bytes));
+    if (tracked_end.back() < v.size_bytes)
+      spdlog::info("disk '{}' grew since RP {} (replica {} bytes, now {}): bytes {}-{} are sent "
+                   "in full, the dirty bitmap does not cover a resize", v.name, cap.base_rp,
+                   replica_size(reply, v.name), v.size_bytes, tracked_end.back(), v.size_bytes);
     DiskStats d;
     d.name = v.name;
     d.size_bytes = v.size_bytes;
@@ -727,7 +779,7 @@ Result<transport::RpAck> send_capture(transport::Connection& conn, const SenderO
     const auto index = static_cast<std::uint16_t>(i);
     streamed = stats.disks[i].mode == transport::DiskMode::resync
                    ? ds.resync(conn, index, cap.disks[i])
-                   : ds.stream(index, cap.disks[i]);
+                   : ds.stream(index, cap.disks[i], tracked_end[i]);
     if (!streamed.is_ok())
       streamed = std::move(streamed).with_context("disk '" + cap.disks[i].name + "'");
   }
