@@ -194,7 +194,7 @@ class LibvirtSource final : public ChangeSource {
   Status wait_job_gone();
   Result<std::map<std::string, NodeBitmaps>> query_bitmaps();
   Result<std::map<std::string, std::string>> list_checkpoints();  // name -> parent
-  Status heal(const Ledger& ledger, std::map<std::string, NodeBitmaps>& nodes,
+  Status heal(Ledger& ledger, std::uint64_t base_rp, std::map<std::string, NodeBitmaps>& nodes,
               std::map<std::string, std::string>& checkpoints);
   Status remove_inconsistent(std::map<std::string, NodeBitmaps>& nodes,
                              std::map<std::string, std::string>& checkpoints);
@@ -387,7 +387,8 @@ Status LibvirtSource::remove_inconsistent(std::map<std::string, NodeBitmaps>& no
 // Reconciles ledger, checkpoint metadata and bitmaps so that at most the ledger's checkpoint
 // of this group remains, with metadata, and every unacknowledged checkpoint's bits merged
 // into it. The decision table (L1-L6) is in docs/change-tracking.md.
-Status LibvirtSource::heal(const Ledger& ledger, std::map<std::string, NodeBitmaps>& nodes,
+Status LibvirtSource::heal(Ledger& ledger, std::uint64_t base_rp,
+                           std::map<std::string, NodeBitmaps>& nodes,
                            std::map<std::string, std::string>& checkpoints) {
   FERRY_TRY(remove_inconsistent(nodes, checkpoints));  // L3
   std::map<std::uint64_t, std::string> ours;  // every name of ours, metadata or bitmap
@@ -411,6 +412,17 @@ Status LibvirtSource::heal(const Ledger& ledger, std::map<std::string, NodeBitma
   }
   std::uint64_t acked = 0;
   for (const auto& [dev, l] : ledger) acked = std::max(acked, l.rp);
+  // L7: the receiver committed an RP whose acknowledgement never arrived (finish(ack=false)
+  // keeps its checkpoint) or whose finish never ran. Its checkpoint was created atomically
+  // with that RP's view, so it is exactly the base the receiver holds: the ledger takes it.
+  if (base_rp > acked && ours.count(base_rp)) {
+    const std::string& name = ours[base_rp];
+    spdlog::info("domain {}: RP {} was committed but not acknowledged: continuing from its "
+                 "checkpoint {}", opt_.domain, base_rp, name);
+    for (const LvDisk& d : disks_) ledger[d.dev] = {base_rp, d.qcow2() ? name : ""};
+    FERRY_TRY(write_file_atomic(ledger_path(), ledger_text(ledger, opt_.domain, opt_.group)));
+    acked = base_rp;
+  }
   // L5: unacknowledged checkpoints (a capture whose finish never ran), newest first so each
   // merges into its parent; L6: older than the ledger's, stale.
   for (auto it = ours.rbegin(); it != ours.rend(); ++it) {
@@ -511,7 +523,7 @@ Result<Capture> LibvirtSource::capture(std::uint64_t base_rp, std::uint64_t rp_i
   FERRY_ASSIGN_OR_RETURN(Ledger ledger, load_ledger(ledger_path()));
   FERRY_ASSIGN_OR_RETURN(auto nodes, query_bitmaps());
   FERRY_ASSIGN_OR_RETURN(auto checkpoints, list_checkpoints());
-  FERRY_TRY(heal(ledger, nodes, checkpoints));
+  FERRY_TRY(heal(ledger, base_rp, nodes, checkpoints));
 
   auto st = std::make_shared<CaptureState>();
   st->base_rp = base_rp;
@@ -590,10 +602,10 @@ Status LibvirtSource::finish(Capture& capture, bool acknowledged) {
   st->finished = true;
   Status released = release(*st);
   if (!acknowledged) {
-    // The new checkpoint's bits merge into its parent, the ledger's checkpoint: the next
-    // capture from there covers every write. Without a parent there is nothing to keep (the
-    // next capture is full anyway: the ledger has no checkpoint).
-    if (!st->new_checkpoint.empty()) FERRY_TRY(delete_checkpoint(st->new_checkpoint));
+    // Not acknowledged is not necessarily not committed: the new checkpoint stays, and the
+    // next capture either continues from it (the receiver says it holds this RP: L7) or
+    // deletes it, merging its bits into its parent, the ledger's checkpoint (L5). Deleting it
+    // here made a lost ack cost a re-send of the whole interval.
     return released;
   }
   FERRY_TRY(released);

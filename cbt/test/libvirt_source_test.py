@@ -195,6 +195,19 @@ def scenario_main(fx):
         r = probe(g, 8, 9)
         expect_rp(g, r, "RP9 incremental again", {"vda": "incremental", "vdb": "incremental"},
                   {"vda": {96}, "vdb": set()})
+
+        # The receiver committed RP10 but its acknowledgement was lost (--no-ack): the next RP,
+        # from 10, continues from checkpoint 10 (L7) and carries only the writes since.
+        g.write("vda", [97], gen=12, seed=97)
+        r = probe(g, 9, 10, "--no-ack")
+        expect_rp(g, r, "RP10 ack lost", {"vda": "incremental"}, {"vda": {97}, "vdb": set()})
+        g.write("vdb", [98], gen=13, seed=98)
+        r = probe(g, 10, 11)
+        expect_rp(g, r, "RP11 after a lost ack", {"vda": "incremental", "vdb": "incremental"},
+                  {"vda": set(), "vdb": {98}})
+        check(r["ok"] and "committed but not acknowledged" in r["stderr"], "RP11: L7 was logged")
+        cps = G.virsh("checkpoint-list", g.name, "--name").split()
+        check(cps == [cp(11)], f"after ack of RP11 only {cp(11)} remains (got {cps})")
     finally:
         g.destroy()
 

@@ -4,8 +4,9 @@
 // acknowledged RP and a new checkpoint created atomically with the job, exported over NBD on
 // a unix socket (scratch files under work_dir); the engine reads dirty extents and data with
 // libnbd exactly as for the QMP source; release_views() ends the job (virDomainAbortJob).
-// finish(ack) drops checkpoints that are no longer needed; without an ack the next RP is
-// again incremental from the last acknowledged checkpoint.
+// finish(ack) drops checkpoints that are no longer needed; without an ack the new checkpoint
+// stays and the next RP is incremental from it (the receiver committed it, only the ack was
+// lost) or from the last acknowledged checkpoint (it was not committed).
 //
 // Ferry owns the truth about change tracking: a ledger under work_dir records, per disk, the
 // last acknowledged RP and its checkpoint; each capture reconciles it with libvirt's
