@@ -426,18 +426,18 @@ class DiskStreamer {
     FERRY_ASSIGN_OR_RETURN(auto reader, o_.open_reader ? o_.open_reader(view)
                                                        : cbt::open_nbd_reader(view));
     FERRY_TRY(stream_range(*reader, disk_index, 0, tracked_end_bytes));
+    // Completions run only from the reader's own poll(): its reads must end before another
+    // reader waits for the buffers they hold.
+    while (reader->in_flight() > 0) FERRY_TRY(poll(*reader, 100));
     if (tracked_end_bytes < view.size_bytes) {
       // The same point-in-time view without the bitmap: every byte, data or zero.
       cbt::DiskView whole = view;
       whole.dirty_context.clear();
       FERRY_ASSIGN_OR_RETURN(auto all, o_.open_reader ? o_.open_reader(whole)
                                                       : cbt::open_nbd_reader(whole));
-      Status s = stream_range(*all, disk_index, tracked_end_bytes, view.size_bytes);
-      // Both readers' reads point into the shared buffers: none may outlive this call.
+      FERRY_TRY(stream_range(*all, disk_index, tracked_end_bytes, view.size_bytes));
       while (all->in_flight() > 0) FERRY_TRY(poll(*all, 100));
-      FERRY_TRY(s);
     }
-    while (reader->in_flight() > 0) FERRY_TRY(poll(*reader, 100));
     return read_error_;
   }
 
@@ -708,18 +708,18 @@ transport::DiskMode mode_of(const cbt::DiskView& v, const transport::HelloReply&
   return transport::DiskMode::full;
 }
 
-// Where an incremental disk's dirty bitmap stops telling the whole story: QEMU marks nothing
-// dirty when a disk grows, yet the grown area can hold data (a block device extended with
-// `lvextend`, a file grown behind QEMU's back) or differ from what the replica held beyond its
-// old end. So from the replica's end, rounded down to a block, to the new end the disk is sent
-// in full. A shrink needs nothing: the receiver cuts the replica at the new size. Returns the
-// disk's size when the bitmap covers all of it.
 std::uint64_t replica_size(const transport::HelloReply& reply, const std::string& name) {
   for (const auto& d : reply.disks)
     if (d.name == name) return d.size_bytes;
   return 0;
 }
 
+// Where an incremental disk's dirty bitmap stops telling the whole story: QEMU marks nothing
+// dirty when a disk grows, yet the grown area can hold data (a block device extended with
+// `lvextend`, a file grown behind QEMU's back) or differ from what the replica held beyond its
+// old end. So from the replica's end, rounded down to a block, to the new end the disk is sent
+// in full. A shrink needs nothing: the receiver cuts the replica at the new size. Returns the
+// disk's size when the bitmap covers all of it.
 std::uint64_t grown_from(const cbt::DiskView& v, transport::DiskMode mode,
                          const transport::HelloReply& reply, std::uint32_t block_bytes) {
   if (mode != transport::DiskMode::incremental) return v.size_bytes;

@@ -147,8 +147,12 @@ def loop_device_grow(env, rx, wl):
 
     rp1 = rp_equal(env, qsd, rx, group, vda, "loop-first", device)
 
-    # Guest writes in the old area (tracked), then the device grows with data already in the
-    # new area (untracked: written to the backing file, as an extended LV holds old data).
+    # Guest writes in the old area (tracked; more than the sender's 16 MiB of read buffers, so
+    # reads of the dirty extents are still in flight when the grown area's turn comes), then
+    # the device grows with data already in the new area (untracked: written to the backing
+    # file, as an extended LV holds old data).
+    for off in range(2 * ft.MiB, 22 * ft.MiB, ft.MiB):
+        qsd.write(vda, off, os.urandom(ft.MiB))
     qsd.write(vda, 5 * BLOCK + 100, os.urandom(3000))
     qsd.write(vda, size1 - 7000, os.urandom(7000))  # up to the old end
     size2 = 40 * ft.MiB + 12 * ft.KiB  # not a multiple of 64 KiB
