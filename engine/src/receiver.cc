@@ -91,6 +91,18 @@ WireStatus wire_status_of(const Status& s) {
   }
 }
 
+// The store's rule for group and disk names (store.cc valid_name), checked at hello: a name
+// the store would refuse is the peer's error, not a storage failure, and must not create a
+// group slot (the re-opener would retry it for ever).
+bool valid_store_name(const std::string& s) {
+  if (s.empty() || s.size() > 255 || s == "." || s == "..") return false;
+  for (char c : s)
+    if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+          c == '.' || c == '_' || c == '-'))
+      return false;
+  return true;
+}
+
 std::string seconds_text(Clock::duration d) {
   return fmt::format("{:.1f} s", std::chrono::duration<double>(d).count());
 }
@@ -290,6 +302,17 @@ class Session {
                         std::to_string(transport::kProtocolVersion) + ")";
       spdlog::error("{}: {}", conn_.peer(), msg);
       reply_refused(WireStatus::bad_version, msg);
+      return std::nullopt;
+    }
+    std::vector<std::string> names{h->group};
+    for (const auto& d : h->disks) names.push_back(d.name);
+    for (std::size_t i = 0; i < names.size(); ++i) {
+      if (valid_store_name(names[i])) continue;
+      std::string msg = std::string(i == 0 ? "group" : "disk") + " name '" +
+                        names[i].substr(0, 64) +
+                        "' is not valid ([A-Za-z0-9._-], 1..255 characters, not . or ..)";
+      spdlog::error("{}: {}", conn_.peer(), msg);
+      reply_refused(WireStatus::bad_request, msg);
       return std::nullopt;
     }
     return std::move(h).value();
