@@ -196,9 +196,9 @@ struct Receiver::Impl {
       std::lock_guard lock(mu);
       const Health& h = g.health;
       if (h.must_reopen && Clock::now() < h.next_reopen)
-        return Status::error(h.code, "group '" + group + "' is failing since " +
-                                         seconds_text(Clock::now() - h.since) + " ago (" +
-                                         h.cause + "); its store is re-opened in " +
+        return Status::error(h.code, "group '" + group + "' has been failing for " +
+                                         seconds_text(Clock::now() - h.since) + " (" + h.cause +
+                                         "); its store is re-opened in " +
                                          seconds_text(h.next_reopen - Clock::now()));
     }
     auto store = GroupStore::open(options.store, group, create);
