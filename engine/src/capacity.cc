@@ -1,6 +1,7 @@
 #include "capacity.h"
 
 #include <fcntl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
 #include <unistd.h>
@@ -116,6 +117,16 @@ Status check_disk_capacity(CapacityProbe& probe, const std::string& replica_dir,
                          what + ", larger than this receiver's --max-disk-bytes " +
                              describe_bytes(max_disk_bytes) +
                              ": raise --max-disk-bytes or replicate the disk to another receiver");
+  // Past the process's file size limit, growing the probe would raise SIGXFSZ and kill the
+  // receiver; the limit is the process's, not the file system's, and the fix differs.
+  rlimit fsize{};
+  if (::getrlimit(RLIMIT_FSIZE, &fsize) == 0 && fsize.rlim_cur != RLIM_INFINITY &&
+      size_bytes > fsize.rlim_cur)
+    return Status::error(Errc::unsupported,
+                         what + ", larger than the receiver's file size limit (RLIMIT_FSIZE) " +
+                             describe_bytes(fsize.rlim_cur) +
+                             ": raise it (ulimit -f unlimited, or LimitFSIZE=infinity in the "
+                             "systemd unit)");
   auto v = probe.check(replica_dir, size_bytes);
   if (!v.is_ok()) {
     // Not a verdict on the size: the store itself reports a real storage failure when it

@@ -1,4 +1,5 @@
 // The receiver's capacity check (capacity.h): the probe's verdicts, its cache, the refusals.
+#include <sys/resource.h>
 #include <sys/statfs.h>
 #include <unistd.h>
 
@@ -86,6 +87,22 @@ TEST_CASE("a probe that cannot run is not a verdict on the size") {
   CHECK_FALSE(v.is_ok());
   CHECK(check_disk_capacity(probe, "/nonexistent/ferry/replica", "g", "vda", 1ull << 20, 0)
             .is_ok());
+}
+
+TEST_CASE("a size past the process's file size limit is refused without probing") {
+  TempDir d;
+  CapacityProbe probe;
+  rlimit old{};
+  REQUIRE(::getrlimit(RLIMIT_FSIZE, &old) == 0);
+  rlimit low = old;
+  low.rlim_cur = 1ull << 30;
+  REQUIRE(::setrlimit(RLIMIT_FSIZE, &low) == 0);
+  // Probing 2 GiB here would raise SIGXFSZ and kill the test.
+  Status s = check_disk_capacity(probe, d.path, "g", "vda", 2ull << 30, 0);
+  REQUIRE(::setrlimit(RLIMIT_FSIZE, &old) == 0);
+  REQUIRE_FALSE(s.is_ok());
+  CHECK(s.message().find("RLIMIT_FSIZE") != std::string::npos);
+  CHECK(probe.probes() == 0);
 }
 
 TEST_CASE("sizes are described exactly and readably") {

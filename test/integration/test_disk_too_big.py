@@ -82,7 +82,8 @@ with ft.Env("disk-too-big") as env:
     journal = os.path.join(store, "big", "journal")
     for attempt in (1, 2):
         r = env.run(env.replicate_args(big, rx.addr, "big"), timeout=120)
-        ft.log(f"big disk, attempt {attempt}: exit {r.rc} after {r.seconds:.1f} s")
+        ft.log(f"big disk, attempt {attempt}: exit {r.rc} after {r.seconds:.1f} s: "
+               f"{(r.err.strip().splitlines() or [''])[-1]}")
         ft.check(r.rc == 1, f"a 20 TiB disk on ext4 must be refused (exit 1):\n{r}")
         ft.check(r.seconds < 20, f"the refusal must come at rp_begin, not after the data "
                                  f"({r.seconds:.1f} s):\n{r}")
