@@ -104,7 +104,8 @@ bool valid_store_name(const std::string& s) {
 }
 
 std::string seconds_text(Clock::duration d) {
-  return fmt::format("{:.1f} s", std::chrono::duration<double>(d).count());
+  const double s = std::chrono::duration<double>(d).count();
+  return s < 1 ? fmt::format("{:.0f} ms", s * 1000) : fmt::format("{:.1f} s", s);
 }
 
 }  // namespace
