@@ -25,8 +25,8 @@ std::string describe_bytes(std::uint64_t bytes) {
     ++u;
   }
   char buf[64];
-  std::snprintf(buf, sizeof buf, "%.1f %s (%llu bytes)", v, units[u],
-                static_cast<unsigned long long>(bytes));
+  std::snprintf(buf, sizeof buf, u ? "%.1f %s (%llu bytes)" : "%.0f %s (%llu bytes)", v,
+                units[u], static_cast<unsigned long long>(bytes));
   return buf;
 }
 
@@ -103,7 +103,7 @@ Result<CapacityProbe::Verdict> CapacityProbe::check(const std::string& dir,
 }
 
 std::uint64_t CapacityProbe::probes() const {
-  std::lock_guard lock(const_cast<std::mutex&>(mu_));
+  std::lock_guard lock(mu_);
   return probes_;
 }
 

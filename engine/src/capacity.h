@@ -49,7 +49,7 @@ class CapacityProbe {
   std::uint64_t probes() const;  // real probes run (for tests: the cache works)
 
  private:
-  std::mutex mu_;
+  mutable std::mutex mu_;
   std::map<std::pair<dev_t, std::uint64_t>, Verdict> cache_;
   std::uint64_t probes_ = 0;
 };

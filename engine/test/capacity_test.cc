@@ -107,5 +107,5 @@ TEST_CASE("a size past the process's file size limit is refused without probing"
 
 TEST_CASE("sizes are described exactly and readably") {
   CHECK(describe_bytes(20ull << 40) == "20.0 TiB (21990232555520 bytes)");
-  CHECK(describe_bytes(512) == "512.0 B (512 bytes)");
+  CHECK(describe_bytes(512) == "512 B (512 bytes)");
 }
