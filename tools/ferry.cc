@@ -118,7 +118,8 @@ std::string receiver_status_json(const engine::Receiver& r, const ReceiveArgs& a
                      {"last_committed_rp", g.last_committed_rp},
                      {"last_applied_rp", g.last_applied_rp},
                      {"last_commit_unix_ns", g.last_commit_unix_ns}, {"source", g.source},
-                     {"cause", g.cause}, {"failing_since_unix_ns", g.failing_since_unix_ns},
+                     {"cause", g.cause}, {"last_error", g.last_error},
+                     {"failing_since_unix_ns", g.failing_since_unix_ns},
                      {"failed_attempts", g.failed_attempts},
                      {"next_reopen_seconds", g.next_reopen_in_ms / 1000.0}};
     j["failing_seconds"] = g.failing_since_unix_ns

@@ -57,6 +57,7 @@ enum class FailedStep : std::uint8_t { rp, apply, open };
 struct Health {
   bool must_reopen = false;  // the store was dropped after a failure
   std::string cause;         // the first failure of the episode; empty: no episode
+  std::string last_error;    // the latest failure of the episode
   Errc code = Errc::ok;      // of the latest failure
   FailedStep step = FailedStep::rp;
   std::uint64_t failures = 0;  // refused RPs and failed re-opens in the episode
@@ -165,6 +166,7 @@ struct Receiver::Impl {
     }
     h.code = why.code();
     h.step = step;
+    h.last_error = what + ": " + text;
     FERRY_ASSERT(h.failing() && h.failures > 0);
   }
 
@@ -728,6 +730,7 @@ std::vector<GroupStatus> Receiver::status() const {
     if (h.failing()) {
       st.state = GroupState::failing;
       st.cause = h.cause;
+      st.last_error = h.last_error;
       st.failing_since_unix_ns = h.since_unix_ns;
       st.failed_attempts = h.failures;
       if (h.must_reopen && h.next_reopen > now)

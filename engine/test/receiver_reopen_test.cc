@@ -67,6 +67,7 @@ TEST_CASE("a group that fails at start-up is re-opened in the background, with b
   CHECK(s.failed_attempts >= 3);
   CHECK(s.failed_attempts <= 10);
   CHECK(s.next_reopen_in_ms <= 160);
+  CHECK(s.last_error.find("cannot open the store") != std::string::npos);
 
   // The cause goes away: the group comes back without a session and without a restart.
   fs::remove(journal);
@@ -74,6 +75,7 @@ TEST_CASE("a group that fails at start-up is re-opened in the background, with b
   REQUIRE(wait_until([&] { return status_of(**r, "g1").state == GroupState::ok; }, 2s));
   s = status_of(**r, "g1");
   CHECK(s.cause.empty());
+  CHECK(s.last_error.empty());
   CHECK(s.failed_attempts == 0);
 }
 

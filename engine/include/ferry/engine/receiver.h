@@ -66,6 +66,7 @@ struct GroupStatus {
   // failed attempts (refused RPs and re-opens), and when the store is re-opened next (0: now,
   // or when the next source connects).
   std::string cause;
+  std::string last_error;  // the latest failure of the episode (the cause may have changed)
   std::uint64_t failing_since_unix_ns = 0;
   std::uint64_t failed_attempts = 0;
   std::uint64_t next_reopen_in_ms = 0;
