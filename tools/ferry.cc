@@ -78,27 +78,108 @@ class SignalWatcher {
 struct ReceiveArgs {
   std::string listen;
   std::string store;
+  std::string max_disk_bytes;  // a size: 16T, 500G, 1073741824
+  std::string status_socket;
 };
 
-int cmd_receive(const ReceiveArgs& a) {
+// "16T", "16TiB", "500G", "1.5T", "4096": binary units (K = 1024). Error: what is wrong.
+Result<std::uint64_t> parse_size(const std::string& text) {
+  std::size_t used = 0;
+  double v = 0;
+  try {
+    v = std::stod(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  std::string unit = text.substr(used);
+  if (unit.size() > 1 && (unit.ends_with("iB") || unit.ends_with("B")))
+    unit = unit.substr(0, unit.size() - (unit.ends_with("iB") ? 2 : 1));
+  const std::string units = "KMGTPE";
+  std::size_t pos = unit.size() == 1 ? units.find(char(std::toupper(unit[0]))) : std::string::npos;
+  if (used == 0 || !(v >= 0) || (!unit.empty() && pos == std::string::npos))
+    return Status::error(Errc::invalid_argument,
+                         "'" + text + "' is not a size (a number with an optional K, M, G, T, "
+                         "P or E suffix, binary: 16T = 16 TiB)");
+  double bytes = v;
+  for (std::size_t i = 0; !unit.empty() && i <= pos; ++i) bytes *= 1024;
+  if (bytes >= 18446744073709551615.0)
+    return Status::error(Errc::invalid_argument, "'" + text + "' is larger than 16 EiB");
+  return static_cast<std::uint64_t>(bytes);
+}
+
+// The receiver's status document (ferry status --socket PATH; docs/operations.md).
+std::string receiver_status_json(const engine::Receiver& r, const ReceiveArgs& a,
+                                 std::uint64_t max_disk_bytes) {
+  const auto now = std::chrono::system_clock::now().time_since_epoch();
+  const auto now_ns = std::uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(now).count());
+  nlohmann::json groups = nlohmann::json::array();
+  for (const engine::GroupStatus& g : r.status()) {
+    nlohmann::json j{{"group", g.group}, {"state", engine::group_state_name(g.state)},
+                     {"last_committed_rp", g.last_committed_rp},
+                     {"last_applied_rp", g.last_applied_rp},
+                     {"last_commit_unix_ns", g.last_commit_unix_ns}, {"source", g.source},
+                     {"cause", g.cause}, {"last_error", g.last_error},
+                     {"failing_since_unix_ns", g.failing_since_unix_ns},
+                     {"failed_attempts", g.failed_attempts},
+                     {"next_reopen_seconds", g.next_reopen_in_ms / 1000.0}};
+    j["failing_seconds"] = g.failing_since_unix_ns
+                               ? nlohmann::json(double(now_ns - std::min(now_ns, g.failing_since_unix_ns)) / 1e9)
+                               : nlohmann::json(nullptr);
+    groups.push_back(std::move(j));
+  }
+  nlohmann::json doc{{"receiver", {{"listen", a.listen}, {"store", a.store},
+                                   {"max_disk_bytes", max_disk_bytes}, {"pid", ::getpid()},
+                                   {"unix_ns", now_ns}}},
+                     {"groups", std::move(groups)}};
+  return doc.dump();
+}
+
+int cmd_receive(const ReceiveArgs& a, std::uint64_t max_disk_bytes) {
   init_logging("receive");
   auto ep = transport::parse_endpoint(a.listen, /*allow_port_zero=*/true);
   if (!ep.is_ok()) return fail("--listen", ep.status());
   engine::ReceiverOptions ro;
   ro.store.root = a.store;
-  auto receiver = engine::Receiver::create(ro);
-  if (!receiver.is_ok()) return fail("receiver", receiver.status());
+  ro.max_disk_bytes = max_disk_bytes;
+  // Before the receiver starts its threads: they must inherit the blocked signals.
   std::promise<void> stopped;
   SignalWatcher signals([&stopped] { stopped.set_value(); });
+  auto receiver = engine::Receiver::create(ro);
+  if (!receiver.is_ok()) return fail("receiver", receiver.status());
   engine::Receiver* r = receiver->get();
+  std::unique_ptr<StatusSocket> status;
+  if (!a.status_socket.empty()) {
+    auto s = StatusSocket::create(a.status_socket, [r, &a, max_disk_bytes] {
+      return receiver_status_json(*r, a, max_disk_bytes);
+    });
+    if (!s.is_ok()) return fail("--status-socket", s.status());
+    status = std::move(s).value();
+  }
   transport::ServerOptions so;
   auto server = transport::Server::listen(*ep, so, [r](transport::Connection& c) { r->serve(c); });
   if (!server.is_ok()) return fail("listen on " + a.listen, server.status());
-  spdlog::info("listening on {}:{} with store {}", ep->host, (*server)->port(), a.store);
+  spdlog::info("listening on {}:{} with store {}{}{}", ep->host, (*server)->port(), a.store,
+               a.status_socket.empty() ? "" : ", status on ", a.status_socket);
   // systemd (Type=notify): ready once the listen socket is bound; a no-op without NOTIFY_SOCKET.
   sd_notifyf(0, "READY=1\nSTATUS=listening on %s:%u, store %s", ep->host.c_str(),
              unsigned((*server)->port()), a.store.c_str());
-  stopped.get_future().wait();
+  // STATUS= follows the groups' health, so `systemctl status` shows a failing group.
+  std::future<void> done = stopped.get_future();
+  std::string last_line;
+  while (done.wait_for(std::chrono::seconds(2)) != std::future_status::ready) {
+    std::size_t total = 0, failing = 0;
+    std::string first;
+    for (const engine::GroupStatus& g : r->status()) {
+      ++total;
+      if (g.state != engine::GroupState::failing) continue;
+      if (failing++ == 0) first = g.group + ": " + g.cause;
+    }
+    std::string line = fmt::format("listening on {}:{}, store {}: {} group(s), {} failing{}{}",
+                                   ep->host, (*server)->port(), a.store, total, failing,
+                                   failing ? "; " : "", first.substr(0, 200));
+    if (line != last_line) sd_notifyf(0, "STATUS=%s", line.c_str());
+    last_line = std::move(line);
+  }
   sd_notify(0, "STOPPING=1");
   (*server)->stop();
   spdlog::info("stopped");
@@ -289,6 +370,11 @@ int main(int argc, char** argv) {
   auto* receive = app.add_subcommand("receive", "Run the receiver in the foreground");
   receive->add_option("--listen", ra.listen, "ADDR:PORT to listen on")->required();
   receive->add_option("--store", ra.store, "Store directory")->required();
+  receive->add_option("--max-disk-bytes", ra.max_disk_bytes,
+                      "Refuse disks larger than SIZE (16T, 500G, bytes; binary units); "
+                      "default: whatever the store's file system can hold");
+  receive->add_option("--status-socket", ra.status_socket,
+                      "Serve each group's state on this unix socket (ferry status --socket)");
 
   ReplicateArgs pa;
   auto* rep = app.add_subcommand("replicate", "Replicate disks of a QEMU process (over QMP)");
@@ -387,8 +473,17 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "ferry protect: one of --once or --interval SECONDS is required\n");
     return kExitUsage;
   }
+  std::uint64_t max_disk_bytes = 0;
+  if (receive->parsed() && !ra.max_disk_bytes.empty()) {
+    auto size = parse_size(ra.max_disk_bytes);
+    if (!size.is_ok()) {
+      std::fprintf(stderr, "ferry receive: --max-disk-bytes: %s\n", size.status().message().c_str());
+      return kExitUsage;
+    }
+    max_disk_bytes = *size;
+  }
   try {
-    if (receive->parsed()) return cmd_receive(ra);
+    if (receive->parsed()) return cmd_receive(ra, max_disk_bytes);
     if (protect->parsed()) return cmd_protect(pr);
     if (agent->parsed()) return cmd_agent(config_path);
     if (status->parsed()) return cmd_status(status_socket, status_json);

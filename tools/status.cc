@@ -1,15 +1,22 @@
-// ferry status: asks the agent over its status socket and prints a table or the JSON.
+// ferry status: asks the agent (or a receiver) over its status socket and prints a table or
+// the JSON. Also the receiver's side of it: the status socket of `ferry receive`.
 //
-// Exit status: 0 every target's RPO is within its rpo_alert_seconds; 3 at least one target is
-// over it (or has no acknowledged RP after running longer than it); 1 the agent is not
-// reachable or answered garbage; 2 usage error (from the CLI parser).
+// Exit status: 0 every target's RPO is within its rpo_alert_seconds (receiver: every group is
+// ok or applying); 3 at least one target is over it (or has no acknowledged RP after running
+// longer than it) (receiver: at least one group is failing); 1 the agent is not reachable or
+// answered garbage; 2 usage error (from the CLI parser).
+#include <poll.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
+#include <unistd.h>
 
+#include <atomic>
 #include <cstdio>
 #include <cstring>
 #include <iostream>
 #include <nlohmann/json.hpp>
+#include <thread>
 
 #include "agent.h"
 #include "ferry/base/fd.h"
@@ -80,7 +87,103 @@ void print_table(const nlohmann::json& targets) {
   }
 }
 
+// A receiver's groups (ferry receive --status-socket).
+void print_groups(const nlohmann::json& groups) {
+  std::printf("%-20s %-13s %9s %9s %-22s %11s %8s %8s  %s\n", "GROUP", "STATE", "COMMITTED",
+              "APPLIED", "SOURCE", "FAILING FOR", "ATTEMPTS", "RE-OPEN", "CAUSE");
+  for (const auto& g : groups) {
+    if (!g.is_object()) continue;
+    const bool failing = g.value("state", "") == "failing";
+    const std::string source = g.value("source", "");
+    std::printf("%-20s %-13s %9llu %9llu %-22s %11s %8s %8s  %s\n",
+                g.value("group", "?").c_str(), g.value("state", "?").c_str(),
+                static_cast<unsigned long long>(g.value("last_committed_rp", 0ull)),
+                static_cast<unsigned long long>(g.value("last_applied_rp", 0ull)),
+                source.empty() ? "-" : source.c_str(),
+                failing ? age(g["failing_seconds"]).c_str() : "-",
+                failing ? std::to_string(g.value("failed_attempts", 0ull)).c_str() : "-",
+                failing && g.value("next_reopen_seconds", 0.0) > 0
+                    ? age(g["next_reopen_seconds"]).c_str() : "-",
+                g.value("cause", "").c_str());
+  }
+}
+
 }  // namespace
+
+// ---- the receiver's status socket -------------------------------------------------------------
+
+StatusSocket::~StatusSocket() {
+  stopping_.store(true);
+  if (thread_.joinable()) thread_.join();
+  ::unlink(path_.c_str());
+}
+
+Result<std::unique_ptr<StatusSocket>> StatusSocket::create(const std::string& path,
+                                                           Render render) {
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.empty() || path.size() >= sizeof addr.sun_path)
+    return Status::error(Errc::invalid_argument, "status socket path '" + path +
+                                                     "' is empty or longer than 107 bytes");
+  std::memcpy(addr.sun_path, path.data(), path.size());
+  auto slash = path.rfind('/');
+  if (slash != std::string::npos && slash > 0) FERRY_TRY(make_dirs(path.substr(0, slash)));
+  // A socket file left by a dead process is removed; one that answers belongs to a live one.
+  struct stat st{};
+  if (::lstat(path.c_str(), &st) == 0) {
+    if (!S_ISSOCK(st.st_mode))
+      return Status::error(Errc::busy, path + " exists and is not a socket");
+    UniqueFd probe(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    if (!probe.valid()) return Status::from_errno(errno, "socket");
+    if (::connect(probe.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof addr) == 0)
+      return Status::error(Errc::busy, "another process answers on " + path);
+    if (::unlink(path.c_str()) != 0) return Status::from_errno(errno, "unlink " + path);
+  }
+  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!fd.valid()) return Status::from_errno(errno, "socket");
+  const mode_t old = ::umask(0177);  // born 0600: status is for root only
+  const int rc = ::bind(fd.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof addr);
+  const int err = errno;
+  ::umask(old);
+  if (rc != 0) return Status::from_errno(err, "bind " + path);
+  if (::listen(fd.get(), 16) != 0) return Status::from_errno(errno, "listen " + path);
+  auto s = std::unique_ptr<StatusSocket>(new StatusSocket(path, std::move(fd), std::move(render)));
+  StatusSocket* raw = s.get();
+  s->thread_ = std::thread([raw] { raw->loop(); });
+  return s;
+}
+
+StatusSocket::StatusSocket(std::string path, UniqueFd fd, Render render)
+    : path_(std::move(path)), fd_(std::move(fd)), render_(std::move(render)) {}
+
+void StatusSocket::loop() {
+  while (!stopping_.load()) {
+    pollfd p{fd_.get(), POLLIN, 0};
+    if (::poll(&p, 1, 200) <= 0) continue;
+    UniqueFd client(::accept4(fd_.get(), nullptr, nullptr, SOCK_CLOEXEC));
+    if (!client.valid()) continue;
+    // One request line, bounded in bytes and time; one JSON document back; close.
+    const timeval tv{2, 0};
+    ::setsockopt(client.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    ::setsockopt(client.get(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    std::string req;
+    char buf[256];
+    while (req.find('\n') == std::string::npos && req.size() < 1024) {
+      ssize_t n = ::recv(client.get(), buf, sizeof buf, 0);
+      if (n <= 0) break;
+      req.append(buf, static_cast<std::size_t>(n));
+    }
+    std::string reply = req == kStatusRequest
+                            ? render_()
+                            : nlohmann::json{{"error", "unknown request; send \"status\\n\""}}.dump();
+    reply += "\n";
+    for (std::size_t off = 0; off < reply.size();) {
+      ssize_t n = ::send(client.get(), reply.data() + off, reply.size() - off, MSG_NOSIGNAL);
+      if (n <= 0) break;
+      off += static_cast<std::size_t>(n);
+    }
+  }
+}
 
 int cmd_status(const std::string& socket_path, bool json) {
   auto reply = ask_agent(socket_path);
@@ -90,6 +193,16 @@ int cmd_status(const std::string& socket_path, bool json) {
     return 1;
   }
   nlohmann::json j = nlohmann::json::parse(*reply, nullptr, /*allow_exceptions=*/false);
+  if (!j.is_discarded() && j.is_object() && j.contains("groups") && j["groups"].is_array()) {
+    bool failing = false;
+    for (const auto& g : j["groups"])
+      failing = failing || (g.is_object() && g.value("state", "") == "failing");
+    if (json)
+      std::cout << j.dump(2) << "\n";
+    else
+      print_groups(j["groups"]);
+    return failing ? kExitRpoExceeded : 0;
+  }
   if (j.is_discarded() || !j.is_object() || !j.contains("targets") || !j["targets"].is_array()) {
     std::fprintf(stderr, "ferry status: the agent on %s sent no status document\n",
                  socket_path.c_str());

@@ -1,9 +1,15 @@
 // Helpers shared by the ferry subcommands (private to tools/).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
+#include <thread>
+
+#include "ferry/base/fd.h"
+#include "ferry/base/status.h"
 
 namespace ferry::tools {
 
@@ -19,6 +25,24 @@ int run_demo(const DemoArgs& args, const char* argv0);
 int cmd_agent(const std::string& config_path);
 // ferry status (status.cc): 0 all RPOs within their thresholds, 3 one is over, 1 unreachable.
 int cmd_status(const std::string& socket_path, bool json);
+
+// The status socket of `ferry receive` (status.cc): the agent's protocol (agent.h: one line
+// "status\n", one JSON document back), served from a thread of its own; socket mode 0600.
+class StatusSocket {
+ public:
+  using Render = std::function<std::string()>;
+  static Result<std::unique_ptr<StatusSocket>> create(const std::string& path, Render render);
+  ~StatusSocket();
+
+ private:
+  StatusSocket(std::string path, UniqueFd fd, Render render);
+  void loop();
+  const std::string path_;
+  UniqueFd fd_;
+  const Render render_;
+  std::atomic<bool> stopping_{false};
+  std::thread thread_;
+};
 
 std::string default_state_dir();  // $FERRY_STATE_DIR or /var/lib/ferry
 std::string host_name();

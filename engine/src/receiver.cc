@@ -1,11 +1,14 @@
 #include "ferry/engine/receiver.h"
 
+#include <condition_variable>
 #include <filesystem>
 #include <map>
 #include <mutex>
 #include <optional>
+#include <thread>
 #include <vector>
 
+#include "capacity.h"
 #include "ferry/base/fd.h"
 #include "ferry/base/hash.h"
 #include "ferry/base/kill_point.h"
@@ -17,20 +20,61 @@ namespace ferry::engine {
 
 using transport::MsgType;
 using transport::WireStatus;
+using Clock = std::chrono::steady_clock;
+
+static_assert(kMaxStoredPayloadBytes >= transport::kMaxBlockBytes &&
+                  kMaxStoredPayloadBytes < transport::kMaxPayloadBytes,
+              "a payload between the journal's and the wire's limit is refused as a bad frame");
+
+const char* group_state_name(GroupState s) {
+  switch (s) {
+    case GroupState::ok: return "ok";
+    case GroupState::failing: return "failing";
+    case GroupState::apply_pending: return "apply_pending";
+  }
+  return "?";
+}
 
 namespace {
 
+std::uint64_t unix_now_ns() {
+  return static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                        std::chrono::system_clock::now().time_since_epoch())
+                                        .count());
+}
+
+// What failed decides what ends the failure episode: a failed open or apply is cured by a
+// successful re-open (recovery re-applies every committed RP); a failed RP write only by an RP
+// that commits (a re-open proves nothing about a full disk).
+enum class FailedStep : std::uint8_t { rp, apply, open };
+
+// How a group is doing. Guarded by Receiver::Impl::mu (short sections, never across I/O).
+//
+// The storage failure episode of the group: from the first failure until it ends (above).
+// Its cause is logged once at error level; the retries of the source (every second against a
+// full disk) only at debug; a different kind of failure (ENOSPC -> EIO) is a new cause and
+// logged again; the commit that ends it logs one "storage resumed" line.
+struct Health {
+  bool must_reopen = false;  // the store was dropped after a failure
+  std::string cause;         // the first failure of the episode; empty: no episode
+  std::string last_error;    // the latest failure of the episode
+  Errc code = Errc::ok;      // of the latest failure
+  FailedStep step = FailedStep::rp;
+  std::uint64_t failures = 0;  // refused RPs and failed re-opens in the episode
+  std::uint64_t since_unix_ns = 0;
+  Clock::time_point since;
+  std::chrono::milliseconds backoff{0};  // grows per failure in the episode
+  Clock::time_point next_reopen{};
+  std::uint64_t committed = 0, applied = 0, last_commit_unix_ns = 0;
+  std::string source;
+
+  bool failing() const { return !cause.empty(); }
+};
+
 struct GroupSlot {
-  std::timed_mutex busy;  // held by the session that serves the group
-  std::unique_ptr<GroupStore> store;
-  // The storage failure episode of the group: from the first failed RP until an RP commits
-  // again. Its cause is logged once at error level; the retries of the source (every second
-  // against a full disk) only at debug; a different kind of failure (ENOSPC -> EIO) is a
-  // new cause and logged again; the commit that ends it logs one "resumed" line.
-  std::string last_storage_error;  // the first failure of the episode; empty: no episode
-  Errc last_storage_code = Errc::ok;
-  std::uint64_t storage_failures = 0;  // refused RPs in the episode
-  std::chrono::steady_clock::time_point storage_failed_since;
+  std::timed_mutex busy;  // held by the session (or the re-opener) that uses the store
+  std::unique_ptr<GroupStore> store;  // guarded by busy; null: not open (yet, or after a failure)
+  Health health;                      // guarded by Impl::mu
 };
 
 WireStatus wire_status_of(const Status& s) {
@@ -42,23 +86,153 @@ WireStatus wire_status_of(const Status& s) {
     case Errc::protocol: return WireStatus::bad_request;
     case Errc::busy: return WireStatus::busy;
     case Errc::invalid_argument:
+    case Errc::unsupported:
     case Errc::not_found: return WireStatus::bad_request;
     default: return WireStatus::internal;
   }
+}
+
+// The store's rule for group and disk names (store.cc valid_name), checked at hello: a name
+// the store would refuse is the peer's error, not a storage failure, and must not create a
+// group slot (the re-opener would retry it for ever).
+bool valid_store_name(const std::string& s) {
+  if (s.empty() || s.size() > 255 || s == "." || s == "..") return false;
+  for (char c : s)
+    if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+          c == '.' || c == '_' || c == '-'))
+      return false;
+  return true;
+}
+
+std::string seconds_text(Clock::duration d) {
+  const double s = std::chrono::duration<double>(d).count();
+  return s < 1 ? fmt::format("{:.0f} ms", s * 1000) : fmt::format("{:.1f} s", s);
 }
 
 }  // namespace
 
 struct Receiver::Impl {
   ReceiverOptions options;
-  std::mutex mu;
-  std::map<std::string, std::unique_ptr<GroupSlot>> groups;
+  mutable std::mutex mu;
+  std::map<std::string, std::unique_ptr<GroupSlot>> groups;  // slots are never removed
+  CapacityProbe capacity;
+  std::condition_variable wake;
+  bool stopping = false;  // guarded by mu
+  std::thread reopener;
+
+  ~Impl() {
+    {
+      std::lock_guard lock(mu);
+      stopping = true;
+    }
+    wake.notify_all();
+    if (reopener.joinable()) reopener.join();
+  }
 
   GroupSlot& slot(const std::string& group) {
     std::lock_guard lock(mu);
     auto& s = groups[group];
     if (!s) s = std::make_unique<GroupSlot>();
     return *s;
+  }
+
+  // Records a store failure of `group`: opens or continues its episode and schedules the
+  // re-open after the back-off. The caller drops the store (if any) before releasing busy.
+  void note_failure(GroupSlot& g, const std::string& group, FailedStep step, const Status& why,
+                    const std::string& what) {
+    FERRY_ASSERT(!why.is_ok());
+    const std::string text = why.to_string();
+    std::lock_guard lock(mu);
+    Health& h = g.health;
+    const bool same_cause = h.failing() && why.code() == h.code;
+    if (!h.failing()) {
+      h.failures = 0;
+      h.since = Clock::now();
+      h.since_unix_ns = unix_now_ns();
+      h.backoff = std::chrono::milliseconds(0);
+    }
+    ++h.failures;
+    h.backoff = h.backoff.count() == 0 ? options.reopen_min
+                                       : std::min(h.backoff * 2, options.reopen_max);
+    h.next_reopen = Clock::now() + h.backoff;
+    h.must_reopen = true;
+    if (same_cause) {
+      spdlog::debug("group '{}': {}, storage still failing ({} failed attempt(s)): {}", group, what,
+                    h.failures, text);
+    } else {
+      spdlog::error("group '{}': {}: {} (the group is re-opened in {}; the receiver resumes once "
+                    "the cause is gone)", group, what, text, seconds_text(h.backoff));
+      if (!h.failing()) h.cause = what + ": " + text;
+    }
+    h.code = why.code();
+    h.step = step;
+    h.last_error = what + ": " + text;
+    FERRY_ASSERT(h.failing() && h.failures > 0);
+  }
+
+  // After a successful open: the store is usable again. Ends an episode whose cause the
+  // re-open cured (a failed open or apply); an RP failure's episode waits for a commit.
+  void note_opened(GroupSlot& g, const std::string& group, const GroupStore& store) {
+    std::lock_guard lock(mu);
+    Health& h = g.health;
+    h.must_reopen = false;
+    h.committed = store.last_committed_rp();
+    h.applied = store.last_applied_rp();
+    if (!h.failing()) return;
+    if (h.step == FailedStep::rp) {
+      spdlog::debug("group '{}': store re-opened; last committed RP {}, applied RP {}", group,
+                    h.committed, h.applied);
+      return;
+    }
+    spdlog::info("group '{}': store re-opened after {} failed attempt(s) over {}; last committed "
+                 "RP {}, applied RP {} (cause: {})", group, h.failures,
+                 seconds_text(Clock::now() - h.since), h.committed, h.applied, h.cause);
+    h = Health{.committed = h.committed, .applied = h.applied,
+               .last_commit_unix_ns = h.last_commit_unix_ns, .source = h.source};
+  }
+
+  // Opens the group's store unless it is open; refuses while a failed group's back-off runs.
+  // The caller holds g.busy.
+  Status ensure_open(GroupSlot& g, const std::string& group, bool create) {
+    if (g.store) return Status::ok();
+    {
+      std::lock_guard lock(mu);
+      const Health& h = g.health;
+      if (h.must_reopen && Clock::now() < h.next_reopen)
+        return Status::error(h.code, "group '" + group + "' has been failing for " +
+                                         seconds_text(Clock::now() - h.since) + " (" + h.cause +
+                                         "); its store is re-opened in " +
+                                         seconds_text(h.next_reopen - Clock::now()));
+    }
+    auto store = GroupStore::open(options.store, group, create);
+    if (!store.is_ok()) {
+      note_failure(g, group, FailedStep::open, store.status(), "cannot open the store");
+      return store.status();
+    }
+    g.store = std::move(store).value();
+    note_opened(g, group, *g.store);
+    return Status::ok();
+  }
+
+  // Re-opens failed groups whose back-off has run out, so a group recovers without waiting
+  // for its source (a group that failed at start-up or after an acknowledged RP).
+  void reopen_loop() {
+    std::unique_lock lock(mu);
+    while (!stopping) {
+      wake.wait_for(lock, std::chrono::milliseconds(250));
+      if (stopping) return;
+      std::vector<std::pair<std::string, GroupSlot*>> due;
+      const auto now = Clock::now();
+      for (auto& [name, g] : groups)
+        if (g->health.must_reopen && now >= g->health.next_reopen) due.emplace_back(name, g.get());
+      lock.unlock();
+      for (auto& [name, g] : due) {
+        std::unique_lock<std::timed_mutex> busy(g->busy, std::try_to_lock);
+        if (!busy.owns_lock()) continue;  // a session serves it and re-opens it itself
+        (void)ensure_open(*g, name, /*create=*/false);
+      }
+      lock.lock();
+    }
   }
 };
 
@@ -79,30 +253,29 @@ class Session {
       reply_refused(WireStatus::busy, "group '" + hello->group + "' is being served to another source");
       return;
     }
-    if (!slot.store) {
-      auto store = GroupStore::open(impl_.options.store, hello->group, /*create=*/true);
-      if (!store.is_ok()) {
-        spdlog::error("{}: cannot open the store of group '{}': {}", conn_.peer(), hello->group,
-                      store.status().to_string());
-        reply_refused(wire_status_of(store.status()), store.status().to_string());
-        return;
-      }
-      slot.store = std::move(store).value();
+    if (Status open = impl_.ensure_open(slot, hello->group, /*create=*/true); !open.is_ok()) {
+      // The cause is logged once per episode (note_failure), not at every retry of a source.
+      spdlog::debug("{}: group '{}' refused: {}", conn_.peer(), hello->group, open.to_string());
+      reply_refused(wire_status_of(open), open.message());
+      return;
     }
     store_ = slot.store.get();
     slot_ = &slot;
     hello_ = std::move(*hello);
     group_id_ = transport::group_id_of(hello_.group);
-    if (!reply_accepted()) return;
-    Status s = serve_rps();
+    set_source(conn_.peer());
+    Status s = reply_accepted() ? serve_rps() : Status::error(Errc::disconnected, "hello_reply");
     if (store_ && rp_open_) store_->abort_rp();
     if (storage_failed_) {
-      // After a failed write or sync the store refuses everything until it is re-opened;
-      // re-opening runs recovery (cuts what the failed RP left in the journal). The next
-      // session does that, so the receiver resumes by itself once the fault is gone.
+      // After a failed write, sync or apply the store refuses everything until it is
+      // re-opened; re-opening runs recovery (cuts what the failed RP left in the journal,
+      // re-applies committed RPs). The next session or the re-opener does that after the
+      // back-off, so the receiver resumes by itself once the fault is gone.
       slot.store.reset();
       store_ = nullptr;
+      impl_.wake.notify_all();
     }
+    set_source("");
     if (!s.is_ok() && s.code() != Errc::disconnected && s.code() != Errc::cancelled) {
       spdlog::error("{}: group '{}': {}", conn_.peer(), hello_.group, s.to_string());
       if (s.code() == Errc::protocol || s.code() == Errc::corrupt || s.code() == Errc::timeout)
@@ -132,6 +305,17 @@ class Session {
                         std::to_string(transport::kProtocolVersion) + ")";
       spdlog::error("{}: {}", conn_.peer(), msg);
       reply_refused(WireStatus::bad_version, msg);
+      return std::nullopt;
+    }
+    std::vector<std::string> names{h->group};
+    for (const auto& d : h->disks) names.push_back(d.name);
+    for (std::size_t i = 0; i < names.size(); ++i) {
+      if (valid_store_name(names[i])) continue;
+      std::string msg = std::string(i == 0 ? "group" : "disk") + " name '" +
+                        names[i].substr(0, 64) +
+                        "' is not valid ([A-Za-z0-9._-], 1..255 characters, not . or ..)";
+      spdlog::error("{}: {}", conn_.peer(), msg);
+      reply_refused(WireStatus::bad_request, msg);
       return std::nullopt;
     }
     return std::move(h).value();
@@ -198,30 +382,19 @@ class Session {
     return send_refusal(rp_id, why);
   }
 
-  // A failure of the receiver's own storage (EIO, ENOSPC, a failed sync): the RP is refused
-  // as retryable and the store is re-opened by the next session. The cause is logged once
-  // per episode (see GroupSlot), not at every retry of the source.
+  // A failure of the receiver's own storage (EIO, ENOSPC, a failed sync, anything the store
+  // reports that is not a refusal by rule): the RP is refused as retryable and the store is
+  // dropped at the end of the session and re-opened after the back-off (Impl::note_failure).
   Status storage_failure(std::uint64_t rp_id, const Status& why) {
     storage_failed_ = true;
-    GroupSlot& g = *slot_;
-    std::string text = why.to_string();
-    bool same_cause = !g.last_storage_error.empty() && why.code() == g.last_storage_code;
-    if (g.last_storage_error.empty()) {
-      g.storage_failures = 0;
-      g.storage_failed_since = std::chrono::steady_clock::now();
-    }
-    ++g.storage_failures;
-    if (same_cause) {
-      spdlog::debug("group '{}': RP {} not committed, storage still failing ({} refused): {}",
-                    hello_.group, rp_id, g.storage_failures, text);
-    } else {
-      spdlog::error("group '{}': RP {} not committed, the store failed: {} (the source retries; "
-                    "the receiver resumes once the cause is gone)", hello_.group, rp_id, text);
-      g.last_storage_error = text;
-      g.last_storage_code = why.code();
-    }
-    FERRY_ASSERT(!g.last_storage_error.empty() && g.storage_failures > 0);
+    impl_.note_failure(*slot_, hello_.group, FailedStep::rp, why,
+                       "RP " + std::to_string(rp_id) + " not committed, the store failed");
     return send_refusal(rp_id, why);
+  }
+
+  void set_source(const std::string& peer) {
+    std::lock_guard lock(impl_.mu);
+    slot_->health.source = peer;
   }
 
   Status send_refusal(std::uint64_t rp_id, const Status& why) {
@@ -241,6 +414,7 @@ class Session {
     info.base_rp = b.base_rp;
     info.created_unix_ns = b.created_unix_ns;
     info.flags = b.flags;
+    if (b.disks.empty()) return Status::error(Errc::protocol, "rp_begin names no disk");
     std::vector<bool> seen(hello_.disks.size(), false);
     for (const transport::RpDisk& d : b.disks) {
       if (d.disk_index >= hello_.disks.size() || seen[d.disk_index])
@@ -261,9 +435,18 @@ class Session {
     for (std::size_t i = 0; i < b.disks.size(); ++i) disk_slot_[b.disks[i].disk_index] = int(i);
     next_hash_offset_.assign(b.disks.size(), 0);
     hash_bytes_sent_ = 0;
+    // Before anything is journalled: an RP the store could commit but never apply would be
+    // acknowledged and then wedge the group.
+    for (const RpBeginInfo::Disk& d : info.disks)
+      if (Status s = check_disk_capacity(impl_.capacity, replica_dir(), hello_.group, d.name,
+                                         d.size_bytes, impl_.options.max_disk_bytes);
+          !s.is_ok())
+        return refuse_rp(b.rp_id, s);
+    // The disks were checked here and in hello (names, count, duplicates), so the store's
+    // only refusal by rule is C5 (diverged); anything else is the store failing.
     if (Status s = store_->begin_rp(info); !s.is_ok()) {
-      if (s.code() == Errc::io || s.code() == Errc::no_space) return storage_failure(b.rp_id, s);
-      return refuse_rp(b.rp_id, s);
+      if (s.code() == Errc::diverged) return refuse_rp(b.rp_id, s);
+      return storage_failure(b.rp_id, s);
     }
     rp_ = std::move(b);
     rp_open_ = true;
@@ -275,8 +458,8 @@ class Session {
 
   Status check_data(const transport::DataFrame& d) {
     auto bad = [&](const std::string& what) {
-      return Status::error(Errc::corrupt, "data frame seq " + std::to_string(d.seq) + " of RP " +
-                                              std::to_string(d.rp_id) + ": " + what);
+      return Status::error(Errc::corrupt, "bad frame: data frame seq " + std::to_string(d.seq) +
+                                              " of RP " + std::to_string(d.rp_id) + ": " + what);
     };
     if (d.group_id != group_id_) return bad("belongs to another group");
     if (d.rp_id != rp_.rp_id) return bad("belongs to RP " + std::to_string(d.rp_id) +
@@ -291,6 +474,13 @@ class Session {
     if (d.kind == transport::BlockKind::zero) return Status::ok();
     std::string_view plain = d.payload;
     if (d.codec == transport::Codec::zstd) {
+      // The wire allows 8 MiB frames, the journal 4 MiB + 64 KiB records: a larger payload is
+      // the peer's fault, refused here rather than failing in the store (which would count as
+      // a storage failure and make the receiver re-scan the group's journal).
+      if (d.payload.size() > kMaxStoredPayloadBytes)
+        return bad("compressed payload of " + std::to_string(d.payload.size()) +
+                   " bytes is larger than a journal record holds (" +
+                   std::to_string(kMaxStoredPayloadBytes) + ")");
       decoded_.resize(d.length_bytes);
       FERRY_TRY(decompressor_->decompress(d.payload.data(), d.payload.size(), decoded_.data(),
                                           d.length_bytes));
@@ -305,7 +495,7 @@ class Session {
     if (!rp_open_) return Status::error(Errc::protocol, "data frame outside an RP");
     FERRY_KILL_POINT("receiver.frame_received");
     auto d = transport::decode_data(payload);
-    if (!d.is_ok()) return refuse_rp(rp_.rp_id, d.status());
+    if (!d.is_ok()) return refuse_rp(rp_.rp_id, d.status().with_context("bad frame"));
     if (!decompressor_) {
       FERRY_ASSIGN_OR_RETURN(Decompressor dc, Decompressor::create());
       decompressor_.emplace(std::move(dc));
@@ -407,21 +597,13 @@ class Session {
           std::to_string(next_seq_) + " / " + std::to_string(logical_bytes_) + " received"));
     auto info = store_->commit_rp(e.rp_id, e.frame_count, e.logical_bytes);
     if (!info.is_ok()) {
-      if (info.status().code() == Errc::protocol || info.status().code() == Errc::corrupt)
-        return refuse_rp(e.rp_id, info.status());
+      // The totals were checked above; the store's own check (protocol) is a refusal, any
+      // other failure is the store's.
+      if (info.status().code() == Errc::protocol) return refuse_rp(e.rp_id, info.status());
       return storage_failure(e.rp_id, info.status());
     }
     rp_open_ = false;
-    if (!slot_->last_storage_error.empty()) {
-      double failed_s = std::chrono::duration<double>(std::chrono::steady_clock::now() -
-                                                       slot_->storage_failed_since).count();
-      spdlog::info("group '{}': storage resumed: RP {} committed after {} refused RP attempt(s) "
-                   "over {:.1f} s (cause: {})", hello_.group, e.rp_id, slot_->storage_failures,
-                   failed_s, slot_->last_storage_error);
-      slot_->last_storage_error.clear();
-      slot_->last_storage_code = Errc::ok;
-      slot_->storage_failures = 0;
-    }
+    note_committed(e.rp_id);
     FERRY_KILL_POINT("receiver.before_ack");
     // The RP is committed whatever happens to the acknowledgement: a source that closes as
     // soon as it has read the ack can make flush() fail. Apply it all the same, so the replica
@@ -437,12 +619,37 @@ class Session {
                  hash_bytes_sent_ ? fmt::format("; resync: {:.2f} MB of digests sent",
                                                 hash_bytes_sent_ / 1e6)
                                   : std::string());
-    // Applying is not needed for durability (the journal has it): a failure is reported and
-    // retried at the next commit or restart, and does not fail the session.
-    if (Status s = store_->apply_committed(); !s.is_ok())
-      spdlog::error("group '{}': applying RP {} to the replica failed (retried later): {}",
-                    hello_.group, e.rp_id, s.to_string());
+    // Applying is not needed for durability (the journal has it). A failed apply leaves the
+    // store failed, so the group is re-opened after the back-off (recovery re-applies every
+    // committed RP), by the next session or the re-opener; until then status shows it.
+    if (Status s = store_->apply_committed(); !s.is_ok()) {
+      storage_failed_ = true;
+      impl_.note_failure(*slot_, hello_.group, FailedStep::apply, s,
+                         "applying RP " + std::to_string(e.rp_id) +
+                             " to the replica failed (it is durable in the journal; retried)");
+    } else {
+      std::lock_guard lock(impl_.mu);
+      slot_->health.applied = store_->last_applied_rp();
+    }
     return acked;
+  }
+
+  // An RP committed: the episode (if any) ends with one "storage resumed" line.
+  void note_committed(std::uint64_t rp_id) {
+    std::lock_guard lock(impl_.mu);
+    Health& h = slot_->health;
+    h.committed = rp_id;
+    h.last_commit_unix_ns = unix_now_ns();
+    if (!h.failing()) return;
+    spdlog::info("group '{}': storage resumed: RP {} committed after {} failed attempt(s) over {} "
+                 "(cause: {})", hello_.group, rp_id, h.failures, seconds_text(Clock::now() - h.since),
+                 h.cause);
+    h = Health{.committed = h.committed, .applied = h.applied,
+               .last_commit_unix_ns = h.last_commit_unix_ns, .source = h.source};
+  }
+
+  std::string replica_dir() const {
+    return impl_.options.store.root + "/" + hello_.group + "/replica";
   }
 
   Receiver::Impl& impl_;
@@ -478,22 +685,63 @@ Result<std::unique_ptr<Receiver>> Receiver::create(const ReceiverOptions& option
   impl->options = options;
   // Recover every group now, not at its source's next hello: after a crash the replicas are
   // brought back to one committed RP (torn tail cut, committed RPs re-applied) at start-up.
-  // A group that cannot be opened is reported and left for its next session to retry.
+  // A group that cannot be opened is reported and re-opened after the back-off.
   std::error_code ec;
   for (const auto& entry : std::filesystem::directory_iterator(options.store.root, ec)) {
     if (!entry.is_directory()) continue;
     const std::string group = entry.path().filename().string();
+    std::error_code exists_ec;
+    if (!std::filesystem::exists(entry.path() / "journal", exists_ec)) {
+      // Not a group (lost+found at the root of a file system, an operator's directory).
+      spdlog::info("store {}: '{}' is not a group (no journal): skipped", options.store.root, group);
+      continue;
+    }
+    GroupSlot& slot = impl->slot(group);
     auto store = GroupStore::open(options.store, group, /*create=*/false);
     if (!store.is_ok()) {
-      spdlog::error("group '{}': recovery at start-up failed: {}", group, store.status().to_string());
+      impl->note_failure(slot, group, FailedStep::open, store.status(),
+                         "recovery at start-up failed");
       continue;
     }
     spdlog::info("group '{}': recovered; last committed RP {}, applied RP {}", group,
                  (*store)->last_committed_rp(), (*store)->last_applied_rp());
-    impl->slot(group).store = std::move(store).value();
+    slot.store = std::move(store).value();
+    slot.health.committed = slot.store->last_committed_rp();
+    slot.health.applied = slot.store->last_applied_rp();
   }
   if (ec) return Status::from_errno(ec.value(), "list store directory " + options.store.root);
+  Impl* raw = impl.get();
+  impl->reopener = std::thread([raw] { raw->reopen_loop(); });
   return std::unique_ptr<Receiver>(new Receiver(std::move(impl)));
+}
+
+std::vector<GroupStatus> Receiver::status() const {
+  std::vector<GroupStatus> out;
+  const auto now = Clock::now();
+  std::lock_guard lock(impl_->mu);
+  for (const auto& [name, g] : impl_->groups) {
+    const Health& h = g->health;
+    GroupStatus st;
+    st.group = name;
+    st.last_committed_rp = h.committed;
+    st.last_applied_rp = h.applied;
+    st.last_commit_unix_ns = h.last_commit_unix_ns;
+    st.source = h.source;
+    if (h.failing()) {
+      st.state = GroupState::failing;
+      st.cause = h.cause;
+      st.last_error = h.last_error;
+      st.failing_since_unix_ns = h.since_unix_ns;
+      st.failed_attempts = h.failures;
+      if (h.must_reopen && h.next_reopen > now)
+        st.next_reopen_in_ms = static_cast<std::uint64_t>(
+            std::chrono::duration_cast<std::chrono::milliseconds>(h.next_reopen - now).count());
+    } else if (h.applied < h.committed) {
+      st.state = GroupState::apply_pending;
+    }
+    out.push_back(std::move(st));
+  }
+  return out;  // std::map: sorted by name
 }
 
 void Receiver::serve(transport::Connection& conn) {

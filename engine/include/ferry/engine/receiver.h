@@ -5,11 +5,26 @@
 // bounds, decoded size, xxh3-128: C3) before it reaches the journal -> rp_end (totals checked)
 // -> commit (durable) -> rp_ack -> apply to the replica. Any bad frame aborts the open RP,
 // sends an error naming the problem and closes that connection; the receiver keeps serving.
+//
+// Before an RP is journalled, each of its disks must fit the store (rp_begin): the store's
+// file system must hold a file of the disk's size, and the disk must be within
+// max_disk_bytes; otherwise the RP is refused, naming the disk, its size, the limit and the
+// fix. Once acknowledged, an RP must be applicable, or the group is wedged.
+//
+// A store failure of any kind (an RP that could not be written or committed, an apply after
+// the acknowledgement, recovery at start-up) marks the group failing: its store is dropped and
+// re-opened (recovery: torn tail cut, committed RPs re-applied) by the next session or by a
+// background thread, whichever comes first, at most once per back-off period (reopen_min,
+// doubling per failed attempt up to reopen_max), so no failure leaves a group refusing RPs
+// until the receiver restarts, and a hostile or broken peer cannot make it re-scan journals
+// in a loop. status() shows each group's state.
 #pragma once
 
 #include <chrono>
+#include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "ferry/base/status.h"
 #include "ferry/engine/store.h"
@@ -23,6 +38,38 @@ struct ReceiverOptions {
   std::chrono::milliseconds group_wait{30000};
   // How long a session waits for the next frame before giving up on the peer.
   std::chrono::milliseconds idle_timeout{300000};
+  // The largest disk this receiver accepts (ferry receive --max-disk-bytes); 0: no maximum
+  // besides what the store's file system can hold.
+  std::uint64_t max_disk_bytes = 0;
+  // Re-opening a failed group: no sooner than reopen_min after the failure, doubling per
+  // failed attempt in a row, up to reopen_max.
+  std::chrono::milliseconds reopen_min{1000};
+  std::chrono::milliseconds reopen_max{30000};
+};
+
+enum class GroupState : std::uint8_t {
+  ok = 0,
+  failing = 1,        // a store failure episode is open: RPs are refused until it ends
+  apply_pending = 2,  // committed RPs are not yet in the replica images (applied soon)
+};
+const char* group_state_name(GroupState s);
+
+// What the receiver knows of one group, for status and monitoring.
+struct GroupStatus {
+  std::string group;
+  GroupState state = GroupState::ok;
+  std::uint64_t last_committed_rp = 0;  // as last seen by the receiver (0: none)
+  std::uint64_t last_applied_rp = 0;
+  std::uint64_t last_commit_unix_ns = 0;  // when this receiver last committed an RP of it
+  std::string source;                     // the peer serving the group now; empty: none
+  // The failure episode (state failing), else empty/0: its first cause, when it began, the
+  // failed attempts (refused RPs and re-opens), and when the store is re-opened next (0: now,
+  // or when the next source connects).
+  std::string cause;
+  std::string last_error;  // the latest failure of the episode (the cause may have changed)
+  std::uint64_t failing_since_unix_ns = 0;
+  std::uint64_t failed_attempts = 0;
+  std::uint64_t next_reopen_in_ms = 0;
 };
 
 class Receiver {
@@ -31,6 +78,9 @@ class Receiver {
   ~Receiver();
   // Serves one connection until it ends; called on the connection's own thread.
   void serve(transport::Connection& conn);
+  // Every group the receiver knows (those found in the store at start-up and those served
+  // since), sorted by name. Thread-safe; never waits for a session.
+  std::vector<GroupStatus> status() const;
 
   struct Impl;  // defined in receiver.cc
 

@@ -56,6 +56,12 @@ struct RpBeginInfo {
   std::vector<Disk> disks;
 };
 
+// The largest codec-encoded payload one journal record holds: a 4 MiB block, plus room for a
+// zstd frame that came out larger than its block. The wire allows frames up to 8 MiB, so the
+// receiver refuses a larger payload as a bad frame before it reaches the store (the journal's
+// own limit, journal.h kMaxPayloadBytes, is this value).
+inline constexpr std::uint32_t kMaxStoredPayloadBytes = (4u << 20) + (64u << 10);
+
 enum class RecordKind : std::uint8_t { data = 0, zero = 1 };
 enum class RecordCodec : std::uint8_t { none = 0, zstd = 1 };
 

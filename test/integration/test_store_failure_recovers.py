@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""No store failure leaves a group stuck until the receiver restarts (issue 18, item 7).
+
+Part A, a failure after the acknowledgement, of a kind other than EIO/ENOSPC: the group's
+replica directory is moved away, so applying RP 2 (after its ack) fails with ENOENT
+(not-found). The receiver must re-open the group by itself (with back-off) and take the next
+RP without a restart; the replica then equals the source.
+Part B, a failure at start-up: the receiver starts while the group's journal directory is
+replaced by a file, so its recovery fails. `ferry status --socket` shows the group failing
+with the cause (exit 3); once the journal is put back the receiver re-opens the group in the
+background, without a restart and without any source connecting, and status shows it ok."""
+
+import json
+import os
+import shutil
+import time
+
+import ferrytest as ft
+
+GROUP = "sf"
+SIZE = 16 * ft.MiB
+
+
+def status(env, sock):
+    r = env.run(["status", "--socket", sock, "--json"], timeout=20)
+    ft.check(r.rc in (0, 3), f"ferry status --socket failed:\n{r}")
+    doc = json.loads(r.out)
+    groups = {g["group"]: g for g in doc.get("groups", [])}
+    return r.rc, groups
+
+
+def wait_for(what, cond, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.2)
+    raise ft.TestFailure(f"{what}: not within {timeout} s")
+
+
+def replicate_until_ok(env, qsd, rx, bound_s):
+    """The source retries like `--interval 1` would; the group must take an RP within bound_s."""
+    t0 = time.monotonic()
+    while True:
+        r = env.run(env.replicate_args(qsd, rx.addr, GROUP), timeout=60)
+        if r.rc == 0:
+            rp = int(r.out.strip().splitlines()[-1])
+            ft.log(f"RP {rp} after {time.monotonic() - t0:.1f} s")
+            return rp
+        ft.log(f"replicate refused ({r.err.strip().splitlines()[-1] if r.err.strip() else r.rc})")
+        if time.monotonic() - t0 > bound_s:
+            raise ft.TestFailure(f"the group took no RP within {bound_s} s of the cause being "
+                                 f"gone (stuck until restart?):\n{r}\n{ft.tail(rx.log_path)}")
+        time.sleep(1)
+
+
+with ft.Env("store-failure-recovers") as env:
+    t0 = time.monotonic()
+    help_text = env.run(["receive", "--help"], timeout=20).out
+    sock = env.path("receive.sock") if "--status-socket" in help_text else None
+    store = env.path("store", ".")[:-2]
+    if sock:
+        # ferrytest's Receiver starts `ferry receive` with fixed flags: add the status socket.
+        class ProcWithSocket(ft.Proc):
+            def __init__(self, env_, name, argv, *a, **k):
+                if name == "receiver":
+                    argv = argv + ["--status-socket", sock]
+                super().__init__(env_, name, argv, *a, **k)
+        ft.Proc = ProcWithSocket
+    rx = env.receiver(store=store)
+
+    qsd = env.qsd([ft.Disk("vda", SIZE, "qcow2")])
+    vda = qsd.disk("vda")
+    wl = env.workload()
+    wl.random_writes(qsd, vda, 10)
+    rp1 = env.replicate_once(qsd, rx.addr, GROUP)
+    # The apply runs after the acknowledgement: let it finish before breaking the replica.
+    if sock:
+        wait_for("RP 1 applied", lambda: status(env, sock)[1][GROUP]["last_applied_rp"] == rp1, 10)
+    else:
+        time.sleep(1)
+
+    # --- Part A: apply fails after the ack with not-found ---
+    replica = os.path.join(store, GROUP, "replica")
+    os.rename(replica, replica + ".away")
+    wl.random_writes(qsd, vda, 10)
+    rp2 = env.replicate_once(qsd, rx.addr, GROUP)   # acknowledged: it is in the journal
+    wait_for("the failed apply in the receiver's log",
+             lambda: "applying RP 2" in rx.log_text(), 10)
+    # The cause goes away (or the receiver's re-open already re-made the directory).
+    if os.path.isdir(replica):
+        shutil.rmtree(replica + ".away")
+    else:
+        os.rename(replica + ".away", replica)
+    wl.random_writes(qsd, vda, 10)
+    snap = qsd.snapshot(vda, env.path("snaps", "a.img"))
+    rp3 = replicate_until_ok(env, qsd, rx, 20)
+    env.check_restore(store, GROUP, rp3, "vda", snap)
+    wait_for("the replica image brought to RP 3",
+             lambda: ft.first_difference(snap, os.path.join(replica, "vda.img")) is None, 10)
+    ft.log("part A: recovered without a restart")
+
+    # --- Part B: recovery fails at start-up; repaired while the receiver runs ---
+    rx.stop()
+    journal = os.path.join(store, GROUP, "journal")
+    os.rename(journal, journal + ".away")
+    with open(journal, "w") as f:
+        f.write("not a directory\n")
+    log_at = len(rx.log_text())
+    rx.restart()
+    wait_for("the start-up failure in the log", lambda: "start-up failed" in rx.log_text()[log_at:], 10)
+    if sock:
+        rc, groups = status(env, sock)
+        g = groups.get(GROUP)
+        ft.check(g and g["state"] == "failing", f"status must show {GROUP} failing: {groups}")
+        ft.check("journal" in g["cause"] and g["failing_since_unix_ns"] > 0,
+                 f"status must name the cause and since when: {g}")
+        ft.check_eq(rc, 3, "ferry status exit code while a group fails")
+        table = env.run(["status", "--socket", sock], timeout=20)
+        ft.check(GROUP in table.out and "failing" in table.out,
+                 f"the status table must show the failing group:\n{table}")
+    time.sleep(2)
+    os.unlink(journal)
+    os.rename(journal + ".away", journal)
+    t_fixed = time.monotonic()
+    wait_for("the group re-opened in the background (no source connected)",
+             lambda: f"group '{GROUP}': store re-opened" in rx.log_text()[log_at:], 40)
+    ft.log(f"part B: re-opened {time.monotonic() - t_fixed:.1f} s after the repair")
+    if sock:
+        rc, groups = status(env, sock)
+        ft.check_eq(groups[GROUP]["state"], "ok", f"state of {GROUP} after the repair")
+        ft.check_eq(groups[GROUP]["last_committed_rp"], rp3, "last committed RP in status")
+        ft.check_eq(rc, 0, "ferry status exit code once every group is ok")
+    wl.random_writes(qsd, vda, 5)
+    snap = qsd.snapshot(vda, env.path("snaps", "b.img"))
+    rp4 = env.replicate_once(qsd, rx.addr, GROUP)
+    env.check_restore(store, GROUP, rp4, "vda", snap)
+    rx.stop()
+    ft.log(f"done in {time.monotonic() - t0:.1f} s")
