@@ -1,5 +1,5 @@
 // GroupStore: the RP life cycle over the journal, recovery at open, apply and restore.
-// The recovery decision table (R1..R12) is in docs/journal-format.md.
+// The recovery decision table (R1..R17) is in docs/journal-format.md.
 #include "ferry/engine/store.h"
 
 #include <fcntl.h>
@@ -170,10 +170,15 @@ Result<PieceMap> build_pieces(const std::vector<jr::CommittedRp>& rps, std::size
   return m;
 }
 
-// Writes the disk image at rps[target] to out_path: sparse, zero ranges skipped.
+enum class ImageUse : std::uint8_t { restore = 0, rebuild = 1 };
+
+// Writes the disk image at rps[target] to out_path: sparse, zero ranges skipped. The file
+// has its full size before its data is in: a rebuild must have marked the state "applying"
+// first (R16), so that an image cut short here is never taken for an RP.
 Status write_image(const std::shared_ptr<Storage>& st, const std::string& journal_dir,
                    const std::vector<jr::CommittedRp>& rps, std::size_t target,
-                   const std::string& disk, const std::string& out_path) {
+                   const std::string& disk, const std::string& out_path,
+                   ImageUse use = ImageUse::restore) {
   int d = find_disk(rps[target].begin, disk);
   FERRY_ASSERT(d >= 0);
   std::uint64_t size = rps[target].begin.disks[d].size_bytes;
@@ -184,7 +189,10 @@ Status write_image(const std::shared_ptr<Storage>& st, const std::string& journa
   jr::Reader reader(st, journal_dir);
   std::string block;
   const jr::BlockEntry* loaded = nullptr;
+  std::size_t done = 0;
   for (const auto& [start, p] : pieces) {
+    if (use == ImageUse::rebuild && done++ == pieces.size() / 2)
+      FERRY_KILL_POINT("rebuild.mid_write");
     if (p.entry->kind == RecordKind::zero) continue;
     if (loaded != p.entry) {
       FERRY_TRY(reader.load_block(p.rp_id, *p.entry, block));
@@ -196,6 +204,7 @@ Status write_image(const std::shared_ptr<Storage>& st, const std::string& journa
     if (is_all_zero(src, len)) continue;
     FERRY_TRY(out->pwrite(src, len, start));
   }
+  if (use == ImageUse::rebuild) FERRY_KILL_POINT("rebuild.before_fsync");
   return out->datasync();
 }
 
@@ -534,13 +543,22 @@ class StoreImpl final : public GroupStore {
                              std::to_string(last_committed_rp()) + ") (R7)");
   }
 
-  // R6/R12: without a trustworthy state, every image is rewritten from the journal.
+  // R5b/R6/R12/R13: every image is rewritten from the journal at the last committed RP.
+  // The state says "applying" durably before the first image is touched (R16): a rebuild
+  // cut short by a crash, a power cut, EIO or ENOSPC leaves images of the right size and
+  // the wrong bytes, and only that mark makes the next open rebuild them again.
   Status rebuild_replica() {
-    if (!rps_.empty()) {
-      std::size_t last = rps_.size() - 1;
-      for (const auto& d : rps_[last].begin.disks)
-        FERRY_TRY(write_image(st_, paths_.journal_dir, rps_, last, d.name, paths_.image(d.name)));
+    if (rps_.empty()) {
+      applied_ = 0;
+      return write_state(State{0, 0});  // R12
     }
+    const std::size_t last = rps_.size() - 1;
+    FERRY_TRY(write_state(State{applied_, rps_[last].info.rp_id}));
+    FERRY_KILL_POINT("rebuild.before_write");
+    for (const auto& d : rps_[last].begin.disks)
+      FERRY_TRY(write_image(st_, paths_.journal_dir, rps_, last, d.name, paths_.image(d.name),
+                            ImageUse::rebuild));
+    FERRY_TRY(st_->sync_dir(paths_.replica_dir));  // a re-created image's name must survive
     applied_ = last_committed_rp();
     return write_state(State{applied_, 0});
   }

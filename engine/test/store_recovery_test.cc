@@ -8,6 +8,7 @@
 
 #include "../src/journal.h"
 #include "ferry/base/bytes.h"
+#include "ferry/engine/faulty_storage.h"
 #include "ferry/engine/store.h"
 #include "store_test_util.h"
 
@@ -223,6 +224,36 @@ TEST_CASE("recovery R13: a missing or mis-sized image of the applied RP is rebui
   f.run(3);
   SECTION("missing") { fs::remove(f.gdir() + "/replica/a.img"); }
   SECTION("truncated") { fs::resize_file(f.gdir() + "/replica/a.img", 4096); }
+  auto s = f.reopen();
+  REQUIRE(s.is_ok());
+  f.expect_all(**s, 3);
+}
+
+// R16: a rebuild (R5b, R6, R13) marks the state "applying" durably before it touches an
+// image, so one cut short by EIO, ENOSPC, a kill or a power cut is redone at the next open.
+// Before, write_image had already truncated the image to its full size, and the next open
+// took the half-written image for the applied RP (R13 checks only presence and size).
+TEST_CASE("recovery R16: a rebuild cut short by an I/O error is redone at the next open",
+          "[store][recovery]") {
+  Fixture f;
+  f.run(3);
+  SECTION("R13, image missing") { fs::remove(f.gdir() + "/replica/a.img"); }
+  SECTION("R13, image truncated") { fs::resize_file(f.gdir() + "/replica/a.img", 4096); }
+  int err = EIO;
+  SECTION("R13, ENOSPC") {
+    fs::remove(f.gdir() + "/replica/a.img");
+    err = ENOSPC;
+  }
+  // Writes to a.img: create (when missing) or truncate(0), truncate(size), then the data;
+  // the 4th fails after the image has its full size and part of its data.
+  FaultPlan plan;
+  plan.rules.push_back(FaultRule{FaultOp::write, err, 4, false, "replica/a.img"});
+  StoreOptions faulty = f.opt;
+  faulty.storage = FaultyStorage::create(real_storage(), 1, plan);
+  {
+    auto s = GroupStore::open(faulty, "g", false);
+    REQUIRE(!s.is_ok());  // the rebuild failed part way
+  }
   auto s = f.reopen();
   REQUIRE(s.is_ok());
   f.expect_all(**s, 3);
