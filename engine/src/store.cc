@@ -7,10 +7,14 @@
 
 #include <unistd.h>
 
+#include <sys/stat.h>
+
 #include <bit>
 #include <cerrno>
 #include <chrono>
+#include <filesystem>
 #include <map>
+#include <mutex>
 #include <optional>
 
 #include "ferry/base/bytes.h"
@@ -51,14 +55,17 @@ Status check_name(const char* what, const std::string& s) {
 }
 
 struct Paths {
-  std::string group_dir, journal_dir, replica_dir, state, state_tmp, lock;
+  std::string group_dir, journal_dir, replica_dir, state, state_tmp, lock, distrust,
+      distrust_tmp;
   Paths(const std::string& root, const std::string& group)
       : group_dir(root + "/" + group),
         journal_dir(group_dir + "/journal"),
         replica_dir(group_dir + "/replica"),
         state(group_dir + "/state"),
         state_tmp(group_dir + "/state.tmp"),
-        lock(group_dir + "/LOCK") {}
+        lock(group_dir + "/LOCK"),
+        distrust(group_dir + "/distrust"),
+        distrust_tmp(group_dir + "/distrust.tmp") {}
   std::string image(const std::string& disk) const { return replica_dir + "/" + disk + ".img"; }
 };
 
@@ -91,6 +98,105 @@ std::optional<State> decode_state(std::string_view s, std::uint64_t group_id) {
   st.applied_rp = r.u64();
   st.applying_rp = r.u64();
   return st;
+}
+
+// --- R18: after a failed write or sync, nothing after the last successful sync is trusted ---
+//
+// Linux marks pages whose writeback failed as clean: they read back with their new bytes
+// (a commit record the source was told had failed, say) until evicted or a power cut, and
+// no later sync writes them. So when the store fails with unsynced journal bytes, it
+// remembers the writer's durable end twice: in a marker file `distrust` (written like the
+// state file; survives a receiver restart without a reboot) and in this process-wide table
+// (for when the marker cannot be written on a failing disk). The next open cuts the journal
+// back to it before the scan reads anything, then forgets both.
+constexpr std::uint32_t kDistrustMagic = 0x53494446;  // "FDIS"
+constexpr std::uint16_t kDistrustVersion = 1;
+constexpr std::size_t kDistrustBytes = 40;
+
+struct Distrust {
+  jr::RecordLoc from;
+  bool on_disk = false;  // the marker was written: its absence means another open cut
+};
+std::mutex g_distrust_mu;
+std::map<std::string, Distrust> g_distrust;  // by distrust_key()
+
+// The group directory by name and inode: a directory removed and created again is another
+// store.
+std::string distrust_key(const std::string& group_dir) {
+  struct stat st {};
+  std::string key = std::filesystem::path(group_dir).lexically_normal().string();
+  if (::stat(group_dir.c_str(), &st) == 0)
+    key += "#" + std::to_string(st.st_dev) + ":" + std::to_string(st.st_ino);
+  return key;
+}
+
+std::string encode_distrust(std::uint64_t group_id, jr::RecordLoc from) {
+  std::string s;
+  ByteWriter w(s);
+  w.u32(kDistrustMagic);
+  w.u16(kDistrustVersion);
+  w.u16(0);
+  w.u64(group_id);
+  w.u64(from.segment_seq);
+  w.u64(from.offset);
+  w.u64(xxh3_64(s.data(), s.size()));
+  FERRY_ASSERT(s.size() == kDistrustBytes);
+  return s;
+}
+
+std::optional<jr::RecordLoc> decode_distrust(std::string_view s, std::uint64_t group_id) {
+  if (s.size() != kDistrustBytes || load_le64(s.data() + 32) != xxh3_64(s.data(), 32))
+    return std::nullopt;
+  ByteReader r(s);
+  if (r.u32() != kDistrustMagic || r.u16() != kDistrustVersion) return std::nullopt;
+  r.u16();
+  if (r.u64() != group_id) return std::nullopt;
+  jr::RecordLoc loc;
+  loc.segment_seq = r.u64();
+  loc.offset = r.u64();
+  return loc;
+}
+
+bool loc_before(jr::RecordLoc a, jr::RecordLoc b) {
+  return a.segment_seq != b.segment_seq ? a.segment_seq < b.segment_seq : a.offset < b.offset;
+}
+
+std::string loc_name(jr::RecordLoc l) {
+  return "segment " + jr::segment_name(l.segment_seq) + " offset " + std::to_string(l.offset);
+}
+
+// The marker, if any. A marker that fails its checks refuses the group: trusting the
+// journal past an unknown point could count an RP whose sync failed.
+Result<std::optional<jr::RecordLoc>> read_distrust_marker(Storage& st, const Paths& paths,
+                                                          std::uint64_t group_id) {
+  if (!st.exists(paths.distrust)) return std::optional<jr::RecordLoc>();
+  FERRY_ASSIGN_OR_RETURN(auto f, st.open(paths.distrust, OpenFlags{.read_only = true}));
+  std::string buf(kDistrustBytes + 1, '\0');
+  FERRY_ASSIGN_OR_RETURN(std::size_t got, f->pread(buf.data(), buf.size(), 0));
+  buf.resize(got);
+  auto loc = decode_distrust(buf, group_id);
+  if (!loc)
+    return Status::error(Errc::corrupt,
+                         "marker " + paths.distrust + " (journal not trusted after a failed "
+                         "sync) is corrupt; remove it only if no sync failed before (R18)");
+  return std::optional<jr::RecordLoc>(*loc);
+}
+
+// Where the journal stops being trusted: the marker and this process's table, the earlier.
+Result<std::optional<jr::RecordLoc>> distrust_limit(Storage& st, const Paths& paths,
+                                                    std::uint64_t group_id) {
+  FERRY_ASSIGN_OR_RETURN(auto marker, read_distrust_marker(st, paths, group_id));
+  std::optional<jr::RecordLoc> limit = marker;
+  std::lock_guard<std::mutex> g(g_distrust_mu);
+  auto it = g_distrust.find(distrust_key(paths.group_dir));
+  if (it != g_distrust.end()) {
+    if (it->second.on_disk && !marker) {
+      g_distrust.erase(it);  // another open cut it already and removed the marker
+    } else if (!limit || loc_before(it->second.from, *limit)) {
+      limit = it->second.from;
+    }
+  }
+  return limit;
 }
 
 int find_disk(const RpBeginInfo& rp, const std::string& name) {
@@ -473,6 +579,7 @@ class StoreImpl final : public GroupStore {
 
   Status recover() {
     FERRY_TRY(probe_io_uring());
+    FERRY_TRY(cut_untrusted());  // R18, before the scan can trust anything
     FERRY_ASSIGN_OR_RETURN(scan_, jr::scan(*st_, paths_.journal_dir, group_id_,
                                            jr::ScanMode::recover));
     for (const auto& n : scan_.notes) spdlog::info("group {}: recovery: {}", group_, n);
@@ -490,6 +597,7 @@ class StoreImpl final : public GroupStore {
       FERRY_KILL_POINT("journal.after_truncate");
     }
     if (st_->exists(paths_.state_tmp)) FERRY_TRY(st_->remove(paths_.state_tmp));  // R10
+    if (st_->exists(paths_.distrust_tmp)) FERRY_TRY(st_->remove(paths_.distrust_tmp));
     if (!state) return rebuild_replica();  // R6 / R12
     // R5b: an apply was cut short. Its writes may have been torn or misdirected anywhere in
     // the images, so redoing only its blocks is not enough: rewrite the images.
@@ -502,6 +610,43 @@ class StoreImpl final : public GroupStore {
       return rebuild_replica();
     }
     return apply_committed();  // R5
+  }
+
+  // R18: a failed write or sync left journal bytes that no successful sync covered; they
+  // may read back from the page cache yet be lost on the disk. Cut them before the scan.
+  // A cut that fails fails the open (retried at the next one); the marker stays till then.
+  Status cut_untrusted() {
+    FERRY_ASSIGN_OR_RETURN(auto limit, distrust_limit(*st_, paths_, group_id_));
+    if (!limit) return Status::ok();
+    spdlog::warn("group {}: recovery: R18: a write or sync failed earlier; the journal is "
+                 "trusted only up to {}, the last position a successful sync covered: cutting "
+                 "it there", group_, loc_name(*limit));
+    Status s = jr::cut_back_to(*st_, paths_.journal_dir, *limit);
+    if (s.is_ok() && st_->exists(paths_.distrust)) {
+      s = st_->remove(paths_.distrust);
+      if (s.is_ok()) s = st_->sync_dir(paths_.group_dir);
+    }
+    if (!s.is_ok())
+      return std::move(s.set_retryable())
+          .with_context("group " + group_ + ": cannot cut the journal back to " +
+                        loc_name(*limit) + " after a failed sync (R18); retry the open");
+    std::lock_guard<std::mutex> g(g_distrust_mu);
+    g_distrust.erase(distrust_key(paths_.group_dir));
+    return Status::ok();
+  }
+
+  // Called once, when the store fails with journal bytes no successful sync covered.
+  void distrust_unsynced(jr::RecordLoc from) {
+    Status s = write_small_file(paths_.distrust_tmp, paths_.distrust,
+                                encode_distrust(group_id_, from));
+    if (!s.is_ok())
+      spdlog::warn("group {}: cannot write marker {} ({}); this process still cuts the journal "
+                   "back to {} at the next open, a restart before that would not", group_,
+                   paths_.distrust, s.to_string(), loc_name(from));
+    std::lock_guard<std::mutex> g(g_distrust_mu);
+    auto& d = g_distrust[distrust_key(paths_.group_dir)];
+    d.from = from;
+    d.on_disk = s.is_ok();
   }
 
   bool applied_images_intact() {
@@ -564,15 +709,20 @@ class StoreImpl final : public GroupStore {
   }
 
   Status write_state(State st) {
-    std::string bytes = encode_state(group_id_, st);
+    return write_small_file(paths_.state_tmp, paths_.state, encode_state(group_id_, st));
+  }
+
+  // tmp + fdatasync + rename + fsync dir: the old or the new bytes, never a mix.
+  Status write_small_file(const std::string& tmp, const std::string& path,
+                          const std::string& bytes) {
     {
-      FERRY_ASSIGN_OR_RETURN(auto f, st_->open(paths_.state_tmp, OpenFlags{.create = true}));
+      FERRY_ASSIGN_OR_RETURN(auto f, st_->open(tmp, OpenFlags{.create = true}));
       FERRY_TRY(f->truncate(0));
       FERRY_TRY(f->pwrite(bytes.data(), bytes.size(), 0));
       FERRY_TRY(f->datasync());
     }
     FERRY_KILL_POINT("state.before_rename");
-    FERRY_TRY(st_->rename(paths_.state_tmp, paths_.state));
+    FERRY_TRY(st_->rename(tmp, path));
     FERRY_KILL_POINT("state.after_rename");
     return st_->sync_dir(paths_.group_dir);
   }
@@ -682,6 +832,8 @@ class StoreImpl final : public GroupStore {
   Status fail(Status s) {
     FERRY_ASSERT(!s.is_ok());
     open_.reset();
+    if (failed_.is_ok() && writer_ && writer_->has_unsynced())
+      distrust_unsynced(writer_->durable_end());  // R18
     failed_ = std::move(s).with_context("group " + group_ +
                                         " store failed (re-open to recover)");
     // The caller reports it (the receiver once per failure episode, not at every retry).
@@ -742,7 +894,11 @@ Result<jr::ScanResult> read_only_scan(const std::string& root, const std::string
   auto st = real_storage();
   if (!st->exists(paths.journal_dir))
     return Status::error(Errc::not_found, "group " + group + " not found in store " + root);
-  return jr::scan(*st, paths.journal_dir, group_id_of(group), jr::ScanMode::read_only);
+  // R18: a receiver that failed a sync and has not re-opened the group yet left a marker;
+  // what follows it may be in the page cache only.
+  FERRY_ASSIGN_OR_RETURN(auto trusted_end, distrust_limit(*st, paths, group_id_of(group)));
+  return jr::scan(*st, paths.journal_dir, group_id_of(group), jr::ScanMode::read_only,
+                  trusted_end);
 }
 
 }  // namespace

@@ -365,6 +365,57 @@ TEST_CASE("EIO and ENOSPC at every N during a replica rebuild (R16)", "[store][c
   CHECK(runs > 50);
 }
 
+// R18: the receiver drops a failed store and re-opens it in the same process (same page
+// cache); the faulty twin keeps the pages of a failed datasync readable but lost, as Linux
+// does. The re-opened store must not count what no successful sync covered, and after the
+// workload completes and the power is cut, every acknowledged RP must be there, no hole.
+TEST_CASE("EIO and ENOSPC at every N, then a re-open in the same process and a power cut (R18)",
+          "[store][crash]") {
+  spdlog::set_level(spdlog::level::off);
+  auto rps = small_run();
+  Model model = model_of(rps);
+  struct Kind {
+    FaultOp op;
+    int err;
+  };
+  std::uint64_t runs = 0, violations = 0;
+  for (Kind kind : {Kind{FaultOp::sync, EIO}, Kind{FaultOp::write, EIO},
+                    Kind{FaultOp::write, ENOSPC}}) {
+    for (std::uint64_t n = 1;; ++n) {
+      TempDir d("/dev/shm");
+      StoreOptions opt;
+      opt.root = d.path() + "/s";
+      FaultPlan plan;
+      plan.rules.push_back(FaultRule{kind.op, kind.err, n, false, ""});
+      plan.track_unsynced = true;
+      plan.skip_inner_sync = true;
+      auto twin = FaultyStorage::create(real_storage(), n, plan);
+      opt.storage = twin;
+      Outcome first = run_workload(opt, rps);
+      if (twin->faults_injected() == 0) break;
+      Outcome again = run_workload(opt, rps);  // the next session, same process
+      ++runs;
+      Outcome o;
+      o.last_acked = std::max(first.last_acked, again.last_acked);
+      o.last_begun = std::max(first.last_begun, again.last_begun);
+      std::string why;
+      if (o.last_acked != 3) why = "the re-opened store did not complete the workload";
+      if (why.empty() && !twin->power_cut(0, CutMode::drop).is_ok()) why = "power cut failed";
+      if (why.empty()) why = verify_recovered(opt, model, o, d.path());
+      if (!why.empty()) {
+        ++violations;
+        UNSCOPED_INFO("fault op " << int(kind.op) << " errno " << kind.err << " at " << n
+                                  << ", re-open, power cut: " << why);
+        CHECK(why == "");
+      }
+    }
+  }
+  std::printf("store failed sync then re-open and power cut: %llu runs, %llu violations\n",
+              static_cast<unsigned long long>(runs), static_cast<unsigned long long>(violations));
+  CHECK(violations == 0);
+  CHECK(runs > 30);
+}
+
 // --- kill points: a child process runs the workload with FERRY_KILL_AT set ---
 
 TEST_CASE("store kill-point child (run by the kill-point test)", "[.store_kill_child]") {

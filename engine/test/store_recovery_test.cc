@@ -259,6 +259,52 @@ TEST_CASE("recovery R16: a rebuild cut short by an I/O error is redone at the ne
   f.expect_all(**s, 3);
 }
 
+// R18: Linux marks pages whose writeback failed as clean and keeps returning their new
+// bytes, so a store re-opened in the same process after a failed fdatasync used to read the
+// commit record of the RP the source was told had failed, count it, and build on it; the
+// next power cut then left a hole (RP 2's commit lost under RP 3's: R2, the group refused).
+TEST_CASE("recovery R18: the RP whose commit sync failed is never trusted after a re-open",
+          "[store][recovery]") {
+  TempDir dir;
+  StoreOptions opt;
+  opt.root = dir.path() + "/store";
+  auto rps = small_run();
+  Model model = model_of(rps);
+  FaultPlan plan;
+  plan.track_unsynced = true;
+  plan.skip_inner_sync = true;
+  // Journal syncs: RP 1 records, RP 1 commit, RP 2 records, RP 2 commit (the 4th) fails.
+  plan.rules.push_back(FaultRule{FaultOp::sync, EIO, 4, false, ".seg"});
+  auto twin = FaultyStorage::create(real_storage(), 7, plan);
+  opt.storage = twin;
+  {
+    auto s = GroupStore::open(opt, "g", true);
+    REQUIRE(s.is_ok());
+    REQUIRE(feed_rp(**s, rps[0]).is_ok());
+    REQUIRE((*s)->apply_committed().is_ok());
+    auto c = feed_rp(**s, rps[1]);
+    REQUIRE(!c.is_ok());
+    CHECK(c.status().data_lost());
+  }  // the receiver drops the failed store and re-opens it at the next session
+  {
+    auto s = GroupStore::open(opt, "g", false);
+    REQUIRE(s.is_ok());
+    CHECK((*s)->last_committed_rp() == 1);
+    CHECK((*s)->last_applied_rp() == 1);
+    REQUIRE(feed_rp(**s, rps[1]).is_ok());  // the source sends RP 2 again
+    REQUIRE(feed_rp(**s, rps[2]).is_ok());
+    REQUIRE((*s)->apply_committed().is_ok());
+  }
+  REQUIRE(twin->power_cut(0, CutMode::drop).is_ok());
+  opt.storage = nullptr;
+  auto s = GroupStore::open(opt, "g", false);
+  REQUIRE(s.is_ok());  // no hole
+  REQUIRE((*s)->last_committed_rp() == 3);
+  REQUIRE((*s)->last_applied_rp() == 3);
+  for (std::uint64_t r = 1; r <= 3; ++r)
+    CHECK(check_rp(**s, model, r, opt.root, dir.path(), r == 3) == "");
+}
+
 TEST_CASE("recovery R7: a state file ahead of the journal refuses to open", "[store][recovery]") {
   Fixture ahead;
   ahead.run(3);
