@@ -305,6 +305,73 @@ TEST_CASE("recovery R18: the RP whose commit sync failed is never trusted after 
     CHECK(check_rp(**s, model, r, opt.root, dir.path(), r == 3) == "");
 }
 
+// R18 without the process's memory: a receiver restarted (no reboot) finds the marker.
+TEST_CASE("recovery R18: the distrust marker survives a restart; read-only views honour it",
+          "[store][recovery]") {
+  TempDir dir;
+  StoreOptions opt;
+  opt.root = dir.path() + "/store";
+  auto rps = small_run();
+  FaultPlan plan;
+  plan.rules.push_back(FaultRule{FaultOp::sync, EIO, 4, false, ".seg"});  // RP 2's commit
+  opt.storage = FaultyStorage::create(real_storage(), 7, plan);
+  {
+    auto s = GroupStore::open(opt, "g", true);
+    REQUIRE(s.is_ok());
+    REQUIRE(feed_rp(**s, rps[0]).is_ok());
+    REQUIRE(!feed_rp(**s, rps[1]).is_ok());
+  }
+  REQUIRE(fs::exists(opt.root + "/g/distrust"));
+  // Another directory (another inode): only the marker tells what is not trusted.
+  const std::string moved = dir.path() + "/moved";
+  fs::copy(opt.root, moved, fs::copy_options::recursive);
+  fs::remove(moved + "/g/LOCK");
+  auto listed = list_points(moved, "g");
+  REQUIRE(listed.is_ok());
+  CHECK(listed->size() == 1);
+  SECTION("a corrupt marker refuses the group") {
+    flip_byte(moved + "/g/distrust", 20);
+    StoreOptions m;
+    m.root = moved;
+    auto s = GroupStore::open(m, "g", false);
+    REQUIRE(!s.is_ok());
+    CHECK(s.status().code() == Errc::corrupt);
+    CHECK(s.status().message().find("(R18)") != std::string::npos);
+  }
+  SECTION("a cut that fails fails the open, which is retried") {
+    StoreOptions m;
+    m.root = moved;
+    FaultPlan cut_fails;
+    cut_fails.rules.push_back(FaultRule{FaultOp::write, EIO, 1, false, ".seg"});
+    m.storage = FaultyStorage::create(real_storage(), 8, cut_fails);
+    auto s = GroupStore::open(m, "g", false);
+    REQUIRE(!s.is_ok());
+    CHECK(s.status().retryable());
+    CHECK(s.status().message().find("(R18)") != std::string::npos);
+    CHECK(fs::exists(moved + "/g/distrust"));
+    m.storage = nullptr;
+    auto again = GroupStore::open(m, "g", false);
+    REQUIRE(again.is_ok());
+    CHECK((*again)->last_committed_rp() == 1);
+    CHECK(!fs::exists(moved + "/g/distrust"));
+    REQUIRE(feed_rp(**again, rps[1]).is_ok());
+  }
+  SECTION("the open cuts and removes the marker") {
+    StoreOptions m;
+    m.root = moved;
+    {
+      auto s = GroupStore::open(m, "g", false);
+      REQUIRE(s.is_ok());
+      CHECK((*s)->last_committed_rp() == 1);
+      CHECK(!fs::exists(moved + "/g/distrust"));
+      REQUIRE(feed_rp(**s, rps[1]).is_ok());
+    }
+    auto s = GroupStore::open(m, "g", false);  // the cut is not repeated
+    REQUIRE(s.is_ok());
+    CHECK((*s)->last_committed_rp() == 2);
+  }
+}
+
 TEST_CASE("recovery R7: a state file ahead of the journal refuses to open", "[store][recovery]") {
   Fixture ahead;
   ahead.run(3);
