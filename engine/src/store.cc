@@ -12,6 +12,7 @@
 #include <bit>
 #include <cerrno>
 #include <chrono>
+#include <cstring>
 #include <filesystem>
 #include <map>
 #include <mutex>
@@ -249,8 +250,12 @@ void clip_pieces(PieceMap& m, std::uint64_t size_bytes) {
   if (!m.empty() && m.rbegin()->second.end > size_bytes) m.rbegin()->second.end = size_bytes;
 }
 
+// The disk at rps[target] as pieces of records. Only [lo, hi) is kept (records clipped to
+// it): a resync asks for one region at a time, and the map then holds that region's pieces.
 Result<PieceMap> build_pieces(const std::vector<jr::CommittedRp>& rps, std::size_t target,
-                              const std::string& disk) {
+                              const std::string& disk, std::uint64_t lo = 0,
+                              std::uint64_t hi = UINT64_MAX) {
+  FERRY_ASSERT(lo < hi);
   std::size_t first = target + 1;
   for (std::size_t i = target + 1; i-- > 0;) {
     int d = find_disk(rps[i].begin, disk);
@@ -268,10 +273,12 @@ Result<PieceMap> build_pieces(const std::vector<jr::CommittedRp>& rps, std::size
     if (d < 0) continue;
     if (rps[i].begin.disks[d].full) m.clear();
     clip_pieces(m, rps[i].begin.disks[d].size_bytes);
-    for (const auto& b : rps[i].blocks)
-      if (b.disk_index == d && b.length_bytes > 0)
-        insert_piece(m, b.offset_bytes, Piece{b.offset_bytes + b.length_bytes, &b,
-                                              rps[i].info.rp_id});
+    for (const auto& b : rps[i].blocks) {
+      if (b.disk_index != d || b.length_bytes == 0) continue;
+      std::uint64_t start = std::max(b.offset_bytes, lo);
+      std::uint64_t end = std::min(b.offset_bytes + b.length_bytes, hi);
+      if (start < end) insert_piece(m, start, Piece{end, &b, rps[i].info.rp_id});
+    }
   }
   return m;
 }
@@ -329,7 +336,62 @@ Status restore_from(const std::shared_ptr<Storage>& st, const std::string& journ
                        "RP " + std::to_string(rp_id) + " of group " + group + " is not committed");
 }
 
-// --- resync digests: the replica image read around its holes ----------------------------
+// --- resync digests: the journal's view of the RP, checked against the replica image -----
+
+class ZeroDigests {
+ public:
+  Hash128 of(std::uint32_t length) {
+    auto it = digests_.find(length);
+    if (it != digests_.end()) return it->second;
+    std::string zeros(length, '\0');
+    return digests_[length] = xxh3_128(zeros.data(), zeros.size());
+  }
+
+ private:
+  std::map<std::uint32_t, Hash128> digests_;  // at most two lengths: the block, the last one
+};
+
+// Hashes blocks of a disk as the journal holds it at an RP (the piece map restore uses):
+// zero records and ranges no record covers hash as zeros without a read; data comes from
+// the records, each loaded (and its checksums checked) once while consecutive blocks use it.
+// Memory: one block and one record.
+class JournalHasher {
+ public:
+  JournalHasher(const PieceMap& pieces, jr::Reader& reader, std::uint32_t block_bytes)
+      : pieces_(pieces), reader_(reader), buf_(block_bytes, '\0') {}
+
+  Result<Hash128> block(std::uint64_t offset, std::uint32_t length) {
+    FERRY_ASSERT(length > 0 && length <= buf_.size());
+    const std::uint64_t end = offset + length;
+    auto it = pieces_.upper_bound(offset);
+    if (it != pieces_.begin()) --it;  // a piece that starts before the block may reach into it
+    bool any_data = false;
+    for (; it != pieces_.end() && it->first < end; ++it) {
+      const Piece& p = it->second;
+      if (p.end <= offset || p.entry->kind == RecordKind::zero) continue;
+      if (!any_data) std::fill(buf_.begin(), buf_.begin() + length, '\0');
+      any_data = true;
+      if (loaded_ != p.entry) {
+        FERRY_TRY(reader_.load_block(p.rp_id, *p.entry, record_));
+        loaded_ = p.entry;
+      }
+      std::uint64_t from = std::max(it->first, offset), to = std::min(p.end, end);
+      FERRY_ASSERT(from - p.entry->offset_bytes + (to - from) <= record_.size());
+      std::memcpy(buf_.data() + (from - offset), record_.data() + (from - p.entry->offset_bytes),
+                  static_cast<std::size_t>(to - from));
+    }
+    if (!any_data) return zeros_.of(length);
+    return xxh3_128(buf_.data(), length);
+  }
+
+ private:
+  const PieceMap& pieces_;
+  jr::Reader& reader_;
+  std::string buf_;
+  std::string record_;
+  const jr::BlockEntry* loaded_ = nullptr;
+  ZeroDigests zeros_;
+};
 
 // Walks a sparse image in ascending order and hashes blocks; a block that lies wholly in a
 // hole is hashed as zeros without a read. The data/hole map is asked of the file system once
@@ -342,7 +404,7 @@ class ImageHasher {
   Result<Hash128> block(std::uint64_t offset, std::uint32_t length) {
     FERRY_ASSERT(length > 0 && length <= buf_.size() && offset + length <= size_);
     if (offset >= hole_) FERRY_TRY(locate(offset));
-    if (offset + length <= data_) return zero_digest(length);
+    if (offset + length <= data_) return zeros_.of(length);
     std::size_t done = 0;
     while (done < length) {
       ssize_t n = ::pread(fd_, buf_.data() + done, length - done, static_cast<off_t>(offset + done));
@@ -373,18 +435,11 @@ class ImageHasher {
     FERRY_ASSERT(hole_ > offset);
     return Status::ok();
   }
-  Hash128 zero_digest(std::uint32_t length) {
-    auto it = zero_digests_.find(length);
-    if (it != zero_digests_.end()) return it->second;
-    std::string zeros(length, '\0');
-    return zero_digests_[length] = xxh3_128(zeros.data(), zeros.size());
-  }
-
   int fd_;
   std::uint64_t size_;
   std::string buf_;
   std::uint64_t data_ = 0, hole_ = 0;  // the current data run; nothing located yet
-  std::map<std::uint32_t, Hash128> zero_digests_;
+  ZeroDigests zeros_;
 };
 
 // --- the store ---------------------------------------------------------------------------
@@ -442,15 +497,38 @@ class StoreImpl final : public GroupStore {
                                std::to_string(offset_bytes) + " of disk " + disk + " (" +
                                std::to_string(size) + " bytes): not inside the disk");
     if (applied_ < last_committed_rp()) FERRY_TRY(apply_committed());
-    UniqueFd fd(::open(paths_.image(disk).c_str(), O_RDONLY | O_CLOEXEC));
-    if (!fd.valid()) return Status::from_errno(errno, "open replica " + paths_.image(disk));
-    ImageHasher hasher(fd.get(), size, block_bytes);
+    // R17: the digests describe the RP as the journal holds it, whatever the image says;
+    // the image is compared on the way (while it is trusted), and a drift is reported and
+    // the replica rebuilt at the next apply.
+    const std::uint64_t end =
+        std::min<std::uint64_t>(size, offset_bytes + std::uint64_t(block_count) * block_bytes);
+    FERRY_ASSIGN_OR_RETURN(PieceMap pieces,
+                           build_pieces(rps_, rps_.size() - 1, disk, offset_bytes, end));
+    jr::Reader reader(st_, paths_.journal_dir);
+    JournalHasher journal(pieces, reader, block_bytes);
+    UniqueFd fd;
+    std::optional<ImageHasher> image;
+    if (!replica_untrusted_ && applied_ == last_committed_rp()) {
+      fd.reset(::open(paths_.image(disk).c_str(), O_RDONLY | O_CLOEXEC));
+      if (fd.valid())
+        image.emplace(fd.get(), size, block_bytes);
+      else
+        FERRY_TRY(replica_drifted(disk, offset_bytes,
+                                  Status::from_errno(errno, "open it").to_string()));
+    }
     std::vector<Hash128> out;
     out.reserve(block_count);
     for (std::uint32_t i = 0; i < block_count; ++i) {
       std::uint64_t at = offset_bytes + std::uint64_t(i) * block_bytes;
       auto len = static_cast<std::uint32_t>(std::min<std::uint64_t>(block_bytes, size - at));
-      FERRY_ASSIGN_OR_RETURN(Hash128 h, hasher.block(at, len));
+      FERRY_ASSIGN_OR_RETURN(Hash128 h, journal.block(at, len));
+      if (image) {
+        auto img = image->block(at, len);
+        if (!img.is_ok() || *img != h) {
+          image.reset();
+          FERRY_TRY(replica_drifted(disk, at, img.is_ok() ? "content" : img.status().to_string()));
+        }
+      }
       out.push_back(h);
     }
     return out;
@@ -545,6 +623,12 @@ class StoreImpl final : public GroupStore {
 
   Status apply_committed() override {
     FERRY_TRY(failed_);
+    if (replica_untrusted_) {  // R17: never an incremental apply over a drifted image
+      Status s = rebuild_replica();
+      if (!s.is_ok()) return fail(s.with_context("rebuild the drifted replica (R17)"));
+      replica_untrusted_ = false;
+      return Status::ok();
+    }
     jr::Reader reader(st_, paths_.journal_dir);
     for (const auto& rp : rps_) {
       if (rp.info.rp_id <= applied_) continue;
@@ -841,6 +925,21 @@ class StoreImpl final : public GroupStore {
     return failed_;
   }
 
+  // R17: the image of the applied RP no longer matches the journal (changed behind our
+  // back). Marked durably like an apply under way, so the next apply, or the next open
+  // (R5b), rewrites the replica from the journal instead of patching the drifted image.
+  Status replica_drifted(const std::string& disk, std::uint64_t offset,
+                         const std::string& why) {
+    spdlog::warn("group {}, disk {}: the replica image differs from RP {} at offset {} ({}); "
+                 "it was changed behind the store's back: resync digests come from the "
+                 "journal, and the replica is rewritten from the journal at the next apply (R17)",
+                 group_, disk, applied_, offset, why);
+    replica_untrusted_ = true;
+    Status s = write_state(State{applied_, last_committed_rp()});
+    if (!s.is_ok()) return fail(s.with_context("mark the drifted replica for a rebuild (R17)"));
+    return Status::ok();
+  }
+
   // --- apply ---
 
   Status apply_one(jr::Reader& reader, const jr::CommittedRp& rp) {
@@ -886,6 +985,7 @@ class StoreImpl final : public GroupStore {
   std::uint64_t applied_ = 0;
   std::optional<OpenRp> open_;
   Status failed_;
+  bool replica_untrusted_ = false;  // R17: a drift was found; the next apply rebuilds
 };
 
 Result<jr::ScanResult> read_only_scan(const std::string& root, const std::string& group) {

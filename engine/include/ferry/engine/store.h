@@ -111,12 +111,17 @@ class GroupStore {
   // Brings the replica images to the newest committed RP, crash-consistently.
   virtual Status apply_committed() = 0;
 
-  // Resync (C4): the xxh3-128 digests of `block_count` consecutive blocks of `disk` in the
-  // replica at last_committed_rp(), starting at offset_bytes (a multiple of block_bytes, a
-  // power of two <= 4 MiB). The last block of the disk may be short: its digest covers only
-  // the bytes up to the disk's end; no block may start at or past the end. Committed RPs are
-  // applied first, so the replica is exactly that RP. Holes are hashed as zeros without being
-  // read (SEEK_DATA/SEEK_HOLE). Bounded: block_count <= kMaxDigestBlocks; memory is one block.
+  // Resync (C4): the xxh3-128 digests of `block_count` consecutive blocks of `disk` at
+  // last_committed_rp(), starting at offset_bytes (a multiple of block_bytes, a power of two
+  // <= 4 MiB). The last block of the disk may be short: its digest covers only the bytes up
+  // to the disk's end; no block may start at or past the end. The digests describe the RP as
+  // the journal holds it (the piece map restore uses: data read from the records, zero
+  // records and uncovered ranges hashed as zeros without a read), never the image, which may
+  // have drifted. Committed RPs are applied first and the image is compared block by block;
+  // a block that differs is reported (warning naming group, disk, offset) and the replica
+  // is marked so that the next apply, or the next open, rewrites it from the journal (R17).
+  // Bounded: block_count <= kMaxDigestBlocks; memory is one block, one record, and the
+  // pieces of the requested range.
   static constexpr std::uint32_t kMaxDigestBlocks = 1u << 16;
   virtual Result<std::vector<Hash128>> replica_digests(const std::string& disk,
                                                        std::uint64_t offset_bytes,
