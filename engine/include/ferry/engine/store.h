@@ -5,13 +5,18 @@
 //   <store>/<group>/replica/<disk>.img  sparse raw replica per disk, = the applied RP
 //   <store>/<group>/state               small state file, replaced atomically
 //   <store>/<group>/LOCK                flock: one process per group
+//   <store>/<group>/distrust            only after a failed sync: journal trusted up to (R18)
 //
 // Life of an RP: begin_rp() -> append_block()* -> commit_rp() [durable: all records and the
 // commit record fdatasync'ed; only now may the RP be acknowledged] -> apply_committed()
 // [replica images brought to the RP; redo on restart if interrupted].
 // Every committed RP stays readable (restore) until retention (a later issue) drops it.
-// open() runs recovery: cuts a torn journal tail, drops uncommitted records, re-applies
-// committed-but-unapplied RPs. The decision table is in docs/journal-format.md.
+// open() runs recovery: first cuts what no successful sync covered before an earlier failed
+// write or sync (R18: <group>/distrust, or this process's memory of the failure), then cuts
+// a torn journal tail, drops uncommitted records, re-applies committed-but-unapplied RPs and
+// rewrites untrusted images from the journal, after marking the state (R16). The decision
+// table is in docs/journal-format.md. The receiver needs no extra call for R18: dropping a
+// failed store and opening the group again (in this process or after a restart) suffices.
 #pragma once
 
 #include <cstdint>
