@@ -1,5 +1,5 @@
 // GroupStore: the RP life cycle over the journal, recovery at open, apply and restore.
-// The recovery decision table (R1..R17) is in docs/journal-format.md.
+// The recovery decision table (R1..R18) is in docs/journal-format.md.
 #include "ferry/engine/store.h"
 
 #include <fcntl.h>
