@@ -381,32 +381,41 @@ TEST_CASE("EIO and ENOSPC at every N, then a re-open in the same process and a p
   std::uint64_t runs = 0, violations = 0;
   for (Kind kind : {Kind{FaultOp::sync, EIO}, Kind{FaultOp::write, EIO},
                     Kind{FaultOp::write, ENOSPC}}) {
-    for (std::uint64_t n = 1;; ++n) {
-      TempDir d("/dev/shm");
-      StoreOptions opt;
-      opt.root = d.path() + "/s";
-      FaultPlan plan;
-      plan.rules.push_back(FaultRule{kind.op, kind.err, n, false, ""});
-      plan.track_unsynced = true;
-      plan.skip_inner_sync = true;
-      auto twin = FaultyStorage::create(real_storage(), n, plan);
-      opt.storage = twin;
-      Outcome first = run_workload(opt, rps);
-      if (twin->faults_injected() == 0) break;
-      Outcome again = run_workload(opt, rps);  // the next session, same process
-      ++runs;
-      Outcome o;
-      o.last_acked = std::max(first.last_acked, again.last_acked);
-      o.last_begun = std::max(first.last_begun, again.last_begun);
-      std::string why;
-      if (o.last_acked != 3) why = "the re-opened store did not complete the workload";
-      if (why.empty() && !twin->power_cut(0, CutMode::drop).is_ok()) why = "power cut failed";
-      if (why.empty()) why = verify_recovered(opt, model, o, d.path());
-      if (!why.empty()) {
-        ++violations;
-        UNSCOPED_INFO("fault op " << int(kind.op) << " errno " << kind.err << " at " << n
-                                  << ", re-open, power cut: " << why);
-        CHECK(why == "");
+    bool past_last = false;
+    for (std::uint64_t n = 1; !past_last; ++n) {
+      std::size_t unsynced = 0;
+      for (std::size_t keep = 0; keep <= unsynced; ++keep) {
+        TempDir d("/dev/shm");
+        StoreOptions opt;
+        opt.root = d.path() + "/s";
+        FaultPlan plan;
+        plan.rules.push_back(FaultRule{kind.op, kind.err, n, false, ""});
+        plan.track_unsynced = true;
+        plan.skip_inner_sync = true;
+        auto twin = FaultyStorage::create(real_storage(), n, plan);
+        opt.storage = twin;
+        Outcome first = run_workload(opt, rps);
+        if (twin->faults_injected() == 0) {
+          past_last = true;
+          break;
+        }
+        Outcome again = run_workload(opt, rps);  // the next session, same process
+        if (keep == 0) unsynced = twin->unsynced_ops();
+        REQUIRE(twin->unsynced_ops() == unsynced);
+        ++runs;
+        Outcome o;
+        o.last_acked = std::max(first.last_acked, again.last_acked);
+        o.last_begun = std::max(first.last_begun, again.last_begun);
+        std::string why;
+        if (o.last_acked != 3) why = "the re-opened store did not complete the workload";
+        if (why.empty() && !twin->power_cut(keep, CutMode::drop).is_ok()) why = "power cut failed";
+        if (why.empty()) why = verify_recovered(opt, model, o, d.path());
+        if (!why.empty()) {
+          ++violations;
+          UNSCOPED_INFO("fault op " << int(kind.op) << " errno " << kind.err << " at " << n
+                                    << ", re-open, power cut keeping " << keep << ": " << why);
+          CHECK(why == "");
+        }
       }
     }
   }
