@@ -702,7 +702,7 @@ class StoreImpl final : public GroupStore {
   Status cut_untrusted() {
     FERRY_ASSIGN_OR_RETURN(auto limit, distrust_limit(*st_, paths_, group_id_));
     if (!limit) return Status::ok();
-    spdlog::warn("group {}: recovery: R18: a write or sync failed earlier; the journal is "
+    spdlog::info("group {}: recovery: R18: a write or sync failed earlier; the journal is "
                  "trusted only up to {}, the last position a successful sync covered: cutting "
                  "it there", group_, loc_name(*limit));
     Status s = jr::cut_back_to(*st_, paths_.journal_dir, *limit);
@@ -723,10 +723,12 @@ class StoreImpl final : public GroupStore {
   void distrust_unsynced(jr::RecordLoc from) {
     Status s = write_small_file(paths_.distrust_tmp, paths_.distrust,
                                 encode_distrust(group_id_, from));
+    // Debug level: on a full or failing disk this fails at every refused session, and the
+    // receiver reports the cause once per episode (the marker is a second line of defence).
     if (!s.is_ok())
-      spdlog::warn("group {}: cannot write marker {} ({}); this process still cuts the journal "
-                   "back to {} at the next open, a restart before that would not", group_,
-                   paths_.distrust, s.to_string(), loc_name(from));
+      spdlog::debug("group {}: cannot write marker {} ({}); this process still cuts the journal "
+                    "back to {} at the next open, a restart before that would not", group_,
+                    paths_.distrust, s.to_string(), loc_name(from));
     std::lock_guard<std::mutex> g(g_distrust_mu);
     auto& d = g_distrust[distrust_key(paths_.group_dir)];
     d.from = from;
