@@ -15,6 +15,7 @@ namespace ferry::engine {
 namespace {
 
 constexpr std::size_t kSectorBytes = 512;
+constexpr std::uint64_t kPageBytes = 4096;  // the page cache's grain: what writeback loses
 
 // One file as the twin knows it, by inode: a raw descriptor lets the power cut undo and
 // redo writes whatever name the file has by then.
@@ -60,6 +61,34 @@ void write_range(int fd, const std::string& data, std::uint64_t offset) {
   FERRY_ASSERT(w == static_cast<ssize_t>(data.size()));
 }
 
+// Undoes one op on an in-memory copy of its file.
+void undo_in_memory(std::string& d, const PendingOp& op) {
+  auto put_old = [&](std::uint64_t at) {
+    if (op.old.empty()) return;
+    if (d.size() < at + op.old.size()) d.resize(at + op.old.size(), '\0');
+    d.replace(at, op.old.size(), op.old);
+  };
+  if (op.type == OpType::truncate) {
+    d.resize(op.old_size, '\0');
+    put_old(op.offset);
+  } else {
+    put_old(op.offset);
+    d.resize(op.old_size, '\0');
+  }
+}
+
+// The pages [first, last) an op dirties; empty for ops without a file.
+std::pair<std::uint64_t, std::uint64_t> pages_of(const PendingOp& op) {
+  if (!op.file) return {0, 0};
+  if (op.type == OpType::truncate) {
+    std::uint64_t lo = std::min(op.old_size, op.new_size);
+    return {lo / kPageBytes, UINT64_MAX};  // the page at the new end and all after it
+  }
+  std::uint64_t len = op.type == OpType::write ? op.data.size() : op.old.size();
+  if (len == 0) return {0, 0};
+  return {op.offset / kPageBytes, (op.offset + len + kPageBytes - 1) / kPageBytes};
+}
+
 }  // namespace
 
 struct FaultyStorage::Twin {
@@ -69,6 +98,14 @@ struct FaultyStorage::Twin {
   std::vector<std::uint64_t> rule_hits;
   std::map<std::pair<dev_t, ino_t>, std::shared_ptr<FileRec>> files;
   std::vector<PendingOp> pending;
+  // Pages whose writeback failed (a failed datasync): Linux marks them clean, so reads still
+  // return the new bytes while the disk keeps the old ones, and a later successful sync does
+  // not write them (unless they are dirtied again). A power cut brings the old bytes back.
+  struct LostFile {
+    std::map<std::uint64_t, std::string> pages;  // page -> durable bytes (zeros past the end)
+    std::uint64_t durable_size = 0;
+  };
+  std::map<std::shared_ptr<FileRec>, LostFile> lost;
   std::uint64_t mutating = 0;
   std::uint64_t injected = 0;
   std::uint64_t backups = 0;
@@ -148,7 +185,79 @@ struct FaultyStorage::Twin {
   }
 
   void synced_file(const std::shared_ptr<FileRec>& f) {
+    auto it = lost.find(f);
+    if (it != lost.end()) {
+      for (const auto& op : pending)
+        if (op.file == f) forget_pages(it->second, op);
+      std::uint64_t size = fd_size(f->raw.get());
+      it->second.durable_size = size;
+      it->second.pages.erase(it->second.pages.lower_bound((size + kPageBytes - 1) / kPageBytes),
+                             it->second.pages.end());
+      if (it->second.pages.empty()) lost.erase(it);
+    }
     std::erase_if(pending, [&](const PendingOp& op) { return op.file == f; });
+  }
+
+  // A page dirtied again is written whole by the next writeback that succeeds (or lands at
+  // a power cut): it is no longer lost.
+  static void forget_pages(LostFile& lf, const PendingOp& op) {
+    auto [first, last] = pages_of(op);
+    if (first >= last) return;
+    lf.pages.erase(lf.pages.lower_bound(first), lf.pages.lower_bound(last));
+  }
+
+  // A datasync of `f` failed: its unsynced writes are lost for good (see `lost`).
+  void lose_unsynced(const std::shared_ptr<FileRec>& f) {
+    if (!plan.track_unsynced) return;
+    std::vector<PendingOp> ops, rest;
+    for (auto& op : pending) (op.file == f ? ops : rest).push_back(std::move(op));
+    pending = std::move(rest);
+    if (ops.empty()) return;
+    int fd = f->raw.get();
+    std::string durable = read_range(fd, 0, fd_size(fd));
+    for (std::size_t i = ops.size(); i-- > 0;) undo_in_memory(durable, ops[i]);
+    bool known = lost.count(f) != 0;
+    LostFile& lf = lost[f];
+    if (!known) lf.durable_size = durable.size();
+    std::uint64_t end_page = std::max<std::uint64_t>(fd_size(fd), durable.size());
+    end_page = (end_page + kPageBytes - 1) / kPageBytes;
+    for (const auto& op : ops) {
+      auto [first, last] = pages_of(op);
+      for (std::uint64_t p = first; p < std::min(last, end_page); ++p) {
+        if (lf.pages.count(p)) continue;  // lost earlier: its durable bytes are older still
+        std::string page(kPageBytes, '\0');
+        if (p * kPageBytes < durable.size())
+          page.replace(0, std::min<std::uint64_t>(kPageBytes, durable.size() - p * kPageBytes),
+                       durable, p * kPageBytes, kPageBytes);
+        lf.pages[p] = std::move(page);
+      }
+    }
+    if (lf.pages.empty()) lost.erase(f);
+  }
+
+  // At a power cut: the lost pages get their durable bytes back, unless a kept op dirtied
+  // them again.
+  void restore_lost(std::size_t keep) {
+    for (auto& [f, lf] : lost) {
+      bool touched = false;
+      for (std::size_t i = 0; i < keep && i < pending.size(); ++i)
+        if (pending[i].file == f) {
+          forget_pages(lf, pending[i]);
+          touched = true;
+        }
+      int fd = f->raw.get();
+      std::uint64_t size = fd_size(fd);
+      if (!touched && lf.durable_size > size) {  // a lost truncate: the old end comes back
+        FERRY_ASSERT(::ftruncate(fd, static_cast<off_t>(lf.durable_size)) == 0);
+        size = lf.durable_size;
+      }
+      for (const auto& [p, bytes] : lf.pages) {
+        if (p * kPageBytes >= size) break;
+        write_range(fd, bytes.substr(0, std::min<std::uint64_t>(kPageBytes, size - p * kPageBytes)),
+                    p * kPageBytes);
+      }
+    }
+    lost.clear();
   }
 
   void synced_dir(const std::string& dir) {
@@ -219,6 +328,7 @@ struct FaultyStorage::Twin {
       if (mode == CutMode::tear) tear(pending[keep]);
       if (mode == CutMode::misdirect) misdirect(pending[keep], keep);
     }
+    restore_lost(keep);
     for (std::size_t i = pending.size(); i-- > keep;)
       if (!pending[i].file) undo(pending[i]);
     for (std::size_t i = 0; i < keep && i < pending.size(); ++i)
@@ -266,7 +376,13 @@ class FaultyFile final : public StorageFile {
     return s.is_ok() ? inner : s;
   }
   Status datasync() override {
-    FERRY_TRY(twin_->check(FaultOp::sync, true, path_));
+    Status s = twin_->check(FaultOp::sync, true, path_);
+    if (!s.is_ok()) {
+      // An injected failure loses the unsynced pages for good; with the power off, the power
+      // cut decides what landed.
+      if (!twin_->power_off) twin_->lose_unsynced(rec_);
+      return s;
+    }
     if (!twin_->plan.skip_inner_sync) FERRY_TRY(inner_->datasync());
     twin_->synced_file(rec_);
     return Status::ok();

@@ -296,6 +296,7 @@ class SegmentView {
     return v;
   }
   std::uint64_t size() const { return size_; }
+  void clamp(std::uint64_t end) { size_ = std::min(size_, end); }
   // Up to `len` bytes at `offset` (fewer at the end of the file).
   Result<std::string_view> view(std::uint64_t offset, std::size_t len) {
     if (offset >= size_) return std::string_view();
@@ -319,8 +320,10 @@ class SegmentView {
 
 class Scanner {
  public:
-  Scanner(Storage& storage, const std::string& dir, std::uint64_t group_id, ScanMode mode)
-      : storage_(storage), dir_(dir), group_id_(group_id), mode_(mode) {}
+  Scanner(Storage& storage, const std::string& dir, std::uint64_t group_id, ScanMode mode,
+          std::optional<RecordLoc> trusted_end)
+      : storage_(storage), dir_(dir), group_id_(group_id), mode_(mode),
+        trusted_end_(trusted_end) {}
 
   Result<ScanResult> run() {
     FERRY_TRY(list_segments());
@@ -336,6 +339,11 @@ class Scanner {
     for (const auto& n : names)
       if (auto seq = parse_segment_name(n)) out_.segments.push_back(*seq);
     std::sort(out_.segments.begin(), out_.segments.end());
+    if (trusted_end_)
+      std::erase_if(out_.segments, [&](std::uint64_t seq) {
+        return seq > trusted_end_->segment_seq ||
+               (seq == trusted_end_->segment_seq && trusted_end_->offset < kSegmentHeaderBytes);
+      });
     for (std::size_t i = 1; i < out_.segments.size(); ++i)
       if (out_.segments[i] != out_.segments[i - 1] + 1)
         return Status::error(Errc::corrupt,
@@ -348,6 +356,7 @@ class Scanner {
   Status scan_segment(std::size_t index) {
     std::uint64_t seq = out_.segments[index];
     FERRY_ASSIGN_OR_RETURN(SegmentView view, SegmentView::open(storage_, seg_path(dir_, seq)));
+    if (trusted_end_ && seq == trusted_end_->segment_seq) view.clamp(trusted_end_->offset);
     sizes_[seq] = view.size();
     FERRY_ASSIGN_OR_RETURN(std::string_view hb, view.view(0, kSegmentHeaderBytes));
     auto sh = decode_segment_header(hb.data(), hb.size());
@@ -651,6 +660,7 @@ class Scanner {
   const std::string& dir_;
   std::uint64_t group_id_;
   ScanMode mode_;
+  std::optional<RecordLoc> trusted_end_;
   ScanResult out_;
   std::map<std::uint64_t, std::uint64_t> sizes_;
   std::optional<CommittedRp> open_;
@@ -665,8 +675,28 @@ class Scanner {
 }  // namespace
 
 Result<ScanResult> scan(Storage& storage, const std::string& journal_dir, std::uint64_t group_id,
-                        ScanMode mode) {
-  return Scanner(storage, journal_dir, group_id, mode).run();
+                        ScanMode mode, std::optional<RecordLoc> trusted_end) {
+  return Scanner(storage, journal_dir, group_id, mode, trusted_end).run();
+}
+
+Status cut_back_to(Storage& storage, const std::string& dir, RecordLoc end) {
+  FERRY_ASSIGN_OR_RETURN(auto names, storage.list_dir(dir));
+  std::vector<std::uint64_t> segments;
+  for (const auto& n : names)
+    if (auto seq = parse_segment_name(n)) segments.push_back(*seq);
+  for (auto seq : segments) {
+    if (seq < end.segment_seq) continue;
+    if (seq > end.segment_seq || end.offset < kSegmentHeaderBytes) {
+      FERRY_TRY(storage.remove(seg_path(dir, seq)));
+      continue;
+    }
+    FERRY_ASSIGN_OR_RETURN(auto f, storage.open(seg_path(dir, seq), OpenFlags{}));
+    FERRY_ASSIGN_OR_RETURN(std::uint64_t size, f->size());
+    if (size <= end.offset) continue;
+    FERRY_TRY(f->truncate(end.offset));
+    FERRY_TRY(f->datasync());
+  }
+  return storage.sync_dir(dir);
 }
 
 Status cut_tail(Storage& storage, const std::string& dir, const ScanResult& s) {
@@ -699,6 +729,8 @@ Result<std::unique_ptr<Writer>> Writer::open(std::shared_ptr<Storage> storage,
   for (auto& b : w->buf_) b = alloc_batch_buffer(options.buffer_bytes);
   w->next_lsn_ = scan.next_lsn;
   w->next_segment_seq_ = scan.next_segment_seq;
+  // Recovery cut the tail and synced it; what is left up to the cut is taken as durable.
+  w->durable_end_ = scan.cut ? *scan.cut : RecordLoc{scan.next_segment_seq, 0};
   // A segment has one version: after older segments, appends start a new segment.
   if (scan.cut && scan.cut_version != kJournalVersion)
     spdlog::info("journal {}: segment {} has version {}; new records go to a version {} segment",
@@ -797,6 +829,7 @@ Status Writer::submit_aligned_prefix() {
   FERRY_ASSERT(aligned > 0);
   if (writes_in_flight_) FERRY_TRY(file_->wait_writes());
   writes_in_flight_ = false;
+  unsynced_ = true;
   FERRY_TRY(file_->submit_write(buf_[cur_], aligned, buf_file_offset_));
   writes_in_flight_ = true;
   int other = 1 - cur_;
@@ -826,6 +859,7 @@ Status Writer::flush() {
   writes_in_flight_ = false;
   if (used_ == 0) return Status::ok();
   FERRY_ASSERT(used_ % kBlockAlignBytes == 0);
+  unsynced_ = true;
   FERRY_TRY(file_->submit_write(buf_[cur_], used_, buf_file_offset_));
   FERRY_TRY(file_->wait_writes());
   buf_file_offset_ += used_;
@@ -836,7 +870,11 @@ Status Writer::flush() {
 Status Writer::sync() {
   FERRY_ASSERT(used_ == 0 && !writes_in_flight_);
   if (!file_) return Status::ok();
-  return file_->datasync();
+  FERRY_TRY(file_->datasync());
+  // A new segment's name was synced by the roll, so its bytes up to here now count.
+  durable_end_ = RecordLoc{segment_seq_, buf_file_offset_};
+  unsynced_ = false;
+  return Status::ok();
 }
 
 // Closes the current segment durably, then starts the next one with its header; the new
@@ -849,6 +887,7 @@ Status Writer::roll_segment() {
   }
   std::uint64_t seq = next_segment_seq_++;
   std::string path = seg_path(opt_.dir, seq);
+  unsynced_ = true;  // the new segment is not trusted until a sync covers it
   FERRY_ASSIGN_OR_RETURN(file_, storage_->open(path, OpenFlags{.create = true, .direct = true}));
   FERRY_TRY(file_->truncate(0));
   if (!file_->is_direct() && !warned_buffered_) {

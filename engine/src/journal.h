@@ -142,12 +142,20 @@ struct ScanResult {
   std::vector<std::string> notes;        // which recovery cases fired, for logs and tests
 };
 
+// `trusted_end`: bytes at or after it (and later segments) are read as absent (R18: what
+// followed the last successful sync before a failed one, not yet cut).
 Result<ScanResult> scan(Storage& storage, const std::string& journal_dir,
-                        std::uint64_t group_id, ScanMode mode);
+                        std::uint64_t group_id, ScanMode mode,
+                        std::optional<RecordLoc> trusted_end = std::nullopt);
 
 // Cuts the journal at `cut` (R1/R3/R4): truncates that segment, removes later ones, and
 // makes both durable before any new append may reuse the space.
 Status cut_tail(Storage& storage, const std::string& journal_dir, const ScanResult& scan);
+
+// R18: cuts the journal back to `end` before anything reads it: truncates that segment
+// (removes it when `end` is inside its header), removes later segments, and makes both
+// durable. Idempotent.
+Status cut_back_to(Storage& storage, const std::string& journal_dir, RecordLoc end);
 
 // Appends records in 4 KiB-aligned batches through two bounded buffers; io_uring writes one
 // buffer while the other fills. Nothing is durable until sync().
@@ -176,6 +184,11 @@ class Writer {
   Status sync();
   bool is_direct() const;
   std::uint64_t next_lsn() const { return next_lsn_; }
+  // Everything before durable_end() was made durable by a sync that returned ok (or was
+  // found at open); has_unsynced(): something was written, or a segment created, after it.
+  // After a failed write or sync nothing at or after durable_end() may be trusted (R18).
+  RecordLoc durable_end() const { return durable_end_; }
+  bool has_unsynced() const { return unsynced_; }
 
  private:
   Writer() = default;
@@ -197,6 +210,8 @@ class Writer {
   std::size_t used_ = 0;               // bytes in buf_[cur_]
   std::uint64_t buf_file_offset_ = 0;  // file offset of buf_[cur_][0], aligned
   bool writes_in_flight_ = false;
+  RecordLoc durable_end_;
+  bool unsynced_ = false;
   bool warned_buffered_ = false;  // the O_DIRECT fallback is logged once per store
 };
 

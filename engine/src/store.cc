@@ -1,5 +1,5 @@
 // GroupStore: the RP life cycle over the journal, recovery at open, apply and restore.
-// The recovery decision table (R1..R12) is in docs/journal-format.md.
+// The recovery decision table (R1..R18) is in docs/journal-format.md.
 #include "ferry/engine/store.h"
 
 #include <fcntl.h>
@@ -7,10 +7,15 @@
 
 #include <unistd.h>
 
+#include <sys/stat.h>
+
 #include <bit>
 #include <cerrno>
 #include <chrono>
+#include <cstring>
+#include <filesystem>
 #include <map>
+#include <mutex>
 #include <optional>
 
 #include "ferry/base/bytes.h"
@@ -51,14 +56,17 @@ Status check_name(const char* what, const std::string& s) {
 }
 
 struct Paths {
-  std::string group_dir, journal_dir, replica_dir, state, state_tmp, lock;
+  std::string group_dir, journal_dir, replica_dir, state, state_tmp, lock, distrust,
+      distrust_tmp;
   Paths(const std::string& root, const std::string& group)
       : group_dir(root + "/" + group),
         journal_dir(group_dir + "/journal"),
         replica_dir(group_dir + "/replica"),
         state(group_dir + "/state"),
         state_tmp(group_dir + "/state.tmp"),
-        lock(group_dir + "/LOCK") {}
+        lock(group_dir + "/LOCK"),
+        distrust(group_dir + "/distrust"),
+        distrust_tmp(group_dir + "/distrust.tmp") {}
   std::string image(const std::string& disk) const { return replica_dir + "/" + disk + ".img"; }
 };
 
@@ -91,6 +99,105 @@ std::optional<State> decode_state(std::string_view s, std::uint64_t group_id) {
   st.applied_rp = r.u64();
   st.applying_rp = r.u64();
   return st;
+}
+
+// --- R18: after a failed write or sync, nothing after the last successful sync is trusted ---
+//
+// Linux marks pages whose writeback failed as clean: they read back with their new bytes
+// (a commit record the source was told had failed, say) until evicted or a power cut, and
+// no later sync writes them. So when the store fails with unsynced journal bytes, it
+// remembers the writer's durable end twice: in a marker file `distrust` (written like the
+// state file; survives a receiver restart without a reboot) and in this process-wide table
+// (for when the marker cannot be written on a failing disk). The next open cuts the journal
+// back to it before the scan reads anything, then forgets both.
+constexpr std::uint32_t kDistrustMagic = 0x53494446;  // "FDIS"
+constexpr std::uint16_t kDistrustVersion = 1;
+constexpr std::size_t kDistrustBytes = 40;
+
+struct Distrust {
+  jr::RecordLoc from;
+  bool on_disk = false;  // the marker was written: its absence means another open cut
+};
+std::mutex g_distrust_mu;
+std::map<std::string, Distrust> g_distrust;  // by distrust_key()
+
+// The group directory by name and inode: a directory removed and created again is another
+// store.
+std::string distrust_key(const std::string& group_dir) {
+  struct stat st {};
+  std::string key = std::filesystem::path(group_dir).lexically_normal().string();
+  if (::stat(group_dir.c_str(), &st) == 0)
+    key += "#" + std::to_string(st.st_dev) + ":" + std::to_string(st.st_ino);
+  return key;
+}
+
+std::string encode_distrust(std::uint64_t group_id, jr::RecordLoc from) {
+  std::string s;
+  ByteWriter w(s);
+  w.u32(kDistrustMagic);
+  w.u16(kDistrustVersion);
+  w.u16(0);
+  w.u64(group_id);
+  w.u64(from.segment_seq);
+  w.u64(from.offset);
+  w.u64(xxh3_64(s.data(), s.size()));
+  FERRY_ASSERT(s.size() == kDistrustBytes);
+  return s;
+}
+
+std::optional<jr::RecordLoc> decode_distrust(std::string_view s, std::uint64_t group_id) {
+  if (s.size() != kDistrustBytes || load_le64(s.data() + 32) != xxh3_64(s.data(), 32))
+    return std::nullopt;
+  ByteReader r(s);
+  if (r.u32() != kDistrustMagic || r.u16() != kDistrustVersion) return std::nullopt;
+  r.u16();
+  if (r.u64() != group_id) return std::nullopt;
+  jr::RecordLoc loc;
+  loc.segment_seq = r.u64();
+  loc.offset = r.u64();
+  return loc;
+}
+
+bool loc_before(jr::RecordLoc a, jr::RecordLoc b) {
+  return a.segment_seq != b.segment_seq ? a.segment_seq < b.segment_seq : a.offset < b.offset;
+}
+
+std::string loc_name(jr::RecordLoc l) {
+  return "segment " + jr::segment_name(l.segment_seq) + " offset " + std::to_string(l.offset);
+}
+
+// The marker, if any. A marker that fails its checks refuses the group: trusting the
+// journal past an unknown point could count an RP whose sync failed.
+Result<std::optional<jr::RecordLoc>> read_distrust_marker(Storage& st, const Paths& paths,
+                                                          std::uint64_t group_id) {
+  if (!st.exists(paths.distrust)) return std::optional<jr::RecordLoc>();
+  FERRY_ASSIGN_OR_RETURN(auto f, st.open(paths.distrust, OpenFlags{.read_only = true}));
+  std::string buf(kDistrustBytes + 1, '\0');
+  FERRY_ASSIGN_OR_RETURN(std::size_t got, f->pread(buf.data(), buf.size(), 0));
+  buf.resize(got);
+  auto loc = decode_distrust(buf, group_id);
+  if (!loc)
+    return Status::error(Errc::corrupt,
+                         "marker " + paths.distrust + " (journal not trusted after a failed "
+                         "sync) is corrupt; remove it only if no sync failed before (R18)");
+  return std::optional<jr::RecordLoc>(*loc);
+}
+
+// Where the journal stops being trusted: the marker and this process's table, the earlier.
+Result<std::optional<jr::RecordLoc>> distrust_limit(Storage& st, const Paths& paths,
+                                                    std::uint64_t group_id) {
+  FERRY_ASSIGN_OR_RETURN(auto marker, read_distrust_marker(st, paths, group_id));
+  std::optional<jr::RecordLoc> limit = marker;
+  std::lock_guard<std::mutex> g(g_distrust_mu);
+  auto it = g_distrust.find(distrust_key(paths.group_dir));
+  if (it != g_distrust.end()) {
+    if (it->second.on_disk && !marker) {
+      g_distrust.erase(it);  // another open cut it already and removed the marker
+    } else if (!limit || loc_before(it->second.from, *limit)) {
+      limit = it->second.from;
+    }
+  }
+  return limit;
 }
 
 int find_disk(const RpBeginInfo& rp, const std::string& name) {
@@ -143,8 +250,12 @@ void clip_pieces(PieceMap& m, std::uint64_t size_bytes) {
   if (!m.empty() && m.rbegin()->second.end > size_bytes) m.rbegin()->second.end = size_bytes;
 }
 
+// The disk at rps[target] as pieces of records. Only [lo, hi) is kept (records clipped to
+// it): a resync asks for one region at a time, and the map then holds that region's pieces.
 Result<PieceMap> build_pieces(const std::vector<jr::CommittedRp>& rps, std::size_t target,
-                              const std::string& disk) {
+                              const std::string& disk, std::uint64_t lo = 0,
+                              std::uint64_t hi = UINT64_MAX) {
+  FERRY_ASSERT(lo < hi);
   std::size_t first = target + 1;
   for (std::size_t i = target + 1; i-- > 0;) {
     int d = find_disk(rps[i].begin, disk);
@@ -162,18 +273,25 @@ Result<PieceMap> build_pieces(const std::vector<jr::CommittedRp>& rps, std::size
     if (d < 0) continue;
     if (rps[i].begin.disks[d].full) m.clear();
     clip_pieces(m, rps[i].begin.disks[d].size_bytes);
-    for (const auto& b : rps[i].blocks)
-      if (b.disk_index == d && b.length_bytes > 0)
-        insert_piece(m, b.offset_bytes, Piece{b.offset_bytes + b.length_bytes, &b,
-                                              rps[i].info.rp_id});
+    for (const auto& b : rps[i].blocks) {
+      if (b.disk_index != d || b.length_bytes == 0) continue;
+      std::uint64_t start = std::max(b.offset_bytes, lo);
+      std::uint64_t end = std::min(b.offset_bytes + b.length_bytes, hi);
+      if (start < end) insert_piece(m, start, Piece{end, &b, rps[i].info.rp_id});
+    }
   }
   return m;
 }
 
-// Writes the disk image at rps[target] to out_path: sparse, zero ranges skipped.
+enum class ImageUse : std::uint8_t { restore = 0, rebuild = 1 };
+
+// Writes the disk image at rps[target] to out_path: sparse, zero ranges skipped. The file
+// has its full size before its data is in: a rebuild must have marked the state "applying"
+// first (R16), so that an image cut short here is never taken for an RP.
 Status write_image(const std::shared_ptr<Storage>& st, const std::string& journal_dir,
                    const std::vector<jr::CommittedRp>& rps, std::size_t target,
-                   const std::string& disk, const std::string& out_path) {
+                   const std::string& disk, const std::string& out_path,
+                   ImageUse use = ImageUse::restore) {
   int d = find_disk(rps[target].begin, disk);
   FERRY_ASSERT(d >= 0);
   std::uint64_t size = rps[target].begin.disks[d].size_bytes;
@@ -184,7 +302,10 @@ Status write_image(const std::shared_ptr<Storage>& st, const std::string& journa
   jr::Reader reader(st, journal_dir);
   std::string block;
   const jr::BlockEntry* loaded = nullptr;
+  std::size_t done = 0;
   for (const auto& [start, p] : pieces) {
+    if (use == ImageUse::rebuild && done++ == pieces.size() / 2)
+      FERRY_KILL_POINT("rebuild.mid_write");
     if (p.entry->kind == RecordKind::zero) continue;
     if (loaded != p.entry) {
       FERRY_TRY(reader.load_block(p.rp_id, *p.entry, block));
@@ -196,6 +317,7 @@ Status write_image(const std::shared_ptr<Storage>& st, const std::string& journa
     if (is_all_zero(src, len)) continue;
     FERRY_TRY(out->pwrite(src, len, start));
   }
+  if (use == ImageUse::rebuild) FERRY_KILL_POINT("rebuild.before_fsync");
   return out->datasync();
 }
 
@@ -214,7 +336,62 @@ Status restore_from(const std::shared_ptr<Storage>& st, const std::string& journ
                        "RP " + std::to_string(rp_id) + " of group " + group + " is not committed");
 }
 
-// --- resync digests: the replica image read around its holes ----------------------------
+// --- resync digests: the journal's view of the RP, checked against the replica image -----
+
+class ZeroDigests {
+ public:
+  Hash128 of(std::uint32_t length) {
+    auto it = digests_.find(length);
+    if (it != digests_.end()) return it->second;
+    std::string zeros(length, '\0');
+    return digests_[length] = xxh3_128(zeros.data(), zeros.size());
+  }
+
+ private:
+  std::map<std::uint32_t, Hash128> digests_;  // at most two lengths: the block, the last one
+};
+
+// Hashes blocks of a disk as the journal holds it at an RP (the piece map restore uses):
+// zero records and ranges no record covers hash as zeros without a read; data comes from
+// the records, each loaded (and its checksums checked) once while consecutive blocks use it.
+// Memory: one block and one record.
+class JournalHasher {
+ public:
+  JournalHasher(const PieceMap& pieces, jr::Reader& reader, std::uint32_t block_bytes)
+      : pieces_(pieces), reader_(reader), buf_(block_bytes, '\0') {}
+
+  Result<Hash128> block(std::uint64_t offset, std::uint32_t length) {
+    FERRY_ASSERT(length > 0 && length <= buf_.size());
+    const std::uint64_t end = offset + length;
+    auto it = pieces_.upper_bound(offset);
+    if (it != pieces_.begin()) --it;  // a piece that starts before the block may reach into it
+    bool any_data = false;
+    for (; it != pieces_.end() && it->first < end; ++it) {
+      const Piece& p = it->second;
+      if (p.end <= offset || p.entry->kind == RecordKind::zero) continue;
+      if (!any_data) std::fill(buf_.begin(), buf_.begin() + length, '\0');
+      any_data = true;
+      if (loaded_ != p.entry) {
+        FERRY_TRY(reader_.load_block(p.rp_id, *p.entry, record_));
+        loaded_ = p.entry;
+      }
+      std::uint64_t from = std::max(it->first, offset), to = std::min(p.end, end);
+      FERRY_ASSERT(from - p.entry->offset_bytes + (to - from) <= record_.size());
+      std::memcpy(buf_.data() + (from - offset), record_.data() + (from - p.entry->offset_bytes),
+                  static_cast<std::size_t>(to - from));
+    }
+    if (!any_data) return zeros_.of(length);
+    return xxh3_128(buf_.data(), length);
+  }
+
+ private:
+  const PieceMap& pieces_;
+  jr::Reader& reader_;
+  std::string buf_;
+  std::string record_;
+  const jr::BlockEntry* loaded_ = nullptr;
+  ZeroDigests zeros_;
+};
 
 // Walks a sparse image in ascending order and hashes blocks; a block that lies wholly in a
 // hole is hashed as zeros without a read. The data/hole map is asked of the file system once
@@ -227,7 +404,7 @@ class ImageHasher {
   Result<Hash128> block(std::uint64_t offset, std::uint32_t length) {
     FERRY_ASSERT(length > 0 && length <= buf_.size() && offset + length <= size_);
     if (offset >= hole_) FERRY_TRY(locate(offset));
-    if (offset + length <= data_) return zero_digest(length);
+    if (offset + length <= data_) return zeros_.of(length);
     std::size_t done = 0;
     while (done < length) {
       ssize_t n = ::pread(fd_, buf_.data() + done, length - done, static_cast<off_t>(offset + done));
@@ -258,18 +435,11 @@ class ImageHasher {
     FERRY_ASSERT(hole_ > offset);
     return Status::ok();
   }
-  Hash128 zero_digest(std::uint32_t length) {
-    auto it = zero_digests_.find(length);
-    if (it != zero_digests_.end()) return it->second;
-    std::string zeros(length, '\0');
-    return zero_digests_[length] = xxh3_128(zeros.data(), zeros.size());
-  }
-
   int fd_;
   std::uint64_t size_;
   std::string buf_;
   std::uint64_t data_ = 0, hole_ = 0;  // the current data run; nothing located yet
-  std::map<std::uint32_t, Hash128> zero_digests_;
+  ZeroDigests zeros_;
 };
 
 // --- the store ---------------------------------------------------------------------------
@@ -327,15 +497,38 @@ class StoreImpl final : public GroupStore {
                                std::to_string(offset_bytes) + " of disk " + disk + " (" +
                                std::to_string(size) + " bytes): not inside the disk");
     if (applied_ < last_committed_rp()) FERRY_TRY(apply_committed());
-    UniqueFd fd(::open(paths_.image(disk).c_str(), O_RDONLY | O_CLOEXEC));
-    if (!fd.valid()) return Status::from_errno(errno, "open replica " + paths_.image(disk));
-    ImageHasher hasher(fd.get(), size, block_bytes);
+    // R17: the digests describe the RP as the journal holds it, whatever the image says;
+    // the image is compared on the way (while it is trusted), and a drift is reported and
+    // the replica rebuilt at the next apply.
+    const std::uint64_t end =
+        std::min<std::uint64_t>(size, offset_bytes + std::uint64_t(block_count) * block_bytes);
+    FERRY_ASSIGN_OR_RETURN(PieceMap pieces,
+                           build_pieces(rps_, rps_.size() - 1, disk, offset_bytes, end));
+    jr::Reader reader(st_, paths_.journal_dir);
+    JournalHasher journal(pieces, reader, block_bytes);
+    UniqueFd fd;
+    std::optional<ImageHasher> image;
+    if (!replica_untrusted_ && applied_ == last_committed_rp()) {
+      fd.reset(::open(paths_.image(disk).c_str(), O_RDONLY | O_CLOEXEC));
+      if (fd.valid())
+        image.emplace(fd.get(), size, block_bytes);
+      else
+        FERRY_TRY(replica_drifted(disk, offset_bytes,
+                                  Status::from_errno(errno, "open it").to_string()));
+    }
     std::vector<Hash128> out;
     out.reserve(block_count);
     for (std::uint32_t i = 0; i < block_count; ++i) {
       std::uint64_t at = offset_bytes + std::uint64_t(i) * block_bytes;
       auto len = static_cast<std::uint32_t>(std::min<std::uint64_t>(block_bytes, size - at));
-      FERRY_ASSIGN_OR_RETURN(Hash128 h, hasher.block(at, len));
+      FERRY_ASSIGN_OR_RETURN(Hash128 h, journal.block(at, len));
+      if (image) {
+        auto img = image->block(at, len);
+        if (!img.is_ok() || *img != h) {
+          image.reset();
+          FERRY_TRY(replica_drifted(disk, at, img.is_ok() ? "content" : img.status().to_string()));
+        }
+      }
       out.push_back(h);
     }
     return out;
@@ -430,6 +623,12 @@ class StoreImpl final : public GroupStore {
 
   Status apply_committed() override {
     FERRY_TRY(failed_);
+    if (replica_untrusted_) {  // R17: never an incremental apply over a drifted image
+      Status s = rebuild_replica();
+      if (!s.is_ok()) return fail(s.with_context("rebuild the drifted replica (R17)"));
+      replica_untrusted_ = false;
+      return Status::ok();
+    }
     jr::Reader reader(st_, paths_.journal_dir);
     for (const auto& rp : rps_) {
       if (rp.info.rp_id <= applied_) continue;
@@ -464,6 +663,7 @@ class StoreImpl final : public GroupStore {
 
   Status recover() {
     FERRY_TRY(probe_io_uring());
+    FERRY_TRY(cut_untrusted());  // R18, before the scan can trust anything
     FERRY_ASSIGN_OR_RETURN(scan_, jr::scan(*st_, paths_.journal_dir, group_id_,
                                            jr::ScanMode::recover));
     for (const auto& n : scan_.notes) spdlog::info("group {}: recovery: {}", group_, n);
@@ -481,6 +681,7 @@ class StoreImpl final : public GroupStore {
       FERRY_KILL_POINT("journal.after_truncate");
     }
     if (st_->exists(paths_.state_tmp)) FERRY_TRY(st_->remove(paths_.state_tmp));  // R10
+    if (st_->exists(paths_.distrust_tmp)) FERRY_TRY(st_->remove(paths_.distrust_tmp));
     if (!state) return rebuild_replica();  // R6 / R12
     // R5b: an apply was cut short. Its writes may have been torn or misdirected anywhere in
     // the images, so redoing only its blocks is not enough: rewrite the images.
@@ -493,6 +694,45 @@ class StoreImpl final : public GroupStore {
       return rebuild_replica();
     }
     return apply_committed();  // R5
+  }
+
+  // R18: a failed write or sync left journal bytes that no successful sync covered; they
+  // may read back from the page cache yet be lost on the disk. Cut them before the scan.
+  // A cut that fails fails the open (retried at the next one); the marker stays till then.
+  Status cut_untrusted() {
+    FERRY_ASSIGN_OR_RETURN(auto limit, distrust_limit(*st_, paths_, group_id_));
+    if (!limit) return Status::ok();
+    spdlog::info("group {}: recovery: R18: a write or sync failed earlier; the journal is "
+                 "trusted only up to {}, the last position a successful sync covered: cutting "
+                 "it there", group_, loc_name(*limit));
+    Status s = jr::cut_back_to(*st_, paths_.journal_dir, *limit);
+    if (s.is_ok() && st_->exists(paths_.distrust)) {
+      s = st_->remove(paths_.distrust);
+      if (s.is_ok()) s = st_->sync_dir(paths_.group_dir);
+    }
+    if (!s.is_ok())
+      return std::move(s.set_retryable())
+          .with_context("group " + group_ + ": cannot cut the journal back to " +
+                        loc_name(*limit) + " after a failed sync (R18); retry the open");
+    std::lock_guard<std::mutex> g(g_distrust_mu);
+    g_distrust.erase(distrust_key(paths_.group_dir));
+    return Status::ok();
+  }
+
+  // Called once, when the store fails with journal bytes no successful sync covered.
+  void distrust_unsynced(jr::RecordLoc from) {
+    Status s = write_small_file(paths_.distrust_tmp, paths_.distrust,
+                                encode_distrust(group_id_, from));
+    // Debug level: on a full or failing disk this fails at every refused session, and the
+    // receiver reports the cause once per episode (the marker is a second line of defence).
+    if (!s.is_ok())
+      spdlog::debug("group {}: cannot write marker {} ({}); this process still cuts the journal "
+                    "back to {} at the next open, a restart before that would not", group_,
+                    paths_.distrust, s.to_string(), loc_name(from));
+    std::lock_guard<std::mutex> g(g_distrust_mu);
+    auto& d = g_distrust[distrust_key(paths_.group_dir)];
+    d.from = from;
+    d.on_disk = s.is_ok();
   }
 
   bool applied_images_intact() {
@@ -534,27 +774,41 @@ class StoreImpl final : public GroupStore {
                              std::to_string(last_committed_rp()) + ") (R7)");
   }
 
-  // R6/R12: without a trustworthy state, every image is rewritten from the journal.
+  // R5b/R6/R12/R13: every image is rewritten from the journal at the last committed RP.
+  // The state says "applying" durably before the first image is touched (R16): a rebuild
+  // cut short by a crash, a power cut, EIO or ENOSPC leaves images of the right size and
+  // the wrong bytes, and only that mark makes the next open rebuild them again.
   Status rebuild_replica() {
-    if (!rps_.empty()) {
-      std::size_t last = rps_.size() - 1;
-      for (const auto& d : rps_[last].begin.disks)
-        FERRY_TRY(write_image(st_, paths_.journal_dir, rps_, last, d.name, paths_.image(d.name)));
+    if (rps_.empty()) {
+      applied_ = 0;
+      return write_state(State{0, 0});  // R12
     }
+    const std::size_t last = rps_.size() - 1;
+    FERRY_TRY(write_state(State{applied_, rps_[last].info.rp_id}));
+    FERRY_KILL_POINT("rebuild.before_write");
+    for (const auto& d : rps_[last].begin.disks)
+      FERRY_TRY(write_image(st_, paths_.journal_dir, rps_, last, d.name, paths_.image(d.name),
+                            ImageUse::rebuild));
+    FERRY_TRY(st_->sync_dir(paths_.replica_dir));  // a re-created image's name must survive
     applied_ = last_committed_rp();
     return write_state(State{applied_, 0});
   }
 
   Status write_state(State st) {
-    std::string bytes = encode_state(group_id_, st);
+    return write_small_file(paths_.state_tmp, paths_.state, encode_state(group_id_, st));
+  }
+
+  // tmp + fdatasync + rename + fsync dir: the old or the new bytes, never a mix.
+  Status write_small_file(const std::string& tmp, const std::string& path,
+                          const std::string& bytes) {
     {
-      FERRY_ASSIGN_OR_RETURN(auto f, st_->open(paths_.state_tmp, OpenFlags{.create = true}));
+      FERRY_ASSIGN_OR_RETURN(auto f, st_->open(tmp, OpenFlags{.create = true}));
       FERRY_TRY(f->truncate(0));
       FERRY_TRY(f->pwrite(bytes.data(), bytes.size(), 0));
       FERRY_TRY(f->datasync());
     }
     FERRY_KILL_POINT("state.before_rename");
-    FERRY_TRY(st_->rename(paths_.state_tmp, paths_.state));
+    FERRY_TRY(st_->rename(tmp, path));
     FERRY_KILL_POINT("state.after_rename");
     return st_->sync_dir(paths_.group_dir);
   }
@@ -664,11 +918,28 @@ class StoreImpl final : public GroupStore {
   Status fail(Status s) {
     FERRY_ASSERT(!s.is_ok());
     open_.reset();
+    if (failed_.is_ok() && writer_ && writer_->has_unsynced())
+      distrust_unsynced(writer_->durable_end());  // R18
     failed_ = std::move(s).with_context("group " + group_ +
                                         " store failed (re-open to recover)");
     // The caller reports it (the receiver once per failure episode, not at every retry).
     spdlog::debug("{}", failed_.to_string());
     return failed_;
+  }
+
+  // R17: the image of the applied RP no longer matches the journal (changed behind our
+  // back). Marked durably like an apply under way, so the next apply, or the next open
+  // (R5b), rewrites the replica from the journal instead of patching the drifted image.
+  Status replica_drifted(const std::string& disk, std::uint64_t offset,
+                         const std::string& why) {
+    spdlog::warn("group {}, disk {}: the replica image differs from RP {} at offset {} ({}); "
+                 "it was changed behind the store's back: resync digests come from the "
+                 "journal, and the replica is rewritten from the journal at the next apply (R17)",
+                 group_, disk, applied_, offset, why);
+    replica_untrusted_ = true;
+    Status s = write_state(State{applied_, last_committed_rp()});
+    if (!s.is_ok()) return fail(s.with_context("mark the drifted replica for a rebuild (R17)"));
+    return Status::ok();
   }
 
   // --- apply ---
@@ -716,6 +987,7 @@ class StoreImpl final : public GroupStore {
   std::uint64_t applied_ = 0;
   std::optional<OpenRp> open_;
   Status failed_;
+  bool replica_untrusted_ = false;  // R17: a drift was found; the next apply rebuilds
 };
 
 Result<jr::ScanResult> read_only_scan(const std::string& root, const std::string& group) {
@@ -724,7 +996,11 @@ Result<jr::ScanResult> read_only_scan(const std::string& root, const std::string
   auto st = real_storage();
   if (!st->exists(paths.journal_dir))
     return Status::error(Errc::not_found, "group " + group + " not found in store " + root);
-  return jr::scan(*st, paths.journal_dir, group_id_of(group), jr::ScanMode::read_only);
+  // R18: a receiver that failed a sync and has not re-opened the group yet left a marker;
+  // what follows it may be in the page cache only.
+  FERRY_ASSIGN_OR_RETURN(auto trusted_end, distrust_limit(*st, paths, group_id_of(group)));
+  return jr::scan(*st, paths.journal_dir, group_id_of(group), jr::ScanMode::read_only,
+                  trusted_end);
 }
 
 }  // namespace

@@ -3,6 +3,12 @@
 // last block), the RP is applied first, and every out-of-range request is refused.
 #include <catch2/catch.hpp>
 
+#include <spdlog/sinks/ostream_sink.h>
+#include <spdlog/spdlog.h>
+
+#include <fstream>
+#include <sstream>
+
 #include "ferry/engine/store.h"
 #include "store_test_util.h"
 
@@ -98,4 +104,70 @@ TEST_CASE("resync: digest requests outside the replica are refused", "[resync]")
   refused(0, kB, 0);
   refused(0, 512, GroupStore::kMaxDigestBlocks + 1);
   CHECK(store->replica_digests("vda", 40 * std::uint64_t(kB), kB, 1).is_ok());  // the short one
+}
+
+// R17, the contract's "replica changed behind our back": the image drifted from its RP (a
+// test boot in place, an operator's tool, a rebuild cut short before R16). Digests taken
+// from the image would follow the drift, so the source would skip exactly the blocks where
+// it equals the drifted image, and a restore of the resync RP would return stale bytes.
+// Digests come from the journal's view of the RP; the drift is reported and the image is
+// rebuilt from the journal at the next apply instead of being patched incrementally.
+TEST_CASE("resync R17: digests follow the journal, not a replica changed behind our back",
+          "[resync]") {
+  TempDir dir;
+  auto rps = resync_rps();
+  Model model = model_of(rps);
+  std::ostringstream log;
+  auto sink = std::make_shared<spdlog::sinks::ostream_sink_mt>(log);
+  spdlog::default_logger()->sinks().push_back(sink);
+  auto store = GroupStore::open(options_for(dir), "g", true).value();
+  REQUIRE(feed_rp(*store, rps[0]).is_ok());
+  REQUIRE(store->apply_committed().is_ok());
+  const std::string image = dir.path() + "/store/g/replica/vda.img";
+  {
+    std::fstream f(image, std::ios::in | std::ios::out | std::ios::binary);
+    std::string junk = block_bytes(77, kB);
+    f.seekp(4 * kB);  // a hole at RP 1
+    f.write(junk.data(), junk.size());
+    f.seekp(6 * kB + 100);  // inside a data block
+    f.write(junk.data(), 5000);
+  }
+  const std::uint32_t blocks = 41;
+  auto d = store->replica_digests("vda", 0, kB, blocks);
+  spdlog::default_logger()->sinks().pop_back();
+  REQUIRE(d.is_ok());
+  CHECK(*d == expected(model.at(1).at("vda"), 0, kB, blocks));
+  INFO(log.str());
+  CHECK(log.str().find("group g, disk vda: the replica image differs from RP 1 at offset " +
+                       std::to_string(4 * kB)) != std::string::npos);
+  // The next RP is applied by a rebuild from the journal, not on top of the drifted image.
+  REQUIRE(feed_rp(*store, rps[1]).is_ok());
+  REQUIRE(store->apply_committed().is_ok());
+  CHECK(slurp(image) == model.at(2).at("vda"));
+  CHECK(*store->replica_digests("vda", 0, kB, blocks) ==
+        expected(model.at(2).at("vda"), 0, kB, blocks));
+}
+
+TEST_CASE("resync R17: a drift found by digests is rebuilt at the next open if no apply ran",
+          "[resync]") {
+  TempDir dir;
+  auto rps = resync_rps();
+  Model model = model_of(rps);
+  const std::string image = dir.path() + "/store/g/replica/vda.img";
+  {
+    auto store = GroupStore::open(options_for(dir), "g", true).value();
+    REQUIRE(feed_rp(*store, rps[0]).is_ok());
+    REQUIRE(store->apply_committed().is_ok());
+    std::fstream f(image, std::ios::in | std::ios::out | std::ios::binary);
+    std::string junk = block_bytes(78, 4096);
+    f.seekp(9 * kB);
+    f.write(junk.data(), junk.size());
+    f.close();
+    auto d = store->replica_digests("vda", 8 * kB, kB, 4);
+    REQUIRE(d.is_ok());
+    CHECK(*d == expected(model.at(1).at("vda"), 8 * kB, kB, 4));
+  }  // the session ends before any RP commits
+  auto store = GroupStore::open(options_for(dir), "g", false).value();
+  CHECK(store->last_applied_rp() == 1);
+  CHECK(slurp(image) == model.at(1).at("vda"));
 }

@@ -106,6 +106,32 @@ const char* mode_name(CutMode m) {
   return m == CutMode::drop ? "drop" : m == CutMode::tear ? "tear" : "misdirect";
 }
 
+// Stores whose next open must rewrite the replica from the journal, so the sweeps also cut
+// the rebuild itself short (R16): an image missing (R13), an image of the wrong size (R13),
+// and a half-written image without a state file (R6), as a rebuild cut short before the
+// state was marked used to leave it.
+constexpr int kRebuildStarts = 3;
+const char* rebuild_start_name(int start) {
+  return start == 0 ? "image missing" : start == 1 ? "image truncated" : "half written, no state";
+}
+
+// Commits and applies the small run at root, then damages it as `start` says.
+void prepare_rebuild_start(const std::string& root, int start) {
+  StoreOptions opt;
+  opt.root = root;
+  Outcome o = run_workload(opt, small_run());
+  if (o.last_acked != 3) std::abort();
+  std::string replica = root + "/g/replica/";
+  if (start == 0) std::filesystem::remove(replica + "a.img");
+  if (start == 1) std::filesystem::resize_file(replica + "b.img", 4096);
+  if (start == 2) {
+    std::filesystem::remove(root + "/g/state");
+    std::string img = slurp(replica + "a.img");
+    spit(replica + "a.img", block_bytes(5, static_cast<std::uint32_t>(img.size() / 2)) +
+                                img.substr(img.size() / 2));
+  }
+}
+
 }  // namespace
 
 TEST_CASE("power cut at every operation, every prefix of unsynced writes, drop/tear/misdirect",
@@ -227,6 +253,178 @@ TEST_CASE("EIO and ENOSPC at every N, transient and persistent", "[store][crash]
   CHECK(runs > 50);
 }
 
+TEST_CASE("power cut at every operation of a replica rebuild (R16), drop/tear/misdirect",
+          "[store][crash]") {
+  spdlog::set_level(spdlog::level::off);
+  auto rps = small_run();
+  Model model = model_of(rps);
+  std::uint64_t states = 0, violations = 0, total_ops = 0;
+  auto t0 = std::time(nullptr);
+  for (int start = 0; start < kRebuildStarts; ++start) {
+    TempDir tmpl("/dev/shm");
+    prepare_rebuild_start(tmpl.path() + "/s", start);
+    auto fresh_copy = [&](const TempDir& d) {
+      std::filesystem::copy(tmpl.path() + "/s", d.path() + "/s",
+                            std::filesystem::copy_options::recursive);
+    };
+    std::uint64_t ops = 0;
+    {
+      TempDir d("/dev/shm");
+      fresh_copy(d);
+      StoreOptions opt;
+      opt.root = d.path() + "/s";
+      auto twin = FaultyStorage::create(real_storage(), 1, {{}, true, true, 0});
+      opt.storage = twin;
+      REQUIRE(run_workload(opt, rps).last_begun == 0);  // recovery alone brings it to RP 3
+      ops = twin->mutating_ops();
+    }
+    total_ops += ops;
+    for (std::uint64_t n = 1; n <= ops; ++n) {
+      for (CutMode mode : {CutMode::drop, CutMode::tear, CutMode::misdirect}) {
+        std::size_t unsynced = 0;
+        for (std::size_t keep = 0; keep <= unsynced; ++keep) {
+          TempDir d("/dev/shm");
+          fresh_copy(d);
+          StoreOptions opt;
+          opt.root = d.path() + "/s";
+          std::uint64_t seed = n * 1000 + keep * 3 + static_cast<std::uint64_t>(mode);
+          auto twin = FaultyStorage::create(real_storage(), seed, {{}, true, true, n});
+          opt.storage = twin;
+          Outcome o = run_workload(opt, rps);
+          o.last_acked = o.last_begun = 3;  // acknowledged before the damage
+          if (keep == 0) unsynced = twin->unsynced_ops();
+          REQUIRE(twin->unsynced_ops() == unsynced);
+          REQUIRE(twin->power_cut(keep, mode).is_ok());
+          ++states;
+          std::string why = verify_recovered(opt, model, o, d.path());
+          if (!why.empty()) {
+            ++violations;
+            UNSCOPED_INFO("rebuild from '" << rebuild_start_name(start) << "', power cut after op "
+                                           << n << " keep " << keep << " mode "
+                                           << mode_name(mode) << " seed " << seed << ": " << why);
+            CHECK(why == "");
+          }
+        }
+      }
+    }
+  }
+  std::printf("store power cut during rebuilds: %llu crash states over %llu operations, %llu "
+              "violations, %lld s\n",
+              static_cast<unsigned long long>(states), static_cast<unsigned long long>(total_ops),
+              static_cast<unsigned long long>(violations),
+              static_cast<long long>(std::time(nullptr) - t0));
+  CHECK(violations == 0);
+  CHECK(states > total_ops);
+}
+
+TEST_CASE("EIO and ENOSPC at every N during a replica rebuild (R16)", "[store][crash]") {
+  spdlog::set_level(spdlog::level::off);
+  auto rps = small_run();
+  Model model = model_of(rps);
+  struct Kind {
+    FaultOp op;
+    int err;
+  };
+  std::uint64_t runs = 0, violations = 0;
+  for (int start = 0; start < kRebuildStarts; ++start) {
+    TempDir tmpl("/dev/shm");
+    prepare_rebuild_start(tmpl.path() + "/s", start);
+    for (Kind kind : {Kind{FaultOp::write, EIO}, Kind{FaultOp::write, ENOSPC},
+                      Kind{FaultOp::sync, EIO}, Kind{FaultOp::read, EIO}}) {
+      for (bool persistent : {false, true}) {
+        for (std::uint64_t n = 1;; ++n) {
+          TempDir d("/dev/shm");
+          std::filesystem::copy(tmpl.path() + "/s", d.path() + "/s",
+                                std::filesystem::copy_options::recursive);
+          StoreOptions opt;
+          opt.root = d.path() + "/s";
+          FaultPlan plan;
+          plan.rules.push_back(FaultRule{kind.op, kind.err, n, persistent, ""});
+          auto twin = FaultyStorage::create(real_storage(), n, plan);
+          opt.storage = twin;
+          Outcome o = run_workload(opt, rps);
+          if (twin->faults_injected() == 0) break;
+          ++runs;
+          o.last_acked = o.last_begun = 3;
+          std::string why = verify_recovered(opt, model, o, d.path());
+          if (!why.empty()) {
+            ++violations;
+            UNSCOPED_INFO("rebuild from '" << rebuild_start_name(start) << "', fault op "
+                                           << int(kind.op) << " errno " << kind.err << " at " << n
+                                           << (persistent ? " persistent: " : " transient: ")
+                                           << why);
+            CHECK(why == "");
+          }
+        }
+      }
+    }
+  }
+  std::printf("store I/O errors during rebuilds: %llu runs, %llu violations\n",
+              static_cast<unsigned long long>(runs), static_cast<unsigned long long>(violations));
+  CHECK(violations == 0);
+  CHECK(runs > 50);
+}
+
+// R18: the receiver drops a failed store and re-opens it in the same process (same page
+// cache); the faulty twin keeps the pages of a failed datasync readable but lost, as Linux
+// does. The re-opened store must not count what no successful sync covered, and after the
+// workload completes and the power is cut, every acknowledged RP must be there, no hole.
+TEST_CASE("EIO and ENOSPC at every N, then a re-open in the same process and a power cut (R18)",
+          "[store][crash]") {
+  spdlog::set_level(spdlog::level::off);
+  auto rps = small_run();
+  Model model = model_of(rps);
+  struct Kind {
+    FaultOp op;
+    int err;
+  };
+  std::uint64_t runs = 0, violations = 0;
+  for (Kind kind : {Kind{FaultOp::sync, EIO}, Kind{FaultOp::write, EIO},
+                    Kind{FaultOp::write, ENOSPC}}) {
+    bool past_last = false;
+    for (std::uint64_t n = 1; !past_last; ++n) {
+      std::size_t unsynced = 0;
+      for (std::size_t keep = 0; keep <= unsynced; ++keep) {
+        TempDir d("/dev/shm");
+        StoreOptions opt;
+        opt.root = d.path() + "/s";
+        FaultPlan plan;
+        plan.rules.push_back(FaultRule{kind.op, kind.err, n, false, ""});
+        plan.track_unsynced = true;
+        plan.skip_inner_sync = true;
+        auto twin = FaultyStorage::create(real_storage(), n, plan);
+        opt.storage = twin;
+        Outcome first = run_workload(opt, rps);
+        if (twin->faults_injected() == 0) {
+          past_last = true;
+          break;
+        }
+        Outcome again = run_workload(opt, rps);  // the next session, same process
+        if (keep == 0) unsynced = twin->unsynced_ops();
+        REQUIRE(twin->unsynced_ops() == unsynced);
+        ++runs;
+        Outcome o;
+        o.last_acked = std::max(first.last_acked, again.last_acked);
+        o.last_begun = std::max(first.last_begun, again.last_begun);
+        std::string why;
+        if (o.last_acked != 3) why = "the re-opened store did not complete the workload";
+        if (why.empty() && !twin->power_cut(keep, CutMode::drop).is_ok()) why = "power cut failed";
+        if (why.empty()) why = verify_recovered(opt, model, o, d.path());
+        if (!why.empty()) {
+          ++violations;
+          UNSCOPED_INFO("fault op " << int(kind.op) << " errno " << kind.err << " at " << n
+                                    << ", re-open, power cut keeping " << keep << ": " << why);
+          CHECK(why == "");
+        }
+      }
+    }
+  }
+  std::printf("store failed sync then re-open and power cut: %llu runs, %llu violations\n",
+              static_cast<unsigned long long>(runs), static_cast<unsigned long long>(violations));
+  CHECK(violations == 0);
+  CHECK(runs > 30);
+}
+
 // --- kill points: a child process runs the workload with FERRY_KILL_AT set ---
 
 TEST_CASE("store kill-point child (run by the kill-point test)", "[.store_kill_child]") {
@@ -258,9 +456,10 @@ TEST_CASE("SIGKILL at every store kill point, recovery after", "[store][crash]")
   for (auto point : kKillPoints) {
     std::string name(point);
     bool store_point = name.rfind("journal.", 0) == 0 || name.rfind("apply.", 0) == 0 ||
-                       name.rfind("state.", 0) == 0;
+                       name.rfind("state.", 0) == 0 || name.rfind("rebuild.", 0) == 0;
     if (!store_point) continue;
     bool at_recovery = name.find("truncate") != std::string::npos;
+    bool at_rebuild = name.rfind("rebuild.", 0) == 0;
     for (int hit = 1; hit <= 3; ++hit) {
       TempDir d;
       std::string root = d.path() + "/s";
@@ -272,6 +471,10 @@ TEST_CASE("SIGKILL at every store kill point, recovery after", "[store][crash]")
         std::string seg = root + "/g/journal/0000000000000001.seg";
         spit(seg, slurp(seg) + block_bytes(7, 5000));
         spit(root + "/acked", "1");
+      }
+      if (at_rebuild) {  // these fire while recovery rewrites the replica (R16)
+        prepare_rebuild_start(root, (hit - 1) % kRebuildStarts);
+        spit(root + "/acked", "3");
       }
       pid_t pid = ::fork();
       REQUIRE(pid >= 0);

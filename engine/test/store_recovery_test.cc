@@ -8,6 +8,7 @@
 
 #include "../src/journal.h"
 #include "ferry/base/bytes.h"
+#include "ferry/engine/faulty_storage.h"
 #include "ferry/engine/store.h"
 #include "store_test_util.h"
 
@@ -226,6 +227,149 @@ TEST_CASE("recovery R13: a missing or mis-sized image of the applied RP is rebui
   auto s = f.reopen();
   REQUIRE(s.is_ok());
   f.expect_all(**s, 3);
+}
+
+// R16: a rebuild (R5b, R6, R13) marks the state "applying" durably before it touches an
+// image, so one cut short by EIO, ENOSPC, a kill or a power cut is redone at the next open.
+// Before, write_image had already truncated the image to its full size, and the next open
+// took the half-written image for the applied RP (R13 checks only presence and size).
+TEST_CASE("recovery R16: a rebuild cut short by an I/O error is redone at the next open",
+          "[store][recovery]") {
+  Fixture f;
+  f.run(3);
+  SECTION("R13, image missing") { fs::remove(f.gdir() + "/replica/a.img"); }
+  SECTION("R13, image truncated") { fs::resize_file(f.gdir() + "/replica/a.img", 4096); }
+  int err = EIO;
+  SECTION("R13, ENOSPC") {
+    fs::remove(f.gdir() + "/replica/a.img");
+    err = ENOSPC;
+  }
+  // Writes to a.img: create (when missing) or truncate(0), truncate(size), then the data;
+  // the 4th fails after the image has its full size and part of its data.
+  FaultPlan plan;
+  plan.rules.push_back(FaultRule{FaultOp::write, err, 4, false, "replica/a.img"});
+  StoreOptions faulty = f.opt;
+  faulty.storage = FaultyStorage::create(real_storage(), 1, plan);
+  {
+    auto s = GroupStore::open(faulty, "g", false);
+    REQUIRE(!s.is_ok());  // the rebuild failed part way
+  }
+  auto s = f.reopen();
+  REQUIRE(s.is_ok());
+  f.expect_all(**s, 3);
+}
+
+// R18: Linux marks pages whose writeback failed as clean and keeps returning their new
+// bytes, so a store re-opened in the same process after a failed fdatasync used to read the
+// commit record of the RP the source was told had failed, count it, and build on it; the
+// next power cut then left a hole (RP 2's commit lost under RP 3's: R2, the group refused).
+TEST_CASE("recovery R18: the RP whose commit sync failed is never trusted after a re-open",
+          "[store][recovery]") {
+  TempDir dir;
+  StoreOptions opt;
+  opt.root = dir.path() + "/store";
+  auto rps = small_run();
+  Model model = model_of(rps);
+  FaultPlan plan;
+  plan.track_unsynced = true;
+  plan.skip_inner_sync = true;
+  // Journal syncs: RP 1 records, RP 1 commit, RP 2 records, RP 2 commit (the 4th) fails.
+  plan.rules.push_back(FaultRule{FaultOp::sync, EIO, 4, false, ".seg"});
+  auto twin = FaultyStorage::create(real_storage(), 7, plan);
+  opt.storage = twin;
+  {
+    auto s = GroupStore::open(opt, "g", true);
+    REQUIRE(s.is_ok());
+    REQUIRE(feed_rp(**s, rps[0]).is_ok());
+    REQUIRE((*s)->apply_committed().is_ok());
+    auto c = feed_rp(**s, rps[1]);
+    REQUIRE(!c.is_ok());
+    CHECK(c.status().data_lost());
+  }  // the receiver drops the failed store and re-opens it at the next session
+  {
+    auto s = GroupStore::open(opt, "g", false);
+    REQUIRE(s.is_ok());
+    CHECK((*s)->last_committed_rp() == 1);
+    CHECK((*s)->last_applied_rp() == 1);
+    REQUIRE(feed_rp(**s, rps[1]).is_ok());  // the source sends RP 2 again
+    REQUIRE(feed_rp(**s, rps[2]).is_ok());
+    REQUIRE((*s)->apply_committed().is_ok());
+  }
+  REQUIRE(twin->power_cut(0, CutMode::drop).is_ok());
+  opt.storage = nullptr;
+  auto s = GroupStore::open(opt, "g", false);
+  REQUIRE(s.is_ok());  // no hole
+  REQUIRE((*s)->last_committed_rp() == 3);
+  REQUIRE((*s)->last_applied_rp() == 3);
+  for (std::uint64_t r = 1; r <= 3; ++r)
+    CHECK(check_rp(**s, model, r, opt.root, dir.path(), r == 3) == "");
+}
+
+// R18 without the process's memory: a receiver restarted (no reboot) finds the marker.
+TEST_CASE("recovery R18: the distrust marker survives a restart; read-only views honour it",
+          "[store][recovery]") {
+  TempDir dir;
+  StoreOptions opt;
+  opt.root = dir.path() + "/store";
+  auto rps = small_run();
+  FaultPlan plan;
+  plan.rules.push_back(FaultRule{FaultOp::sync, EIO, 4, false, ".seg"});  // RP 2's commit
+  opt.storage = FaultyStorage::create(real_storage(), 7, plan);
+  {
+    auto s = GroupStore::open(opt, "g", true);
+    REQUIRE(s.is_ok());
+    REQUIRE(feed_rp(**s, rps[0]).is_ok());
+    REQUIRE(!feed_rp(**s, rps[1]).is_ok());
+  }
+  REQUIRE(fs::exists(opt.root + "/g/distrust"));
+  // Another directory (another inode): only the marker tells what is not trusted.
+  const std::string moved = dir.path() + "/moved";
+  fs::copy(opt.root, moved, fs::copy_options::recursive);
+  fs::remove(moved + "/g/LOCK");
+  auto listed = list_points(moved, "g");
+  REQUIRE(listed.is_ok());
+  CHECK(listed->size() == 1);
+  SECTION("a corrupt marker refuses the group") {
+    flip_byte(moved + "/g/distrust", 20);
+    StoreOptions m;
+    m.root = moved;
+    auto s = GroupStore::open(m, "g", false);
+    REQUIRE(!s.is_ok());
+    CHECK(s.status().code() == Errc::corrupt);
+    CHECK(s.status().message().find("(R18)") != std::string::npos);
+  }
+  SECTION("a cut that fails fails the open, which is retried") {
+    StoreOptions m;
+    m.root = moved;
+    FaultPlan cut_fails;
+    cut_fails.rules.push_back(FaultRule{FaultOp::write, EIO, 1, false, ".seg"});
+    m.storage = FaultyStorage::create(real_storage(), 8, cut_fails);
+    auto s = GroupStore::open(m, "g", false);
+    REQUIRE(!s.is_ok());
+    CHECK(s.status().retryable());
+    CHECK(s.status().message().find("(R18)") != std::string::npos);
+    CHECK(fs::exists(moved + "/g/distrust"));
+    m.storage = nullptr;
+    auto again = GroupStore::open(m, "g", false);
+    REQUIRE(again.is_ok());
+    CHECK((*again)->last_committed_rp() == 1);
+    CHECK(!fs::exists(moved + "/g/distrust"));
+    REQUIRE(feed_rp(**again, rps[1]).is_ok());
+  }
+  SECTION("the open cuts and removes the marker") {
+    StoreOptions m;
+    m.root = moved;
+    {
+      auto s = GroupStore::open(m, "g", false);
+      REQUIRE(s.is_ok());
+      CHECK((*s)->last_committed_rp() == 1);
+      CHECK(!fs::exists(moved + "/g/distrust"));
+      REQUIRE(feed_rp(**s, rps[1]).is_ok());
+    }
+    auto s = GroupStore::open(m, "g", false);  // the cut is not repeated
+    REQUIRE(s.is_ok());
+    CHECK((*s)->last_committed_rp() == 2);
+  }
 }
 
 TEST_CASE("recovery R7: a state file ahead of the journal refuses to open", "[store][recovery]") {

@@ -2,6 +2,9 @@
 // names, the group lock, segment roll-over.
 #include <catch2/catch.hpp>
 
+#include <filesystem>
+
+#include "ferry/engine/faulty_storage.h"
 #include "ferry/engine/store.h"
 #include "store_test_util.h"
 
@@ -232,4 +235,63 @@ TEST_CASE("store: journal rolls over segments and every RP restores", "[store]")
   REQUIRE(store.is_ok());
   for (const auto& rp : rps)
     CHECK(check_rp(**store, model, rp.begin.rp_id, opt.root, dir.path(), rp.begin.rp_id == 3) == "");
+}
+
+// R17: resync digests come from the journal's view (the restore piece map); here over
+// overwrites, zero records, resizes both ways and a full RP after incrementals.
+TEST_CASE("store: resync digests equal every RP's disks, from the journal", "[store]") {
+  TempDir dir;
+  auto rps = life_cycle_rps();
+  Model model = model_of(rps);
+  auto store = GroupStore::open(options_for(dir), "g", true).value();
+  for (const auto& rp : rps) {
+    REQUIRE(feed_rp(*store, rp).is_ok());
+    for (const auto& [name, img] : model.at(rp.begin.rp_id)) {
+      for (std::uint32_t block : {4096u, 65536u}) {
+        auto count = static_cast<std::uint32_t>((img.size() + block - 1) / block);
+        auto d = store->replica_digests(name, 0, block, count);
+        REQUIRE(d.is_ok());
+        for (std::uint32_t i = 0; i < count; ++i) {
+          std::size_t at = std::size_t(i) * block;
+          std::size_t len = std::min<std::size_t>(block, img.size() - at);
+          INFO("RP " << rp.begin.rp_id << " disk " << name << " block " << i << " of " << block);
+          CHECK((*d)[i] == xxh3_128(img.data() + at, len));
+        }
+      }
+    }
+  }
+}
+
+// The twin's model of a failed datasync (R18), as Linux behaves: the bytes stay readable,
+// a later successful sync of other pages does not make them durable, a power cut loses them;
+// a page written again is written whole by the next sync that succeeds.
+TEST_CASE("faulty twin: a failed datasync loses its pages for good", "[store]") {
+  TempDir dir;
+  FaultPlan plan;
+  plan.track_unsynced = true;
+  plan.skip_inner_sync = true;
+  plan.rules.push_back(FaultRule{FaultOp::sync, EIO, 2, false, "f.dat"});
+  auto twin = FaultyStorage::create(real_storage(), 1, plan);
+  const std::string path = dir.path() + "/f.dat";
+  const std::string a(8192, 'a'), b(4096, 'b'), c(4096, 'c'), d(100, 'd');
+  {
+    auto f = twin->open(path, OpenFlags{.create = true}).value();
+    REQUIRE(f->pwrite(a.data(), a.size(), 0).is_ok());
+    REQUIRE(f->datasync().is_ok());
+    REQUIRE(twin->sync_dir(dir.path()).is_ok());
+    REQUIRE(f->pwrite(b.data(), b.size(), 0).is_ok());      // page 0
+    REQUIRE(f->pwrite(b.data(), b.size(), 4096).is_ok());   // page 1
+    REQUIRE(f->pwrite(b.data(), b.size(), 8192).is_ok());   // page 2, an append
+    REQUIRE(!f->datasync().is_ok());                        // lost
+    std::string got(12288, '\0');
+    REQUIRE(f->pread(got.data(), got.size(), 0).value() == got.size());
+    CHECK(got == b + b + b);                                 // still readable
+    REQUIRE(f->pwrite(d.data(), d.size(), 4096 + 10).is_ok());  // dirties page 1 again
+    REQUIRE(f->pwrite(c.data(), c.size(), 12288).is_ok());
+    REQUIRE(f->datasync().is_ok());
+  }
+  REQUIRE(twin->power_cut(0, CutMode::drop).is_ok());
+  std::string page1 = b;
+  page1.replace(10, d.size(), d);
+  CHECK(slurp(path) == a.substr(0, 4096) + page1 + std::string(4096, '\0') + c);
 }

@@ -12,7 +12,7 @@
 
 namespace ferry {
 
-inline constexpr std::array<std::string_view, 22> kKillPoints = {
+inline constexpr std::array<std::string_view, 25> kKillPoints = {
     // receiver, in the order one RP passes them
     "receiver.frame_received",
     "journal.before_append",
@@ -32,6 +32,11 @@ inline constexpr std::array<std::string_view, 22> kKillPoints = {
     "state.after_rename",
     "journal.before_truncate",
     "journal.after_truncate",
+    // recovery rewriting the replica from the journal (R5b, R6, R13, R17), after the state
+    // is marked "applying"
+    "rebuild.before_write",
+    "rebuild.mid_write",
+    "rebuild.before_fsync",
     // source
     "source.after_transaction",
     "source.mid_send",

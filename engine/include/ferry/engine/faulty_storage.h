@@ -8,6 +8,11 @@
 //    at the offset of another unsynced write of that file, or one block further), the rest
 //    are lost. Unsynced creates and renames are undone like data (a rename's old target is
 //    kept as a hard link until the directory is synced). remove() is taken as durable at once.
+//  - models a failed datasync as Linux does (with the power-cut model on): the file's
+//    unsynced writes stay readable, but their pages are lost for good: a later successful
+//    sync does not write them unless they are written again, and a power cut brings back
+//    their old bytes (an append's pages come back as zeros). Power-off failures are left
+//    to the power cut.
 // Everything random comes from the seed, so a failing case reproduces from (seed, plan).
 #pragma once
 

@@ -5,13 +5,18 @@
 //   <store>/<group>/replica/<disk>.img  sparse raw replica per disk, = the applied RP
 //   <store>/<group>/state               small state file, replaced atomically
 //   <store>/<group>/LOCK                flock: one process per group
+//   <store>/<group>/distrust            only after a failed sync: journal trusted up to (R18)
 //
 // Life of an RP: begin_rp() -> append_block()* -> commit_rp() [durable: all records and the
 // commit record fdatasync'ed; only now may the RP be acknowledged] -> apply_committed()
 // [replica images brought to the RP; redo on restart if interrupted].
 // Every committed RP stays readable (restore) until retention (a later issue) drops it.
-// open() runs recovery: cuts a torn journal tail, drops uncommitted records, re-applies
-// committed-but-unapplied RPs. The decision table is in docs/journal-format.md.
+// open() runs recovery: first cuts what no successful sync covered before an earlier failed
+// write or sync (R18: <group>/distrust, or this process's memory of the failure), then cuts
+// a torn journal tail, drops uncommitted records, re-applies committed-but-unapplied RPs and
+// rewrites untrusted images from the journal, after marking the state (R16). The decision
+// table is in docs/journal-format.md. The receiver needs no extra call for R18: dropping a
+// failed store and opening the group again (in this process or after a restart) suffices.
 #pragma once
 
 #include <cstdint>
@@ -117,12 +122,17 @@ class GroupStore {
   // Brings the replica images to the newest committed RP, crash-consistently.
   virtual Status apply_committed() = 0;
 
-  // Resync (C4): the xxh3-128 digests of `block_count` consecutive blocks of `disk` in the
-  // replica at last_committed_rp(), starting at offset_bytes (a multiple of block_bytes, a
-  // power of two <= 4 MiB). The last block of the disk may be short: its digest covers only
-  // the bytes up to the disk's end; no block may start at or past the end. Committed RPs are
-  // applied first, so the replica is exactly that RP. Holes are hashed as zeros without being
-  // read (SEEK_DATA/SEEK_HOLE). Bounded: block_count <= kMaxDigestBlocks; memory is one block.
+  // Resync (C4): the xxh3-128 digests of `block_count` consecutive blocks of `disk` at
+  // last_committed_rp(), starting at offset_bytes (a multiple of block_bytes, a power of two
+  // <= 4 MiB). The last block of the disk may be short: its digest covers only the bytes up
+  // to the disk's end; no block may start at or past the end. The digests describe the RP as
+  // the journal holds it (the piece map restore uses: data read from the records, zero
+  // records and uncovered ranges hashed as zeros without a read), never the image, which may
+  // have drifted. Committed RPs are applied first and the image is compared block by block;
+  // a block that differs is reported (warning naming group, disk, offset) and the replica
+  // is marked so that the next apply, or the next open, rewrites it from the journal (R17).
+  // Bounded: block_count <= kMaxDigestBlocks; memory is one block, one record, and the
+  // pieces of the requested range.
   static constexpr std::uint32_t kMaxDigestBlocks = 1u << 16;
   virtual Result<std::vector<Hash128>> replica_digests(const std::string& disk,
                                                        std::uint64_t offset_bytes,
