@@ -28,10 +28,12 @@ inline constexpr std::size_t kSegmentHeaderBytes = 4096;  // one aligned block
 inline constexpr std::size_t kRecordHeaderBytes = 96;
 inline constexpr std::uint32_t kMaxBlockBytes = 4u << 20;  // decoded block bound (= wire)
 // Largest payload: a zstd block may exceed its decoded size a little (ZSTD_compressBound).
-inline constexpr std::uint32_t kMaxPayloadBytes = kMaxBlockBytes + (64u << 10);
+// Owned by store.h: the receiver refuses a larger frame before it reaches the journal.
+inline constexpr std::uint32_t kMaxPayloadBytes = kMaxStoredPayloadBytes;
+static_assert(kMaxPayloadBytes > kMaxBlockBytes);
 inline constexpr std::uint32_t kMaxRecordBytes = kRecordHeaderBytes + kMaxPayloadBytes;
 inline constexpr std::size_t kMaxDisks = 64;
-inline constexpr std::size_t kMaxNameBytes = 255;
+inline constexpr std::size_t kMaxNameBytes = kMaxStoreNameBytes;  // names are file names
 // A batch ends with a padding record up to the next aligned block; a padding record needs
 // at least its header, so the worst case is just under one block plus a header.
 inline constexpr std::size_t kMaxPaddingBytes = kBlockAlignBytes + kRecordHeaderBytes;

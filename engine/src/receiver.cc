@@ -92,18 +92,6 @@ WireStatus wire_status_of(const Status& s) {
   }
 }
 
-// The store's rule for group and disk names (store.cc valid_name), checked at hello: a name
-// the store would refuse is the peer's error, not a storage failure, and must not create a
-// group slot (the re-opener would retry it for ever).
-bool valid_store_name(const std::string& s) {
-  if (s.empty() || s.size() > 255 || s == "." || s == "..") return false;
-  for (char c : s)
-    if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-          c == '.' || c == '_' || c == '-'))
-      return false;
-  return true;
-}
-
 std::string seconds_text(Clock::duration d) {
   const double s = std::chrono::duration<double>(d).count();
   return s < 1 ? fmt::format("{:.0f} ms", s * 1000) : fmt::format("{:.1f} s", s);
@@ -309,11 +297,13 @@ class Session {
     }
     std::vector<std::string> names{h->group};
     for (const auto& d : h->disks) names.push_back(d.name);
+    // The store's name rule, checked here: a name the store would refuse is the peer's
+    // error, not a storage failure, and must not create a group slot (the re-opener would
+    // retry it for ever).
     for (std::size_t i = 0; i < names.size(); ++i) {
       if (valid_store_name(names[i])) continue;
       std::string msg = std::string(i == 0 ? "group" : "disk") + " name '" +
-                        names[i].substr(0, 64) +
-                        "' is not valid ([A-Za-z0-9._-], 1..255 characters, not . or ..)";
+                        names[i].substr(0, 64) + "' is not valid (" + kStoreNameRule + ")";
       spdlog::error("{}: {}", conn_.peer(), msg);
       reply_refused(WireStatus::bad_request, msg);
       return std::nullopt;

@@ -38,21 +38,10 @@ struct State {
   std::uint64_t applying_rp = 0;  // != 0: an apply was under way; images are not trusted
 };
 
-bool valid_name(const std::string& s) {
-  if (s.empty() || s.size() > jr::kMaxNameBytes || s == "." || s == "..") return false;
-  for (char c : s) {
-    bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-              c == '.' || c == '_' || c == '-';
-    if (!ok) return false;
-  }
-  return true;
-}
-
 Status check_name(const char* what, const std::string& s) {
-  if (valid_name(s)) return Status::ok();
-  return Status::error(Errc::invalid_argument,
-                       std::string(what) + " name '" + s +
-                           "' is not valid ([A-Za-z0-9._-], 1..255 characters, not . or ..)");
+  if (valid_store_name(s)) return Status::ok();
+  return Status::error(Errc::invalid_argument, std::string(what) + " name '" + s +
+                                                   "' is not valid (" + kStoreNameRule + ")");
 }
 
 struct Paths {
@@ -1004,6 +993,16 @@ Result<jr::ScanResult> read_only_scan(const std::string& root, const std::string
 }
 
 }  // namespace
+
+bool valid_store_name(std::string_view s) {
+  if (s.empty() || s.size() > kMaxStoreNameBytes || s == "." || s == "..") return false;
+  for (char c : s) {
+    bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              c == '.' || c == '_' || c == '-';
+    if (!ok) return false;
+  }
+  return true;
+}
 
 Result<std::unique_ptr<GroupStore>> GroupStore::open(const StoreOptions& options,
                                                      const std::string& group, bool create) {

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "ferry/base/hash.h"
@@ -66,6 +67,12 @@ struct RpBeginInfo {
 // receiver refuses a larger payload as a bad frame before it reaches the store (the journal's
 // own limit, journal.h kMaxPayloadBytes, is this value).
 inline constexpr std::uint32_t kMaxStoredPayloadBytes = (4u << 20) + (64u << 10);
+
+// Group and disk names become file names in the store: [A-Za-z0-9._-], 1..255 characters,
+// not "." or "..". The receiver checks them at hello with the same rule.
+bool valid_store_name(std::string_view name);
+inline constexpr const char* kStoreNameRule = "[A-Za-z0-9._-], 1..255 characters, not . or ..";
+inline constexpr std::size_t kMaxStoreNameBytes = 255;
 
 enum class RecordKind : std::uint8_t { data = 0, zero = 1 };
 enum class RecordCodec : std::uint8_t { none = 0, zstd = 1 };
