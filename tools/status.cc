@@ -93,7 +93,8 @@ void print_groups(const nlohmann::json& groups) {
               "APPLIED", "SOURCE", "FAILING FOR", "ATTEMPTS", "RE-OPEN", "CAUSE");
   for (const auto& g : groups) {
     if (!g.is_object()) continue;
-    const bool failing = g.value("state", "") == "failing";
+    // A failure episode, or an apply episode (apply_pending with a cause, R19).
+    const bool failing = g.value("failing_since_unix_ns", 0ull) > 0;
     const std::string source = g.value("source", "");
     std::printf("%-20s %-13s %9llu %9llu %-22s %11s %8s %8s  %s\n",
                 g.value("group", "?").c_str(), g.value("state", "?").c_str(),

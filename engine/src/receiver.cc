@@ -43,10 +43,27 @@ std::uint64_t unix_now_ns() {
                                         .count());
 }
 
-// What failed decides what ends the failure episode: a failed open or apply is cured by a
-// successful re-open (recovery re-applies every committed RP); a failed RP write only by an RP
-// that commits (a re-open proves nothing about a full disk).
+// What failed decides what ends the failure episode: a failed open is cured by a
+// successful re-open; a failed RP write only by an RP that commits (a re-open proves nothing
+// about a full disk). A failed apply is not a failure episode (the store stays open and keeps
+// committing RPs: R19) but an apply episode (ApplyEpisode), unless the store itself failed.
 enum class FailedStep : std::uint8_t { rp, apply, open };
+
+// The replica is behind the journal because applying failed (GroupStore::apply_error, R19):
+// RPs are still accepted and acknowledged; the apply is retried at each commit and by the
+// re-opener after the back-off. Logged like a failure episode: once at the start, one line
+// when it ends.
+struct ApplyEpisode {
+  std::string cause;       // the first apply error; empty: none
+  std::string last_error;  // the latest
+  std::uint64_t failures = 0;
+  std::uint64_t since_unix_ns = 0;
+  Clock::time_point since;
+  std::chrono::milliseconds backoff{0};
+  Clock::time_point next_retry{};
+
+  bool pending() const { return !cause.empty(); }
+};
 
 // How a group is doing. Guarded by Receiver::Impl::mu (short sections, never across I/O).
 //
@@ -67,6 +84,7 @@ struct Health {
   Clock::time_point next_reopen{};
   std::uint64_t committed = 0, applied = 0, last_commit_unix_ns = 0;
   std::string source;
+  ApplyEpisode apply;  // outlives failure episodes: only a successful apply ends it
 
   bool failing() const { return !cause.empty(); }
 };
@@ -176,7 +194,60 @@ struct Receiver::Impl {
                  "RP {}, applied RP {} (cause: {})", group, h.failures,
                  seconds_text(Clock::now() - h.since), h.committed, h.applied, h.cause);
     h = Health{.committed = h.committed, .applied = h.applied,
-               .last_commit_unix_ns = h.last_commit_unix_ns, .source = h.source};
+               .last_commit_unix_ns = h.last_commit_unix_ns, .source = h.source,
+               .apply = std::move(h.apply)};
+  }
+
+  // After anything that may have applied (an open, a commit, a retry): starts, continues or
+  // ends the group's apply episode from the store's apply_error() (R19).
+  void note_apply(GroupSlot& g, const std::string& group, const GroupStore& store,
+                  const std::string& what) {
+    const Status err = store.apply_error();
+    std::lock_guard lock(mu);
+    Health& h = g.health;
+    ApplyEpisode& a = h.apply;
+    h.committed = store.last_committed_rp();
+    h.applied = store.last_applied_rp();
+    if (err.is_ok()) {
+      if (a.pending())
+        spdlog::info("group '{}': replica caught up: applied RP {} after {} failed attempt(s) "
+                     "over {} (cause: {})", group, h.applied, a.failures,
+                     seconds_text(Clock::now() - a.since), a.cause);
+      a = ApplyEpisode{};
+      return;
+    }
+    const std::string text = err.to_string();
+    if (!a.pending()) {
+      a.since = Clock::now();
+      a.since_unix_ns = unix_now_ns();
+      a.cause = what + ": " + text;
+      a.backoff = options.reopen_min;
+      spdlog::error("group '{}': {}: {} (committed RPs are durable in the journal and still "
+                    "acknowledged; the apply is retried at the next commit or in {})", group,
+                    what, text, seconds_text(a.backoff));
+    } else {
+      a.backoff = std::min(a.backoff * 2, options.reopen_max);
+      spdlog::debug("group '{}': apply still failing ({} failed attempt(s)): {}", group,
+                    a.failures + 1, text);
+    }
+    ++a.failures;
+    a.last_error = what + ": " + text;
+    a.next_retry = Clock::now() + a.backoff;
+    FERRY_ASSERT(a.pending() && a.failures > 0);
+  }
+
+  // Retries the apply of a group whose store is open with an apply pending. A failure that
+  // is not the apply's (the store failed: apply_error() is ok) drops the store like any
+  // storage failure. The caller holds g.busy.
+  void retry_apply(GroupSlot& g, const std::string& group) {
+    FERRY_ASSERT(g.store);
+    Status s = g.store->apply_committed();
+    if (!s.is_ok() && g.store->apply_error().is_ok()) {
+      note_failure(g, group, FailedStep::apply, s, "applying committed RPs failed");
+      g.store.reset();
+      return;
+    }
+    note_apply(g, group, *g.store, "retrying the apply failed");
   }
 
   // Opens the group's store unless it is open; refuses while a failed group's back-off runs.
@@ -199,11 +270,13 @@ struct Receiver::Impl {
     }
     g.store = std::move(store).value();
     note_opened(g, group, *g.store);
+    note_apply(g, group, *g.store, "applying committed RPs at open failed");
     return Status::ok();
   }
 
   // Re-opens failed groups whose back-off has run out, so a group recovers without waiting
-  // for its source (a group that failed at start-up or after an acknowledged RP).
+  // for its source (a group that failed at start-up or after an acknowledged RP), and retries
+  // pending applies likewise (R19).
   void reopen_loop() {
     std::unique_lock lock(mu);
     while (!stopping) {
@@ -211,13 +284,26 @@ struct Receiver::Impl {
       if (stopping) return;
       std::vector<std::pair<std::string, GroupSlot*>> due;
       const auto now = Clock::now();
-      for (auto& [name, g] : groups)
-        if (g->health.must_reopen && now >= g->health.next_reopen) due.emplace_back(name, g.get());
+      for (auto& [name, g] : groups) {
+        const Health& h = g->health;
+        if ((h.must_reopen && now >= h.next_reopen) ||
+            (h.apply.pending() && now >= h.apply.next_retry))
+          due.emplace_back(name, g.get());
+      }
       lock.unlock();
       for (auto& [name, g] : due) {
         std::unique_lock<std::timed_mutex> busy(g->busy, std::try_to_lock);
         if (!busy.owns_lock()) continue;  // a session serves it and re-opens it itself
-        (void)ensure_open(*g, name, /*create=*/false);
+        if (!g->store) {
+          (void)ensure_open(*g, name, /*create=*/false);
+        } else {
+          bool pending;
+          {
+            std::lock_guard l(mu);
+            pending = g->health.apply.pending();
+          }
+          if (pending) retry_apply(*g, name);
+        }
       }
       lock.lock();
     }
@@ -255,10 +341,10 @@ class Session {
     Status s = reply_accepted() ? serve_rps() : Status::error(Errc::disconnected, "hello_reply");
     if (store_ && rp_open_) store_->abort_rp();
     if (storage_failed_) {
-      // After a failed write, sync or apply the store refuses everything until it is
-      // re-opened; re-opening runs recovery (cuts what the failed RP left in the journal,
-      // re-applies committed RPs). The next session or the re-opener does that after the
-      // back-off, so the receiver resumes by itself once the fault is gone.
+      // After a failed write or sync the store refuses everything until it is re-opened;
+      // re-opening runs recovery (cuts what the failed RP left in the journal, re-applies
+      // committed RPs). The next session or the re-opener does that after the back-off, so
+      // the receiver resumes by itself once the fault is gone.
       slot.store.reset();
       store_ = nullptr;
       impl_.wake.notify_all();
@@ -610,16 +696,17 @@ class Session {
                                                 hash_bytes_sent_ / 1e6)
                                   : std::string());
     // Applying is not needed for durability (the journal has it). A failed apply leaves the
-    // store failed, so the group is re-opened after the back-off (recovery re-applies every
-    // committed RP), by the next session or the re-opener; until then status shows it.
-    if (Status s = store_->apply_committed(); !s.is_ok()) {
+    // store open with the apply pending (R19): later RPs are still committed, and the apply
+    // is retried at the next commit and by the re-opener; status shows it with its cause.
+    // Only a failure of the store itself (apply_error() ok) drops it.
+    if (Status s = store_->apply_committed(); !s.is_ok() && store_->apply_error().is_ok()) {
       storage_failed_ = true;
       impl_.note_failure(*slot_, hello_.group, FailedStep::apply, s,
                          "applying RP " + std::to_string(e.rp_id) +
                              " to the replica failed (it is durable in the journal; retried)");
     } else {
-      std::lock_guard lock(impl_.mu);
-      slot_->health.applied = store_->last_applied_rp();
+      impl_.note_apply(*slot_, hello_.group, *store_,
+                       "applying RP " + std::to_string(e.rp_id) + " to the replica failed");
     }
     return acked;
   }
@@ -635,7 +722,8 @@ class Session {
                  "(cause: {})", hello_.group, rp_id, h.failures, seconds_text(Clock::now() - h.since),
                  h.cause);
     h = Health{.committed = h.committed, .applied = h.applied,
-               .last_commit_unix_ns = h.last_commit_unix_ns, .source = h.source};
+               .last_commit_unix_ns = h.last_commit_unix_ns, .source = h.source,
+               .apply = std::move(h.apply)};
   }
 
   std::string replica_dir() const {
@@ -696,8 +784,7 @@ Result<std::unique_ptr<Receiver>> Receiver::create(const ReceiverOptions& option
     spdlog::info("group '{}': recovered; last committed RP {}, applied RP {}", group,
                  (*store)->last_committed_rp(), (*store)->last_applied_rp());
     slot.store = std::move(store).value();
-    slot.health.committed = slot.store->last_committed_rp();
-    slot.health.applied = slot.store->last_applied_rp();
+    impl->note_apply(slot, group, *slot.store, "applying committed RPs at start-up failed");
   }
   if (ec) return Status::from_errno(ec.value(), "list store directory " + options.store.root);
   Impl* raw = impl.get();
@@ -726,6 +813,16 @@ std::vector<GroupStatus> Receiver::status() const {
       if (h.must_reopen && h.next_reopen > now)
         st.next_reopen_in_ms = static_cast<std::uint64_t>(
             std::chrono::duration_cast<std::chrono::milliseconds>(h.next_reopen - now).count());
+    } else if (h.apply.pending()) {  // R19: the apply failed; RPs are still accepted
+      st.state = GroupState::apply_pending;
+      st.cause = h.apply.cause;
+      st.last_error = h.apply.last_error;
+      st.failing_since_unix_ns = h.apply.since_unix_ns;
+      st.failed_attempts = h.apply.failures;
+      if (h.apply.next_retry > now)
+        st.next_reopen_in_ms = static_cast<std::uint64_t>(
+            std::chrono::duration_cast<std::chrono::milliseconds>(h.apply.next_retry - now)
+                .count());
     } else if (h.applied < h.committed) {
       st.state = GroupState::apply_pending;
     }

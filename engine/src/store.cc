@@ -1,5 +1,5 @@
 // GroupStore: the RP life cycle over the journal, recovery at open, apply and restore.
-// The recovery decision table (R1..R18) is in docs/journal-format.md.
+// The recovery decision table (R1..R19) is in docs/journal-format.md.
 #include "ferry/engine/store.h"
 
 #include <fcntl.h>
@@ -485,7 +485,9 @@ class StoreImpl final : public GroupStore {
                                std::to_string(block_bytes) + " bytes at " +
                                std::to_string(offset_bytes) + " of disk " + disk + " (" +
                                std::to_string(size) + " bytes): not inside the disk");
-    if (applied_ < last_committed_rp()) FERRY_TRY(apply_committed());
+    // An apply that fails leaves the store usable (R19): the digests come from the journal
+    // all the same, and the image, untrusted until an apply succeeds, is not compared.
+    if (applied_ < last_committed_rp() && !apply_committed().is_ok()) FERRY_TRY(failed_);
     // R17: the digests describe the RP as the journal holds it, whatever the image says;
     // the image is compared on the way (while it is trusted), and a drift is reported and
     // the replica rebuilt at the next apply.
@@ -610,22 +612,25 @@ class StoreImpl final : public GroupStore {
     (void)append(h, {});  // not synced: recovery ignores an RP without commit anyway (R3)
   }
 
+  // A failed apply touches only the replica and the state file, never the journal, so it
+  // leaves the store usable with the apply pending (R19): the error is kept (apply_error),
+  // the replica is untrusted, and the next call rebuilds it from the journal.
   Status apply_committed() override {
     FERRY_TRY(failed_);
-    if (replica_untrusted_) {  // R17: never an incremental apply over a drifted image
-      Status s = rebuild_replica();
-      if (!s.is_ok()) return fail(s.with_context("rebuild the drifted replica (R17)"));
-      replica_untrusted_ = false;
-      return Status::ok();
+    Status s = apply_or_rebuild();
+    if (!s.is_ok()) {
+      replica_untrusted_ = true;
+      apply_error_ = std::move(s).with_context("group " + group_ + ": the replica is behind the "
+                                               "journal (apply pending, retried)");
+      // The caller reports it (the receiver once per episode, not at every retry).
+      spdlog::debug("{}", apply_error_.to_string());
+      return apply_error_;
     }
-    jr::Reader reader(st_, paths_.journal_dir);
-    for (const auto& rp : rps_) {
-      if (rp.info.rp_id <= applied_) continue;
-      Status s = apply_one(reader, rp);
-      if (!s.is_ok()) return fail(s.with_context("apply RP " + std::to_string(rp.info.rp_id)));
-    }
+    apply_error_ = Status::ok();
     return Status::ok();
   }
+
+  Status apply_error() const override { return apply_error_; }
 
  private:
   struct OpenRp {
@@ -648,7 +653,7 @@ class StoreImpl final : public GroupStore {
     return Status::ok();
   }
 
-  // --- recovery (docs/journal-format.md, R1..R12) ---
+  // --- recovery (docs/journal-format.md, R1..R19) ---
 
   Status recover() {
     FERRY_TRY(probe_io_uring());
@@ -671,18 +676,27 @@ class StoreImpl final : public GroupStore {
     }
     if (st_->exists(paths_.state_tmp)) FERRY_TRY(st_->remove(paths_.state_tmp));  // R10
     if (st_->exists(paths_.distrust_tmp)) FERRY_TRY(st_->remove(paths_.distrust_tmp));
-    if (!state) return rebuild_replica();  // R6 / R12
-    // R5b: an apply was cut short. Its writes may have been torn or misdirected anywhere in
-    // the images, so redoing only its blocks is not enough: rewrite the images.
-    if (state->applying_rp != 0) return rebuild_replica();
-    // R13: the state says an RP is applied, but one of its images is gone or has the wrong
-    // size (deleted or lost by the file system): the replica cannot be trusted; rebuild it.
-    if (applied_ != 0 && !applied_images_intact()) {
+    // The journal is sound from here on. Bringing the replica to it may fail (EIO, ENOSPC,
+    // EFBIG on the replica) without failing the open: the group keeps journalling and
+    // committing RPs with the apply pending (R19), instead of refusing every hello.
+    if (!state) {
+      replica_untrusted_ = true;  // R6 / R12
+    } else if (state->applying_rp != 0) {
+      // R5b: an apply was cut short. Its writes may have been torn or misdirected anywhere
+      // in the images, so redoing only its blocks is not enough: rewrite the images.
+      replica_untrusted_ = true;
+    } else if (applied_ != 0 && !applied_images_intact()) {
+      // R13: the state says an RP is applied, but one of its images is gone or has the
+      // wrong size (deleted or lost by the file system): rebuild the replica.
       spdlog::warn("group {}: a replica image of applied RP {} is missing or has the wrong "
                    "size; rewriting the replica from the journal (R13)", group_, applied_);
-      return rebuild_replica();
+      replica_untrusted_ = true;
     }
-    return apply_committed();  // R5
+    if (Status s = apply_committed(); !s.is_ok())  // R5, or the rebuild above
+      spdlog::info("group {}: recovery: the journal is sound (last committed RP {}), but the "
+                   "replica could not be brought to it: {}; RPs are still accepted, the apply "
+                   "is retried (R19)", group_, last_committed_rp(), s.to_string());
+    return Status::ok();
   }
 
   // R18: a failed write or sync left journal bytes that no successful sync covered; they
@@ -916,6 +930,23 @@ class StoreImpl final : public GroupStore {
     return failed_;
   }
 
+  // Brings the replica to the last committed RP: a rebuild when it is not trusted (R5b, R6,
+  // R13, R17, R19: never an incremental apply over an image of unknown content), else the
+  // committed RPs not yet applied, in order (R5).
+  Status apply_or_rebuild() {
+    if (replica_untrusted_) {
+      FERRY_TRY(rebuild_replica().with_context("rewrite the replica from the journal"));
+      replica_untrusted_ = false;
+      return Status::ok();
+    }
+    jr::Reader reader(st_, paths_.journal_dir);
+    for (const auto& rp : rps_) {
+      if (rp.info.rp_id <= applied_) continue;
+      FERRY_TRY(apply_one(reader, rp).with_context("apply RP " + std::to_string(rp.info.rp_id)));
+    }
+    return Status::ok();
+  }
+
   // R17: the image of the applied RP no longer matches the journal (changed behind our
   // back). Marked durably like an apply under way, so the next apply, or the next open
   // (R5b), rewrites the replica from the journal instead of patching the drifted image.
@@ -976,7 +1007,10 @@ class StoreImpl final : public GroupStore {
   std::uint64_t applied_ = 0;
   std::optional<OpenRp> open_;
   Status failed_;
-  bool replica_untrusted_ = false;  // R17: a drift was found; the next apply rebuilds
+  // R5b/R6/R13/R17/R19: the images may differ from the state's applied RP (a drift, an apply
+  // or rebuild cut short); the next apply rebuilds them and digests never read them.
+  bool replica_untrusted_ = false;
+  Status apply_error_;  // the last apply or rebuild failed (R19); ok: none pending
 };
 
 Result<jr::ScanResult> read_only_scan(const std::string& root, const std::string& group) {

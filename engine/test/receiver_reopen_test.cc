@@ -89,3 +89,51 @@ TEST_CASE("a directory without a journal is not a group") {
   REQUIRE(r.is_ok());
   CHECK((*r)->status().empty());
 }
+
+// R19: an apply that fails (here: the replica image cannot be rewritten) used to fail the
+// open, so the group was "failing" and refused every hello until the cause was fixed, though
+// its journal was sound. Now the group opens with the apply pending: status says so with the
+// cause, and the background thread retries the apply with back-off until it succeeds.
+TEST_CASE("a group whose apply fails at start-up stays open, apply pending, and catches up") {
+  TempDir dir;
+  const std::string root = dir.path() + "/store";
+  const auto rps = ferry::engine::test::small_run();
+  {
+    auto store = GroupStore::open(StoreOptions{.root = root}, "g2", /*create=*/true);
+    REQUIRE(store.is_ok());
+    for (const auto& rp : rps) REQUIRE(ferry::engine::test::feed_rp(**store, rp).is_ok());
+    REQUIRE((*store)->apply_committed().is_ok());
+  }
+  // R13 at open (the image is gone), and the rebuild cannot create it (a directory is there).
+  const std::string image = root + "/g2/replica/a.img";
+  fs::remove(image);
+  fs::create_directories(image + "/x");
+
+  ReceiverOptions o;
+  o.store.root = root;
+  o.reopen_min = 40ms;
+  o.reopen_max = 160ms;
+  auto r = Receiver::create(o);
+  REQUIRE(r.is_ok());
+  GroupStatus s = status_of(**r, "g2");
+  CHECK(s.state == GroupState::apply_pending);
+  CHECK(s.last_committed_rp == 3);
+  CHECK(s.cause.find("a.img") != std::string::npos);
+  CHECK(s.failed_attempts >= 1);
+  CHECK(s.failing_since_unix_ns > 0);
+
+  std::this_thread::sleep_for(1s);  // retried with back-off, never in a loop
+  s = status_of(**r, "g2");
+  CHECK(s.state == GroupState::apply_pending);
+  CHECK(s.failed_attempts >= 3);
+  CHECK(s.failed_attempts <= 10);
+
+  fs::remove_all(image);  // the cause goes away: the replica catches up by itself
+  REQUIRE(wait_until([&] { return status_of(**r, "g2").state == GroupState::ok; }, 2s));
+  s = status_of(**r, "g2");
+  CHECK(s.last_applied_rp == 3);
+  CHECK(s.cause.empty());
+  CHECK(s.failed_attempts == 0);
+  CHECK(ferry::engine::test::slurp(image) ==
+        ferry::engine::test::model_of(rps).at(3).at("a"));
+}

@@ -3,8 +3,9 @@
 
 Part A, a failure after the acknowledgement, of a kind other than EIO/ENOSPC: the group's
 replica directory is moved away, so applying RP 2 (after its ack) fails with ENOENT
-(not-found). The receiver must re-open the group by itself (with back-off) and take the next
-RP without a restart; the replica then equals the source.
+(not-found). The group stays open with the apply pending (R19): `ferry status --socket`
+shows `apply_pending` with the cause; the receiver retries the apply by itself (with
+back-off) and takes the next RP without a restart; the replica then equals the source.
 Part B, a failure at start-up: the receiver starts while the group's journal directory is
 replaced by a file, so its recovery fails. `ferry status --socket` shows the group failing
 with the cause (exit 3); once the journal is put back the receiver re-opens the group in the
@@ -88,6 +89,12 @@ with ft.Env("store-failure-recovers") as env:
     rp2 = env.replicate_once(qsd, rx.addr, GROUP)   # acknowledged: it is in the journal
     wait_for("the failed apply in the receiver's log",
              lambda: "applying RP 2" in rx.log_text(), 10)
+    if sock:
+        rc, groups = status(env, sock)
+        g = groups.get(GROUP)
+        ft.check(g and g["state"] == "apply_pending" and "replica" in g["cause"],
+                 f"status must show {GROUP} apply_pending with the cause (R19): {groups}")
+        ft.check_eq(g["last_committed_rp"], rp2, "RP 2 is committed while its apply is pending")
     # The cause goes away (or the receiver's re-open already re-made the directory).
     if os.path.isdir(replica):
         shutil.rmtree(replica + ".away")

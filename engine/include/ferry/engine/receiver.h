@@ -11,13 +11,16 @@
 // max_disk_bytes; otherwise the RP is refused, naming the disk, its size, the limit and the
 // fix. Once acknowledged, an RP must be applicable, or the group is wedged.
 //
-// A store failure of any kind (an RP that could not be written or committed, an apply after
-// the acknowledgement, recovery at start-up) marks the group failing: its store is dropped and
-// re-opened (recovery: torn tail cut, committed RPs re-applied) by the next session or by a
+// A store failure (an RP that could not be written or committed, a journal that cannot be
+// recovered at start-up) marks the group failing: its store is dropped and re-opened
+// (recovery: torn tail cut, committed RPs re-applied) by the next session or by a
 // background thread, whichever comes first, at most once per back-off period (reopen_min,
 // doubling per failed attempt up to reopen_max), so no failure leaves a group refusing RPs
 // until the receiver restarts, and a hostile or broken peer cannot make it re-scan journals
-// in a loop. status() shows each group's state.
+// in a loop. A failed apply (after the acknowledgement, or at open) is not a store failure:
+// the group stays open, accepts and commits RPs, and the apply is retried at each commit
+// and by the background thread with the same back-off (R19). status() shows each group's
+// state.
 #pragma once
 
 #include <chrono>
@@ -50,7 +53,9 @@ struct ReceiverOptions {
 enum class GroupState : std::uint8_t {
   ok = 0,
   failing = 1,        // a store failure episode is open: RPs are refused until it ends
-  apply_pending = 2,  // committed RPs are not yet in the replica images (applied soon)
+  // Committed RPs are not yet in the replica images: for a moment after each commit, or,
+  // with a cause, because applying failed (R19; RPs are still accepted and retried).
+  apply_pending = 2,
 };
 const char* group_state_name(GroupState s);
 
@@ -62,9 +67,10 @@ struct GroupStatus {
   std::uint64_t last_applied_rp = 0;
   std::uint64_t last_commit_unix_ns = 0;  // when this receiver last committed an RP of it
   std::string source;                     // the peer serving the group now; empty: none
-  // The failure episode (state failing), else empty/0: its first cause, when it began, the
-  // failed attempts (refused RPs and re-opens), and when the store is re-opened next (0: now,
-  // or when the next source connects).
+  // The failure episode (state failing) or the apply episode (state apply_pending after a
+  // failed apply), else empty/0: its first cause, when it began, the failed attempts
+  // (refused RPs and re-opens; or applies), and when the store is re-opened or the apply
+  // retried next (0: now, or when the next source connects).
   std::string cause;
   std::string last_error;  // the latest failure of the episode (the cause may have changed)
   std::uint64_t failing_since_unix_ns = 0;

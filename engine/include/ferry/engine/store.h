@@ -14,7 +14,8 @@
 // open() runs recovery: first cuts what no successful sync covered before an earlier failed
 // write or sync (R18: <group>/distrust, or this process's memory of the failure), then cuts
 // a torn journal tail, drops uncommitted records, re-applies committed-but-unapplied RPs and
-// rewrites untrusted images from the journal, after marking the state (R16). The decision
+// rewrites untrusted images from the journal, after marking the state (R16); if that apply
+// fails, the store opens all the same with the apply pending (R19, apply_error()). The decision
 // table is in docs/journal-format.md. The receiver needs no extra call for R18: dropping a
 // failed store and opening the group again (in this process or after a restart) suffices.
 #pragma once
@@ -126,8 +127,17 @@ class GroupStore {
                                    std::uint64_t logical_bytes) = 0;
   // Drops the open RP (never committed; its records are ignored by recovery).
   virtual void abort_rp() = 0;
-  // Brings the replica images to the newest committed RP, crash-consistently.
+  // Brings the replica images to the newest committed RP, crash-consistently. A failure
+  // (EIO, ENOSPC, EFBIG on the replica) leaves the store usable with the apply pending (R19):
+  // see apply_error().
   virtual Status apply_committed() = 0;
+  // ok, or why the replica is behind the journal: the last apply or rebuild (at open or by
+  // apply_committed) failed. While it is pending, RPs are still begun, journalled and
+  // committed (durable: C2), points() and restore() read the journal, resync digests come
+  // from the journal without trusting the image, and the state file keeps saying
+  // "applying" (or names an older RP), so no open takes a half-written image for an RP.
+  // Each apply_committed() retries, rewriting the replica from the journal.
+  virtual Status apply_error() const = 0;
 
   // Resync (C4): the xxh3-128 digests of `block_count` consecutive blocks of `disk` at
   // last_committed_rp(), starting at offset_bytes (a multiple of block_bytes, a power of two
