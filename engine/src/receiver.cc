@@ -95,6 +95,8 @@ struct GroupSlot {
   Health health;                      // guarded by Impl::mu
 };
 
+// The one place a receiver-side error becomes a wire status. Its inverse, on the source, is
+// sender.cc errc_of: the five storage and divergence codes must map back to themselves.
 WireStatus wire_status_of(const Status& s) {
   switch (s.code()) {
     case Errc::diverged: return WireStatus::diverged;

@@ -673,6 +673,7 @@ Result<transport::RpAck> wait_for_ack(transport::Connection& conn, std::uint64_t
   return ack;
 }
 
+// The inverse of receiver.cc wire_status_of for the codes the source acts on.
 Errc errc_of(transport::WireStatus s) {
   switch (s) {
     case transport::WireStatus::diverged: return Errc::diverged;
