@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """kill -9 of the receiver at every named receiver kill point (FERRY_KILL_AT=<point>:<n>) and at
-random moments of receive/journal/commit/apply, checked with the oracle (C1, C2).
+random moments of receive/journal/commit/apply, checked with the oracle (C1, C2). The
+rebuild.* points fire during the start-up rebuild of a replica whose image was deleted or cut
+short while the receiver was down (R13, R16).
 
 After each kill: the receiver is restarted (it recovers every group at start-up; the time from
 its start until it listens is the recovery time), stopped cleanly, and then
@@ -141,8 +143,9 @@ with ft.Env(TEST) as env:
             acked.append(rp)
         return rc, rp, state
 
-    def check_after_crash(label):
-        """Restart (recovery), stop, then the oracle on the replica and the RPs."""
+    def check_after_crash(label, restore_old=True):
+        """Restart (recovery), stop, then the oracle on the replica and the RPs. restore_old:
+        also restore an older RP (a round that wrote nothing to the journal skips it)."""
         with phase("recover"):
             recovery_s.append(start_receiver(env, rx))
         with phase("stop"):
@@ -181,7 +184,7 @@ with ft.Env(TEST) as env:
             n_checks = stats["checks"] = stats.get("checks", 0) + 1
             todo = todo[-1:] if n_checks % 5 == 0 else []
             old = old if n_checks % 20 == 0 else []
-        if old:
+        if old and restore_old:
             todo.append(rng.choice(old))
         for r in todo:
             restore_and_check(r, label)
@@ -222,7 +225,7 @@ with ft.Env(TEST) as env:
 
     r = env.run(["debug", "kill-points"], timeout=30, check_rc=0)
     points = [p for p in r.out.split() if p.split(".")[0] in
-              ("receiver", "journal", "apply", "state")]
+              ("receiver", "journal", "apply", "state", "rebuild")]
     ft.check(points, f"`ferry debug kill-points` lists no receiver points:\n{r}")
     hits = [1] if not ft.LONG else [1, 2, 3, 5, 8]
     plan = [("point", kp, n) for n in hits for kp in points]
@@ -247,6 +250,25 @@ with ft.Env(TEST) as env:
             jdir = os.path.join(rx.store, GROUP, "journal")
             with open(os.path.join(jdir, sorted(os.listdir(jdir))[-1]), "ab") as f:
                 f.write(rng.randbytes(rng.randrange(100, 9000)))
+            if start_receiver(env, rx, {"FERRY_KILL_AT": f"{kp}:{n}"}, may_die=True) is None:
+                stats["kills_at_points"] += 1
+                fired.add(kp)
+            else:
+                stats["points_not_hit"] += 1
+                stop_receiver(rx)
+                ft.log(f"{label}: not hit")
+            reap(env, rx.proc)
+        elif kind == "point" and kp.startswith("rebuild."):
+            # These fire while recovery rewrites the replica from the journal (R13/R5b/R16):
+            # an image of the applied RP is deleted or cut short while the receiver is down,
+            # then a start with the point armed kills the start-up rebuild. The next start
+            # must rebuild again (the state says "applying") and the oracle checks the result.
+            victim = replica[rng.choice(sorted(disks))]
+            if os.path.exists(victim):
+                if rng.random() < 0.5:
+                    os.unlink(victim)
+                else:
+                    os.truncate(victim, rng.randrange(0, max(1, os.path.getsize(victim)), 4096))
             if start_receiver(env, rx, {"FERRY_KILL_AT": f"{kp}:{n}"}, may_die=True) is None:
                 stats["kills_at_points"] += 1
                 fired.add(kp)
@@ -297,7 +319,9 @@ with ft.Env(TEST) as env:
             reap(env, rx.proc)
             stats["random_kills"] += 1
         stats["crash_points"] = stats["kills_at_points"] + stats["random_kills"]
-        check_after_crash(label)
+        # A rebuild round changes only the replica: the oracle checks it; the journal's RPs
+        # were restored in earlier rounds.
+        check_after_crash(label, restore_old=not (kind == "point" and kp.startswith("rebuild.")))
         if i % 25 == 0:
             ft.log(f"{i + 1}/{len(plan)}: {stats}")
         if ft.LONG and i + 1 == len(plan) and stats["crash_points"] < 1000:
