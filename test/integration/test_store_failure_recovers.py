@@ -6,6 +6,9 @@ replica directory is moved away, so applying RP 2 (after its ack) fails with ENO
 (not-found). The group stays open with the apply pending (R19): `ferry status --socket`
 shows `apply_pending` with the cause; the receiver retries the apply by itself (with
 back-off) and takes the next RP without a restart; the replica then equals the source.
+Part A2: the replica image is replaced by a directory, so the apply fails while the replica
+directory is there (the capacity check passes): an RP is still acknowledged and restorable,
+and once the directory is gone the replica catches up in the background, with no source.
 Part B, a failure at start-up: the receiver starts while the group's journal directory is
 replaced by a file, so its recovery fails. `ferry status --socket` shows the group failing
 with the cause (exit 3); once the journal is put back the receiver re-opens the group in the
@@ -108,6 +111,27 @@ with ft.Env("store-failure-recovers") as env:
              lambda: ft.first_difference(snap, os.path.join(replica, "vda.img")) is None, 10)
     ft.log("part A: recovered without a restart")
 
+    # --- Part A2 (R19): the replica image cannot be written; RPs are still acknowledged ---
+    image = os.path.join(replica, "vda.img")
+    os.unlink(image)
+    os.makedirs(os.path.join(image, "in-the-way"))
+    wl.random_writes(qsd, vda, 10)
+    snap = qsd.snapshot(vda, env.path("snaps", "a2.img"))
+    rp_a2 = env.replicate_once(qsd, rx.addr, GROUP)   # acknowledged while the apply fails
+    env.check_restore(store, GROUP, rp_a2, "vda", snap, "(apply pending) ")
+    if sock:
+        g = wait_for("apply_pending in status",
+                     lambda: (lambda g_: g_ if g_["state"] == "apply_pending" else None)(
+                         status(env, sock)[1][GROUP]), 10)
+        ft.check("vda.img" in g["cause"], f"status must name the image: {g}")
+        ft.check_eq(g["last_committed_rp"], rp_a2, "the RP is committed while the apply fails")
+    shutil.rmtree(image)   # the cause goes away: no source, no restart needed
+    wait_for("the replica caught up in the background",
+             lambda: os.path.isfile(image) and ft.first_difference(snap, image) is None, 40)
+    if sock:
+        wait_for("state ok", lambda: status(env, sock)[1][GROUP]["state"] == "ok", 10)
+    ft.log("part A2: RPs acknowledged while the apply failed; caught up by itself")
+
     # --- Part B: recovery fails at start-up; repaired while the receiver runs ---
     rx.stop()
     journal = os.path.join(store, GROUP, "journal")
@@ -137,7 +161,7 @@ with ft.Env("store-failure-recovers") as env:
     if sock:
         rc, groups = status(env, sock)
         ft.check_eq(groups[GROUP]["state"], "ok", f"state of {GROUP} after the repair")
-        ft.check_eq(groups[GROUP]["last_committed_rp"], rp3, "last committed RP in status")
+        ft.check_eq(groups[GROUP]["last_committed_rp"], rp_a2, "last committed RP in status")
         ft.check_eq(rc, 0, "ferry status exit code once every group is ok")
     wl.random_writes(qsd, vda, 5)
     snap = qsd.snapshot(vda, env.path("snaps", "b.img"))
