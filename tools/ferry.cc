@@ -167,16 +167,21 @@ int cmd_receive(const ReceiveArgs& a, std::uint64_t max_disk_bytes) {
   std::future<void> done = stopped.get_future();
   std::string last_line;
   while (done.wait_for(std::chrono::seconds(2)) != std::future_status::ready) {
-    std::size_t total = 0, failing = 0;
-    std::string first;
+    std::size_t total = 0, failing = 0, apply_failing = 0;
+    std::string first;  // a failing group's cause first, else a failed apply's (R19)
     for (const engine::GroupStatus& g : r->status()) {
       ++total;
-      if (g.state != engine::GroupState::failing) continue;
-      if (failing++ == 0) first = g.group + ": " + g.cause;
+      if (g.state == engine::GroupState::failing) {
+        if (failing++ == 0) first = g.group + ": " + g.cause;
+      } else if (g.state == engine::GroupState::apply_pending && !g.cause.empty()) {
+        if (apply_failing++ == 0 && failing == 0) first = g.group + ": " + g.cause;
+      }
     }
-    std::string line = fmt::format("listening on {}:{}, store {}: {} group(s), {} failing{}{}",
-                                   ep->host, (*server)->port(), a.store, total, failing,
-                                   failing ? "; " : "", first.substr(0, 200));
+    std::string line = fmt::format(
+        "listening on {}:{}, store {}: {} group(s), {} failing{}{}{}", ep->host,
+        (*server)->port(), a.store, total, failing,
+        apply_failing ? fmt::format(", {} apply failing", apply_failing) : std::string(),
+        first.empty() ? "" : "; ", first.substr(0, 200));
     if (line != last_line) sd_notifyf(0, "STATUS=%s", line.c_str());
     last_line = std::move(line);
   }
