@@ -66,6 +66,9 @@ struct RpBeginInfo {
 // receiver refuses a larger payload as a bad frame before it reaches the store (the journal's
 // own limit, journal.h kMaxPayloadBytes, is this value).
 inline constexpr std::uint32_t kMaxStoredPayloadBytes = (4u << 20) + (64u << 10);
+// Longest zero record (no payload): a zero range as the wire carries it with the zero_ranges
+// feature, 4 GiB - 4 MiB (journal.h kMaxZeroRecordBytes). Data records stay at 4 MiB.
+inline constexpr std::uint32_t kMaxStoredZeroBytes = 0xffc00000u;
 
 enum class RecordKind : std::uint8_t { data = 0, zero = 1 };
 enum class RecordCodec : std::uint8_t { none = 0, zstd = 1 };

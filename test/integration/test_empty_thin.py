@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""An empty thin disk (qcow2, 1 TiB, nothing allocated): its first RP sends the whole disk as a
+few zero ranges (feature zero_ranges), not one zero frame per 4 MiB. So the RP takes seconds,
+a few KB on the wire and a few KB of journal, the receiver re-opens the store at once, and the
+restore is a 1 TiB file that is all holes. Then a few MiB written at the far end of the disk
+travel as an incremental RP whose restore holds exactly those bytes.
+
+Before zero ranges: 262,144 zero frames, ~21 MB on the wire and ~24 MiB of journal for this
+disk (5.2 million frames for 20 TiB)."""
+
+import os
+import re
+import time
+
+import ferrytest as ft
+
+GROUP = "thin"
+SIZE = 1024 * ft.GiB
+WIRE_MAX = 2 * 1000 * 1000      # bytes on the wire for the first RP
+JOURNAL_MAX = 4 * ft.MiB        # journal bytes allocated after it
+FIRST_RP_TIMEOUT = 60           # the old code took ~10 s here; the new one ~1 s
+STARTUP_MAX_S = 10
+
+
+def wire_bytes(r):
+    m = re.findall(r"(\d+) wire bytes", r.out + r.err)
+    ft.check(m, f"replicate printed no 'N wire bytes' summary:\n{r}")
+    return int(m[-1])
+
+
+def journal_bytes(store):
+    total = 0
+    for root, _, files in os.walk(os.path.join(store, GROUP, "journal")):
+        total += sum(os.lstat(os.path.join(root, f)).st_blocks * 512 for f in files)
+    return total
+
+
+def check_all_holes(path, size, allowed=()):
+    """The file has `size` bytes and no data outside the `allowed` (offset, length) ranges."""
+    ft.check_eq(os.path.getsize(path), size, f"size of {path}")
+    with open(path, "rb") as f:
+        for off, length in ft.data_extents(f.fileno(), size):
+            inside = any(a <= off and off + length <= a + n for a, n in allowed)
+            ft.check(inside, f"{path} holds data at {off}+{length}, outside {list(allowed)}")
+
+
+with ft.Env("empty-thin") as env:
+    qsd = env.qsd([ft.Disk("thin", SIZE, "qcow2")])
+    thin = qsd.disks[0]
+    rx = env.receiver()
+
+    t0 = time.monotonic()
+    r = env.run(env.replicate_args(qsd, rx.addr, GROUP), timeout=FIRST_RP_TIMEOUT)
+    took = time.monotonic() - t0
+    ft.check(r.rc == 0, f"first RP of the empty disk failed:\n{r}")
+    rp1 = int(r.out.split()[-1])
+    wire = wire_bytes(r)
+    p = {q["rp_id"]: q for q in env.points(rx.store, GROUP)}[rp1]
+    d = p["disks"][0]
+    jbytes = journal_bytes(rx.store)
+    ft.log(f"first RP {rp1} of an empty {SIZE >> 30} GiB disk: {took:.1f} s, {wire} wire bytes, "
+           f"journal {jbytes} bytes, {d}")
+    ft.check(d["full"], "the first RP is a full copy")
+    ft.check_eq(d["size_bytes"], SIZE, "size_bytes")
+    ft.check_eq(d["zero_bytes"], SIZE, "zero_bytes (the whole disk is one zero range)")
+    ft.check(wire < WIRE_MAX, f"first RP of an empty disk sent {wire} bytes (limit {WIRE_MAX}): "
+                              f"zero frames of 4 MiB each?")
+    ft.check(d["stored_bytes"] < 64 * 1024,
+             f"the journal stores {d['stored_bytes']} bytes of records for an empty disk")
+    ft.check(jbytes < JOURNAL_MAX, f"journal holds {jbytes} bytes (limit {JOURNAL_MAX})")
+
+    # A fresh receiver scans that journal at start-up: at once.
+    rx.stop()
+    t0 = time.monotonic()
+    rx.start()
+    startup = time.monotonic() - t0
+    ft.log(f"receiver start-up on that store: {startup:.2f} s")
+    ft.check(startup < STARTUP_MAX_S, f"receiver took {startup:.1f} s to start")
+    ft.check(f"group '{GROUP}': recovered" in rx.log_text(), "receiver logs the group recovered")
+
+    out = env.restore(rx.store, GROUP, rp1, "thin", timeout=60)
+    check_all_holes(out, SIZE)
+    os.unlink(out)
+
+    # A few MiB at the far end: an incremental of just those bytes.
+    tail_off, tail_len = SIZE - 3 * ft.MiB - 8192, 3 * ft.MiB
+    data = env.rng.randbytes(tail_len)
+    qsd.write(thin, tail_off, data)
+    qsd.write(thin, 5 * ft.GiB + 512, b"\x01" * 4096)  # one block in the middle, unaligned
+    qsd.sync()
+    t0 = time.monotonic()
+    r = env.run(env.replicate_args(qsd, rx.addr, GROUP), timeout=120)
+    ft.check(r.rc == 0, f"second RP failed:\n{r}")
+    rp2 = int(r.out.split()[-1])
+    p = {q["rp_id"]: q for q in env.points(rx.store, GROUP)}[rp2]
+    d = p["disks"][0]
+    ft.log(f"second RP {rp2}: {time.monotonic() - t0:.1f} s, {wire_bytes(r)} wire bytes, {d}")
+    ft.check(not d["full"], "the second RP is incremental")
+    ft.check_eq(p["base_rp"], rp1, "base of the second RP")
+    ft.check(d["changed_bytes"] <= tail_len + 2 * 64 * ft.KiB + 2 * 64 * ft.KiB,
+             f"second RP carried {d['changed_bytes']} bytes for {tail_len + 4096} written")
+
+    out = env.restore(rx.store, GROUP, rp2, "thin", timeout=60)
+    block = 64 * ft.KiB
+    mid = (5 * ft.GiB, 2 * block)
+    far = (tail_off // block * block, SIZE - tail_off // block * block)
+    check_all_holes(out, SIZE, allowed=[mid, far])
+    with open(out, "rb") as f:
+        ft.check(os.pread(f.fileno(), tail_len, tail_off) == data, "far end restored equal")
+        ft.check(os.pread(f.fileno(), 4096, 5 * ft.GiB + 512) == b"\x01" * 4096,
+                 "middle block restored equal")
+        ft.check(os.pread(f.fileno(), 8192, SIZE - 8192) == bytes(8192), "zeros after it")
+        ft.check(os.pread(f.fileno(), 512, 5 * ft.GiB) == bytes(512), "zeros before it")
+    os.unlink(out)
+    qsd.stop()
+    rx.stop()
