@@ -10,6 +10,8 @@ disk (5.2 million frames for 20 TiB)."""
 
 import os
 import re
+import socket
+import struct
 import time
 
 import ferrytest as ft
@@ -35,6 +37,43 @@ def journal_bytes(store):
     return total
 
 
+FEATURE_ZERO_RANGES = 1 << 2
+MAX_ZERO_RANGE = 0xFFC00000  # kMaxZeroRangeBytes: 4 GiB - 4 MiB
+
+
+def raw_source(rx, group, size, features, zero_frames):
+    """A hand-written source: hello (offering `features`), a full rp_begin of one disk of `size`
+    bytes, zero frames [(offset, length)], rp_end. Returns (accepted features, rp_ack status,
+    its message, the frames the receiver sent)."""
+    sock = socket.create_connection(("127.0.0.1", rx.port), timeout=30)
+    sock.sendall(ft.encode_frame(ft.MSG["hello"], ft.encode_hello(group, [("vda", size, 65536)],
+                                                                  features=features)))
+    head = ft.CorruptingProxy._recv_exact(sock, ft.FRAME_HEADER.size)
+    _m, mtype, _f, plen, _r, _c = ft.FRAME_HEADER.unpack(head)
+    reply = ft.CorruptingProxy._recv_exact(sock, plen)
+    ft.check_eq(mtype, ft.MSG["hello_reply"], "reply to hello")
+    _v, status, accepted = struct.unpack_from("<HHI", reply, 0)
+    ft.check_eq(status, 0, "hello status")
+    begin = struct.pack("<QQQIHH", 1, 0, time.time_ns(), 0, 1, 0) + struct.pack("<HBBQ", 0, 0, 0, size)
+    sock.sendall(ft.encode_frame(ft.MSG["rp_begin"], begin))
+    gid = ft.xxh3_64(group.encode())
+    for seq, (off, length) in enumerate(zero_frames):
+        sock.sendall(ft.encode_frame(ft.MSG["data"], struct.pack(
+            "<QQQQIHBBQQ", gid, 1, seq, off, length, 0, 1, 0, 0, 0)))
+    sock.sendall(ft.encode_frame(ft.MSG["rp_end"], struct.pack(
+        "<QQQ", 1, len(zero_frames), sum(n for _, n in zero_frames))))
+    frames = []
+    while not any(t == ft.MSG["rp_ack"] for t, _ in frames):
+        head = ft.CorruptingProxy._recv_exact(sock, ft.FRAME_HEADER.size)
+        ft.check(len(head) == ft.FRAME_HEADER.size, f"receiver closed without rp_ack: {frames}")
+        _m, mtype, _f, plen, _r, _c = ft.FRAME_HEADER.unpack(head)
+        frames.append((mtype, ft.CorruptingProxy._recv_exact(sock, plen)))
+    sock.close()
+    ack = frames[-1][1]
+    _rp, ack_status, n = struct.unpack_from("<QHH", ack, 0)
+    return accepted, ack_status, ack[12:12 + n].decode(errors="replace"), frames
+
+
 def check_all_holes(path, size, allowed=()):
     """The file has `size` bytes and no data outside the `allowed` (offset, length) ranges."""
     ft.check_eq(os.path.getsize(path), size, f"size of {path}")
@@ -48,6 +87,24 @@ with ft.Env("empty-thin") as env:
     qsd = env.qsd([ft.Disk("thin", SIZE, "qcow2")])
     thin = qsd.disks[0]
     rx = env.receiver()
+
+    # The feature decides: an old source (no zero_ranges) sending a zero frame over 4 MiB sends
+    # a bad frame; a source that offered it may send ranges up to 4 GiB - 4 MiB.
+    size = 2 * MAX_ZERO_RANGE
+    accepted, status, why, _ = raw_source(rx, "raw-old", size, 0, [(0, 8 * ft.MiB)])
+    ft.log(f"long zero frame without the feature: rp_ack status {status}: {why}")
+    ft.check_eq(accepted & FEATURE_ZERO_RANGES, 0, "zero_ranges accepted though not offered")
+    ft.check(status != 0 and "zero_ranges" in why, f"refused as a bad frame naming the feature: {why}")
+    ft.check_eq(env.points(rx.store, "raw-old"), [], "points after the refused RP")
+    accepted, status, why, _ = raw_source(rx, "raw-new", size, FEATURE_ZERO_RANGES,
+                                          [(0, MAX_ZERO_RANGE), (MAX_ZERO_RANGE, MAX_ZERO_RANGE)])
+    ft.check(accepted & FEATURE_ZERO_RANGES, "the receiver accepts zero_ranges")
+    ft.check_eq(status, 0, f"RP of two zero ranges acknowledged ({why})")
+    d = env.points(rx.store, "raw-new")[0]["disks"][0]
+    ft.check_eq((d["zero_bytes"], d["stored_bytes"]), (size, 2 * 96), "zero bytes, stored bytes")
+    accepted, status, why, _ = raw_source(rx, "raw-over", size, FEATURE_ZERO_RANGES,
+                                          [(0, 0xFFFFFFFF)])
+    ft.check(status != 0 and "length_bytes" in why, f"a range past the bound is refused: {why}")
 
     t0 = time.monotonic()
     r = env.run(env.replicate_args(qsd, rx.addr, GROUP), timeout=FIRST_RP_TIMEOUT)
