@@ -32,8 +32,9 @@ struct PendingOp {
   std::uint64_t offset = 0;
   std::string data;               // write: the new bytes
   std::string old;                // bytes the op replaced (inside the old size)
-  // punch: the data runs the range held (offset, bytes); its holes stay holes. A zero range
-  // of the journal may cover gigabytes, nearly all of them holes already.
+  // punch, truncate: the data runs the range (cut off) held, as (offset, bytes); its holes
+  // stay holes. A zero range of the journal, or a sparse image, may cover gigabytes, nearly
+  // all of them holes.
   std::vector<std::pair<std::uint64_t, std::string>> old_runs;
   std::uint64_t old_size = 0;
   std::uint64_t new_size = 0;
@@ -97,14 +98,17 @@ void undo_in_memory(std::string& d, const PendingOp& op) {
     if (d.size() < at + op.old.size()) d.resize(at + op.old.size(), '\0');
     d.replace(at, op.old.size(), op.old);
   };
-  if (op.type == OpType::truncate) {
-    d.resize(op.old_size, '\0');
-    put_old(op.offset);
-  } else if (op.type == OpType::punch) {
+  auto put_runs = [&] {
     for (const auto& [at, bytes] : op.old_runs) {
       if (d.size() < at + bytes.size()) d.resize(at + bytes.size(), '\0');
       d.replace(at, bytes.size(), bytes);
     }
+  };
+  if (op.type == OpType::truncate) {
+    d.resize(op.old_size, '\0');
+    put_runs();
+  } else if (op.type == OpType::punch) {
+    put_runs();
     d.resize(op.old_size, '\0');
   } else {
     put_old(op.offset);
@@ -207,7 +211,7 @@ struct FaultyStorage::Twin {
     op.file = f;
     op.old_size = fd_size(f->raw.get());
     op.new_size = size;
-    if (size < op.old_size) op.old = read_range(f->raw.get(), size, op.old_size - size);
+    if (size < op.old_size) op.old_runs = read_data_runs(f->raw.get(), size, op.old_size - size);
     op.offset = size;
     pending.push_back(std::move(op));
   }
@@ -322,7 +326,7 @@ struct FaultyStorage::Twin {
         break;
       case OpType::truncate:
         FERRY_ASSERT(::ftruncate(fd, static_cast<off_t>(op.old_size)) == 0);
-        write_range(fd, op.old, op.offset);
+        for (const auto& [at, bytes] : op.old_runs) write_range(fd, bytes, at);
         break;
       case OpType::create: (void)::unlink(op.to.c_str()); break;
       case OpType::rename:
