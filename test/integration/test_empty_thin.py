@@ -74,6 +74,28 @@ def raw_source(rx, group, size, features, zero_frames):
     return accepted, ack_status, ack[12:12 + n].decode(errors="replace"), frames
 
 
+def reopen_qsd(env, old, tag):
+    """qemu-storage-daemon again on the images of `old` (as test_resync.py does: Qsd() runs
+    `qemu-img create`, skipped here so that the existing image is opened)."""
+    import subprocess
+    disks = [ft.Disk(d.name, d.size_bytes, d.fmt, d.node) for d in old.disks]
+    for p in (old.qmp_path, old.test_qmp_path):
+        if os.path.exists(p):
+            os.unlink(p)
+    real_run = subprocess.run
+
+    def run(argv, *args, **kwargs):
+        if list(argv[:2]) == ["qemu-img", "create"]:
+            return subprocess.CompletedProcess(argv, 0)
+        return real_run(argv, *args, **kwargs)
+
+    subprocess.run = run
+    try:
+        return env.qsd(disks, tag=tag)
+    finally:
+        subprocess.run = real_run
+
+
 def check_all_holes(path, size, allowed=()):
     """The file has `size` bytes and no data outside the `allowed` (offset, length) ranges."""
     ft.check_eq(os.path.getsize(path), size, f"size of {path}")
@@ -170,4 +192,33 @@ with ft.Env("empty-thin") as env:
         ft.check(os.pread(f.fileno(), 512, 5 * ft.GiB) == bytes(512), "zeros before it")
     os.unlink(out)
     qsd.stop()
+
+    # Resync (change tracking lost): blocks whose replica digest is not that of zeros and that
+    # are zero on the source now travel as merged zero ranges too: 12 MiB of data zeroed while
+    # tracking was lost is one zero frame, not three of 4 MiB.
+    rsize, at, length = 2 * ft.GiB, ft.GiB, 12 * ft.MiB
+    q2 = env.qsd([ft.Disk("vdr", rsize, "raw")], tag="qsdraw")
+    qsd_write_data = env.rng.randbytes(length)
+    q2.write(q2.disks[0], at, qsd_write_data)
+    q2.sync()
+    env.run(env.replicate_args(q2, rx.addr, "resync-zero"), timeout=120, check_rc=0)
+    q2.stop()
+    q2 = reopen_qsd(env, q2, "qsdraw")  # a raw disk's bitmap lived in QEMU's memory: lost
+    how = q2.zero_range(q2.disks[0], at, length)
+    q2.sync()
+    log_before = len(rx.log_text())
+    r = env.run(env.replicate_args(q2, rx.addr, "resync-zero"), timeout=120, check_rc=0)
+    ft.check("resync of 1 disk(s)" in r.err + r.out, f"the RP is not a resync:\n{r}")
+    rp = int(r.out.split()[-1])
+    m = re.search(rf"RP {rp} committed and acknowledged \((\d+) frames", rx.log_text()[log_before:])
+    ft.check(m, f"no commit line for RP {rp}:\n{rx.log_text()[log_before:]}")
+    d = {q["rp_id"]: q for q in env.points(rx.store, "resync-zero")}[rp]["disks"][0]
+    ft.log(f"resync RP {rp} after zeroing {length} bytes ({how}): {m[1]} frames, {d}")
+    if how == "zero_range":  # a zero extent for QEMU's block status; pwrite'd zeros are data
+        ft.check_eq(int(m[1]), 1, "frames of the resync RP (one zero range)")
+        ft.check_eq(d["zero_bytes"], length, "zero bytes of the resync RP")
+    out = env.restore(rx.store, "resync-zero", rp, "vdr", timeout=60)
+    check_all_holes(out, rsize)
+    os.unlink(out)
+    q2.stop()
     rx.stop()
