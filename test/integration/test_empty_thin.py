@@ -5,6 +5,10 @@ a few KB on the wire and a few KB of journal, the receiver re-opens the store at
 restore is a 1 TiB file that is all holes. Then a few MiB written at the far end of the disk
 travel as an incremental RP whose restore holds exactly those bytes.
 
+Also: a hand-written source shows the feature bit decides (a zero frame over 4 MiB without
+zero_ranges is a bad frame; with it, ranges up to 4 GiB - 4 MiB are one record each), and a
+resync (change tracking lost) sends 12 MiB of zeroed data as one zero range.
+
 Before zero ranges: 262,144 zero frames, ~21 MB on the wire and ~24 MiB of journal for this
 disk (5.2 million frames for 20 TiB)."""
 
