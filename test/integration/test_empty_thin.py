@@ -7,7 +7,8 @@ travel as an incremental RP whose restore holds exactly those bytes.
 
 Also: a hand-written source shows the feature bit decides (a zero frame over 4 MiB without
 zero_ranges is a bad frame; with it, ranges up to 4 GiB - 4 MiB are one record each), and a
-resync (change tracking lost) sends 12 MiB of zeroed data as one zero range.
+resync (change tracking lost) sends 12 MiB of zeroed data as one zero range; an older receiver
+(no zero_ranges accepted) gets zero frames of 4 MiB at most.
 
 Before zero ranges: 262,144 zero frames, ~21 MB on the wire and ~24 MiB of journal for this
 disk (5.2 million frames for 20 TiB)."""
@@ -76,6 +77,47 @@ def raw_source(rx, group, size, features, zero_frames):
     ack = frames[-1][1]
     _rp, ack_status, n = struct.unpack_from("<QHH", ack, 0)
     return accepted, ack_status, ack[12:12 + n].decode(errors="replace"), frames
+
+
+class OldReceiver:
+    """A receiver from before zero ranges, by hand: accepts no feature, takes one RP and
+    acknowledges it; records the length of every zero frame."""
+
+    def __init__(self):
+        self.srv = socket.create_server(("127.0.0.1", 0))
+        self.port = self.srv.getsockname()[1]
+        self.zero_lengths, self.error = [], None
+        import threading
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _read(self, conn):
+        head = ft.CorruptingProxy._recv_exact(conn, ft.FRAME_HEADER.size)
+        _m, mtype, _f, plen, _r, _c = ft.FRAME_HEADER.unpack(head)
+        return mtype, ft.CorruptingProxy._recv_exact(conn, plen)
+
+    def _serve(self):
+        try:
+            conn, _ = self.srv.accept()
+            conn.settimeout(60)
+            mtype, _hello = self._read(conn)
+            assert mtype == ft.MSG["hello"], mtype
+            reply = struct.pack("<HHIQQH", 1, 0, 0, 0, 0, 0) + ft.str16("")
+            conn.sendall(ft.encode_frame(ft.MSG["hello_reply"], reply))
+            while True:
+                mtype, payload = self._read(conn)
+                if mtype == ft.MSG["data"]:
+                    length, _disk, kind = struct.unpack_from("<IHB", payload, 32)
+                    if kind == 1:
+                        self.zero_lengths.append(length)
+                elif mtype == ft.MSG["rp_end"]:
+                    rp_id = struct.unpack_from("<Q", payload, 0)[0]
+                    ack = struct.pack("<QH", rp_id, 0) + ft.str16("")
+                    conn.sendall(ft.encode_frame(ft.MSG["rp_ack"], ack))
+                    conn.close()
+                    return
+        except Exception as e:  # noqa: BLE001 - reported by the test
+            self.error = e
 
 
 def reopen_qsd(env, old, tag):
@@ -196,6 +238,18 @@ with ft.Env("empty-thin") as env:
         ft.check(os.pread(f.fileno(), 512, 5 * ft.GiB) == bytes(512), "zeros before it")
     os.unlink(out)
     qsd.stop()
+
+    # An older receiver (no zero_ranges) never gets a zero frame longer than 4 MiB.
+    q3 = env.qsd([ft.Disk("mid", 64 * ft.GiB, "qcow2")], tag="qsdold")
+    old_rx = OldReceiver()
+    env.run(env.replicate_args(q3, f"127.0.0.1:{old_rx.port}", "old-rx"), timeout=120, check_rc=0)
+    old_rx.thread.join(10)
+    ft.check(old_rx.error is None, f"the hand-written old receiver failed: {old_rx.error!r}")
+    ft.log(f"to an old receiver: {len(old_rx.zero_lengths)} zero frames, longest "
+           f"{max(old_rx.zero_lengths)} bytes")
+    ft.check_eq(sum(old_rx.zero_lengths), 64 * ft.GiB, "zero bytes sent to the old receiver")
+    ft.check(max(old_rx.zero_lengths) <= 4 * ft.MiB, "a zero frame over 4 MiB to an old receiver")
+    q3.stop()
 
     # Resync (change tracking lost): blocks whose replica digest is not that of zeros and that
     # are zero on the source now travel as merged zero ranges too: 12 MiB of data zeroed while
