@@ -30,7 +30,11 @@ void check_record_header(std::string_view in) {
   if (!h.is_ok()) return;
   FERRY_ASSERT_MSG(in.size() >= jr::kRecordHeaderBytes, "decoded a header from short input");
   FERRY_ASSERT(h->total_bytes >= jr::kRecordHeaderBytes && h->total_bytes <= jr::kMaxRecordBytes);
-  FERRY_ASSERT(h->length_bytes <= jr::kMaxBlockBytes);
+  // Only a zero block record may cover more than a data block (a zero range), and then
+  // carries no payload.
+  const bool zero_block = h->type == jr::RecordType::block && h->kind == ferry::engine::RecordKind::zero;
+  FERRY_ASSERT(h->length_bytes <= (zero_block ? jr::kMaxZeroRecordBytes : jr::kMaxBlockBytes));
+  FERRY_ASSERT(h->length_bytes <= jr::kMaxBlockBytes || h->total_bytes == jr::kRecordHeaderBytes);
   char out[jr::kRecordHeaderBytes];
   jr::encode_record_header(*h, out);
   Result<jr::RecordHeader> again = jr::decode_record_header(out, sizeof out);

@@ -80,6 +80,21 @@ void block(GroupStore& g, std::uint64_t rp, std::uint64_t seq, std::uint16_t dis
   logical += data.size();
 }
 
+// A zero range longer than a data block (feature zero_ranges): one record, no payload.
+void zero_range(GroupStore& g, std::uint64_t rp, std::uint64_t seq, std::uint16_t disk,
+                std::uint64_t off, std::uint32_t length, std::uint64_t& logical) {
+  BlockRecord b;
+  b.rp_id = rp;
+  b.seq = seq;
+  b.disk_index = disk;
+  b.kind = RecordKind::zero;
+  b.codec = RecordCodec::none;
+  b.offset_bytes = off;
+  b.length_bytes = length;
+  die(g.append_block(b), "append_block (zero range)");
+  logical += length;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -109,15 +124,18 @@ int main(int argc, char** argv) {
     die(s.commit_rp(1, 4, logical).status(), "commit 1");
     die(s.apply_committed(), "apply 1");
     logical = 0;
-    RpBeginInfo b2{2, 1, 1700000000000000001ull, 1, {{"vda", 256 << 10, false}, {"vdb", 64 << 10, false}}};
+    RpBeginInfo b2{2, 1, 1700000000000000001ull, 1,
+                   {{"vda", 256 << 10, false}, {"vdb", 64 << 10, false}, {"vdc", 8ull << 30, true}}};
     die(s.begin_rp(b2), "begin 2");
     block(s, 2, 0, 0, 4096, pattern(4096, 4), RecordKind::data, RecordCodec::zstd, logical);
     block(s, 2, 1, 1, 0, std::string(4096, '\0'), RecordKind::zero, RecordCodec::none, logical);
-    die(s.commit_rp(2, 2, logical).status(), "commit 2");
+    zero_range(s, 2, 2, 2, 0, kMaxStoredZeroBytes, logical);  // a new empty thin disk
+    die(s.commit_rp(2, 3, logical).status(), "commit 2");
     die(s.apply_committed(), "apply 2");
     state_after_two = get(fs::path(tmpl) / kGroup / "state");
     logical = 0;
-    RpBeginInfo b3{3, 2, 1700000000000000002ull, 0, {{"vda", 256 << 10, false}, {"vdb", 64 << 10, false}}};
+    RpBeginInfo b3{3, 2, 1700000000000000002ull, 0,
+                   {{"vda", 256 << 10, false}, {"vdb", 64 << 10, false}, {"vdc", 8ull << 30, false}}};
     die(s.begin_rp(b3), "begin 3");
     block(s, 3, 0, 0, 8192, pattern(4096, 5), RecordKind::data, RecordCodec::none, logical);
     // RP 3 is never committed: its records are the torn tail recovery must cut (R3).

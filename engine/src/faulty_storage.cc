@@ -32,6 +32,10 @@ struct PendingOp {
   std::uint64_t offset = 0;
   std::string data;               // write: the new bytes
   std::string old;                // bytes the op replaced (inside the old size)
+  // punch, truncate: the data runs the range (cut off) held, as (offset, bytes); its holes
+  // stay holes. A zero range of the journal, or a sparse image, may cover gigabytes, nearly
+  // all of them holes.
+  std::vector<std::pair<std::uint64_t, std::string>> old_runs;
   std::uint64_t old_size = 0;
   std::uint64_t new_size = 0;
   std::string from, to, backup, dir;  // create/rename
@@ -61,6 +65,32 @@ void write_range(int fd, const std::string& data, std::uint64_t offset) {
   FERRY_ASSERT(w == static_cast<ssize_t>(data.size()));
 }
 
+// The data runs of [offset, offset + len) (SEEK_DATA/SEEK_HOLE), with their bytes.
+std::vector<std::pair<std::uint64_t, std::string>> read_data_runs(int fd, std::uint64_t offset,
+                                                                  std::uint64_t len) {
+  std::vector<std::pair<std::uint64_t, std::string>> runs;
+  const std::uint64_t end = std::min(offset + len, fd_size(fd));
+  for (std::uint64_t at = offset; at < end;) {
+    off_t d = ::lseek(fd, static_cast<off_t>(at), SEEK_DATA);
+    if (d < 0 || static_cast<std::uint64_t>(d) >= end) break;  // ENXIO: no data after `at`
+    off_t h = ::lseek(fd, d, SEEK_HOLE);
+    FERRY_ASSERT(h > d);
+    const std::uint64_t run_end = std::min<std::uint64_t>(static_cast<std::uint64_t>(h), end);
+    runs.emplace_back(d, read_range(fd, static_cast<std::uint64_t>(d),
+                                    run_end - static_cast<std::uint64_t>(d)));
+    at = run_end;
+  }
+  return runs;
+}
+
+// Zeros over a punched range's old data runs (a hole where the file system can).
+void punch_runs(int fd, const std::vector<std::pair<std::uint64_t, std::string>>& runs) {
+  for (const auto& [at, bytes] : runs)
+    if (::fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(at),
+                    static_cast<off_t>(bytes.size())) != 0)
+      write_range(fd, std::string(bytes.size(), '\0'), at);
+}
+
 // Undoes one op on an in-memory copy of its file.
 void undo_in_memory(std::string& d, const PendingOp& op) {
   auto put_old = [&](std::uint64_t at) {
@@ -68,9 +98,18 @@ void undo_in_memory(std::string& d, const PendingOp& op) {
     if (d.size() < at + op.old.size()) d.resize(at + op.old.size(), '\0');
     d.replace(at, op.old.size(), op.old);
   };
+  auto put_runs = [&] {
+    for (const auto& [at, bytes] : op.old_runs) {
+      if (d.size() < at + bytes.size()) d.resize(at + bytes.size(), '\0');
+      d.replace(at, bytes.size(), bytes);
+    }
+  };
   if (op.type == OpType::truncate) {
     d.resize(op.old_size, '\0');
-    put_old(op.offset);
+    put_runs();
+  } else if (op.type == OpType::punch) {
+    put_runs();
+    d.resize(op.old_size, '\0');
   } else {
     put_old(op.offset);
     d.resize(op.old_size, '\0');
@@ -83,6 +122,12 @@ std::pair<std::uint64_t, std::uint64_t> pages_of(const PendingOp& op) {
   if (op.type == OpType::truncate) {
     std::uint64_t lo = std::min(op.old_size, op.new_size);
     return {lo / kPageBytes, UINT64_MAX};  // the page at the new end and all after it
+  }
+  if (op.type == OpType::punch) {  // the pages that held data: the rest were holes and stay so
+    if (op.old_runs.empty()) return {0, 0};
+    const auto& last = op.old_runs.back();
+    return {op.old_runs.front().first / kPageBytes,
+            (last.first + last.second.size() + kPageBytes - 1) / kPageBytes};
   }
   std::uint64_t len = op.type == OpType::write ? op.data.size() : op.old.size();
   if (len == 0) return {0, 0};
@@ -166,7 +211,7 @@ struct FaultyStorage::Twin {
     op.file = f;
     op.old_size = fd_size(f->raw.get());
     op.new_size = size;
-    if (size < op.old_size) op.old = read_range(f->raw.get(), size, op.old_size - size);
+    if (size < op.old_size) op.old_runs = read_data_runs(f->raw.get(), size, op.old_size - size);
     op.offset = size;
     pending.push_back(std::move(op));
   }
@@ -178,9 +223,7 @@ struct FaultyStorage::Twin {
     op.file = f;
     op.offset = offset;
     op.old_size = op.new_size = fd_size(f->raw.get());
-    if (offset < op.old_size)
-      op.old = read_range(f->raw.get(), offset, std::min<std::uint64_t>(len, op.old_size - offset));
-    op.data.assign(op.old.size(), '\0');
+    op.old_runs = read_data_runs(f->raw.get(), offset, len);
     pending.push_back(std::move(op));
   }
 
@@ -274,13 +317,16 @@ struct FaultyStorage::Twin {
     int fd = op.file ? op.file->raw.get() : -1;
     switch (op.type) {
       case OpType::write:
-      case OpType::punch:
         write_range(fd, op.old, op.offset);
+        FERRY_ASSERT(::ftruncate(fd, static_cast<off_t>(op.old_size)) == 0);
+        break;
+      case OpType::punch:
+        for (const auto& [at, bytes] : op.old_runs) write_range(fd, bytes, at);
         FERRY_ASSERT(::ftruncate(fd, static_cast<off_t>(op.old_size)) == 0);
         break;
       case OpType::truncate:
         FERRY_ASSERT(::ftruncate(fd, static_cast<off_t>(op.old_size)) == 0);
-        write_range(fd, op.old, op.offset);
+        for (const auto& [at, bytes] : op.old_runs) write_range(fd, bytes, at);
         break;
       case OpType::create: (void)::unlink(op.to.c_str()); break;
       case OpType::rename:
@@ -294,7 +340,7 @@ struct FaultyStorage::Twin {
     int fd = op.file ? op.file->raw.get() : -1;
     switch (op.type) {
       case OpType::write: write_range(fd, op.data, op.offset); break;
-      case OpType::punch: write_range(fd, op.data, op.offset); break;
+      case OpType::punch: punch_runs(fd, op.old_runs); break;
       case OpType::truncate:
         FERRY_ASSERT(::ftruncate(fd, static_cast<off_t>(op.new_size)) == 0);
         break;

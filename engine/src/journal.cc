@@ -139,8 +139,12 @@ Result<RecordHeader> decode_record_header(const char* p, std::size_t len) {
   if (h.total_bytes < kRecordHeaderBytes || h.total_bytes > kMaxRecordBytes)
     return Status::error(Errc::corrupt, "record length " + std::to_string(h.total_bytes) +
                                             " out of bounds");
-  if (h.length_bytes > kMaxBlockBytes)
+  // Only a zero block may be longer than a data block: it has no payload to bound.
+  const bool zero_block = h.type == RecordType::block && h.kind == RecordKind::zero;
+  if (h.length_bytes > (zero_block ? kMaxZeroRecordBytes : kMaxBlockBytes))
     return Status::error(Errc::corrupt, "block length out of bounds");
+  if (zero_block && h.length_bytes > kMaxBlockBytes && h.total_bytes != kRecordHeaderBytes)
+    return Status::error(Errc::corrupt, "zero range record with a payload");
   return h;
 }
 

@@ -27,6 +27,11 @@ inline constexpr std::size_t kBlockAlignBytes = 4096;   // batches start and end
 inline constexpr std::size_t kSegmentHeaderBytes = 4096;  // one aligned block
 inline constexpr std::size_t kRecordHeaderBytes = 96;
 inline constexpr std::uint32_t kMaxBlockBytes = 4u << 20;  // decoded block bound (= wire)
+// A zero record (no payload) covers a whole zero range of the wire, up to the u32 length's
+// maximum rounded down to kMaxBlockBytes (= transport::kMaxZeroRangeBytes). Records written
+// before zero ranges existed hold at most kMaxBlockBytes and read the same.
+inline constexpr std::uint32_t kMaxZeroRecordBytes = 0xffffffffu / kMaxBlockBytes * kMaxBlockBytes;
+static_assert(kMaxZeroRecordBytes == kMaxStoredZeroBytes);
 // Largest payload: a zstd block may exceed its decoded size a little (ZSTD_compressBound).
 // Owned by store.h: the receiver refuses a larger frame before it reaches the journal.
 inline constexpr std::uint32_t kMaxPayloadBytes = kMaxStoredPayloadBytes;

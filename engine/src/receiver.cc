@@ -25,6 +25,8 @@ using Clock = std::chrono::steady_clock;
 static_assert(kMaxStoredPayloadBytes >= transport::kMaxBlockBytes &&
                   kMaxStoredPayloadBytes < transport::kMaxPayloadBytes,
               "a payload between the journal's and the wire's limit is refused as a bad frame");
+static_assert(kMaxStoredZeroBytes == transport::kMaxZeroRangeBytes,
+              "a zero range of the wire is one journal record");
 
 const char* group_state_name(GroupState s) {
   switch (s) {
@@ -572,7 +574,7 @@ class Session {
   Status on_data(std::string_view payload) {
     if (!rp_open_) return Status::error(Errc::protocol, "data frame outside an RP");
     FERRY_KILL_POINT("receiver.frame_received");
-    auto d = transport::decode_data(payload);
+    auto d = transport::decode_data(payload, features_);
     if (!d.is_ok()) return refuse_rp(rp_.rp_id, d.status().with_context("bad frame"));
     if (!decompressor_) {
       FERRY_ASSIGN_OR_RETURN(Decompressor dc, Decompressor::create());
@@ -667,7 +669,7 @@ class Session {
 
   Status on_rp_end(std::string_view payload) {
     if (!rp_open_) return Status::error(Errc::protocol, "rp_end outside an RP");
-    FERRY_ASSIGN_OR_RETURN(transport::RpEnd e, transport::decode_rp_end(payload));
+    FERRY_ASSIGN_OR_RETURN(transport::RpEnd e, transport::decode_rp_end(payload, features_));
     if (e.rp_id != rp_.rp_id || e.frame_count != next_seq_ || e.logical_bytes != logical_bytes_)
       return refuse_rp(rp_.rp_id, Status::error(Errc::corrupt,
           "rp_end totals do not match what arrived: " + std::to_string(e.frame_count) +

@@ -413,9 +413,16 @@ class DigestFeed {
 
 class DiskStreamer {
  public:
+  // `max_zero_bytes`: the longest zero frame the receiver takes (kMaxZeroRangeBytes once it
+  // accepted kFeatureZeroRanges, else kMaxBlockBytes).
   DiskStreamer(const SenderOptions& o, FrameSink& sink, WorkerPool& workers, BufferPool& buffers,
-               std::vector<AtomicDiskStats>& stats, DiskStats& totals)
-      : o_(o), sink_(sink), workers_(workers), buffers_(buffers), stats_(stats), totals_(totals) {}
+               std::vector<AtomicDiskStats>& stats, DiskStats& totals,
+               std::uint32_t max_zero_bytes)
+      : o_(o), sink_(sink), workers_(workers), buffers_(buffers), stats_(stats), totals_(totals),
+        max_zero_bytes_(max_zero_bytes) {
+    FERRY_ASSERT(max_zero_bytes_ >= transport::kMaxBlockBytes &&
+                 max_zero_bytes_ % transport::kMaxBlockBytes == 0);
+  }
 
   // `tracked_end_bytes`: an incremental view's dirty bitmap is trusted below it only; from it
   // to the end the disk is sent as a full view (see grown_from()). The disk's size for a
@@ -426,6 +433,7 @@ class DiskStreamer {
     FERRY_ASSIGN_OR_RETURN(auto reader, o_.open_reader ? o_.open_reader(view)
                                                        : cbt::open_nbd_reader(view));
     FERRY_TRY(stream_range(*reader, disk_index, 0, tracked_end_bytes));
+    FERRY_TRY(flush_zero());
     // Completions run only from the reader's own poll(): its reads must end before another
     // reader waits for the buffers they hold.
     while (reader->in_flight() > 0) FERRY_TRY(poll(*reader, 100));
@@ -436,6 +444,7 @@ class DiskStreamer {
       FERRY_ASSIGN_OR_RETURN(auto all, o_.open_reader ? o_.open_reader(whole)
                                                       : cbt::open_nbd_reader(whole));
       FERRY_TRY(stream_range(*all, disk_index, tracked_end_bytes, view.size_bytes));
+      FERRY_TRY(flush_zero());
       while (all->in_flight() > 0) FERRY_TRY(poll(*all, 100));
     }
     return read_error_;
@@ -449,6 +458,7 @@ class DiskStreamer {
                                                        : cbt::open_nbd_reader(view));
     DigestFeed feed(conn, disk_index, o_.block_bytes, view.size_bytes, o_.ack_timeout);
     Status s = resync_regions(feed, *reader, disk_index);
+    if (s.is_ok()) s = flush_zero();
     totals_.resync_hash_bytes = feed.hash_bytes();
     if (!s.is_ok()) return s;
     while (reader->in_flight() > 0) FERRY_TRY(poll(*reader, 100));
@@ -474,25 +484,20 @@ class DiskStreamer {
   }
 
   // A zero extent of the view: the blocks whose replica digest is not that of zeros are sent
-  // as zero frames (runs merged up to kMaxBlockBytes), without reading anything.
+  // as zero ranges, without reading anything. send_zero() merges adjacent ones (across
+  // extents and regions too) up to max_zero_bytes_.
   Status resync_zero(std::uint16_t disk_index, const cbt::Extent& e,
                      const DigestFeed::Region& region) {
     FERRY_ASSERT(e.offset_bytes % o_.block_bytes == 0);
     const std::uint64_t end = e.offset_bytes + e.length_bytes;
-    std::uint64_t run_start = 0, run_end = 0;  // differing blocks not sent yet
     for (std::uint64_t at = e.offset_bytes; at < end; at += o_.block_bytes) {
       auto len = static_cast<std::uint32_t>(std::min<std::uint64_t>(o_.block_bytes, end - at));
       const Hash128& want = region.digests[(at - region.offset_bytes) / o_.block_bytes];
       stats_[disk_index].compared_blocks += 1;
       if (want == zero_digest(len)) continue;
       stats_[disk_index].differing_blocks += 1;
-      if (run_end != at || run_end - run_start + len > transport::kMaxBlockBytes) {
-        if (run_end > run_start) FERRY_TRY(send_zero(disk_index, {run_start, run_end - run_start, true}));
-        run_start = at;
-      }
-      run_end = at + len;
+      FERRY_TRY(send_zero(disk_index, {at, len, true}));
     }
-    if (run_end > run_start) FERRY_TRY(send_zero(disk_index, {run_start, run_end - run_start, true}));
     return Status::ok();
   }
 
@@ -503,21 +508,41 @@ class DiskStreamer {
     return zero_digests_[length] = xxh3_128(zeros.data(), zeros.size());
   }
 
+  // Adds a zero range to the pending run: a range adjacent to it extends it, any other
+  // flushes it first. Whole frames of max_zero_bytes_ go at once; the rest waits for the
+  // next range (an empty thin disk is one run, cut only by the frame bound).
   Status send_zero(std::uint16_t disk_index, const cbt::Extent& e) {
-    std::uint64_t end = e.offset_bytes + e.length_bytes;
-    for (std::uint64_t at = e.offset_bytes; at < end;) {
-      std::uint32_t len = static_cast<std::uint32_t>(std::min<std::uint64_t>(
-          transport::kMaxBlockBytes, end - at));
-      transport::DataFrame f;
-      f.disk_index = disk_index;
-      f.kind = transport::BlockKind::zero;
-      f.offset_bytes = at;
-      f.length_bytes = len;
-      FERRY_TRY(sink_.send(f));
-      stats_[disk_index].zero_bytes += len;
-      stats_[disk_index].frames += 1;
-      at += len;
-    }
+    FERRY_ASSERT(e.length_bytes > 0);
+    if (zero_run_ && (zero_run_->disk_index != disk_index || zero_run_->end_bytes != e.offset_bytes))
+      FERRY_TRY(flush_zero());
+    if (!zero_run_) zero_run_ = ZeroRun{disk_index, e.offset_bytes, e.offset_bytes};
+    zero_run_->end_bytes += e.length_bytes;
+    while (zero_run_->end_bytes - zero_run_->offset_bytes >= max_zero_bytes_)
+      FERRY_TRY(send_zero_frame(max_zero_bytes_));
+    return Status::ok();
+  }
+
+  Status flush_zero() {
+    if (zero_run_ && zero_run_->end_bytes > zero_run_->offset_bytes)
+      FERRY_TRY(send_zero_frame(
+          static_cast<std::uint32_t>(zero_run_->end_bytes - zero_run_->offset_bytes)));
+    zero_run_.reset();
+    return Status::ok();
+  }
+
+  // One zero frame from the start of the pending run.
+  Status send_zero_frame(std::uint32_t length_bytes) {
+    FERRY_ASSERT(zero_run_ && length_bytes > 0 && length_bytes <= max_zero_bytes_ &&
+                 length_bytes <= zero_run_->end_bytes - zero_run_->offset_bytes);
+    transport::DataFrame f;
+    f.disk_index = zero_run_->disk_index;
+    f.kind = transport::BlockKind::zero;
+    f.offset_bytes = zero_run_->offset_bytes;
+    f.length_bytes = length_bytes;
+    FERRY_TRY(sink_.send(f));
+    stats_[f.disk_index].zero_bytes += length_bytes;
+    stats_[f.disk_index].frames += 1;
+    zero_run_->offset_bytes += length_bytes;
     return Status::ok();
   }
 
@@ -526,6 +551,7 @@ class DiskStreamer {
   // pool slots; each block is then a job of its own.
   Status read_data(cbt::BlockReader& reader, std::uint16_t disk_index, const cbt::Extent& e,
                    const DigestFeed::Region* region = nullptr) {
+    FERRY_TRY(flush_zero());  // data ends the zero run before it
     const std::uint64_t end = e.offset_bytes + e.length_bytes;
     const std::size_t max_run_blocks =
         std::max<std::size_t>(1, std::min<std::size_t>(kMaxReadRunBytes / o_.block_bytes,
@@ -629,13 +655,20 @@ class DiskStreamer {
   Status read_error_;
   std::uint64_t done_bytes_ = 0;
   std::map<std::uint32_t, Hash128> zero_digests_;  // by block length (the last may be short)
+  const std::uint32_t max_zero_bytes_;
+  struct ZeroRun {
+    std::uint16_t disk_index = 0;
+    std::uint64_t offset_bytes = 0;  // start of the part not sent yet
+    std::uint64_t end_bytes = 0;
+  };
+  std::optional<ZeroRun> zero_run_;  // zero ranges not sent yet (see send_zero)
 };
 
 Result<transport::HelloReply> handshake(transport::Connection& conn, const SenderOptions& o) {
   transport::Hello hello;
   hello.group = o.group;
   hello.source_name = o.source_name;
-  hello.features = transport::kFeatureHashList;
+  hello.features = transport::kFeatureHashList | transport::kFeatureZeroRanges;
   for (const auto& n : o.disk_names) hello.disks.push_back({n, 0, o.block_bytes});
   FERRY_TRY(conn.send(MsgType::hello, transport::encode(hello)));
   FERRY_ASSIGN_OR_RETURN(transport::Frame f, conn.receive(std::chrono::milliseconds(60000)));
@@ -773,10 +806,14 @@ Result<transport::RpAck> send_capture(transport::Connection& conn, const SenderO
                                                       std::max(1u, std::thread::hardware_concurrency()));
   FERRY_ASSIGN_OR_RETURN(auto workers, WorkerPool::create(n_workers, o.zstd_level, o.block_bytes,
                                                           sink, buffers, disk_stats));
+  // An older receiver takes zero frames of one block at most.
+  const std::uint32_t max_zero_bytes = (reply.features & transport::kFeatureZeroRanges) != 0
+                                           ? transport::kMaxZeroRangeBytes
+                                           : transport::kMaxBlockBytes;
   auto t_transfer = Clock::now();
   Status streamed;
   for (std::size_t i = 0; i < cap.disks.size() && streamed.is_ok(); ++i) {
-    DiskStreamer ds(o, sink, *workers, buffers, disk_stats, stats.disks[i]);
+    DiskStreamer ds(o, sink, *workers, buffers, disk_stats, stats.disks[i], max_zero_bytes);
     const auto index = static_cast<std::uint16_t>(i);
     streamed = stats.disks[i].mode == transport::DiskMode::resync
                    ? ds.resync(conn, index, cap.disks[i])

@@ -855,7 +855,9 @@ class StoreImpl final : public GroupStore {
     if (!open_ || open_->rp.begin.rp_id != b.rp_id) return bad("not the open RP");
     if (b.disk_index >= open_->rp.begin.disks.size()) return bad("disk index out of range");
     std::uint64_t size = open_->rp.begin.disks[b.disk_index].size_bytes;
-    if (b.length_bytes == 0 || b.length_bytes > jr::kMaxBlockBytes) return bad("bad length");
+    const std::uint32_t max_length =
+        b.kind == RecordKind::zero ? jr::kMaxZeroRecordBytes : jr::kMaxBlockBytes;
+    if (b.length_bytes == 0 || b.length_bytes > max_length) return bad("bad length");
     if (b.offset_bytes > size || b.length_bytes > size - b.offset_bytes)
       return bad("extends beyond the disk size " + std::to_string(size));
     if (b.kind == RecordKind::zero && (!b.payload.empty() || b.codec != RecordCodec::none))
@@ -974,16 +976,27 @@ class StoreImpl final : public GroupStore {
       images.push_back(std::move(f));
     }
     FERRY_KILL_POINT("apply.before_write");
+    // Per disk of a full RP: where the data written by this apply ends. A full disk's image
+    // was truncated to 0 above, so a zero range past it is a hole already; punching it would
+    // cost a system call per record for nothing (an empty thin disk is all zero ranges).
+    // Records come in seq order, not necessarily offset order: a zero range that starts
+    // before that end may cover data of this RP and is punched.
+    std::vector<std::uint64_t> data_end(rp.begin.disks.size(), 0);
     std::string block;
     for (std::size_t i = 0; i < rp.blocks.size(); ++i) {
       const auto& b = rp.blocks[i];
       FERRY_ASSERT(b.disk_index < images.size());
       FERRY_TRY(reader.load_block(rp.info.rp_id, b, block));
       StorageFile& img = *images[b.disk_index];
-      if (b.kind == RecordKind::zero)
-        FERRY_TRY(img.punch_hole(b.offset_bytes, b.length_bytes));
-      else
+      const bool full = rp.begin.disks[b.disk_index].full;
+      if (b.kind == RecordKind::zero) {
+        if (!full || b.offset_bytes < data_end[b.disk_index])
+          FERRY_TRY(img.punch_hole(b.offset_bytes, b.length_bytes));
+      } else {
         FERRY_TRY(img.pwrite(block.data(), block.size(), b.offset_bytes));
+        data_end[b.disk_index] =
+            std::max(data_end[b.disk_index], b.offset_bytes + b.length_bytes);
+      }
       if (i == rp.blocks.size() / 2) FERRY_KILL_POINT("apply.mid_write");
     }
     FERRY_KILL_POINT("apply.before_fsync");

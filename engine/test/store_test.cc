@@ -1,9 +1,12 @@
 // The RP life cycle on real files: commit, apply, restore of every RP, divergence rules,
 // names, the group lock, segment roll-over.
 #include <catch2/catch.hpp>
+#include <fcntl.h>
 
 #include <filesystem>
+#include <map>
 
+#include "ferry/base/fd.h"
 #include "ferry/engine/faulty_storage.h"
 #include "ferry/engine/store.h"
 #include "store_test_util.h"
@@ -294,4 +297,202 @@ TEST_CASE("faulty twin: a failed datasync loses its pages for good", "[store]") 
   std::string page1 = b;
   page1.replace(10, d.size(), d);
   CHECK(slurp(path) == a.substr(0, 4096) + page1 + std::string(4096, '\0') + c);
+}
+
+namespace {
+
+// The data extents of a sparse file, as (offset, length).
+std::vector<std::pair<std::uint64_t, std::uint64_t>> data_runs(const std::string& path) {
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> out;
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  REQUIRE(fd.valid());
+  for (off_t at = 0;;) {
+    off_t d = ::lseek(fd.get(), at, SEEK_DATA);
+    if (d < 0) break;
+    off_t h = ::lseek(fd.get(), d, SEEK_HOLE);
+    out.emplace_back(d, h - d);
+    at = h;
+  }
+  return out;
+}
+
+std::string read_at(const std::string& path, std::uint64_t offset, std::size_t len) {
+  std::string s(len, '\x55');
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  REQUIRE(fd.valid());
+  REQUIRE(::pread(fd.get(), s.data(), len, static_cast<off_t>(offset)) == ssize_t(len));
+  return s;
+}
+
+// 16 GiB + an unaligned tail: zero ranges of gigabytes, one record each.
+constexpr std::uint64_t kGiB = 1ull << 30;
+constexpr std::uint64_t kBigDisk = 16 * kGiB + 12345;
+constexpr std::uint32_t kB64 = 65536;
+
+std::vector<TestRp> long_zero_rps() {
+  std::vector<TestRp> rps(2);
+  rps[0].begin = {1, 0, 1, 0, {disk("big", kBigDisk, true)}};
+  rps[0].blocks = {{0, 0, kB64, RecordKind::data, RecordCodec::zstd, 1},
+                   {0, kB64, kMaxStoredZeroBytes, RecordKind::zero, RecordCodec::none, 0},
+                   {0, 10 * kGiB, kB64, RecordKind::data, RecordCodec::none, 2},
+                   // Not in offset order: a zero range over data of the same full RP.
+                   {0, 10 * kGiB - kGiB / 2, std::uint32_t(kGiB), RecordKind::zero,
+                    RecordCodec::none, 0},
+                   {0, 12 * kGiB, kB64, RecordKind::data, RecordCodec::none, 3},
+                   {0, 12 * kGiB + kB64, kMaxStoredZeroBytes, RecordKind::zero,
+                    RecordCodec::none, 0},
+                   {0, 12 * kGiB + kB64 + kMaxStoredZeroBytes,
+                    std::uint32_t(kBigDisk - 12 * kGiB - kB64 - kMaxStoredZeroBytes),
+                    RecordKind::zero, RecordCodec::none, 0}};
+  rps[1].begin = {2, 1, 2, 0, {disk("big", kBigDisk, false)}};
+  rps[1].blocks = {{0, 14 * kGiB, kB64, RecordKind::data, RecordCodec::zstd, 4},
+                   {0, 0, std::uint32_t(3 * kGiB), RecordKind::zero, RecordCodec::none, 0},
+                   {0, 12 * kGiB + 4096, 8192, RecordKind::zero, RecordCodec::none, 0}};
+  return rps;
+}
+
+// What the disk holds at RP 1 and RP 2: data blocks by offset (the rest reads as zeros).
+std::map<std::uint64_t, std::string> long_zero_expected(std::uint64_t rp) {
+  std::string b3 = block_bytes(3, kB64);
+  if (rp == 1) return {{0, block_bytes(1, kB64)}, {12 * kGiB, b3}};
+  std::fill(b3.begin() + 4096, b3.begin() + 4096 + 8192, '\0');
+  return {{12 * kGiB, b3}, {14 * kGiB, block_bytes(4, kB64)}};
+}
+
+void check_long_zero_image(const std::string& path, std::uint64_t rp) {
+  struct stat st {};
+  REQUIRE(::stat(path.c_str(), &st) == 0);
+  CHECK(std::uint64_t(st.st_size) == kBigDisk);
+  auto expected = long_zero_expected(rp);
+  for (const auto& [at, len] : data_runs(path)) {
+    bool inside = false;
+    for (const auto& [off, bytes] : expected) inside |= at >= off && at + len <= off + bytes.size();
+    INFO("data at " << at << "+" << len << " in " << path << " at RP " << rp);
+    CHECK(inside);
+  }
+  for (const auto& [off, bytes] : expected) CHECK(read_at(path, off, bytes.size()) == bytes);
+  CHECK(read_at(path, 10 * kGiB, kB64) == std::string(kB64, '\0'));
+}
+
+}  // namespace
+
+// A zero range of up to kMaxStoredZeroBytes is one record (journal-format.md): stored as a
+// header, applied as nothing (a full RP's fresh image) or one punched hole, restored as a
+// hole, hashed per block as zeros, and read back by the recovery scan.
+TEST_CASE("store: zero ranges of gigabytes are one record each", "[store]") {
+  TempDir dir;
+  StoreOptions opt = options_for(dir);
+  auto rps = long_zero_rps();
+  std::uint64_t stored = 0;
+  {
+    auto store = GroupStore::open(opt, "g", true).value();
+    for (const auto& rp : rps) {
+      auto info = feed_rp(*store, rp);
+      INFO(info.status().to_string());
+      REQUIRE(info.is_ok());
+      stored += info->disks[0].stored_bytes;
+      REQUIRE(store->apply_committed().is_ok());
+      check_long_zero_image(opt.root + "/g/replica/big.img", rp.begin.rp_id);
+    }
+    CHECK(store->points()[0].disks[0].zero_bytes ==
+          kMaxStoredZeroBytes + kGiB + (kBigDisk - 12 * kGiB - kB64));
+    // Digests per block, zero ranges as zeros without a read.
+    const std::string zeros(kB64, '\0');
+    const Hash128 zero = xxh3_128(zeros.data(), zeros.size());
+    auto d = store->replica_digests("big", 12 * kGiB - 2 * kB64, kB64, 8);
+    REQUIRE(d.is_ok());
+    const std::string b12 = long_zero_expected(2).at(12 * kGiB);
+    for (std::uint32_t i = 0; i < 8; ++i)
+      CHECK((*d)[i] == (i == 2 ? xxh3_128(b12.data(), b12.size()) : zero));
+    auto tail = store->replica_digests("big", kBigDisk / kB64 * kB64, kB64, 1);
+    REQUIRE(tail.is_ok());
+    CHECK((*tail)[0] == xxh3_128(zeros.data(), kBigDisk % kB64));
+  }
+  CHECK(stored < 5 * kB64);  // the data blocks and 10 record headers, no zero payload
+  // Re-open: the recovery scan reads the long records back.
+  auto store = GroupStore::open(opt, "g", false);
+  REQUIRE(store.is_ok());
+  CHECK((*store)->last_committed_rp() == 2);
+  for (std::uint64_t rp : {1, 2}) {
+    const std::string out = dir.path() + "/restore-" + std::to_string(rp) + ".img";
+    REQUIRE((*store)->restore(rp, "big", out).is_ok());
+    check_long_zero_image(out, rp);
+    ::unlink(out.c_str());
+  }
+}
+
+TEST_CASE("store: a zero range past the bound, or a data block past 4 MiB, is refused",
+          "[store]") {
+  TempDir dir;
+  auto store = GroupStore::open(options_for(dir), "g", true).value();
+  REQUIRE(store->begin_rp({1, 0, 1, 0, {disk("a", 8 * kGiB, true)}}).is_ok());
+  BlockRecord z{1, 0, 0, RecordKind::zero, RecordCodec::none, 0, kMaxStoredZeroBytes + 4096u,
+                Hash128{}, {}};
+  CHECK(store->append_block(z).code() == Errc::invalid_argument);
+  std::string raw = block_bytes(1, (4u << 20) + 4096);
+  BlockRecord b{1, 0, 0, RecordKind::data, RecordCodec::none, 0, std::uint32_t(raw.size()),
+                xxh3_128(raw.data(), raw.size()), raw};
+  CHECK(store->append_block(b).code() == Errc::invalid_argument);
+  z.length_bytes = kMaxStoredZeroBytes;
+  CHECK(store->append_block(z).is_ok());
+}
+
+// Sources before zero ranges sent one zero record per 4 MiB: such a journal still opens,
+// applies, restores sparse and hashes the same.
+TEST_CASE("store: a journal of old-style 4 MiB zero records still reads", "[store]") {
+  TempDir dir;
+  StoreOptions opt = options_for(dir);
+  constexpr std::uint32_t kMiB4 = 4u << 20;
+  TestRp rp;
+  rp.begin = {1, 0, 1, 0, {disk("d", 64ull << 20, true)}};
+  for (std::uint64_t at = 0; at < (64ull << 20); at += kMiB4)
+    rp.blocks.push_back(at == (32ull << 20)
+                            ? TestBlock{0, at, kMiB4, RecordKind::data, RecordCodec::zstd, 9}
+                            : TestBlock{0, at, kMiB4, RecordKind::zero, RecordCodec::none, 0});
+  Model model = model_of({rp});
+  {
+    auto store = GroupStore::open(opt, "g", true).value();
+    REQUIRE(feed_rp(*store, rp).is_ok());
+  }
+  auto store = GroupStore::open(opt, "g", false);
+  REQUIRE(store.is_ok());
+  CHECK(check_rp(**store, model, 1, opt.root, dir.path(), true) == "");
+  auto d = (*store)->replica_digests("d", 0, kMiB4, 16);
+  REQUIRE(d.is_ok());
+  const std::string& img = model.at(1).at("d");
+  for (std::uint32_t i = 0; i < 16; ++i)
+    CHECK((*d)[i] == xxh3_128(img.data() + std::size_t(i) * kMiB4, kMiB4));
+  const std::string out = dir.path() + "/old.img";
+  REQUIRE((*store)->restore(1, "d", out).is_ok());
+  CHECK(data_runs(out).size() == 1);
+}
+
+// A hole punched over gigabytes is modelled by the data it covered: a power cut that drops
+// the punch brings that data back, one that keeps it leaves holes; nothing of the size of the
+// range is read or held.
+TEST_CASE("faulty twin: a long punch is undone and redone by its data runs", "[store]") {
+  for (bool keep : {false, true}) {
+    TempDir dir;
+    FaultPlan plan;
+    plan.track_unsynced = true;
+    plan.skip_inner_sync = true;
+    auto twin = FaultyStorage::create(real_storage(), 1, plan);
+    const std::string path = dir.path() + "/img";
+    const std::string a(8192, 'a'), b(4096, 'b');
+    {
+      auto f = twin->open(path, OpenFlags{.create = true}).value();
+      REQUIRE(f->truncate(64 * kGiB).is_ok());
+      REQUIRE(f->pwrite(a.data(), a.size(), kGiB).is_ok());
+      REQUIRE(f->pwrite(b.data(), b.size(), 40 * kGiB).is_ok());
+      REQUIRE(f->datasync().is_ok());
+      REQUIRE(twin->sync_dir(dir.path()).is_ok());
+      REQUIRE(f->punch_hole(0, std::uint64_t(kMaxStoredZeroBytes) * 15).is_ok());
+      CHECK(data_runs(path).empty());
+    }
+    REQUIRE(twin->power_cut(keep ? 1 : 0, CutMode::drop).is_ok());
+    INFO("punch kept: " << keep);
+    CHECK(data_runs(path).size() == (keep ? 0u : 2u));
+    CHECK(read_at(path, kGiB, a.size()) == (keep ? std::string(a.size(), '\0') : a));
+    CHECK(read_at(path, 40 * kGiB, b.size()) == (keep ? std::string(b.size(), '\0') : b));
+  }
 }

@@ -25,7 +25,9 @@ void decode_all(std::string_view payload) {
   if (reply.is_ok() && reply->version == kProtocolVersion) check_round_trip(reply, payload);
   check_round_trip(decode_rp_begin(payload), payload);
   check_round_trip(decode_data(payload), payload);
+  check_round_trip(decode_data(payload, kFeatureZeroRanges), payload);
   check_round_trip(decode_rp_end(payload), payload);
+  check_round_trip(decode_rp_end(payload, kFeatureZeroRanges), payload);
   check_round_trip(decode_rp_ack(payload), payload);
   check_round_trip(decode_error(payload), payload);
   check_round_trip(decode_hash_request(payload), payload);

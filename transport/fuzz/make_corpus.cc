@@ -50,6 +50,8 @@ int main(int argc, char** argv) {
   zero.payload.clear();
   zero.hash = {};
   zero.length_bytes = 65536;
+  DataFrame zero_range = zero;  // feature zero_ranges: a whole empty disk in a few frames
+  zero_range.length_bytes = kMaxZeroRangeBytes;
   DataFrame packed = data;
   packed.codec = Codec::zstd;
   packed.payload = std::string("\x28\xb5\x2f\xfd", 4);
@@ -58,6 +60,7 @@ int main(int argc, char** argv) {
             write(dir, "rp_begin", MsgType::rp_begin, encode(begin)) &&
             write(dir, "data", MsgType::data, encode(data)) &&
             write(dir, "data_zero", MsgType::data, encode(zero)) &&
+            write(dir, "data_zero_range", MsgType::data, encode(zero_range)) &&
             write(dir, "data_zstd", MsgType::data, encode(packed)) &&
             write(dir, "rp_end", MsgType::rp_end, encode(RpEnd{8, 3, 3 * 65536})) &&
             write(dir, "rp_ack", MsgType::rp_ack, encode(RpAck{8, WireStatus::diverged, "base"})) &&

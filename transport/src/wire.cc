@@ -21,6 +21,8 @@ static_assert(kMaxDisksPerGroup <= 0xffff, "disk counts are u16");
 static_assert(kHashListFixedBytes + std::size_t(kMaxHashesPerList) * kHashBytes <= kMaxPayloadBytes,
               "the largest hash_list must fit one frame");
 static_assert(kMaxHashRequestBytes % kMaxBlockBytes == 0);
+static_assert(kMaxZeroRangeBytes % kMaxBlockBytes == 0 && kMaxZeroRangeBytes > kMaxBlockBytes &&
+              kMaxZeroRangeBytes == 0xffc00000u);
 
 constexpr std::size_t kChecksumOffset = 16;  // header bytes [0,16) are covered by the checksum
 constexpr std::size_t kDataFixedBytes = 56;  // DATA fields before the block payload
@@ -403,14 +405,20 @@ std::string encode_data(const DataFrame& m, std::string_view payload) {
 
 // Rules that tie kind, codec, length and payload together.
 static void check_data(FieldReader& r, const DataFrame& m, std::uint8_t kind, std::uint8_t codec,
-                       std::size_t payload_bytes) {
+                       std::size_t payload_bytes, std::uint32_t features) {
   if (kind > static_cast<std::uint8_t>(BlockKind::zero))
     return r.fail("kind", fmt::format("unknown kind {}", kind));
   if (codec > static_cast<std::uint8_t>(Codec::zstd))
     return r.fail("codec", fmt::format("unknown codec {}", codec));
-  if (m.length_bytes == 0 || m.length_bytes > kMaxBlockBytes)
-    return r.fail("length_bytes", fmt::format("{}, must be in [1, {}]", m.length_bytes,
-                                              kMaxBlockBytes));
+  const bool zero_range = static_cast<BlockKind>(kind) == BlockKind::zero &&
+                          (features & kFeatureZeroRanges) != 0;
+  const std::uint32_t max_length = zero_range ? kMaxZeroRangeBytes : kMaxBlockBytes;
+  if (m.length_bytes == 0 || m.length_bytes > max_length)
+    return r.fail("length_bytes",
+                  fmt::format("{}, must be in [1, {}]{}", m.length_bytes, max_length,
+                              static_cast<BlockKind>(kind) == BlockKind::zero && !zero_range
+                                  ? " (longer zero ranges need the zero_ranges feature)"
+                                  : ""));
   if (m.offset_bytes > UINT64_MAX - m.length_bytes)
     return r.fail("offset_bytes", fmt::format("{} + length {} overflows", m.offset_bytes,
                                               m.length_bytes));
@@ -431,7 +439,7 @@ static void check_data(FieldReader& r, const DataFrame& m, std::uint8_t kind, st
   if (payload_bytes == 0) r.fail("payload", "empty in a data-kind frame");
 }
 
-Result<DataFrame> decode_data(std::string_view payload) {
+Result<DataFrame> decode_data(std::string_view payload, std::uint32_t features) {
   FieldReader r("data", payload);
   DataFrame m;
   m.group_id = r.u64("group_id");
@@ -444,7 +452,7 @@ Result<DataFrame> decode_data(std::string_view payload) {
   std::uint8_t codec = r.u8("codec");
   m.hash.lo = r.u64("hash");
   m.hash.hi = r.u64("hash");
-  if (r.ok()) check_data(r, m, kind, codec, r.remaining());
+  if (r.ok()) check_data(r, m, kind, codec, r.remaining(), features);
   if (!r.ok()) return r.finish();
   m.kind = static_cast<BlockKind>(kind);
   m.codec = static_cast<Codec>(codec);
@@ -463,15 +471,17 @@ std::string encode(const RpEnd& m) {
   return out;
 }
 
-Result<RpEnd> decode_rp_end(std::string_view payload) {
+Result<RpEnd> decode_rp_end(std::string_view payload, std::uint32_t features) {
   FieldReader r("rp_end", payload);
   RpEnd m;
   m.rp_id = r.u64("rp_id");
   m.frame_count = r.u64("frame_count");
   m.logical_bytes = r.u64("logical_bytes");
-  if (r.ok() && m.logical_bytes / kMaxBlockBytes > m.frame_count)
+  const std::uint64_t max_frame =
+      (features & kFeatureZeroRanges) != 0 ? kMaxZeroRangeBytes : kMaxBlockBytes;
+  if (r.ok() && m.logical_bytes / max_frame > m.frame_count)
     r.fail("logical_bytes", fmt::format("{} cannot come from {} frames of at most {} bytes",
-                                        m.logical_bytes, m.frame_count, kMaxBlockBytes));
+                                        m.logical_bytes, m.frame_count, max_frame));
   return finish(r, m);
 }
 

@@ -292,6 +292,50 @@ TEST_CASE("data frames: length, kind, codec and payload agree") {
   expect_rejected(decode_rp_end(encode(RpEnd{1, 1, kMaxBlockBytes * 2ull})), "rp_end.logical_bytes");
 }
 
+// Feature zero_ranges (docs/wire-protocol.md): only then may a zero frame exceed 4 MiB, up to
+// kMaxZeroRangeBytes; data frames keep their bound; without it a long zero frame is a bad frame.
+TEST_CASE("data frames: zero ranges beyond 4 MiB only with the zero_ranges feature") {
+  CHECK(kMaxZeroRangeBytes == 0xffc00000u);
+  CHECK(kMaxZeroRangeBytes % kMaxBlockBytes == 0);
+  CHECK((kKnownFeatures & kFeatureZeroRanges) != 0);
+  CHECK(kFeatureZeroRanges == (1u << 2));
+  DataFrame z;
+  z.group_id = 1;
+  z.rp_id = 2;
+  z.seq = 3;
+  z.kind = BlockKind::zero;
+  z.offset_bytes = 20ull << 40;
+  z.length_bytes = kMaxZeroRangeBytes;
+  CHECK(decode_data(encode(z), kFeatureZeroRanges).value() == z);
+  CHECK(decode_data(encode(z), kFeatureZeroRanges | kFeatureHashList).value() == z);
+  expect_rejected(decode_data(encode(z)), "data.length_bytes");  // not negotiated
+  expect_rejected(decode_data(encode(z), kFeatureHashList), "data.length_bytes");
+  z.length_bytes = kMaxBlockBytes + 1;
+  expect_rejected(decode_data(encode(z)), "data.length_bytes");
+  CHECK(decode_data(encode(z), kFeatureZeroRanges).value() == z);
+  z.length_bytes = kMaxBlockBytes;  // short zero frames read the same either way
+  CHECK(decode_data(encode(z)).value() == z);
+  CHECK(decode_data(encode(z), kFeatureZeroRanges).value() == z);
+  z.length_bytes = kMaxZeroRangeBytes + 1;  // past the bound, feature or not
+  expect_rejected(decode_data(encode(z), kFeatureZeroRanges), "data.length_bytes");
+  z.length_bytes = 0xffffffffu;
+  expect_rejected(decode_data(encode(z), kFeatureZeroRanges), "data.length_bytes");
+  z.length_bytes = kMaxZeroRangeBytes;
+  z.offset_bytes = UINT64_MAX - kMaxZeroRangeBytes + 1;
+  expect_rejected(decode_data(encode(z), kFeatureZeroRanges), "data.offset_bytes");
+  // A data frame stays at 4 MiB with the feature.
+  DataFrame d = sample_data();
+  d.length_bytes = kMaxBlockBytes + 1;
+  d.payload.assign(d.length_bytes, 'x');
+  expect_rejected(decode_data(encode(d), kFeatureZeroRanges), "data.length_bytes");
+  // rp_end: logical_bytes bounded by frame_count x the longest frame the connection allows.
+  RpEnd e{7, 2, 2ull * kMaxZeroRangeBytes};
+  CHECK(decode_rp_end(encode(e), kFeatureZeroRanges).value() == e);
+  expect_rejected(decode_rp_end(encode(e)), "rp_end.logical_bytes");
+  expect_rejected(decode_rp_end(encode(RpEnd{7, 2, 3ull * kMaxZeroRangeBytes}), kFeatureZeroRanges),
+                  "rp_end.logical_bytes");
+}
+
 TEST_CASE("encode_data with the payload apart gives the same bytes as encode") {
   DataFrame d = sample_data();
   DataFrame fields = d;

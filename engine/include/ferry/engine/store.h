@@ -68,6 +68,9 @@ struct RpBeginInfo {
 // receiver refuses a larger payload as a bad frame before it reaches the store (the journal's
 // own limit, journal.h kMaxPayloadBytes, is this value).
 inline constexpr std::uint32_t kMaxStoredPayloadBytes = (4u << 20) + (64u << 10);
+// Longest zero record (no payload): a zero range as the wire carries it with the zero_ranges
+// feature, 4 GiB - 4 MiB (journal.h kMaxZeroRecordBytes). Data records stay at 4 MiB.
+inline constexpr std::uint32_t kMaxStoredZeroBytes = 0xffc00000u;
 
 // Group and disk names become file names in the store: [A-Za-z0-9._-], 1..255 characters,
 // not "." or "..". The receiver checks them at hello with the same rule.

@@ -29,6 +29,10 @@ inline constexpr std::uint16_t kProtocolVersion = 1;
 inline constexpr std::size_t kFrameHeaderBytes = 24;
 inline constexpr std::uint32_t kMaxPayloadBytes = 8u << 20;  // 8 MiB
 inline constexpr std::uint32_t kMaxBlockBytes = 4u << 20;    // largest block a DATA frame carries
+// Longest range one zero-kind DATA frame covers once kFeatureZeroRanges is accepted: the u32
+// length field's maximum rounded down to kMaxBlockBytes (4 GiB - 4 MiB), so a range cut at it
+// stays a multiple of every block size. Without the feature, zero frames are kMaxBlockBytes.
+inline constexpr std::uint32_t kMaxZeroRangeBytes = 0xffffffffu / kMaxBlockBytes * kMaxBlockBytes;
 inline constexpr std::size_t kMaxNameBytes = 255;             // group and disk names
 inline constexpr std::size_t kMaxMessageBytes = 1024;         // human-readable messages
 inline constexpr std::size_t kMaxDisksPerGroup = 64;
@@ -92,7 +96,10 @@ struct DiskInfo {
 // with the subset it accepts; either side uses only accepted features.
 inline constexpr std::uint32_t kFeatureResume = 1u << 0;    // reserved (planned, not spoken)
 inline constexpr std::uint32_t kFeatureHashList = 1u << 1;  // resync: hash_request/hash_list
-inline constexpr std::uint32_t kKnownFeatures = kFeatureHashList;
+// A zero-kind DATA frame may cover up to kMaxZeroRangeBytes (an empty thin disk travels as a
+// few frames, not one per 4 MiB).
+inline constexpr std::uint32_t kFeatureZeroRanges = 1u << 2;
+inline constexpr std::uint32_t kKnownFeatures = kFeatureHashList | kFeatureZeroRanges;
 
 struct Hello {
   std::uint16_t version = kProtocolVersion;
@@ -154,7 +161,9 @@ struct DataFrame {
   BlockKind kind = BlockKind::data;
   Codec codec = Codec::none;
   std::uint64_t offset_bytes = 0;
-  std::uint32_t length_bytes = 0;  // uncompressed length, <= kMaxBlockBytes
+  // Uncompressed length, <= kMaxBlockBytes; a zero-kind frame up to kMaxZeroRangeBytes when
+  // kFeatureZeroRanges was accepted.
+  std::uint32_t length_bytes = 0;
   Hash128 hash;                    // xxh3-128 of the uncompressed bytes (zero kind: 0)
   std::string payload;             // codec-encoded bytes; empty for kind zero
   friend bool operator==(const DataFrame&, const DataFrame&) = default;
@@ -230,8 +239,11 @@ std::string encode(const HashList&);
 Result<Hello> decode_hello(std::string_view payload);
 Result<HelloReply> decode_hello_reply(std::string_view payload);
 Result<RpBegin> decode_rp_begin(std::string_view payload);
-Result<DataFrame> decode_data(std::string_view payload);
-Result<RpEnd> decode_rp_end(std::string_view payload);
+// `features`: those accepted on the connection. Without kFeatureZeroRanges a frame longer
+// than kMaxBlockBytes is rejected whatever its kind, and rp_end's logical_bytes is bounded by
+// frame_count x kMaxBlockBytes; with it, by frame_count x kMaxZeroRangeBytes.
+Result<DataFrame> decode_data(std::string_view payload, std::uint32_t features = 0);
+Result<RpEnd> decode_rp_end(std::string_view payload, std::uint32_t features = 0);
 Result<RpAck> decode_rp_ack(std::string_view payload);
 Result<ErrorMsg> decode_error(std::string_view payload);
 Result<HashRequest> decode_hash_request(std::string_view payload);
