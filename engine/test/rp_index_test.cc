@@ -210,3 +210,62 @@ TEST_CASE("index: a chunk whose records changed on disk is refused, not applied"
   REQUIRE(reader.load_chunk(1, c, entries).is_ok());
   CHECK(entries.size() == 10);
 }
+
+// Restore and rebuild write an image 256 MiB at a time: records across a window bound, an
+// overwrite of one by a zero record, and the end of a disk that is not a multiple of it.
+TEST_CASE("index: restore and rebuild across image windows", "[store][index]") {
+  TempDir dir;
+  constexpr std::uint64_t kW = 256ull << 20;
+  const std::uint64_t size = 2 * kW + 12345;
+  std::vector<TestRp> rps(2);
+  rps[0].begin = {1, 0, 1, 0, {disk("vda", size, true)}};
+  rps[0].blocks = {{0, kW - 6000, 65536, RecordKind::data, RecordCodec::zstd, 1},  // spans bound 1
+                   {0, 4096, 4096, RecordKind::data, RecordCodec::none, 2},
+                   {0, 2 * kW - 100, 12345 + 100, RecordKind::data, RecordCodec::none, 3},  // to the end
+                   {0, kW + 65536, 65536, RecordKind::data, RecordCodec::zstd, 4}};
+  rps[1].begin = {2, 1, 2, 0, {disk("vda", size, false)}};
+  rps[1].blocks = {{0, kW - 1000, 2000, RecordKind::zero, RecordCodec::none, 0},
+                   {0, kW + 65536 + 100, 50, RecordKind::data, RecordCodec::none, 5}};
+  // The expected bytes in the ranges around the records (everything else is zeros).
+  auto expect = [&](std::size_t upto, std::uint64_t at, std::uint64_t len) {
+    std::string out(len, '\0');
+    for (std::size_t r = 0; r <= upto; ++r)
+      for (const auto& b : rps[r].blocks) {
+        std::string bytes = b.kind == RecordKind::data ? block_bytes(b.seed, b.length)
+                                                       : std::string(b.length, '\0');
+        for (std::uint64_t i = 0; i < b.length; ++i)
+          if (b.offset + i >= at && b.offset + i < at + len) out[b.offset + i - at] = bytes[i];
+      }
+    return out;
+  };
+  auto read_at = [](const std::string& path, std::uint64_t at, std::uint64_t len) {
+    std::ifstream in(path, std::ios::binary);
+    in.seekg(static_cast<std::streamoff>(at));
+    std::string out(len, '\0');
+    in.read(out.data(), static_cast<std::streamsize>(len));
+    out.resize(static_cast<std::size_t>(in.gcount()));
+    return out;
+  };
+  const std::vector<std::pair<std::uint64_t, std::uint64_t>> ranges = {
+      {0, 1 << 20}, {kW - (1 << 20), 2 << 20}, {2 * kW - (1 << 20), (1 << 20) + 12345}};
+  auto check_image = [&](const std::string& path, std::size_t upto) {
+    REQUIRE(std::filesystem::file_size(path) == size);
+    for (auto [at, len] : ranges) REQUIRE(read_at(path, at, len) == expect(upto, at, len));
+  };
+  {
+    auto store = GroupStore::open(options_for(dir), "g", true).value();
+    REQUIRE(feed_rp(*store, rps[0]).is_ok());
+    REQUIRE(feed_rp(*store, rps[1]).is_ok());
+    REQUIRE(store->apply_committed().is_ok());
+    for (std::size_t r = 0; r < 2; ++r) {
+      std::string out = dir.path() + "/out.img";
+      REQUIRE(store->restore(r + 1, "vda", out).is_ok());
+      check_image(out, r);
+    }
+    check_image(dir.path() + "/store/g/replica/vda.img", 1);
+  }
+  // R13: the image is gone; the rebuild writes it window by window.
+  std::filesystem::remove(dir.path() + "/store/g/replica/vda.img");
+  auto store = GroupStore::open(options_for(dir), "g", false).value();
+  check_image(dir.path() + "/store/g/replica/vda.img", 1);
+}
