@@ -123,11 +123,11 @@ TEST_CASE("index: restore, digests and recovery over many chunks and RPs", "[sto
       rps[0].blocks.push_back({1, (i / 11) * kB, kB, RecordKind::data, RecordCodec::zstd, 5000 + i});
   }
   rps[0].blocks.push_back({0, 700 * std::uint64_t(kB), 123, RecordKind::data, RecordCodec::none, 9});
-  // Incrementals: records out of offset order, one spanning the bound between the records
-  // of chunks 0 and 1 of RP 1, zeros across another bound, one short of the end.
+  // Incrementals: records out of offset order, one across the bound between the ranges of
+  // chunks 0 and 1 of RP 1 (chunk 0 ends with the record at 233 * kB), zeros, one near the end.
   rps[1].begin = {2, 1, 2, 0, {disk("vda", size, false), disk("vdb", 64 * kB, false)}};
   rps[1].blocks = {{0, 500 * kB + 100, 3 * kB, RecordKind::data, RecordCodec::zstd, 21},
-                   {0, 231 * kB + 7, 2 * kB, RecordKind::data, RecordCodec::none, 22},
+                   {0, 233 * kB + 7, 2 * kB, RecordKind::data, RecordCodec::none, 22},
                    {0, 460 * kB, 8 * kB, RecordKind::zero, RecordCodec::none, 0},
                    {1, 3 * kB, kB, RecordKind::zero, RecordCodec::none, 0},
                    {0, 699 * kB + 5, kB, RecordKind::data, RecordCodec::zstd, 23}};
@@ -179,7 +179,13 @@ TEST_CASE("index: restore, digests and recovery over many chunks and RPs", "[sto
                a.lowest_bytes == b.lowest_bytes && a.highest_end_bytes == b.highest_end_bytes));
     }
   }
-  CHECK(scan->committed[0].index.chunks().size() == (700 + 64 + 1 + 255) / 256);
+  const auto& rp1 = scan->committed[0].index;
+  CHECK(rp1.chunks().size() == (700 + 64 + 1 + 255) / 256);
+  CHECK(rp1.chunks()[0].highest_end_bytes == 234 * kB);  // the record above crosses it
+  // Chunk 2 holds records of vdb at low offsets too: its bounds (shared by the disks) make it
+  // a candidate, and reading it back finds nothing of vda there.
+  CHECK(rp1.overlapping(0, 233 * kB + 7, 235 * kB + 7) == std::vector<std::uint32_t>{0, 1, 2});
+  CHECK(rp1.overlapping(0, 1, 2) == std::vector<std::uint32_t>{0});
   // And the store opened again (recovery's index) restores every RP byte for byte.
   auto store = GroupStore::open(options_for(dir), "g", false).value();
   for (std::uint64_t rp = 1; rp <= 3; ++rp)
