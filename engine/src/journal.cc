@@ -577,8 +577,8 @@ class Scanner {
     const auto& disk = open_->begin.disks[h.disk_index];
     if (h.offset_bytes > disk.size_bytes || h.length_bytes > disk.size_bytes - h.offset_bytes)
       return corrupt_at(dir_, loc.segment_seq, loc.offset, "block beyond the disk size (R11)");
-    open_->blocks.push_back(BlockEntry{loc, h.offset_bytes, h.length_bytes, h.total_bytes,
-                                       h.disk_index, h.kind, h.codec});
+    open_->index.add(BlockEntry{loc, h.offset_bytes, h.length_bytes, h.total_bytes,
+                                h.disk_index, h.kind, h.codec});
     return Status::ok();
   }
 
@@ -595,6 +595,7 @@ class Scanner {
                         "rp_commit does not close the open RP in order (R11)");
     FERRY_ASSERT(end % kBlockAlignBytes == 0 && end > loc.offset);
     open_->info = std::move(*info);
+    open_->index.seal();
     out_.committed.push_back(std::move(*open_));
     open_.reset();
     cut_ = RecordLoc{loc.segment_seq, end};
@@ -907,6 +908,71 @@ Status Writer::roll_segment() {
   return storage_->sync_dir(opt_.dir);
 }
 
+// --- the per-RP index ------------------------------------------------------------------
+
+void RpIndex::add(const BlockEntry& e) {
+  FERRY_ASSERT(!sealed_ && e.disk_index < kMaxDisks && e.total_bytes >= kRecordHeaderBytes);
+  const std::uint64_t end = e.offset_bytes + std::uint64_t(e.length_bytes);
+  record_count_ += 1;
+  if (!chunks_.empty()) {
+    Chunk& c = chunks_.back();
+    FERRY_ASSERT(e.loc.segment_seq > c.segment_seq() ||
+                 (e.loc.segment_seq == c.segment_seq() && e.loc.offset >= c.offset() + c.span_bytes));
+    if (c.record_count < kChunkRecords && e.loc.segment_seq == c.segment_seq()) {
+      std::uint64_t span = e.loc.offset + e.total_bytes - c.offset();
+      FERRY_ASSERT(span < (1ull << 32));
+      c.span_bytes = static_cast<std::uint32_t>(span);
+      c.lowest_bytes = std::min(c.lowest_bytes, e.offset_bytes);
+      c.highest_end_bytes = std::max(c.highest_end_bytes, end);
+      c.disk_mask |= 1ull << e.disk_index;
+      c.record_count += 1;
+      return;
+    }
+  }
+  chunks_.push_back(Chunk{record_position(e.loc.segment_seq, e.loc.offset), e.offset_bytes, end,
+                          1ull << e.disk_index, e.total_bytes, 1});
+}
+
+void RpIndex::seal() {
+  FERRY_ASSERT(!sealed_ && chunks_.size() < UINT32_MAX);
+  sealed_ = true;
+  by_lowest_.resize(chunks_.size());
+  for (std::size_t i = 0; i < chunks_.size(); ++i) by_lowest_[i] = static_cast<std::uint32_t>(i);
+  std::stable_sort(by_lowest_.begin(), by_lowest_.end(), [&](std::uint32_t a, std::uint32_t b) {
+    return chunks_[a].lowest_bytes < chunks_[b].lowest_bytes;
+  });
+  max_end_.resize(chunks_.size());
+  std::uint64_t m = 0;
+  for (std::size_t i = 0; i < by_lowest_.size(); ++i)
+    max_end_[i] = m = std::max(m, chunks_[by_lowest_[i]].highest_end_bytes);
+  chunks_.shrink_to_fit();
+}
+
+// The chunks starting below `hi` are a prefix of the offset order; walking it backwards stops
+// where no chunk up to there ends after `lo`. For the usual ascending records that visits the
+// overlapping chunks and one more.
+std::vector<std::uint32_t> RpIndex::overlapping(std::uint16_t disk, std::uint64_t lo,
+                                                std::uint64_t hi) const {
+  FERRY_ASSERT(sealed_ && lo < hi && disk < kMaxDisks);
+  auto first_at_hi = std::partition_point(by_lowest_.begin(), by_lowest_.end(),
+                                          [&](std::uint32_t id) {
+                                            return chunks_[id].lowest_bytes < hi;
+                                          });
+  std::vector<std::uint32_t> out;
+  for (auto j = static_cast<std::size_t>(first_at_hi - by_lowest_.begin()); j-- > 0;) {
+    if (max_end_[j] <= lo) break;
+    const Chunk& c = chunks_[by_lowest_[j]];
+    if (c.highest_end_bytes > lo && (c.disk_mask >> disk & 1) != 0) out.push_back(by_lowest_[j]);
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+std::size_t RpIndex::memory_bytes() const {
+  return chunks_.capacity() * sizeof(Chunk) + by_lowest_.capacity() * sizeof(std::uint32_t) +
+         max_end_.capacity() * sizeof(std::uint64_t);
+}
+
 // --- reader ----------------------------------------------------------------------------
 
 Reader::Reader(std::shared_ptr<Storage> storage, std::string dir)
@@ -958,6 +1024,61 @@ Status Reader::load_block(std::uint64_t rp_id, const BlockEntry& e, std::string&
   }
   if (decoded.size() != h->length_bytes || xxh3_128(decoded.data(), decoded.size()) != h->hash)
     return bad("decoded block does not match its xxh3-128");
+  return Status::ok();
+}
+
+// Reads the headers of the chunk's records: through a window of up to kChunkReadBytes when
+// records are small (one read serves many headers), one header per read when they are large
+// (reading their payloads would cost more than the extra reads).
+Status Reader::load_chunk(std::uint64_t rp_id, const Chunk& c, std::vector<BlockEntry>& out) {
+  FERRY_ASSERT(c.record_count >= 1 && c.record_count <= kChunkRecords);
+  out.clear();
+  const std::uint64_t seq = c.segment_seq();
+  FERRY_ASSIGN_OR_RETURN(StorageFile * f, segment(seq));
+  const bool by_header = c.span_bytes / c.record_count > kChunkReadBytes / kChunkRecords;
+  const std::uint64_t end = c.offset() + c.span_bytes;
+  std::uint64_t pos = c.offset();
+  std::uint64_t win_start = 0;
+  std::size_t win_len = 0;
+  auto bad = [&](const std::string& what) {
+    return corrupt_at(dir_, seq, pos,
+                      what + " (in the chunk of " + std::to_string(c.record_count) +
+                          " records of RP " + std::to_string(rp_id) + " at offset " +
+                          std::to_string(c.offset()) + ")");
+  };
+  while (pos < end && out.size() < c.record_count) {
+    if (pos < win_start || pos + kRecordHeaderBytes > win_start + win_len) {
+      std::uint64_t want = by_header ? kRecordHeaderBytes
+                                     : std::min<std::uint64_t>(kChunkReadBytes, end - pos);
+      if (want < kRecordHeaderBytes) return bad("record cut short by the chunk's end");
+      window_.resize(static_cast<std::size_t>(want));
+      FERRY_ASSIGN_OR_RETURN(std::size_t got, f->pread(window_.data(), window_.size(), pos));
+      if (got < kRecordHeaderBytes) return bad("record cut short");
+      win_start = pos;
+      win_len = got;
+    }
+    auto h = decode_record_header(window_.data() + (pos - win_start), kRecordHeaderBytes);
+    if (!h.is_ok()) return bad(h.status().message());
+    if (h->total_bytes < kRecordHeaderBytes || h->total_bytes > end - pos)
+      return bad("record runs past the chunk's end");
+    if (h->position != record_position(seq, pos)) return bad("record is not at its position");
+    if (h->type == RecordType::padding) {
+      pos += h->total_bytes;
+      continue;
+    }
+    const std::uint64_t rec_end = h->offset_bytes + std::uint64_t(h->length_bytes);
+    if (h->type != RecordType::block || h->rp_id != rp_id || h->disk_index >= kMaxDisks ||
+        (c.disk_mask >> h->disk_index & 1) == 0 || h->offset_bytes < c.lowest_bytes ||
+        rec_end > c.highest_end_bytes)
+      return bad("record is not an indexed block of RP " + std::to_string(rp_id));
+    out.push_back(BlockEntry{RecordLoc{seq, pos}, h->offset_bytes, h->length_bytes,
+                             h->total_bytes, h->disk_index, h->kind, h->codec});
+    pos += h->total_bytes;
+  }
+  if (out.size() != c.record_count || pos != end)
+    return bad("the chunk holds " + std::to_string(out.size()) + " block records in " +
+               std::to_string(pos - c.offset()) + " bytes, the index says " +
+               std::to_string(c.record_count) + " in " + std::to_string(c.span_bytes));
   return Status::ok();
 }
 

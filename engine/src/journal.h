@@ -115,7 +115,8 @@ struct RecordLoc {
   std::uint64_t offset = 0;
 };
 
-// One block of a committed RP, enough to find, check and place it (the in-memory index).
+// One block of a committed RP, enough to find, check and place it. Not held for every block:
+// the index keeps chunks (below), and a chunk's entries are read back from its records.
 struct BlockEntry {
   RecordLoc loc;
   std::uint64_t offset_bytes = 0;
@@ -126,10 +127,56 @@ struct BlockEntry {
   RecordCodec codec = RecordCodec::none;
 };
 
+// Up to kChunkRecords consecutive block records of one RP, in journal order, in one segment
+// (padding records may lie between them). The records are self-describing, so the index
+// keeps only where they are and which bytes of which disks they may touch: lookups use the
+// [lowest_bytes, highest_end_bytes) bound, never an assumption about the sender's order.
+inline constexpr std::uint32_t kChunkRecords = 256;
+// Reading a chunk back: one read of at most this many bytes at a time (headers in between
+// are parsed from it); a chunk of large records is read header by header instead.
+inline constexpr std::size_t kChunkReadBytes = 1u << 20;
+struct Chunk {
+  std::uint64_t position = 0;          // record_position() of its first record
+  std::uint64_t lowest_bytes = 0;      // lowest offset of its records
+  std::uint64_t highest_end_bytes = 0; // highest offset + length of its records (u64)
+  std::uint64_t disk_mask = 0;         // bit d: it holds a record of disk d
+  std::uint32_t span_bytes = 0;        // from its first record's start to its last one's end
+  std::uint32_t record_count = 0;      // block records (1..kChunkRecords)
+  std::uint64_t segment_seq() const { return position >> kPositionOffsetBits; }
+  std::uint64_t offset() const { return position & ((1ull << kPositionOffsetBits) - 1); }
+};
+static_assert(sizeof(Chunk) == 40);
+static_assert(kMaxDisks <= 64, "Chunk::disk_mask has a bit per disk");
+// 256 records of at most kMaxRecordBytes and a padding record after each fit in span_bytes.
+static_assert(std::uint64_t(kChunkRecords) * (kMaxRecordBytes + kMaxPaddingBytes) < (1ull << 32));
+
+// The block records of one RP: memory is bounded by the number of chunks (about 52 bytes
+// per kChunkRecords records), not by the number of blocks.
+class RpIndex {
+ public:
+  // Records come in journal order.
+  void add(const BlockEntry& e);
+  // After the last add (commit, or the scan's commit record): builds the offset order.
+  void seal();
+  const std::vector<Chunk>& chunks() const { return chunks_; }
+  std::uint64_t record_count() const { return record_count_; }
+  // The chunks that may hold records of `disk` touching [lo, hi), ascending (journal order).
+  std::vector<std::uint32_t> overlapping(std::uint16_t disk, std::uint64_t lo,
+                                         std::uint64_t hi) const;
+  std::size_t memory_bytes() const;
+
+ private:
+  std::vector<Chunk> chunks_;
+  std::vector<std::uint32_t> by_lowest_;  // chunk ids by lowest_bytes
+  std::vector<std::uint64_t> max_end_;    // max highest_end_bytes of by_lowest_[0..i]
+  std::uint64_t record_count_ = 0;
+  bool sealed_ = false;
+};
+
 struct CommittedRp {
   RpBeginInfo begin;
   RpInfo info;
-  std::vector<BlockEntry> blocks;  // in journal order (later ones win)
+  RpIndex index;  // its block records, in journal order (later ones win)
 };
 
 enum class ScanMode : std::uint8_t {
@@ -230,6 +277,9 @@ class Reader {
   // Reads the record at `e`, re-checks header, identity and payload checksum, decodes it
   // and checks the xxh3-128 of the decoded bytes. Zero blocks return an empty string.
   Status load_block(std::uint64_t rp_id, const BlockEntry& e, std::string& decoded);
+  // The entries of chunk `c` of RP `rp_id`, in journal order, from the records' headers
+  // (each checked: header checksum, type, RP, position, and inside the chunk's bounds).
+  Status load_chunk(std::uint64_t rp_id, const Chunk& c, std::vector<BlockEntry>& out);
 
  private:
   Result<StorageFile*> segment(std::uint64_t seq);
@@ -237,6 +287,7 @@ class Reader {
   std::string dir_;
   std::map<std::uint64_t, std::unique_ptr<StorageFile>> files_;
   std::string raw_;
+  std::string window_;  // load_chunk's read buffer, at most kChunkReadBytes
   void* dctx_ = nullptr;  // ZSTD_DCtx, reused for every block
 };
 

@@ -205,7 +205,7 @@ std::uint64_t now_unix_ns() {
 
 struct Piece {
   std::uint64_t end = 0;
-  const jr::BlockEntry* entry = nullptr;
+  jr::BlockEntry entry;  // a copy: the index holds chunks, not entries
   std::uint64_t rp_id = 0;
 };
 using PieceMap = std::map<std::uint64_t, Piece>;  // start -> piece; pieces never overlap
@@ -239,12 +239,14 @@ void clip_pieces(PieceMap& m, std::uint64_t size_bytes) {
   if (!m.empty() && m.rbegin()->second.end > size_bytes) m.rbegin()->second.end = size_bytes;
 }
 
-// The disk at rps[target] as pieces of records. Only [lo, hi) is kept (records clipped to
-// it): a resync asks for one region at a time, and the map then holds that region's pieces.
-Result<PieceMap> build_pieces(const std::vector<jr::CommittedRp>& rps, std::size_t target,
-                              const std::string& disk, std::uint64_t lo = 0,
-                              std::uint64_t hi = UINT64_MAX) {
-  FERRY_ASSERT(lo < hi);
+// A whole image is written this many bytes at a time, so its piece map (and the chunk
+// entries read for it) stays bounded whatever the disk's size: with 64 KiB records a window
+// holds 4096 pieces.
+constexpr std::uint64_t kImageWindowBytes = 256ull << 20;
+
+// The disk's last full RP at or before rps[target].
+Result<std::size_t> first_full(const std::vector<jr::CommittedRp>& rps, std::size_t target,
+                               const std::string& disk) {
   std::size_t first = target + 1;
   for (std::size_t i = target + 1; i-- > 0;) {
     int d = find_disk(rps[i].begin, disk);
@@ -256,20 +258,40 @@ Result<PieceMap> build_pieces(const std::vector<jr::CommittedRp>& rps, std::size
   if (first > target)
     return Status::error(Errc::corrupt, "disk " + disk + " has no full RP at or before RP " +
                                             std::to_string(rps[target].info.rp_id));
+  return first;
+}
+
+// The disk at rps[target] as pieces of records. Only [lo, hi) is kept (records clipped to
+// it): a resync asks for one region at a time, an image is written window by window, and
+// the map then holds that range's pieces. Only the index chunks that may touch the range
+// are read back from the journal.
+Result<PieceMap> build_pieces(jr::Reader& reader, const std::vector<jr::CommittedRp>& rps,
+                              std::size_t target, const std::string& disk, std::uint64_t lo,
+                              std::uint64_t hi) {
+  FERRY_ASSERT(lo < hi);
+  FERRY_ASSIGN_OR_RETURN(std::size_t first, first_full(rps, target, disk));
   PieceMap m;
+  std::vector<jr::BlockEntry> entries;
   for (std::size_t i = first; i <= target; ++i) {
     int d = find_disk(rps[i].begin, disk);
     if (d < 0) continue;
     if (rps[i].begin.disks[d].full) m.clear();
     clip_pieces(m, rps[i].begin.disks[d].size_bytes);
-    for (const auto& b : rps[i].blocks) {
-      if (b.disk_index != d || b.length_bytes == 0) continue;
-      std::uint64_t start = std::max(b.offset_bytes, lo);
-      std::uint64_t end = std::min(b.offset_bytes + b.length_bytes, hi);
-      if (start < end) insert_piece(m, start, Piece{end, &b, rps[i].info.rp_id});
+    for (std::uint32_t id : rps[i].index.overlapping(static_cast<std::uint16_t>(d), lo, hi)) {
+      FERRY_TRY(reader.load_chunk(rps[i].info.rp_id, rps[i].index.chunks()[id], entries));
+      for (const auto& b : entries) {
+        if (b.disk_index != d || b.length_bytes == 0) continue;
+        std::uint64_t start = std::max(b.offset_bytes, lo);
+        std::uint64_t end = std::min(b.offset_bytes + std::uint64_t(b.length_bytes), hi);
+        if (start < end) insert_piece(m, start, Piece{end, b, rps[i].info.rp_id});
+      }
     }
   }
   return m;
+}
+
+std::uint64_t position_of(const jr::BlockEntry& e) {
+  return jr::record_position(e.loc.segment_seq, e.loc.offset);
 }
 
 enum class ImageUse : std::uint8_t { restore = 0, rebuild = 1 };
@@ -284,27 +306,34 @@ Status write_image(const std::shared_ptr<Storage>& st, const std::string& journa
   int d = find_disk(rps[target].begin, disk);
   FERRY_ASSERT(d >= 0);
   std::uint64_t size = rps[target].begin.disks[d].size_bytes;
-  FERRY_ASSIGN_OR_RETURN(PieceMap pieces, build_pieces(rps, target, disk));
+  FERRY_TRY(first_full(rps, target, disk).status());
   FERRY_ASSIGN_OR_RETURN(auto out, st->open(out_path, OpenFlags{.create = true}));
   FERRY_TRY(out->truncate(0));
   FERRY_TRY(out->truncate(size));
   jr::Reader reader(st, journal_dir);
   std::string block;
-  const jr::BlockEntry* loaded = nullptr;
-  std::size_t done = 0;
-  for (const auto& [start, p] : pieces) {
-    if (use == ImageUse::rebuild && done++ == pieces.size() / 2)
-      FERRY_KILL_POINT("rebuild.mid_write");
-    if (p.entry->kind == RecordKind::zero) continue;
-    if (loaded != p.entry) {
-      FERRY_TRY(reader.load_block(p.rp_id, *p.entry, block));
-      loaded = p.entry;
+  std::uint64_t loaded = UINT64_MAX;  // position of the record in `block`
+  const std::uint64_t windows = (size + kImageWindowBytes - 1) / kImageWindowBytes;
+  for (std::uint64_t w = 0; w < windows; ++w) {
+    const std::uint64_t lo = w * kImageWindowBytes;
+    FERRY_ASSIGN_OR_RETURN(PieceMap pieces,
+                           build_pieces(reader, rps, target, disk, lo,
+                                        std::min(size, lo + kImageWindowBytes)));
+    std::size_t done = 0;
+    for (const auto& [start, p] : pieces) {
+      if (use == ImageUse::rebuild && w == windows / 2 && done++ == pieces.size() / 2)
+        FERRY_KILL_POINT("rebuild.mid_write");
+      if (p.entry.kind == RecordKind::zero) continue;
+      if (loaded != position_of(p.entry)) {
+        FERRY_TRY(reader.load_block(p.rp_id, p.entry, block));
+        loaded = position_of(p.entry);
+      }
+      const char* src = block.data() + (start - p.entry.offset_bytes);
+      std::size_t len = static_cast<std::size_t>(p.end - start);
+      FERRY_ASSERT(start - p.entry.offset_bytes + len <= block.size());
+      if (is_all_zero(src, len)) continue;
+      FERRY_TRY(out->pwrite(src, len, start));
     }
-    const char* src = block.data() + (start - p.entry->offset_bytes);
-    std::size_t len = static_cast<std::size_t>(p.end - start);
-    FERRY_ASSERT(start - p.entry->offset_bytes + len <= block.size());
-    if (is_all_zero(src, len)) continue;
-    FERRY_TRY(out->pwrite(src, len, start));
   }
   if (use == ImageUse::rebuild) FERRY_KILL_POINT("rebuild.before_fsync");
   return out->datasync();
@@ -357,16 +386,16 @@ class JournalHasher {
     bool any_data = false;
     for (; it != pieces_.end() && it->first < end; ++it) {
       const Piece& p = it->second;
-      if (p.end <= offset || p.entry->kind == RecordKind::zero) continue;
+      if (p.end <= offset || p.entry.kind == RecordKind::zero) continue;
       if (!any_data) std::fill(buf_.begin(), buf_.begin() + length, '\0');
       any_data = true;
-      if (loaded_ != p.entry) {
-        FERRY_TRY(reader_.load_block(p.rp_id, *p.entry, record_));
-        loaded_ = p.entry;
+      if (loaded_ != position_of(p.entry)) {
+        FERRY_TRY(reader_.load_block(p.rp_id, p.entry, record_));
+        loaded_ = position_of(p.entry);
       }
       std::uint64_t from = std::max(it->first, offset), to = std::min(p.end, end);
-      FERRY_ASSERT(from - p.entry->offset_bytes + (to - from) <= record_.size());
-      std::memcpy(buf_.data() + (from - offset), record_.data() + (from - p.entry->offset_bytes),
+      FERRY_ASSERT(from - p.entry.offset_bytes + (to - from) <= record_.size());
+      std::memcpy(buf_.data() + (from - offset), record_.data() + (from - p.entry.offset_bytes),
                   static_cast<std::size_t>(to - from));
     }
     if (!any_data) return zeros_.of(length);
@@ -378,7 +407,7 @@ class JournalHasher {
   jr::Reader& reader_;
   std::string buf_;
   std::string record_;
-  const jr::BlockEntry* loaded_ = nullptr;
+  std::uint64_t loaded_ = UINT64_MAX;  // position of the record in record_
   ZeroDigests zeros_;
 };
 
@@ -493,9 +522,9 @@ class StoreImpl final : public GroupStore {
     // the replica rebuilt at the next apply.
     const std::uint64_t end =
         std::min<std::uint64_t>(size, offset_bytes + std::uint64_t(block_count) * block_bytes);
-    FERRY_ASSIGN_OR_RETURN(PieceMap pieces,
-                           build_pieces(rps_, rps_.size() - 1, disk, offset_bytes, end));
     jr::Reader reader(st_, paths_.journal_dir);
+    FERRY_ASSIGN_OR_RETURN(PieceMap pieces,
+                           build_pieces(reader, rps_, rps_.size() - 1, disk, offset_bytes, end));
     JournalHasher journal(pieces, reader, block_bytes);
     UniqueFd fd;
     std::optional<ImageHasher> image;
@@ -565,8 +594,8 @@ class StoreImpl final : public GroupStore {
     h.hash = b.hash;
     FERRY_ASSIGN_OR_RETURN(jr::RecordLoc loc, append(h, b.payload));
     std::uint32_t total = static_cast<std::uint32_t>(jr::kRecordHeaderBytes + b.payload.size());
-    open_->rp.blocks.push_back(jr::BlockEntry{loc, b.offset_bytes, b.length_bytes, total,
-                                              b.disk_index, b.kind, b.codec});
+    open_->rp.index.add(jr::BlockEntry{loc, b.offset_bytes, b.length_bytes, total,
+                                       b.disk_index, b.kind, b.codec});
     auto& s = open_->stats[b.disk_index];
     s.changed_bytes += b.length_bytes;
     if (b.kind == RecordKind::zero) s.zero_bytes += b.length_bytes;
@@ -596,6 +625,7 @@ class StoreImpl final : public GroupStore {
     RpInfo info = commit_info();
     FERRY_TRY(write_commit_record(info));
     open_->rp.info = info;
+    open_->rp.index.seal();
     rps_.push_back(std::move(open_->rp));
     open_.reset();
     return info;
@@ -983,21 +1013,25 @@ class StoreImpl final : public GroupStore {
     // before that end may cover data of this RP and is punched.
     std::vector<std::uint64_t> data_end(rp.begin.disks.size(), 0);
     std::string block;
-    for (std::size_t i = 0; i < rp.blocks.size(); ++i) {
-      const auto& b = rp.blocks[i];
-      FERRY_ASSERT(b.disk_index < images.size());
-      FERRY_TRY(reader.load_block(rp.info.rp_id, b, block));
-      StorageFile& img = *images[b.disk_index];
-      const bool full = rp.begin.disks[b.disk_index].full;
-      if (b.kind == RecordKind::zero) {
-        if (!full || b.offset_bytes < data_end[b.disk_index])
-          FERRY_TRY(img.punch_hole(b.offset_bytes, b.length_bytes));
-      } else {
-        FERRY_TRY(img.pwrite(block.data(), block.size(), b.offset_bytes));
-        data_end[b.disk_index] =
-            std::max(data_end[b.disk_index], b.offset_bytes + b.length_bytes);
+    std::vector<jr::BlockEntry> entries;
+    std::uint64_t i = 0;
+    for (const auto& chunk : rp.index.chunks()) {
+      FERRY_TRY(reader.load_chunk(rp.info.rp_id, chunk, entries));
+      for (const auto& b : entries) {
+        FERRY_ASSERT(b.disk_index < images.size());
+        FERRY_TRY(reader.load_block(rp.info.rp_id, b, block));
+        StorageFile& img = *images[b.disk_index];
+        const bool full = rp.begin.disks[b.disk_index].full;
+        if (b.kind == RecordKind::zero) {
+          if (!full || b.offset_bytes < data_end[b.disk_index])
+            FERRY_TRY(img.punch_hole(b.offset_bytes, b.length_bytes));
+        } else {
+          FERRY_TRY(img.pwrite(block.data(), block.size(), b.offset_bytes));
+          data_end[b.disk_index] =
+              std::max(data_end[b.disk_index], b.offset_bytes + b.length_bytes);
+        }
+        if (i++ == rp.index.record_count() / 2) FERRY_KILL_POINT("apply.mid_write");
       }
-      if (i == rp.blocks.size() / 2) FERRY_KILL_POINT("apply.mid_write");
     }
     FERRY_KILL_POINT("apply.before_fsync");
     for (auto& img : images) FERRY_TRY(img->datasync());
