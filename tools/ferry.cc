@@ -198,6 +198,7 @@ struct ReplicateArgs {
   std::string state_dir;
   std::uint32_t block_kib = 64;
   int zstd_level = 1;
+  bool take_over = false;
 };
 
 Result<std::vector<cbt::QmpDisk>> parse_disks(const std::vector<std::string>& specs) {
@@ -272,6 +273,7 @@ int cmd_replicate(const ReplicateArgs& a) {
   for (const auto& d : *disks) so.disk_names.push_back(d.name);
   so.block_bytes = a.block_kib * 1024;
   so.zstd_level = a.zstd_level;
+  so.take_over = a.take_over;
   so.stop = &signals.stop;
   if (isatty(STDERR_FILENO)) so.progress = progress_printer();
 
@@ -324,7 +326,9 @@ int cmd_points(const std::string& store, const std::string& group, bool json) {
       for (const auto& d : p.disks)
         disks.push_back({{"name", d.name}, {"size_bytes", d.size_bytes}, {"full", d.full},
                          {"changed_bytes", d.changed_bytes}, {"zero_bytes", d.zero_bytes},
-                         {"stored_bytes", d.stored_bytes}});
+                         {"stored_bytes", d.stored_bytes},
+                         {"mode", d.full ? "full" : d.resync ? "resync" : "incremental"},
+                         {"identity", d.identity == Hash128{} ? "" : d.identity.hex()}});
       arr.push_back({{"rp_id", p.rp_id}, {"base_rp", p.base_rp},
                      {"created_unix_ns", p.created_unix_ns},
                      {"committed_unix_ns", p.committed_unix_ns},
@@ -394,6 +398,9 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   rep->add_option("--block-size", pa.block_kib, "Block size in KiB (default 64)");
   rep->add_option("--zstd-level", pa.zstd_level, "zstd level (default 1)")->check(CLI::Range(-7, 19));
+  rep->add_flag("--take-over", pa.take_over,
+                "Take the group over from the source that wrote it (another host, other "
+                "images): the next RP is a resync or full copy of every disk");
 
   ProtectArgs pr;
   auto* protect = app.add_subcommand("protect", "Replicate every disk of a running libvirt domain");
