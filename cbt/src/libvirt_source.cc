@@ -513,13 +513,14 @@ Status LibvirtSource::read_backup_xml(CaptureState& st) {
   return Status::ok();
 }
 
-// A disk's identity is derived, not stored: the domain's UUID, the target and the source
-// path name one disk wherever the domain runs (a live migration on shared storage keeps all
-// three), and a target that now points at another file or device gets another identity, so
-// it is never sent as an incremental on the old one's replica. Nothing to lose with the
-// ledger, nothing to keep in step with it.
-Hash128 disk_identity(const std::string& uuid, const LvDisk& d) {
-  std::string key = "ferry-libvirt-disk\n" + uuid + "\n" + d.dev + "\n" + d.source;
+// A disk's identity is derived, not stored: the target and the source path name one disk
+// wherever and however often the domain starts (a transient domain gets a new UUID at every
+// `virsh create`; a live migration on shared storage keeps both), and a target that now
+// points at another file or device gets another identity, so it is never sent as an
+// incremental on the old one's replica. Nothing to lose with the ledger, nothing to keep in
+// step with it. Two hosts whose domains use the same target and image path look alike.
+Hash128 disk_identity(const LvDisk& d) {
+  std::string key = "ferry-libvirt-disk\n" + d.dev + "\n" + d.source;
   return xxh3_128(key.data(), key.size());
 }
 
@@ -528,9 +529,6 @@ Result<Capture> LibvirtSource::capture(std::uint64_t base_rp, std::uint64_t rp_i
   FERRY_ASSERT(rp_id > base_rp);
   FERRY_ASSERT_MSG(active_.expired(), "capture() before finish() of the previous capture");
   FERRY_TRY(refresh_disks());
-  char uuid[VIR_UUID_STRING_BUFLEN] = {};
-  if (virDomainGetUUIDString(dom_.get(), uuid) < 0)
-    return lv::last_error("UUID of domain " + opt_.domain);
   FERRY_TRY(clear_jobs());
   for (const LvDisk& d : disks_) ::unlink(scratch_path(d.dev).c_str());  // a killed run's
   FERRY_ASSIGN_OR_RETURN(Ledger ledger, load_ledger(ledger_path()));
@@ -577,7 +575,7 @@ Result<Capture> LibvirtSource::capture(std::uint64_t base_rp, std::uint64_t rp_i
     v.size_bytes = d.size_bytes;
     v.granularity_bytes = d.granularity_bytes;
     v.full_reason = d.reason;
-    v.identity = disk_identity(uuid, d.disk);
+    v.identity = disk_identity(d.disk);
     v.nbd_socket = nbd_socket();
     v.export_name = d.export_name;
     if (d.reason == FullReason::none) v.dirty_context = "qemu:dirty-bitmap:" + d.export_bitmap;

@@ -744,9 +744,11 @@ std::string short_id(const Hash128& id) { return id.hex().substr(0, 8) + ".."; }
 // receiver holds under its name (names swapped on the command line, another image behind a
 // node name) is read whole and sent as a resync (same size) or a full copy. A capture that
 // looks like another source writing the group (rule C5.source) is refused unless `take_over`.
-// Returns whether the RP carries identities (kRpFlagIdentities).
+// Returns whether the RP carries identities (kRpFlagIdentities); `taking_over`: the capture
+// is another source's and `take_over` lets it write the group (kRpFlagTakeOver).
 Result<bool> check_identities(const SenderOptions& o, const transport::HelloReply& reply,
-                              cbt::Capture& cap) {
+                              cbt::Capture& cap, bool& taking_over) {
+  taking_over = false;
   if ((reply.features & transport::kFeatureDiskIdentity) == 0) {
     if (o.take_over)
       spdlog::warn("group '{}': --take-over has no effect: the receiver does not know disk "
@@ -770,13 +772,20 @@ Result<bool> check_identities(const SenderOptions& o, const transport::HelloRepl
         return Status::error(Errc::diverged, second_source_message(o.group, held, offered));
       spdlog::warn("{}; taking it over (--take-over): every disk is sent as a resync or a full "
                    "copy", second_source_message(o.group, held, offered));
+      taking_over = true;
     }
   }
   for (cbt::DiskView& v : cap.disks) {
     const transport::ReplicaDisk* h = held_disk(reply, v.name);
     const bool changed = h && h->identity.known() && !(h->identity.id == v.identity);
-    if (!changed && !(o.take_over && h)) continue;
-    if (changed)
+    if (!changed && !(taking_over && h)) continue;
+    if (changed && (v.identity_ephemeral || h->identity.ephemeral))
+      spdlog::warn("disk '{}' (node {}) has a new identity {}, the receiver holds id {}: its "
+                   "QEMU process restarted (the identity of a disk without persistent bitmaps "
+                   "lives in memory) or the disks were swapped or replaced; sending it as a "
+                   "resync (a full copy if the sizes differ)", v.name, v.node,
+                   short_id(v.identity), short_id(h->identity.id));
+    else if (changed)
       spdlog::warn("disk '{}' is now node {} (id {}), the receiver holds '{}' as id {}: the "
                    "disks were swapped or replaced; sending it as a resync (a full copy if "
                    "the sizes differ)", v.name, v.node, short_id(v.identity), v.name,
@@ -800,9 +809,10 @@ Result<transport::RpAck> send_capture(transport::Connection& conn, const SenderO
   begin.created_unix_ns = cap.created_unix_ns;
   if (cap.app_consistent) begin.flags |= transport::kRpFlagAppConsistent;
   FERRY_ASSERT(cap.disks.size() == o.disk_names.size());
-  FERRY_ASSIGN_OR_RETURN(const bool identities, check_identities(o, reply, cap));
+  bool taking_over = false;
+  FERRY_ASSIGN_OR_RETURN(const bool identities, check_identities(o, reply, cap, taking_over));
   if (identities) begin.flags |= transport::kRpFlagIdentities;
-  if (identities && o.take_over) begin.flags |= transport::kRpFlagTakeOver;
+  if (identities && taking_over) begin.flags |= transport::kRpFlagTakeOver;
   std::vector<std::uint64_t> tracked_end;  // per disk, see grown_from()
   for (std::size_t i = 0; i < cap.disks.size(); ++i) {
     const cbt::DiskView& v = cap.disks[i];
