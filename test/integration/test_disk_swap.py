@@ -7,6 +7,9 @@ bytes. Now each disk carries an identity (a tag bitmap on its node), the receive
 identity of each disk, and RP 3 is a resync of both disks: every RP restores equal to the
 source, and the log names both identities. RP 4 (names kept) is incremental again."""
 
+import socket
+import struct
+
 import ferrytest as ft
 
 GROUP = "swap"
@@ -85,6 +88,74 @@ with ft.Env("disk-swap") as env:
         ft.check("identity" in r.err, f"the refusal must name the identities:\n{r}")
         ft.check_eq(max(p["rp_id"] for p in env.points(rx.store, GROUP)), rp2,
                     "last RP after the refused swap")
+
+    # The receiver enforces the rule on its own (a source that ignored the identities): an
+    # incremental with the held identities swapped is refused by C5.identity; a source
+    # without the feature (an older release) gets the hello_reply of before, byte for byte.
+    def one_frame(sock):
+        hdr = b""
+        while len(hdr) < ft.FRAME_HEADER.size:
+            chunk = sock.recv(ft.FRAME_HEADER.size - len(hdr))
+            ft.check(chunk, "the receiver closed the connection")
+            hdr += chunk
+        _m, mtype, _f, plen, _r, _c = ft.FRAME_HEADER.unpack(hdr)
+        body = b""
+        while len(body) < plen:
+            chunk = sock.recv(plen - len(body))
+            ft.check(chunk, "the receiver closed the connection mid-frame")
+            body += chunk
+        return mtype, body
+
+    def hello_reply(features):
+        sock = socket.create_connection(("127.0.0.1", rx.port), timeout=20)
+        hello = ft.encode_hello(GROUP, [("root", SIZE, 65536), ("data", SIZE, 65536)],
+                                features=features)
+        sock.sendall(ft.encode_frame(ft.MSG["hello"], hello))
+        mtype, body = one_frame(sock)
+        ft.check_eq(mtype, ft.MSG["hello_reply"], "reply to hello")
+        _v, status, feat, last, _ns, count, n = struct.unpack_from("<HHIQQHH", body, 0)
+        ft.check_eq(status, 0, "hello_reply status")
+        off = struct.calcsize("<HHIQQHH") + n
+        names = []
+        for _ in range(count):
+            ln, = struct.unpack_from("<H", body, off)
+            names.append(body[off + 2:off + 2 + ln].decode())
+            off += 2 + ln + 8
+        return sock, feat, last, names, body, off
+
+    sock, feat, last, names, body, off = hello_reply(0)
+    ft.check_eq(feat, 0, "features accepted for a source that offers none")
+    ft.check_eq(len(body), off, "hello_reply length for an older source (no identity bytes)")
+    sock.close()
+
+    sock, feat, last, names, body, off = hello_reply(2 | 8)
+    ft.check_eq(feat, 2 | 8, "features accepted (hash_list, disk_identity)")
+    ln, = struct.unpack_from("<H", body, off)
+    held_source = body[off + 2:off + 2 + ln].decode()
+    off += 2 + ln
+    ids = {}
+    for name in names:
+        flags, lo, hi = struct.unpack_from("<BQQ", body, off)
+        off += 17
+        ids[name] = (lo, hi)
+        ft.check(flags == 0 and (lo or hi), f"identity of {name} in hello_reply: {flags} {lo} {hi}")
+    ft.check_eq(len(body), off, "hello_reply length with identities")
+    ft.check(held_source.endswith(qsd.qmp_path), f"held source {held_source!r}")
+    begin = struct.pack("<QQQIHH", last + 1, last, 1, 2, 2, 0)
+    for i in range(2):
+        begin += struct.pack("<HBBQ", i, 1, 0, SIZE)  # incremental
+    for name in ("data", "root"):  # root's slot gets data's identity and the reverse
+        begin += struct.pack("<BQQ", 0, *ids[name])
+    sock.sendall(ft.encode_frame(ft.MSG["rp_begin"], begin))
+    mtype, body = one_frame(sock)
+    ft.check_eq(mtype, ft.MSG["rp_ack"], "answer to an incremental across identities")
+    _rp, status, n = struct.unpack_from("<QHH", body, 0)
+    msg = body[12:12 + n].decode(errors="replace")
+    ft.check(status == 3 and "C5.identity" in msg, f"rp_ack {status}: {msg}")
+    ft.log(f"receiver refused: {msg}")
+    sock.close()
+    ft.check_eq(max(p["rp_id"] for p in env.points(rx.store, GROUP)), last,
+                "last RP after the refused incremental")
 
     # Nothing acknowledged restores wrong, in the end either.
     for rp, s in sorted(kept.items()):
