@@ -536,14 +536,14 @@ class Session {
     static_assert(kRpFlagTakeOver == transport::kRpFlagTakeOver);
     const std::vector<RpDiskInfo> held = store_->replica_disks();
     for (const RpBeginInfo::Disk& d : info.disks) {
+      if (!d.full && !d.resync) continue;  // an incremental is refused by C5.identity, logged then
       for (const RpDiskInfo& h : held) {
         if (h.name != d.name || h.identity == Hash128{} || d.identity == Hash128{} ||
             h.identity == d.identity)
           continue;
         spdlog::warn("{}: group '{}': disk '{}' of RP {} has identity {}, the replica holds {}; "
                      "accepted as a {}{}", conn_.peer(), hello_.group, d.name, info.rp_id,
-                     d.identity.hex(), h.identity.hex(),
-                     d.full ? "full copy" : d.resync ? "resync" : "incremental (refused below)",
+                     d.identity.hex(), h.identity.hex(), d.full ? "full copy" : "resync",
                      (info.flags & kRpFlagTakeOver) != 0 ? " (take-over)" : "");
       }
     }
