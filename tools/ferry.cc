@@ -290,6 +290,7 @@ struct ProtectArgs {
   bool quiesce = false;
   std::string uri = "qemu:///system";
   std::string state_dir;
+  bool take_over = false;
 };
 
 int cmd_protect(const ProtectArgs& a) {
@@ -310,6 +311,7 @@ int cmd_protect(const ProtectArgs& a) {
   so.group = t.group;
   so.source_name = target_source_name(t);
   so.disk_names = (*source)->disk_names();
+  so.take_over = a.take_over;
   so.stop = &signals.stop;
   if (isatty(STDERR_FILENO)) so.progress = progress_printer();
   return run_recovery_points(**source, so, a.once, a.interval_seconds, signals);
@@ -412,6 +414,9 @@ int main(int argc, char** argv) {
                                          "Take a recovery point every SECONDS")
                          ->check(CLI::PositiveNumber);
   p_once->excludes(p_interval);
+  protect->add_flag("--take-over", pr.take_over,
+                    "Take the group over from the source that wrote it (another host, other "
+                    "images): the next RP is a resync or full copy of every disk");
   protect->add_flag("--quiesce", pr.quiesce,
                     "Freeze the guest's file systems (qemu-guest-agent) at each capture");
   protect->add_option("--uri", pr.uri, "libvirt connection URI")->capture_default_str();

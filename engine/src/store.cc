@@ -476,9 +476,9 @@ std::string second_source_message(const std::string& group, const RpBeginInfo& h
   return "group '" + group + "' is written by source '" + who + "' (disks " +
          identities_text(held) + "), but source '" + offered.source_name + "' offers disks " +
          identities_text(offered) +
-         ": two sources use one group name. Give one of them another --group, or run "
-         "`ferry replicate --take-over` on the source that should own the group (its next RP "
-         "is then a resync or full copy)";
+         ": two sources use one group name. Give one of them another --group, or run the "
+         "source that should own the group with --take-over (`ferry replicate` or `ferry "
+         "protect`; its next RP is then a resync or full copy)";
 }
 
 namespace {
