@@ -5,10 +5,16 @@ names swapped (`--disk drive0=data --disk drive1=root`). Before disk identities,
 incremental of drive1's changes into root's replica: acknowledged and restorable with wrong
 bytes. Now each disk carries an identity (a tag bitmap on its node), the receiver holds the
 identity of each disk, and RP 3 is a resync of both disks: every RP restores equal to the
-source, and the log names both identities. RP 4 (names kept) is incremental again."""
+source, and the log names both identities. RP 4 (names kept) is incremental again. A raw
+peer then finds the receiver refusing an incremental across identities on its own
+(C5.identity), and an older source's hello answered as before. Last, qemu-storage-daemon is
+restarted with the node names given to the other files (same command line): resyncs again,
+then incrementals."""
 
+import os
 import socket
 import struct
+import subprocess
 
 import ferrytest as ft
 
@@ -30,7 +36,7 @@ with ft.Env("disk-swap") as env:
         out = {}
         for spec in mapping:
             node, name = spec.split("=")
-            disk = d0 if node == "drive0" else d1
+            disk = next(d for d in qsd.disks if d.node == node)
             out[name] = qsd.snapshot(disk, env.path("snaps", f"{label}-{name}.img"))
         return out
 
@@ -156,6 +162,42 @@ with ft.Env("disk-swap") as env:
     sock.close()
     ft.check_eq(max(p["rp_id"] for p in env.points(rx.store, GROUP)), last,
                 "last RP after the refused incremental")
+
+    # The same command line, but qemu-storage-daemon restarted with the node names given to
+    # the other files: each image brings its own identity tag (stored at the clean stop) and
+    # its own ferry.G.<k> bitmap, so both disks are resyncs, never incrementals.
+    qsd.stop()
+    for p in (qsd.qmp_path, qsd.test_qmp_path):
+        if os.path.exists(p):
+            os.unlink(p)
+    real_run = subprocess.run
+
+    def keep_images(argv, *args, **kwargs):
+        if list(argv[:2]) == ["qemu-img", "create"]:
+            return subprocess.CompletedProcess(argv, 0)
+        return real_run(argv, *args, **kwargs)
+
+    subprocess.run = keep_images
+    try:  # an image is named after the Disk's name: d0's file now sits under node drive1
+        qsd = env.qsd([ft.Disk("d0", SIZE, "qcow2", node="drive1"),
+                       ft.Disk("d1", SIZE, "qcow2", node="drive0")])
+    finally:
+        subprocess.run = real_run
+    d0, d1 = qsd.disks[1], qsd.disks[0]  # by node: drive0, drive1
+    wl.random_writes(qsd, d0, 6, min_len=4 * ft.KiB, max_len=64 * ft.KiB)
+    wl.random_writes(qsd, d1, 6, min_len=4 * ft.KiB, max_len=64 * ft.KiB)
+    for mapping, label in ((swapped, "files moved"), (swapped, "after the move")):
+        s = snap(label.replace(" ", "-"), mapping)
+        r = env.run(env.replicate_args(qsd, rx.addr, GROUP, disks=mapping), timeout=300)
+        ft.check(r.rc == 0, f"replicate ({label}) failed:\n{r}")
+        rp = int(r.out.strip().splitlines()[-1])
+        verify(rp, s, f"(RP {rp}, {label}) ")
+        kept[rp] = s
+        want = ("resync", "full") if label == "files moved" else ("incremental",)
+        for name, d in modes(rp).items():
+            ft.check(d["mode"] in want, f"disk {name} of RP {rp} ({label}) is {d['mode']}")
+        wl.random_writes(qsd, d0, 3, min_len=4 * ft.KiB, max_len=64 * ft.KiB)
+        wl.random_writes(qsd, d1, 3, min_len=4 * ft.KiB, max_len=64 * ft.KiB)
 
     # Nothing acknowledged restores wrong, in the end either.
     for rp, s in sorted(kept.items()):
