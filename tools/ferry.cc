@@ -203,6 +203,7 @@ struct ReplicateArgs {
   std::string state_dir;
   std::uint32_t block_kib = 64;
   int zstd_level = 1;
+  bool take_over = false;
 };
 
 Result<std::vector<cbt::QmpDisk>> parse_disks(const std::vector<std::string>& specs) {
@@ -277,6 +278,7 @@ int cmd_replicate(const ReplicateArgs& a) {
   for (const auto& d : *disks) so.disk_names.push_back(d.name);
   so.block_bytes = a.block_kib * 1024;
   so.zstd_level = a.zstd_level;
+  so.take_over = a.take_over;
   so.stop = &signals.stop;
   if (isatty(STDERR_FILENO)) so.progress = progress_printer();
 
@@ -293,6 +295,7 @@ struct ProtectArgs {
   bool quiesce = false;
   std::string uri = "qemu:///system";
   std::string state_dir;
+  bool take_over = false;
 };
 
 int cmd_protect(const ProtectArgs& a) {
@@ -313,6 +316,7 @@ int cmd_protect(const ProtectArgs& a) {
   so.group = t.group;
   so.source_name = target_source_name(t);
   so.disk_names = (*source)->disk_names();
+  so.take_over = a.take_over;
   so.stop = &signals.stop;
   if (isatty(STDERR_FILENO)) so.progress = progress_printer();
   return run_recovery_points(**source, so, a.once, a.interval_seconds, signals);
@@ -329,7 +333,9 @@ int cmd_points(const std::string& store, const std::string& group, bool json) {
       for (const auto& d : p.disks)
         disks.push_back({{"name", d.name}, {"size_bytes", d.size_bytes}, {"full", d.full},
                          {"changed_bytes", d.changed_bytes}, {"zero_bytes", d.zero_bytes},
-                         {"stored_bytes", d.stored_bytes}});
+                         {"stored_bytes", d.stored_bytes},
+                         {"mode", d.full ? "full" : d.resync ? "resync" : "incremental"},
+                         {"identity", d.identity == Hash128{} ? "" : d.identity.hex()}});
       arr.push_back({{"rp_id", p.rp_id}, {"base_rp", p.base_rp},
                      {"created_unix_ns", p.created_unix_ns},
                      {"committed_unix_ns", p.committed_unix_ns},
@@ -399,6 +405,9 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   rep->add_option("--block-size", pa.block_kib, "Block size in KiB (default 64)");
   rep->add_option("--zstd-level", pa.zstd_level, "zstd level (default 1)")->check(CLI::Range(-7, 19));
+  rep->add_flag("--take-over", pa.take_over,
+                "Take the group over from the source that wrote it (another host, other "
+                "images): the next RP is a resync or full copy of every disk");
 
   ProtectArgs pr;
   auto* protect = app.add_subcommand("protect", "Replicate every disk of a running libvirt domain");
@@ -410,6 +419,9 @@ int main(int argc, char** argv) {
                                          "Take a recovery point every SECONDS")
                          ->check(CLI::PositiveNumber);
   p_once->excludes(p_interval);
+  protect->add_flag("--take-over", pr.take_over,
+                    "Take the group over from the source that wrote it (another host, other "
+                    "images): the next RP is a resync or full copy of every disk");
   protect->add_flag("--quiesce", pr.quiesce,
                     "Freeze the guest's file systems (qemu-guest-agent) at each capture");
   protect->add_option("--uri", pr.uri, "libvirt connection URI")->capture_default_str();

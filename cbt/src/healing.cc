@@ -21,6 +21,25 @@ std::optional<std::uint64_t> bitmap_rp(std::string_view group, std::string_view 
   return rp;
 }
 
+std::string identity_tag_name(std::string_view group, const Hash128& id) {
+  return "ferry." + std::string(group) + ".id." + id.hex();
+}
+
+std::optional<Hash128> identity_tag(std::string_view group, std::string_view name) {
+  std::string prefix = "ferry." + std::string(group) + ".id.";
+  if (name.size() != prefix.size() + 32 || name.substr(0, prefix.size()) != prefix) return {};
+  Hash128 id;
+  for (std::size_t i = 0; i < 32; ++i) {
+    char c = name[prefix.size() + i];
+    int v = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+    if (v < 0) return {};
+    std::uint64_t& half = i < 16 ? id.hi : id.lo;  // hex() prints the high half first
+    half = half << 4 | static_cast<std::uint64_t>(v);
+  }
+  if (id == Hash128{}) return {};
+  return id;
+}
+
 namespace {
 
 HealPlan full(FullReason reason, const char* rule) {

@@ -27,6 +27,7 @@
 #include <string_view>
 #include <vector>
 
+#include "ferry/base/hash.h"
 #include "ferry/cbt/source.h"
 
 namespace ferry::cbt {
@@ -50,6 +51,11 @@ struct HealPlan {
 std::string bitmap_name(std::string_view group, std::uint64_t rp);
 // The RP of a Ferry bitmap of `group` ("ferry.<group>.<digits>"), or nullopt.
 std::optional<std::uint64_t> bitmap_rp(std::string_view group, std::string_view name);
+
+// A disk's identity tag: "ferry.<group>.id.<32 hex digits>" (disabled, never an RP bitmap:
+// bitmap_rp() does not parse it, so the healing table leaves it alone).
+std::string identity_tag_name(std::string_view group, const Hash128& id);
+std::optional<Hash128> identity_tag(std::string_view group, std::string_view name);
 
 HealPlan plan_healing(std::string_view group, std::uint64_t base_rp, bool receiver_has_disk,
                       const std::vector<BitmapState>& bitmaps);

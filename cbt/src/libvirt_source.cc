@@ -513,6 +513,17 @@ Status LibvirtSource::read_backup_xml(CaptureState& st) {
   return Status::ok();
 }
 
+// A disk's identity is derived, not stored: the target and the source path name one disk
+// wherever and however often the domain starts (a transient domain gets a new UUID at every
+// `virsh create`; a live migration on shared storage keeps both), and a target that now
+// points at another file or device gets another identity, so it is never sent as an
+// incremental on the old one's replica. Nothing to lose with the ledger, nothing to keep in
+// step with it. Two hosts whose domains use the same target and image path look alike.
+Hash128 disk_identity(const LvDisk& d) {
+  std::string key = "ferry-libvirt-disk\n" + d.dev + "\n" + d.source;
+  return xxh3_128(key.data(), key.size());
+}
+
 Result<Capture> LibvirtSource::capture(std::uint64_t base_rp, std::uint64_t rp_id,
                                        const std::vector<std::string>& receiver_disks) {
   FERRY_ASSERT(rp_id > base_rp);
@@ -564,6 +575,7 @@ Result<Capture> LibvirtSource::capture(std::uint64_t base_rp, std::uint64_t rp_i
     v.size_bytes = d.size_bytes;
     v.granularity_bytes = d.granularity_bytes;
     v.full_reason = d.reason;
+    v.identity = disk_identity(d.disk);
     v.nbd_socket = nbd_socket();
     v.export_name = d.export_name;
     if (d.reason == FullReason::none) v.dirty_context = "qemu:dirty-bitmap:" + d.export_bitmap;

@@ -19,9 +19,11 @@
 #include <chrono>
 #include <cstring>
 #include <map>
+#include <random>
 #include <set>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include "ferry/base/fd.h"
 #include "ferry/base/hash.h"
@@ -41,6 +43,7 @@ const char* full_reason_name(FullReason r) {
     case FullReason::bitmap_busy: return "bitmap_busy";
     case FullReason::new_disk: return "new_disk";
     case FullReason::no_checkpoint: return "no_checkpoint";
+    case FullReason::new_identity: return "new_identity";
   }
   return "unknown";
 }
@@ -77,6 +80,7 @@ struct DiskRun {
   std::uint64_t size_bytes = 0;
   std::uint32_t granularity_bytes = 0;
   bool persistent = false;
+  Hash128 identity;  // from the node's tag bitmap
   std::string scratch_path, scratch_node, overlay_node, create_job, backup_job, export_id,
       export_name;
   bool scratch_file = false, scratch_added = false, overlay_added = false, job_started = false,
@@ -176,6 +180,7 @@ class QmpSource final : public ChangeSource {
   Result<NodeMap> query_nodes();
   Status check_nodes_exist(const NodeMap& nodes) const;
   void clean_leftovers();
+  Status read_identities(const NodeMap& nodes, CaptureState& st);
   Status heal(const NodeMap& nodes, std::uint64_t base_rp,
               const std::vector<std::string>& receiver_disks, CaptureState& st);
   Status prepare_overlay(DiskRun& d);
@@ -291,6 +296,46 @@ void QmpSource::clean_leftovers() {
   }
 }
 
+bool persistent_bitmaps(const NodeInfo& info) { return info.format == "qcow2" && !info.qcow2_v2; }
+
+// The identity of each disk is a disabled tag bitmap on its node, so it follows the image
+// (persistent on qcow2, like ferry.G.<k>) and not the name given on the command line. A node
+// without one gets a new random identity; a node with two is an error (copied by hand?).
+Status QmpSource::read_identities(const NodeMap& nodes, CaptureState& st) {
+  json actions = json::array();
+  std::random_device rd;
+  for (DiskRun& d : st.disks) {
+    const NodeInfo& info = nodes.at(d.disk.node);
+    std::vector<std::string> tags;
+    for (const BitmapState& b : info.bitmaps)
+      if (auto id = identity_tag(opt_.group, b.name)) {
+        d.identity = *id;
+        tags.push_back(b.name);
+      }
+    if (tags.size() > 1)
+      return Status::error(Errc::corrupt,
+                           fmt::format("disk '{}' (node {}) carries {} identity tags of group {} "
+                                       "({}); remove all but one with block-dirty-bitmap-remove",
+                                       d.disk.name, d.disk.node, tags.size(), opt_.group,
+                                       fmt::join(tags, ", ")));
+    if (!tags.empty()) continue;
+    while (d.identity == Hash128{}) {
+      d.identity.lo = (std::uint64_t(rd()) << 32) | rd();
+      d.identity.hi = (std::uint64_t(rd()) << 32) | rd();
+    }
+    json add = {{"node", d.disk.node}, {"name", identity_tag_name(opt_.group, d.identity)},
+                {"disabled", true}};
+    if (persistent_bitmaps(info)) add["persistent"] = true;
+    actions.push_back(action("block-dirty-bitmap-add", add));
+    spdlog::info("group {} disk {} (node {}): new identity {}{}", opt_.group, d.disk.name,
+                 d.disk.node, d.identity.hex(),
+                 persistent_bitmaps(info) ? "" : " (in QEMU's memory only: not a qcow2 node)");
+  }
+  if (actions.empty()) return Status::ok();
+  auto r = run("transaction", {{"actions", actions}});
+  return r ? Status::ok() : r.status().with_context("adding identity tags of group " + opt_.group);
+}
+
 // Decides full/incremental per disk and heals leftovers, in one transaction for the group.
 Status QmpSource::heal(const NodeMap& nodes, std::uint64_t base_rp,
                        const std::vector<std::string>& receiver_disks, CaptureState& st) {
@@ -301,7 +346,7 @@ Status QmpSource::heal(const NodeMap& nodes, std::uint64_t base_rp,
     HealPlan plan = plan_healing(opt_.group, base_rp, held.count(d.disk.name) > 0, info.bitmaps);
     d.reason = plan.full_reason;
     d.size_bytes = info.size_bytes;
-    d.persistent = info.format == "qcow2" && !info.qcow2_v2;
+    d.persistent = persistent_bitmaps(info);
     d.granularity_bytes = kDefaultGranularityBytes;
     if (d.persistent && info.cluster_bytes >= kMinGranularityBytes &&
         info.cluster_bytes <= kMaxGranularityBytes)
@@ -459,6 +504,7 @@ Result<Capture> QmpSource::capture(std::uint64_t base_rp, std::uint64_t rp_id,
     d.export_name = fmt::format("ferry/{}/{}/{}", opt_.group, rp_id, d.disk.name);
     st->disks.push_back(std::move(d));
   }
+  FERRY_TRY(read_identities(nodes, *st));
   FERRY_TRY(heal(nodes, base_rp, receiver_disks, *st));
 
   Status s;
@@ -491,6 +537,8 @@ Result<Capture> QmpSource::capture(std::uint64_t base_rp, std::uint64_t rp_id,
     v.size_bytes = d.size_bytes;
     v.granularity_bytes = d.granularity_bytes;
     v.full_reason = d.reason;
+    v.identity = d.identity;
+    v.identity_ephemeral = !d.persistent;
     v.nbd_socket = st->nbd_socket;
     v.export_name = d.export_name;
     if (d.incremental()) v.dirty_context = "qemu:dirty-bitmap:" + bitmap_name(opt_.group, base_rp);

@@ -310,9 +310,13 @@ TEST_CASE("two disks (qcow2 and raw) are captured at one instant") {
 TEST_CASE("a persistent bitmap survives a clean restart; kill -9 forces a named full") {
   auto q = start_qsd({{"d0", true, 256 * MiB}});
   auto o = options(*q, {{"d0", "disk0"}});
+  Hash128 id;  // the disk's identity tag is stored in the qcow2 like the bitmaps
   {
     auto src = open_source(o);
     Capture c1 = capture(*src, 0, 1, {});
+    id = c1.disks[0].identity;
+    CHECK_FALSE(id == Hash128{});
+    CHECK_FALSE(c1.disks[0].identity_ephemeral);
     finish(*src, c1, true);
   }
   REQUIRE(q->write("d0", 5 * MiB, pattern(4096, 16)).is_ok());
@@ -321,6 +325,7 @@ TEST_CASE("a persistent bitmap survives a clean restart; kill -9 forces a named 
     auto src = open_source(o);
     Capture c2 = capture(*src, 1, 2, {"disk0"});
     REQUIRE(c2.disks[0].full_reason == FullReason::none);
+    CHECK(c2.disks[0].identity == id);
     auto r = nbd_reader(c2.disks[0]);
     CHECK(all_extents(*r) == std::vector<Extent>{D(5 * MiB, 64 * KiB)});
     r.reset();
@@ -335,6 +340,7 @@ TEST_CASE("a persistent bitmap survives a clean restart; kill -9 forces a named 
     auto src = open_source(o);
     Capture c3 = capture(*src, 2, 3, {"disk0"});
     CHECK(c3.disks[0].full_reason == FullReason::bitmap_inconsistent);
+    CHECK(c3.disks[0].identity == id);  // an inconsistent tag still names the disk
     finish(*src, c3, true);
   }
   // Killed before the new bitmap was ever stored: it is simply gone.
@@ -342,6 +348,7 @@ TEST_CASE("a persistent bitmap survives a clean restart; kill -9 forces a named 
   auto src = open_source(o);
   Capture c4 = capture(*src, 3, 4, {"disk0"});
   CHECK(c4.disks[0].full_reason == FullReason::no_bitmap);
+  CHECK(c4.disks[0].identity == id);
   finish(*src, c4, true);
 }
 
@@ -522,7 +529,8 @@ TEST_CASE("a source killed at each kill point heals without losing a dirty bit")
       for (const auto& n : *bitmaps)
         if (n.value("node-name", std::string()) == "d0")
           for (const auto& b : n.value("dirty-bitmaps", json::array()))
-            names.push_back(b.value("name", std::string()));
+            if (b.value("name", std::string()).rfind("ferry.g1.id.", 0) != 0)  // identity tag
+              names.push_back(b.value("name", std::string()));
       CHECK(names == std::vector<std::string>{"ferry.g1.3"});  // exactly one live bitmap
     }
   }

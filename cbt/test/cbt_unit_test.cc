@@ -1,6 +1,8 @@
 // Unit tests of the pure parts of cbt/: extent alignment and the healing table (healing.h).
 #include <catch2/catch.hpp>
 
+#include <algorithm>
+
 #include "extent_math.h"
 #include "healing.h"
 
@@ -149,4 +151,32 @@ TEST_CASE("healing H8: a frozen newest bitmap means its successor is gone") {
   CHECK(std::string(plan_healing("g", 5, true, {bm("ferry.g.5"), frozen6}).rule) == "H8");
   // a stale bitmap below base does not count as the newest
   CHECK(std::string(plan_healing("g", 5, true, {bm("ferry.g.4"), bm("ferry.g.5")}).rule) == "H6");
+}
+
+TEST_CASE("healing ignores identity tags; tags parse back to their identity") {
+  const Hash128 id{0x0123456789abcdefull, 0xfedcba9876543210ull};
+  const std::string tag = identity_tag_name("g", id);
+  CHECK(tag == "ferry.g.id.fedcba98765432100123456789abcdef");
+  CHECK(identity_tag("g", tag) == id);
+  CHECK_FALSE(identity_tag("h", tag).has_value());                 // another group's
+  CHECK_FALSE(identity_tag("g", "ferry.g.id.xyz").has_value());
+  CHECK_FALSE(identity_tag("g", "ferry.g.id." + std::string(32, '0')).has_value());
+  CHECK_FALSE(bitmap_rp("g", tag).has_value());                    // never an RP bitmap
+  BitmapState t = bm(tag);
+  t.recording = false;
+  // H1/H2 remove every ferry.g.<k>, never the tag; H6 neither merges nor removes it.
+  for (auto p : {plan_healing("g", 0, true, {t, bm("ferry.g.3")}),
+                 plan_healing("g", 5, false, {t, bm("ferry.g.5")}),
+                 plan_healing("g", 5, true, {t, bm("ferry.g.5"), bm("ferry.g.6")})}) {
+    CHECK(std::find(p.remove.begin(), p.remove.end(), tag) == p.remove.end());
+    CHECK(std::find(p.merge_into_base.begin(), p.merge_into_base.end(), tag) ==
+          p.merge_into_base.end());
+  }
+  // A disabled tag is not the newest bitmap (H8 stays quiet), nor a missing base (H5).
+  CHECK(std::string(plan_healing("g", 5, true, {bm("ferry.g.5"), t}).rule) == "H6");
+  // Even an inconsistent tag (QEMU killed) is not removed: it still names the disk.
+  t.inconsistent = true;
+  auto p = plan_healing("g", 5, true, {bm("ferry.g.5"), t});
+  CHECK(std::string(p.rule) == "H6");
+  CHECK(p.remove.empty());
 }

@@ -126,6 +126,13 @@ int main(int argc, char** argv) {
     logical = 0;
     RpBeginInfo b2{2, 1, 1700000000000000001ull, 1,
                    {{"vda", 256 << 10, false}, {"vdb", 64 << 10, false}, {"vdc", 8ull << 30, true}}};
+    // RP 1 carries no identities (unknown, as from an older source); RP 2 and 3 carry
+    // some in the rp_begin tail (a resync disk, an ephemeral identity).
+    b2.source_name = "host-a:/run/qsd.qmp";
+    b2.disks[0].identity = {0x1111, 0x2222};
+    b2.disks[1].identity = {0x3333, 0x4444};
+    b2.disks[1].identity_ephemeral = true;
+    b2.disks[1].resync = true;
     die(s.begin_rp(b2), "begin 2");
     block(s, 2, 0, 0, 4096, pattern(4096, 4), RecordKind::data, RecordCodec::zstd, logical);
     block(s, 2, 1, 1, 0, std::string(4096, '\0'), RecordKind::zero, RecordCodec::none, logical);
@@ -136,6 +143,9 @@ int main(int argc, char** argv) {
     logical = 0;
     RpBeginInfo b3{3, 2, 1700000000000000002ull, 0,
                    {{"vda", 256 << 10, false}, {"vdb", 64 << 10, false}, {"vdc", 8ull << 30, false}}};
+    b3.source_name = b2.source_name;
+    b3.disks[0].identity = b2.disks[0].identity;
+    b3.disks[1].identity = b2.disks[1].identity;
     die(s.begin_rp(b3), "begin 3");
     block(s, 3, 0, 0, 8192, pattern(4096, 5), RecordKind::data, RecordCodec::none, logical);
     // RP 3 is never committed: its records are the torn tail recovery must cut (R3).

@@ -198,6 +198,15 @@ std::string encode_begin(const RpBeginInfo& rp) {
     w.u64(d.size_bytes);
     w.u8(d.full ? 1 : 0);
   }
+  // Tail version 1 (disk identities): older payloads end after the disks and still decode.
+  w.u8(kBeginTailVersion);
+  w.str16(rp.source_name);
+  for (const auto& d : rp.disks) {
+    w.u8(d.full ? 0 : d.resync ? 2 : 1);
+    w.u8(d.identity_ephemeral ? 1 : 0);
+    w.u64(d.identity.lo);
+    w.u64(d.identity.hi);
+  }
   return s;
 }
 
@@ -216,6 +225,19 @@ Result<RpBeginInfo> decode_begin(std::string_view payload) {
     d.size_bytes = r.u64();
     d.full = r.u8() != 0;
     rp.disks.push_back(std::move(d));
+  }
+  if (r.ok() && r.remaining() != 0) {
+    if (r.u8() != kBeginTailVersion) return Status::error(Errc::corrupt, "bad rp_begin payload");
+    rp.source_name = r.str16(kMaxNameBytes);
+    for (auto& d : rp.disks) {
+      std::uint8_t mode = r.u8(), flags = r.u8();
+      d.identity.lo = r.u64();
+      d.identity.hi = r.u64();
+      if (mode > 2 || (mode == 0) != d.full || flags > 1)
+        return Status::error(Errc::corrupt, "bad rp_begin payload");
+      d.resync = mode == 2;
+      d.identity_ephemeral = flags != 0;
+    }
   }
   if (!r.ok() || r.remaining() != 0) return Status::error(Errc::corrupt, "bad rp_begin payload");
   return rp;
@@ -596,6 +618,12 @@ class Scanner {
     FERRY_ASSERT(end % kBlockAlignBytes == 0 && end > loc.offset);
     open_->info = std::move(*info);
     open_->index.seal();
+    // How each disk was sent and its identity live in the begin record only.
+    for (std::size_t i = 0; i < open_->info.disks.size() && i < open_->begin.disks.size(); ++i) {
+      open_->info.disks[i].resync = open_->begin.disks[i].resync;
+      open_->info.disks[i].identity = open_->begin.disks[i].identity;
+      open_->info.disks[i].identity_ephemeral = open_->begin.disks[i].identity_ephemeral;
+    }
     out_.committed.push_back(std::move(*open_));
     open_.reset();
     cut_ = RecordLoc{loc.segment_seq, end};

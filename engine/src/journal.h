@@ -101,6 +101,10 @@ struct SegmentHeader {
 void encode_segment_header(const SegmentHeader& h, char* out /* kSegmentHeaderBytes */);
 Result<SegmentHeader> decode_segment_header(const char* p, std::size_t len);
 
+// rp_begin payload: the fields and disks of RpBeginInfo, then (tail version 1, disk
+// identities) the source name and per disk its mode and identity. A payload that ends after
+// the disks (written before identities) decodes with identities unknown.
+inline constexpr std::uint8_t kBeginTailVersion = 1;
 std::string encode_begin(const RpBeginInfo& rp);
 Result<RpBeginInfo> decode_begin(std::string_view payload);
 std::string encode_commit(const RpInfo& rp);

@@ -428,7 +428,13 @@ class Session {
     r.last_committed_rp = store_->last_committed_rp();
     for (const RpInfo& p : store_->points())
       if (p.rp_id == r.last_committed_rp) r.last_committed_unix_ns = p.committed_unix_ns;
-    for (const RpDiskInfo& d : store_->replica_disks()) r.disks.push_back({d.name, d.size_bytes});
+    for (const RpDiskInfo& d : store_->replica_disks())
+      r.disks.push_back({d.name, d.size_bytes, {d.identity, d.identity_ephemeral}});
+    if ((r.features & transport::kFeatureDiskIdentity) != 0)
+      r.held_source = store_->last_source_name().substr(0, transport::kMaxNameBytes);
+    else if (r.last_committed_rp != 0)
+      spdlog::info("{}: source '{}' does not send disk identities (an older release): its disks "
+                   "are matched by name alone", conn_.peer(), hello_.source_name);
     spdlog::info("{}: source '{}' for group '{}' ({} disk(s)); last committed RP {}", conn_.peer(),
                  hello_.source_name, hello_.group, hello_.disks.size(), r.last_committed_rp);
     Status s = conn_.send(MsgType::hello_reply, transport::encode(r));
@@ -494,7 +500,11 @@ class Session {
     info.base_rp = b.base_rp;
     info.created_unix_ns = b.created_unix_ns;
     info.flags = b.flags;
+    info.source_name = hello_.source_name;
     if (b.disks.empty()) return Status::error(Errc::protocol, "rp_begin names no disk");
+    if ((b.flags & transport::kRpFlagIdentities) != 0 &&
+        (features_ & transport::kFeatureDiskIdentity) == 0)
+      return Status::error(Errc::protocol, "rp_begin: identities without the disk_identity feature");
     std::vector<bool> seen(hello_.disks.size(), false);
     for (const transport::RpDisk& d : b.disks) {
       if (d.disk_index >= hello_.disks.size() || seen[d.disk_index])
@@ -508,8 +518,11 @@ class Session {
           return refuse_rp(b.rp_id, s);
       }
       info.disks.push_back({hello_.disks[d.disk_index].name, d.size_bytes,
-                            d.mode == transport::DiskMode::full});
+                            d.mode == transport::DiskMode::full,
+                            d.mode == transport::DiskMode::resync, d.identity.id,
+                            d.identity.ephemeral});
     }
+    log_new_identities(info);
     // Frames name disks by their index in hello; map that to the RP's own disk order.
     disk_slot_.assign(hello_.disks.size(), -1);
     for (std::size_t i = 0; i < b.disks.size(); ++i) disk_slot_[b.disks[i].disk_index] = int(i);
@@ -595,6 +608,25 @@ class Session {
     ++next_seq_;
     logical_bytes_ += d->length_bytes;
     return Status::ok();
+  }
+
+  // A disk that comes back under a held name with another identity may only be a resync or a
+  // full copy (the store refuses an incremental by C5.identity); it is accepted, and said.
+  void log_new_identities(const RpBeginInfo& info) const {
+    static_assert(kRpFlagTakeOver == transport::kRpFlagTakeOver);
+    const std::vector<RpDiskInfo> held = store_->replica_disks();
+    for (const RpBeginInfo::Disk& d : info.disks) {
+      if (!d.full && !d.resync) continue;  // an incremental is refused by C5.identity, logged then
+      for (const RpDiskInfo& h : held) {
+        if (h.name != d.name || h.identity == Hash128{} || d.identity == Hash128{} ||
+            h.identity == d.identity)
+          continue;
+        spdlog::warn("{}: group '{}': disk '{}' of RP {} has identity {}, the replica holds {}; "
+                     "accepted as a {}{}", conn_.peer(), hello_.group, d.name, info.rp_id,
+                     d.identity.hex(), h.identity.hex(), d.full ? "full copy" : "resync",
+                     (info.flags & kRpFlagTakeOver) != 0 ? " (take-over)" : "");
+      }
+    }
   }
 
   // A resync disk is a delta on base_rp like an incremental one, so the replica must hold it

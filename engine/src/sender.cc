@@ -17,6 +17,7 @@
 #include "ferry/base/log.h"
 #include "ferry/base/memory.h"
 #include "ferry/engine/codec.h"
+#include "ferry/engine/store.h"
 #include "ferry/transport/wire.h"
 
 namespace ferry::engine {
@@ -668,7 +669,8 @@ Result<transport::HelloReply> handshake(transport::Connection& conn, const Sende
   transport::Hello hello;
   hello.group = o.group;
   hello.source_name = o.source_name;
-  hello.features = transport::kFeatureHashList | transport::kFeatureZeroRanges;
+  hello.features = transport::kFeatureHashList | transport::kFeatureZeroRanges |
+                   transport::kFeatureDiskIdentity;
   for (const auto& n : o.disk_names) hello.disks.push_back({n, 0, o.block_bytes});
   FERRY_TRY(conn.send(MsgType::hello, transport::encode(hello)));
   FERRY_ASSIGN_OR_RETURN(transport::Frame f, conn.receive(std::chrono::milliseconds(60000)));
@@ -725,7 +727,8 @@ bool tracking_lost(cbt::FullReason r) {
     case cbt::FullReason::no_bitmap:
     case cbt::FullReason::bitmap_inconsistent:
     case cbt::FullReason::bitmap_busy:
-    case cbt::FullReason::no_checkpoint: return true;
+    case cbt::FullReason::no_checkpoint:
+    case cbt::FullReason::new_identity: return true;
     default: return false;
   }
 }
@@ -763,6 +766,73 @@ std::uint64_t grown_from(const cbt::DiskView& v, transport::DiskMode mode,
   return v.size_bytes;
 }
 
+const transport::ReplicaDisk* held_disk(const transport::HelloReply& reply,
+                                        const std::string& name) {
+  for (const auto& d : reply.disks)
+    if (d.name == name) return &d;
+  return nullptr;
+}
+
+std::string short_id(const Hash128& id) { return id.hex().substr(0, 8) + ".."; }
+
+// Never an incremental across identities: a disk whose identity differs from the one the
+// receiver holds under its name (names swapped on the command line, another image behind a
+// node name) is read whole and sent as a resync (same size) or a full copy. A capture that
+// looks like another source writing the group (rule C5.source) is refused unless `take_over`.
+// Returns whether the RP carries identities (kRpFlagIdentities); `taking_over`: the capture
+// is another source's and `take_over` lets it write the group (kRpFlagTakeOver).
+Result<bool> check_identities(const SenderOptions& o, const transport::HelloReply& reply,
+                              cbt::Capture& cap, bool& taking_over) {
+  taking_over = false;
+  if ((reply.features & transport::kFeatureDiskIdentity) == 0) {
+    if (o.take_over)
+      spdlog::warn("group '{}': --take-over has no effect: the receiver does not know disk "
+                   "identities (an older release)", o.group);
+    return false;
+  }
+  for (const cbt::DiskView& v : cap.disks)
+    if (v.identity == Hash128{}) return false;  // a source without identities: as before
+  if (reply.last_committed_rp != 0) {
+    RpBeginInfo held, offered;
+    held.source_name = reply.held_source;
+    offered.source_name = o.source_name;
+    for (const auto& d : reply.disks)
+      held.disks.push_back({d.name, d.size_bytes, false, false, d.identity.id,
+                            d.identity.ephemeral});
+    for (const auto& v : cap.disks)
+      offered.disks.push_back({v.name, v.size_bytes, false, false, v.identity,
+                               v.identity_ephemeral});
+    if (second_source(held, offered)) {
+      if (!o.take_over)
+        return Status::error(Errc::diverged, second_source_message(o.group, held, offered));
+      spdlog::warn("{}; taking it over (--take-over): every disk is sent as a resync or a full "
+                   "copy", second_source_message(o.group, held, offered));
+      taking_over = true;
+    }
+  }
+  for (cbt::DiskView& v : cap.disks) {
+    const transport::ReplicaDisk* h = held_disk(reply, v.name);
+    const bool changed = h && h->identity.known() && !(h->identity.id == v.identity);
+    if (!changed && !(taking_over && h)) continue;
+    if (changed && (v.identity_ephemeral || h->identity.ephemeral))
+      spdlog::warn("disk '{}' (node {}) has a new identity {}, the receiver holds id {}: its "
+                   "QEMU process restarted (the identity of a disk without persistent bitmaps "
+                   "lives in memory) or the disks were swapped or replaced; sending it as a "
+                   "resync (a full copy if the sizes differ)", v.name, v.node,
+                   short_id(v.identity), short_id(h->identity.id));
+    else if (changed)
+      spdlog::warn("disk '{}' is now node {} (id {}), the receiver holds '{}' as id {}: the "
+                   "disks were swapped or replaced; sending it as a resync (a full copy if "
+                   "the sizes differ)", v.name, v.node, short_id(v.identity), v.name,
+                   short_id(h->identity.id));
+    if (v.full_reason == cbt::FullReason::none || changed) {
+      v.full_reason = cbt::FullReason::new_identity;
+      v.dirty_context.clear();  // the whole point-in-time view, not the bitmap's extents
+    }
+  }
+  return true;
+}
+
 // Runs everything between capture and acknowledgement; the caller finishes the capture.
 Result<transport::RpAck> send_capture(transport::Connection& conn, const SenderOptions& o,
                                       const transport::HelloReply& reply,
@@ -774,12 +844,17 @@ Result<transport::RpAck> send_capture(transport::Connection& conn, const SenderO
   begin.created_unix_ns = cap.created_unix_ns;
   if (cap.app_consistent) begin.flags |= transport::kRpFlagAppConsistent;
   FERRY_ASSERT(cap.disks.size() == o.disk_names.size());
+  bool taking_over = false;
+  FERRY_ASSIGN_OR_RETURN(const bool identities, check_identities(o, reply, cap, taking_over));
+  if (identities) begin.flags |= transport::kRpFlagIdentities;
+  if (identities && taking_over) begin.flags |= transport::kRpFlagTakeOver;
   std::vector<std::uint64_t> tracked_end;  // per disk, see grown_from()
   for (std::size_t i = 0; i < cap.disks.size(); ++i) {
     const cbt::DiskView& v = cap.disks[i];
     FERRY_ASSERT(v.name == o.disk_names[i]);
     const transport::DiskMode mode = mode_of(v, reply);
-    begin.disks.push_back({static_cast<std::uint16_t>(i), mode, v.size_bytes});
+    begin.disks.push_back({static_cast<std::uint16_t>(i), mode, v.size_bytes,
+                           {identities ? v.identity : Hash128{}, identities && v.identity_ephemeral}});
     if (mode == transport::DiskMode::resync)
       spdlog::info("disk '{}': change tracking lost ({}); resync by block digests against the "
                    "replica at RP {}", v.name, cbt::full_reason_name(v.full_reason), cap.base_rp);

@@ -460,6 +460,47 @@ class ImageHasher {
   ZeroDigests zeros_;
 };
 
+// --- disk identities ---------------------------------------------------------------------
+
+std::string identities_text(const RpBeginInfo& rp) {
+  std::string out;
+  for (const auto& d : rp.disks)
+    out += (out.empty() ? "" : ", ") + d.name + "=" +
+           (d.identity == Hash128{} ? std::string("unknown") : d.identity.hex());
+  return out;
+}
+
+}  // namespace
+
+bool second_source(const RpBeginInfo& held, const RpBeginInfo& offered) {
+  bool comparable = false;
+  for (const auto& o : offered.disks) {
+    if (o.identity == Hash128{}) return false;  // an older source: nothing to compare
+    for (const auto& h : held.disks) {
+      if (h.identity == o.identity) return false;  // one disk is still ours (maybe renamed)
+      if (h.name == o.name && !(h.identity == Hash128{}) && !h.identity_ephemeral &&
+          !o.identity_ephemeral)
+        comparable = true;
+    }
+  }
+  // Ephemeral identities (a raw disk's in-memory tag) change at every QEMU restart, so only
+  // an identity stored with the image proves that another source writes the group.
+  return comparable;
+}
+
+std::string second_source_message(const std::string& group, const RpBeginInfo& held,
+                                  const RpBeginInfo& offered) {
+  const std::string who = held.source_name.empty() ? "(unknown)" : held.source_name;
+  return "group '" + group + "' is written by source '" + who + "' (disks " +
+         identities_text(held) + "), but source '" + offered.source_name + "' offers disks " +
+         identities_text(offered) +
+         ": two sources use one group name. Give one of them another --group, or run the "
+         "source that should own the group with --take-over (`ferry replicate` or `ferry "
+         "protect`; its next RP is then a resync or full copy)";
+}
+
+namespace {
+
 // --- the store ---------------------------------------------------------------------------
 
 class StoreImpl final : public GroupStore {
@@ -495,6 +536,9 @@ class StoreImpl final : public GroupStore {
   std::uint64_t last_applied_rp() const override { return applied_; }
   std::vector<RpDiskInfo> replica_disks() const override {
     return rps_.empty() ? std::vector<RpDiskInfo>{} : rps_.back().info.disks;
+  }
+  std::string last_source_name() const override {
+    return rps_.empty() ? std::string() : rps_.back().begin.source_name;
   }
   Result<std::vector<Hash128>> replica_digests(const std::string& disk, std::uint64_t offset_bytes,
                                                std::uint32_t block_bytes,
@@ -873,6 +917,21 @@ class StoreImpl final : public GroupStore {
       if (!d.full && (rps_.empty() || find_disk(rps_.back().begin, d.name) < 0))
         return diverged("C5.disk", "incremental disk " + d.name + " is not held at base RP " +
                                        std::to_string(last));
+    if (rps_.empty()) return Status::ok();
+    const RpBeginInfo& held = rps_.back().begin;
+    if ((rp.flags & kRpFlagTakeOver) == 0 && second_source(held, rp))
+      return diverged("C5.source", second_source_message(group_, held, rp));
+    for (const auto& d : rp.disks) {
+      const int h = find_disk(held, d.name);
+      if (d.full || d.resync || h < 0) continue;
+      const Hash128& was = held.disks[h].identity;
+      if (!(was == Hash128{}) && !(d.identity == Hash128{}) && !(was == d.identity))
+        return diverged("C5.identity", "incremental disk " + d.name + " has identity " +
+                                           d.identity.hex() + ", the replica at base RP " +
+                                           std::to_string(last) + " holds identity " +
+                                           was.hex() + " (the disks were swapped or replaced: "
+                                           "only a resync or full copy may follow)");
+    }
     return Status::ok();
   }
 
@@ -929,6 +988,9 @@ class StoreImpl final : public GroupStore {
       d.name = b.disks[i].name;
       d.size_bytes = b.disks[i].size_bytes;
       d.full = b.disks[i].full;
+      d.resync = b.disks[i].resync;
+      d.identity = b.disks[i].identity;
+      d.identity_ephemeral = b.disks[i].identity_ephemeral;
       info.disks.push_back(std::move(d));
     }
     return info;

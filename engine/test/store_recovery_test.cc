@@ -736,3 +736,45 @@ TEST_CASE("corrupted bytes anywhere in a segment are detected, never applied",
                    std::to_string(std::time(nullptr) - t0));
   CHECK(refused > 0);
 }
+
+TEST_CASE("journal: rp_begin payloads without identities (before issue 18) still decode", "[store]") {
+  RpBeginInfo b = {7, 6, 123, 1, {disk("vda", 65536, false), disk("vdb", 4096, true)}};
+  // The layout written before disk identities: the disks, nothing after them.
+  std::string old;
+  ByteWriter w(old);
+  w.u64(7);
+  w.u64(6);
+  w.u64(123);
+  w.u32(1);
+  w.u16(2);
+  w.str16("vda");
+  w.u64(65536);
+  w.u8(0);
+  w.str16("vdb");
+  w.u64(4096);
+  w.u8(1);
+  auto d = jr::decode_begin(old);
+  REQUIRE(d.is_ok());
+  CHECK(d->disks.size() == 2);
+  CHECK(d->disks[0].identity == Hash128{});
+  CHECK(d->source_name.empty());
+  CHECK(d->disks[1].full);
+  CHECK(jr::encode_begin(b).substr(0, old.size()) == old);  // the new tail only appends
+
+  b.source_name = "host-a:/run/qsd.qmp";
+  b.disks[0].resync = true;
+  b.disks[0].identity = Hash128{5, 6};
+  b.disks[1].identity = Hash128{7, 8};
+  b.disks[1].identity_ephemeral = true;
+  std::string now = jr::encode_begin(b);
+  auto n = jr::decode_begin(now);
+  REQUIRE(n.is_ok());
+  CHECK(n->source_name == b.source_name);
+  CHECK(n->disks[0].resync);
+  CHECK(n->disks[0].identity == (Hash128{5, 6}));
+  CHECK(n->disks[1].identity_ephemeral);
+  CHECK_FALSE(jr::decode_begin(now.substr(0, now.size() - 1)).is_ok());
+  std::string bad = now;
+  bad[old.size()] = 2;  // an unknown tail version
+  CHECK_FALSE(jr::decode_begin(bad).is_ok());
+}

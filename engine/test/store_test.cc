@@ -374,6 +374,20 @@ void check_long_zero_image(const std::string& path, std::uint64_t rp) {
   CHECK(read_at(path, 10 * kGiB, kB64) == std::string(kB64, '\0'));
 }
 
+RpBeginInfo::Disk id_disk(const std::string& name, std::uint64_t size, bool full,
+                          std::uint64_t id, bool resync = false, bool ephemeral = false) {
+  RpBeginInfo::Disk d = disk(name, size, full);
+  d.resync = resync;
+  d.identity = Hash128{id, id * 7};
+  d.identity_ephemeral = ephemeral;
+  return d;
+}
+
+Status begin_and_commit(GroupStore& s, const RpBeginInfo& b) {
+  FERRY_TRY(s.begin_rp(b));
+  return s.commit_rp(b.rp_id, 0, 0).status();
+}
+
 }  // namespace
 
 // A zero range of up to kMaxStoredZeroBytes is one record (journal-format.md): stored as a
@@ -495,4 +509,75 @@ TEST_CASE("faulty twin: a long punch is undone and redone by its data runs", "[s
     CHECK(read_at(path, kGiB, a.size()) == (keep ? std::string(a.size(), '\0') : a));
     CHECK(read_at(path, 40 * kGiB, b.size()) == (keep ? std::string(b.size(), '\0') : b));
   }
+}
+
+TEST_CASE("store: an incremental across identities is refused (C5.identity)", "[store]") {
+  TempDir dir;
+  StoreOptions opt = options_for(dir);
+  auto store = GroupStore::open(opt, "g", true);
+  REQUIRE(store.is_ok());
+  GroupStore& s = **store;
+  RpBeginInfo first = {1, 0, 1, 0, {id_disk("root", 8192, true, 1), id_disk("data", 8192, true, 2)}};
+  first.source_name = "host-a";
+  REQUIRE(begin_and_commit(s, first).is_ok());
+  CHECK(s.replica_disks()[0].identity == (Hash128{1, 7}));
+  CHECK(s.last_source_name() == "host-a");
+
+  // The names swapped: each disk is a known identity under the other's name.
+  RpBeginInfo swapped = {2, 1, 2, 0, {id_disk("root", 8192, false, 2), id_disk("data", 8192, false, 1)}};
+  swapped.source_name = "host-a";
+  Status refused = s.begin_rp(swapped);
+  CHECK(refused.code() == Errc::diverged);
+  CHECK_THAT(refused.message(), Catch::Contains("C5.identity"));
+  CHECK_THAT(refused.message(), Catch::Contains("root"));
+  CHECK_THAT(refused.message(), Catch::Contains((Hash128{1, 7}).hex()));
+  CHECK_THAT(refused.message(), Catch::Contains((Hash128{2, 14}).hex()));
+  CHECK(s.last_committed_rp() == 1);
+
+  // As resyncs they are accepted, and the new identities are what the replica holds now.
+  swapped.disks[0].resync = swapped.disks[1].resync = true;
+  REQUIRE(begin_and_commit(s, swapped).is_ok());
+  CHECK(s.replica_disks()[0].identity == (Hash128{2, 14}));
+  CHECK(s.points().back().disks[0].resync);
+
+  // An older source (no identity) is accepted as before.
+  RpBeginInfo old_source = {3, 2, 3, 0, {disk("root", 8192, false), disk("data", 8192, false)}};
+  REQUIRE(begin_and_commit(s, old_source).is_ok());
+}
+
+TEST_CASE("store: a second source for one group is refused (C5.source)", "[store]") {
+  TempDir dir;
+  StoreOptions opt = options_for(dir);
+  auto store = GroupStore::open(opt, "g", true);
+  REQUIRE(store.is_ok());
+  GroupStore& s = **store;
+  RpBeginInfo a = {1, 0, 1, 0, {id_disk("vda", 8192, true, 10)}};
+  a.source_name = "host-a";
+  REQUIRE(begin_and_commit(s, a).is_ok());
+  RpBeginInfo b = {2, 1, 2, 0, {id_disk("vda", 8192, false, 20, /*resync=*/true)}};
+  b.source_name = "host-b";
+  Status refused = s.begin_rp(b);
+  CHECK(refused.code() == Errc::diverged);
+  for (const char* what : {"C5.source", "'g'", "host-a", "host-b", "--take-over", "--group"})
+    CHECK_THAT(refused.message(), Catch::Contains(what));
+  // An identity that lives in QEMU's memory only (a raw disk, QEMU restarted) proves nothing.
+  b.disks[0].identity_ephemeral = true;
+  REQUIRE(begin_and_commit(s, b).is_ok());
+  // Take-over lifts the rule.
+  RpBeginInfo c = {3, 2, 3, 0, {id_disk("vda", 8192, true, 30)}};
+  c.source_name = "host-c";
+  RpBeginInfo held_persistent = {3, 2, 3, 0, {id_disk("vda", 8192, false, 20, true)}};
+  REQUIRE(begin_and_commit(s, held_persistent).is_ok());
+  c.rp_id = 4;
+  c.base_rp = 3;
+  CHECK(s.begin_rp(c).code() == Errc::diverged);
+  c.flags = kRpFlagTakeOver;
+  REQUIRE(begin_and_commit(s, c).is_ok());
+  CHECK(s.last_source_name() == "host-c");
+  // Identities survive a re-open (they are in the journal's rp_begin records).
+  store->reset();
+  auto again = GroupStore::open(opt, "g", false);
+  REQUIRE(again.is_ok());
+  CHECK((*again)->replica_disks()[0].identity == (Hash128{30, 210}));
+  CHECK((*again)->last_source_name() == "host-c");
 }

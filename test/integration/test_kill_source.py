@@ -30,7 +30,9 @@ with ft.Env("kill-source") as env:
     hist.record(env.replicate_once(qsd, rx.addr, GROUP), snaps)
 
     def ferry_bitmaps():
-        return {d.name: sorted(b for b in qsd.qmp.bitmaps(d.node) if b.startswith(f"ferry.{GROUP}."))
+        # RP bitmaps only: the identity tag ferry.G.id.<hex> names the disk and stays.
+        return {d.name: sorted(b for b in qsd.qmp.bitmaps(d.node) if b.startswith(f"ferry.{GROUP}.")
+                               and not b.startswith(f"ferry.{GROUP}.id."))
                 for d in qsd.disks}
 
     def next_rp_equal(label, interrupted_rp=None):

@@ -166,6 +166,11 @@ with ft.Env("lost-ack") as env:
     writes(4)
     incremental_rp("after-lost-end", rp, touched())
 
-    left = {d.name: sorted(b for b in qsd.qmp.bitmaps(d.node) if b.startswith(f"ferry.{GROUP}."))
+    # RP bitmaps; the identity tag ferry.G.id.<hex> names the disk and stays, one per disk.
+    tags = {d.name: [b for b in qsd.qmp.bitmaps(d.node) if b.startswith(f"ferry.{GROUP}.id.")]
+            for d in qsd.disks}
+    ft.check(all(len(v) == 1 for v in tags.values()), f"identity tags: {tags}")
+    left = {d.name: sorted(b for b in qsd.qmp.bitmaps(d.node)
+                           if b.startswith(f"ferry.{GROUP}.") and b not in tags[d.name])
             for d in qsd.disks}
     ft.check(all(len(v) == 1 for v in left.values()), f"Ferry bitmaps left: {left}")

@@ -37,6 +37,15 @@ int main(int argc, char** argv) {
   reply.disks = {{"vda", 1ull << 30}};
   RpBegin begin{8, 7, 1700000000000000001ull, kRpFlagAppConsistent,
                 {{0, DiskMode::resync, 1ull << 30}, {1, DiskMode::full, 1ull << 20}}};
+  // Disk identities (feature bit 3, rp_begin flags bits 1 and 2).
+  HelloReply reply_ident = reply;
+  reply_ident.features = kFeatureHashList | kFeatureDiskIdentity;
+  reply_ident.held_source = "host-a:/run/qsd.qmp";
+  reply_ident.disks = {{"vda", 1ull << 30, {{1, 2}, false}}, {"vdb", 0, {}}};
+  RpBegin begin_ident = begin;
+  begin_ident.flags |= kRpFlagIdentities | kRpFlagTakeOver;
+  begin_ident.disks[0].identity = {{3, 4}, false};
+  begin_ident.disks[1].identity = {{5, 6}, true};
   DataFrame data;
   data.group_id = group_id_of("vm-web-01");
   data.rp_id = 8;
@@ -58,6 +67,8 @@ int main(int argc, char** argv) {
   bool ok = write(dir, "hello", MsgType::hello, encode(hello)) &&
             write(dir, "hello_reply", MsgType::hello_reply, encode(reply)) &&
             write(dir, "rp_begin", MsgType::rp_begin, encode(begin)) &&
+            write(dir, "hello_reply_ident", MsgType::hello_reply, encode(reply_ident)) &&
+            write(dir, "rp_begin_ident", MsgType::rp_begin, encode(begin_ident)) &&
             write(dir, "data", MsgType::data, encode(data)) &&
             write(dir, "data_zero", MsgType::data, encode(zero)) &&
             write(dir, "data_zero_range", MsgType::data, encode(zero_range)) &&

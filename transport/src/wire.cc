@@ -112,6 +112,30 @@ WireStatus read_wire_status(FieldReader& r, std::string_view field) {
   return r.ok() ? static_cast<WireStatus>(v) : WireStatus::ok;
 }
 
+// 17 bytes: flags u8 (kIdentityEphemeral, other bits rejected), id lo u64, id hi u64.
+void write_identity(ByteWriter& w, const DiskIdentity& d) {
+  w.u8(d.ephemeral ? kIdentityEphemeral : 0);
+  w.u64(d.id.lo);
+  w.u64(d.id.hi);
+}
+
+DiskIdentity read_identity(FieldReader& r, const char* array, std::size_t i, bool required) {
+  DiskIdentity d;
+  const std::string field = fmt::format("{}[{}]", array, i);
+  std::uint8_t flags = r.u8(field + ".flags");
+  d.id.lo = r.u64(field + ".id");
+  d.id.hi = r.u64(field + ".id");
+  if (!r.ok()) return {};
+  if ((flags & ~kIdentityEphemeral) != 0)
+    r.fail(field + ".flags", fmt::format("unknown bits 0x{:02x}", flags & ~kIdentityEphemeral));
+  else if (required && !d.known())
+    r.fail(field + ".id", "zero, an identity is required");
+  else if (!d.known() && flags != 0)
+    r.fail(field + ".flags", "set on an unknown (zero) identity");
+  d.ephemeral = (flags & kIdentityEphemeral) != 0;
+  return d;
+}
+
 std::uint16_t read_count(FieldReader& r, std::string_view field, std::size_t min_count) {
   std::uint16_t n = r.u16(field);
   if (n > kMaxDisksPerGroup)
@@ -294,6 +318,13 @@ std::string encode(const HelloReply& m) {
     w.str16(d.name);
     w.u64(d.size_bytes);
   }
+  // Only a source that offered the feature can get it accepted, so an older source never
+  // sees these bytes.
+  if ((m.features & kFeatureDiskIdentity) != 0) {
+    FERRY_ASSERT(m.held_source.size() <= kMaxNameBytes);
+    w.str16(m.held_source);
+    for (const ReplicaDisk& d : m.disks) write_identity(w, d.identity);
+  }
   return out;
 }
 
@@ -313,6 +344,12 @@ Result<HelloReply> decode_hello_reply(std::string_view payload) {
     d.name = r.str(indexed("disks", i, "name"), kMaxNameBytes, true);
     d.size_bytes = r.u64(indexed("disks", i, "size_bytes"));
     m.disks.push_back(std::move(d));
+  }
+  if (r.ok() && (m.features & kFeatureDiskIdentity) != 0) {
+    m.held_source = r.str("held_source", kMaxNameBytes, false);
+    // Zero is allowed here: the receiver holds no identity for a disk an older source wrote.
+    for (std::size_t i = 0; i < m.disks.size() && r.ok(); ++i)
+      m.disks[i].identity = read_identity(r, "identities", i, /*required=*/false);
   }
   return finish(r, std::move(m));
 }
@@ -335,6 +372,10 @@ std::string encode(const RpBegin& m) {
     w.u8(0);  // reserved
     w.u64(d.size_bytes);
   }
+  // Only with kFeatureDiskIdentity accepted (the engine's rule), so an older receiver, which
+  // rejects the flag, never sees these bytes.
+  if ((m.flags & kRpFlagIdentities) != 0)
+    for (const RpDisk& d : m.disks) write_identity(w, d.identity);
   return out;
 }
 
@@ -368,14 +409,19 @@ Result<RpBegin> decode_rp_begin(std::string_view payload) {
   std::uint16_t reserved = r.u16("reserved");
   if (r.ok() && m.rp_id <= m.base_rp)
     r.fail("rp_id", fmt::format("{} is not above base_rp {}", m.rp_id, m.base_rp));
-  if (r.ok() && (m.flags & ~kRpFlagAppConsistent) != 0)
-    r.fail("flags", fmt::format("unknown bits 0x{:08x}", m.flags & ~kRpFlagAppConsistent));
+  if (r.ok() && (m.flags & ~kKnownRpFlags) != 0)
+    r.fail("flags", fmt::format("unknown bits 0x{:08x}", m.flags & ~kKnownRpFlags));
+  if (r.ok() && (m.flags & kRpFlagTakeOver) != 0 && (m.flags & kRpFlagIdentities) == 0)
+    r.fail("flags", "take_over (bit 2) without identities (bit 1)");
   if (r.ok() && reserved != 0) r.fail("reserved", "must be 0");
   for (std::size_t i = 0; i < count && r.ok(); ++i) {
     RpDisk d;
     read_rp_disk(r, i, m, d);
     m.disks.push_back(d);
   }
+  if (r.ok() && (m.flags & kRpFlagIdentities) != 0)
+    for (std::size_t i = 0; i < m.disks.size() && r.ok(); ++i)
+      m.disks[i].identity = read_identity(r, "identities", i, /*required=*/true);
   return finish(r, std::move(m));
 }
 

@@ -237,7 +237,7 @@ TEST_CASE("unknown enum values and reserved bits are rejected") {
   p = encode(b);
   put_u16(p, 30, 1);
   expect_rejected(decode_rp_begin(p), "rp_begin.reserved");
-  b.flags = 2;
+  b.flags = 1u << 5;  // bits 1 and 2 are identities and take-over
   expect_rejected(decode_rp_begin(encode(b)), "rp_begin.flags");
 
   DataFrame d = sample_data();
@@ -591,4 +591,49 @@ TEST_CASE("resync frames: checksummed like any other") {
   f[kFrameHeaderBytes + 30] ^= 1;  // one bit of a digest
   CHECK(verify_frame(f.data(), std::string_view(f).substr(kFrameHeaderBytes)).code() ==
         Errc::protocol);
+}
+
+TEST_CASE("disk identities: only behind the feature and the flag") {
+  // Without the feature, hello_reply is byte for byte what an older source expects.
+  HelloReply r = sample_reply();
+  const std::size_t plain = encode(r).size();
+  r.held_source = "host-a:/run/qsd.qmp";
+  r.disks[0].identity = {{0x1111, 0x2222}, false};
+  CHECK(encode(r).size() == plain);
+  CHECK(decode_hello_reply(encode(r)).value().held_source.empty());
+
+  // With it: held_source str16, then 17 bytes per disk; zero (unknown) identities allowed.
+  r.features = kFeatureDiskIdentity;
+  r.disks[1].identity = {};
+  std::string p = encode(r);
+  CHECK(p.size() == plain + 2 + r.held_source.size() + 17 * r.disks.size());
+  CHECK(decode_hello_reply(p).value() == r);
+  expect_rejected(decode_hello_reply(p.substr(0, p.size() - 1)), "hello_reply.identities[1]");
+  expect_rejected(decode_hello_reply(p + "x"), "hello_reply.payload");
+  std::string bad = p;
+  bad[p.size() - 17] = 2;  // unknown identity flag
+  expect_rejected(decode_hello_reply(bad), "hello_reply.identities[1].flags");
+  bad[p.size() - 17] = 1;  // ephemeral on an unknown identity
+  expect_rejected(decode_hello_reply(bad), "hello_reply.identities[1].flags");
+
+  // rp_begin: no identities without the flag (an older receiver rejects the flag itself).
+  RpBegin b = sample_begin();
+  b.disks[0].identity = {{1, 2}, false};
+  CHECK(encode(b).size() == 32 + 12 * 2);
+  b.flags |= kRpFlagIdentities;
+  b.disks[1].identity = {{3, 4}, true};
+  std::string q = encode(b);
+  CHECK(q.size() == 32 + 12 * 2 + 17 * 2);
+  CHECK(decode_rp_begin(q).value() == b);
+  expect_rejected(decode_rp_begin(q.substr(0, q.size() - 8)), "rp_begin.identities[1].id");
+  b.disks[1].identity = {};
+  expect_rejected(decode_rp_begin(encode(b)), "rp_begin.identities[1].id");
+  b.disks[1].identity = {{3, 4}, false};
+  b.flags |= kRpFlagTakeOver;
+  CHECK(decode_rp_begin(encode(b)).value() == b);
+  b.flags &= ~kRpFlagIdentities;
+  expect_rejected(decode_rp_begin(encode(b)), "rp_begin.flags");
+  b.flags = 1u << 5;
+  expect_rejected(decode_rp_begin(encode(b)), "rp_begin.flags");
+  CHECK((kKnownFeatures & (1u << 2)) == 0);  // bit 2 belongs to zero ranges
 }

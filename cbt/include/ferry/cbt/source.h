@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "ferry/base/hash.h"
 #include "ferry/base/status.h"
 
 namespace ferry::cbt {
@@ -32,6 +33,7 @@ enum class FullReason : std::uint8_t {
   bitmap_busy,          // the bitmap is in use by someone else
   new_disk,             // the receiver does not hold this disk
   no_checkpoint,        // the disk cannot carry a bitmap/checkpoint (raw format)
+  new_identity,         // the receiver holds this name as another disk (swapped, replaced)
 };
 const char* full_reason_name(FullReason r);
 
@@ -45,6 +47,10 @@ struct DiskView {
   std::string nbd_socket;
   std::string export_name;
   std::string dirty_context;  // "qemu:dirty-bitmap:<name>" when incremental, else empty
+  // The disk's identity (zero: the source keeps none). It travels with the disk, not with
+  // its name: QMP keeps it in a tag bitmap on the node (docs/change-tracking.md).
+  Hash128 identity;
+  bool identity_ephemeral = false;  // dies with the QEMU process (a raw disk's tag)
 };
 
 struct Capture {

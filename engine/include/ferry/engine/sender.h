@@ -37,6 +37,9 @@ struct SenderOptions {
   std::function<Result<std::unique_ptr<cbt::BlockReader>>(const cbt::DiskView&)> open_reader;
   // Called now and then with (bytes done, bytes total) of the RP, for a progress line.
   std::function<void(std::uint64_t, std::uint64_t)> progress;
+  // Take the group over from the source that wrote it (`--take-over`): the receiver's rule
+  // C5.source is lifted and every disk is sent as a resync or a full copy.
+  bool take_over = false;
   // Set to true to stop (SIGTERM): the RP in flight is abandoned safely.
   const std::atomic<bool>* stop = nullptr;
 };

@@ -39,6 +39,11 @@ struct RpDiskInfo {
   std::uint64_t changed_bytes = 0;    // logical bytes carried by the RP (data + zero)
   std::uint64_t zero_bytes = 0;       // of which sent as zero records
   std::uint64_t stored_bytes = 0;     // bytes the RP's records take in the journal
+  // From the RP's rp_begin record (not the commit record): how the disk was sent and the
+  // identity the source gave it (zero: unknown, an older source or journal).
+  bool resync = false;
+  Hash128 identity;
+  bool identity_ephemeral = false;  // lives only as long as the source's QEMU process
 };
 
 struct RpInfo {
@@ -59,9 +64,16 @@ struct RpBeginInfo {
     std::string name;
     std::uint64_t size_bytes = 0;
     bool full = false;
+    bool resync = false;  // a delta on base_rp chosen by digests (C4)
+    Hash128 identity;     // zero: unknown (an older source)
+    bool identity_ephemeral = false;
   };
   std::vector<Disk> disks;
+  std::string source_name;  // who sent the RP (hello.source_name); empty: unknown
 };
+// RpBeginInfo::flags bit (= transport::kRpFlagTakeOver): the source takes the group over
+// from the source that wrote it, so rule C5.source does not apply.
+inline constexpr std::uint32_t kRpFlagTakeOver = 1u << 2;
 
 // The largest codec-encoded payload one journal record holds: a 4 MiB block, plus room for a
 // zstd frame that came out larger than its block. The wire allows frames up to 8 MiB, so the
@@ -115,12 +127,17 @@ class GroupStore {
   virtual const std::string& group() const = 0;
   virtual std::uint64_t last_committed_rp() const = 0;  // 0: none
   virtual std::uint64_t last_applied_rp() const = 0;
-  // Disks of the last committed RP with their sizes.
+  // Disks of the last committed RP with their sizes and identities.
   virtual std::vector<RpDiskInfo> replica_disks() const = 0;
+  // The source that sent the last committed RP (empty: none, or an older source).
+  virtual std::string last_source_name() const = 0;
 
   // Opens a new RP. Refuses (Errc::diverged, naming the rule) when base_rp is not
-  // last_committed_rp(), when rp_id <= last_committed_rp(), or when a disk marked
-  // incremental is not held at base_rp. An RP left open by a broken connection is discarded.
+  // last_committed_rp(), when rp_id <= last_committed_rp(), when a disk marked incremental is
+  // not held at base_rp (C5.disk) or is held with another identity (C5.identity), or when the
+  // RP comes from another source than the one that wrote the group (C5.source: every disk's
+  // identity is new, none matches a held one; kRpFlagTakeOver lifts it). An RP left open by
+  // a broken connection is discarded.
   virtual Status begin_rp(const RpBeginInfo& rp) = 0;
   // Appends one block of the open RP to the journal (asynchronously; bounded in bytes).
   virtual Status append_block(const BlockRecord& block) = 0;
@@ -164,6 +181,15 @@ class GroupStore {
   virtual Status restore(std::uint64_t rp_id, const std::string& disk,
                          const std::string& out_path) const = 0;
 };
+
+// Two sources, one group (rule C5.source): every disk `offered` carries an identity, none
+// equals an identity of `held` (the group's last RP), and at least one disk of the same name
+// is held with another identity stored with its image (not ephemeral). A swap of names, an
+// older source or a raw disk whose QEMU restarted is not a second source.
+bool second_source(const RpBeginInfo& held, const RpBeginInfo& offered);
+// The refusal: names the group, both sources and their disks' identities, and the fix.
+std::string second_source_message(const std::string& group, const RpBeginInfo& held,
+                                  const RpBeginInfo& offered);
 
 // Read-only views for the CLI, without taking the group lock: lists committed RPs by
 // reading the store (safe while a receiver runs).

@@ -85,6 +85,19 @@ std::uint64_t frame_checksum(const void* header_bytes, std::string_view payload)
 
 // --- messages --------------------------------------------------------------------------
 
+// A disk's identity: 128 random bits that travel with the disk (a tag bitmap on a QMP node,
+// the ledger of a libvirt source), so a disk that changes name, or a name that now means
+// another disk, is never sent as an incremental on the other's replica. Zero: unknown.
+// `ephemeral`: the identity lives only as long as the QEMU process (a raw disk's in-memory
+// tag), so a new one after a restart proves no swap: the disk is resynced, nothing more.
+struct DiskIdentity {
+  Hash128 id;
+  bool ephemeral = false;
+  bool known() const { return !(id == Hash128{}); }
+  friend bool operator==(const DiskIdentity&, const DiskIdentity&) = default;
+};
+inline constexpr std::uint8_t kIdentityEphemeral = 1u << 0;  // DiskIdentity flags byte
+
 struct DiskInfo {
   std::string name;
   std::uint64_t size_bytes = 0;
@@ -99,7 +112,9 @@ inline constexpr std::uint32_t kFeatureHashList = 1u << 1;  // resync: hash_requ
 // A zero-kind DATA frame may cover up to kMaxZeroRangeBytes (an empty thin disk travels as a
 // few frames, not one per 4 MiB).
 inline constexpr std::uint32_t kFeatureZeroRanges = 1u << 2;
-inline constexpr std::uint32_t kKnownFeatures = kFeatureHashList | kFeatureZeroRanges;
+inline constexpr std::uint32_t kFeatureDiskIdentity = 1u << 3;  // identities, take-over
+inline constexpr std::uint32_t kKnownFeatures =
+    kFeatureHashList | kFeatureZeroRanges | kFeatureDiskIdentity;
 
 struct Hello {
   std::uint16_t version = kProtocolVersion;
@@ -113,6 +128,7 @@ struct Hello {
 struct ReplicaDisk {
   std::string name;
   std::uint64_t size_bytes = 0;  // size of the replica at last_committed_rp (0: none)
+  DiskIdentity identity;  // on the wire only with kFeatureDiskIdentity accepted
   friend bool operator==(const ReplicaDisk&, const ReplicaDisk&) = default;
 };
 
@@ -124,6 +140,9 @@ struct HelloReply {
   std::uint64_t last_committed_rp = 0;  // 0: the group has no RP yet
   std::uint64_t last_committed_unix_ns = 0;
   std::vector<ReplicaDisk> disks;  // disks the receiver holds for the group
+  // With kFeatureDiskIdentity in `features`: the source that wrote the last committed RP
+  // (its hello.source_name; empty: unknown), then an identity per disk after the disks.
+  std::string held_source;
   friend bool operator==(const HelloReply&, const HelloReply&) = default;
 };
 
@@ -136,6 +155,7 @@ struct RpDisk {
   std::uint16_t disk_index = 0;  // index into Hello::disks
   DiskMode mode = DiskMode::full;
   std::uint64_t size_bytes = 0;
+  DiskIdentity identity;  // on the wire only with kRpFlagIdentities
   friend bool operator==(const RpDisk&, const RpDisk&) = default;
 };
 
@@ -148,6 +168,13 @@ struct RpBegin {
   friend bool operator==(const RpBegin&, const RpBegin&) = default;
 };
 inline constexpr std::uint32_t kRpFlagAppConsistent = 1u << 0;
+// Needs kFeatureDiskIdentity: every disk's identity follows the disk list (all known).
+inline constexpr std::uint32_t kRpFlagIdentities = 1u << 1;
+// Needs kRpFlagIdentities: the source takes the group over from the source that wrote it
+// (`ferry replicate --take-over`); its disks are resyncs or full copies.
+inline constexpr std::uint32_t kRpFlagTakeOver = 1u << 2;
+inline constexpr std::uint32_t kKnownRpFlags = kRpFlagAppConsistent | kRpFlagIdentities |
+                                               kRpFlagTakeOver;
 
 enum class BlockKind : std::uint8_t { data = 0, zero = 1 };
 enum class Codec : std::uint8_t { none = 0, zstd = 1 };
