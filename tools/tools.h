@@ -10,6 +10,7 @@
 
 #include "ferry/base/fd.h"
 #include "ferry/base/status.h"
+#include "ferry/base/units.h"
 
 namespace ferry::tools {
 
@@ -46,7 +47,6 @@ class StatusSocket {
 
 std::string default_state_dir();  // $FERRY_STATE_DIR or /var/lib/ferry
 std::string host_name();
-std::string human_bytes(std::uint64_t bytes);
 std::string format_time_ns(std::uint64_t unix_ns);
 // A progress line on stderr: bytes done, rate, and (when total is known) ETA.
 std::function<void(std::uint64_t, std::uint64_t)> progress_printer();

@@ -21,19 +21,6 @@ std::string host_name() {
   return buf;
 }
 
-std::string human_bytes(std::uint64_t b) {
-  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-  double v = double(b);
-  int u = 0;
-  while (v >= 1024 && u < 4) {
-    v /= 1024;
-    ++u;
-  }
-  char buf[32];
-  std::snprintf(buf, sizeof buf, u ? "%.1f %s" : "%.0f %s", v, units[u]);
-  return buf;
-}
-
 std::string format_time_ns(std::uint64_t ns) {
   std::time_t t = static_cast<std::time_t>(ns / 1000000000ull);
   std::tm tm{};

@@ -5,6 +5,7 @@
 #include "ferry/base/bytes.h"
 #include "ferry/base/hash.h"
 #include "ferry/base/status.h"
+#include "ferry/base/units.h"
 
 using namespace ferry;
 
@@ -70,4 +71,15 @@ TEST_CASE("xxh3 and zero detection") {
   Hash128 a = xxh3_128("abc", 3), b = xxh3_128("abd", 3);
   CHECK_FALSE(a == b);
   CHECK(a.hex().size() == 32);
+}
+
+TEST_CASE("human_bytes: B to EiB, exact form adds the byte count") {
+  CHECK(human_bytes(0) == "0 B");
+  CHECK(human_bytes(1023) == "1023 B");
+  CHECK(human_bytes(1536) == "1.5 KiB");
+  CHECK(human_bytes(20ull << 40) == "20.0 TiB");
+  CHECK(human_bytes(3ull << 50) == "3.0 PiB");
+  CHECK(human_bytes(~0ull) == "16.0 EiB");
+  CHECK(human_bytes_exact(512) == "512 B (512 bytes)");
+  CHECK(human_bytes_exact(20ull << 40) == "20.0 TiB (21990232555520 bytes)");
 }

@@ -13,22 +13,9 @@
 
 #include "ferry/base/fd.h"
 #include "ferry/base/log.h"
+#include "ferry/base/units.h"
 
 namespace ferry::engine {
-
-std::string describe_bytes(std::uint64_t bytes) {
-  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
-  double v = double(bytes);
-  int u = 0;
-  while (v >= 1024 && u < 6) {
-    v /= 1024;
-    ++u;
-  }
-  char buf[64];
-  std::snprintf(buf, sizeof buf, u ? "%.1f %s (%llu bytes)" : "%.0f %s (%llu bytes)", v,
-                units[u], static_cast<unsigned long long>(bytes));
-  return buf;
-}
 
 std::string file_system_name(const std::string& path) {
   struct statfs fs {};
@@ -111,11 +98,11 @@ Status check_disk_capacity(CapacityProbe& probe, const std::string& replica_dir,
                            const std::string& group, const std::string& disk,
                            std::uint64_t size_bytes, std::uint64_t max_disk_bytes) {
   const std::string what = "disk '" + disk + "' of group '" + group + "' is " +
-                           describe_bytes(size_bytes);
+                           human_bytes_exact(size_bytes);
   if (max_disk_bytes != 0 && size_bytes > max_disk_bytes)
     return Status::error(Errc::invalid_argument,
                          what + ", larger than this receiver's --max-disk-bytes " +
-                             describe_bytes(max_disk_bytes) +
+                             human_bytes_exact(max_disk_bytes) +
                              ": raise --max-disk-bytes or replicate the disk to another receiver");
   // Past the process's file size limit, growing the probe would raise SIGXFSZ and kill the
   // receiver; the limit is the process's, not the file system's, and the fix differs.
@@ -124,7 +111,7 @@ Status check_disk_capacity(CapacityProbe& probe, const std::string& replica_dir,
       size_bytes > fsize.rlim_cur)
     return Status::error(Errc::unsupported,
                          what + ", larger than the receiver's file size limit (RLIMIT_FSIZE) " +
-                             describe_bytes(fsize.rlim_cur) +
+                             human_bytes_exact(fsize.rlim_cur) +
                              ": raise it (ulimit -f unlimited, or LimitFSIZE=infinity in the "
                              "systemd unit)");
   auto v = probe.check(replica_dir, size_bytes);
@@ -132,14 +119,14 @@ Status check_disk_capacity(CapacityProbe& probe, const std::string& replica_dir,
     // Not a verdict on the size: the store itself reports a real storage failure when it
     // writes. Accepting here never acknowledges anything the store did not make durable.
     spdlog::warn("group '{}': cannot check whether the store can hold disk '{}' ({}): {}", group,
-                 disk, describe_bytes(size_bytes), v.status().to_string());
+                 disk, human_bytes_exact(size_bytes), v.status().to_string());
     return Status::ok();
   }
   if (v->fits) return Status::ok();
   return Status::error(Errc::unsupported,
                        what + ", larger than the largest file the store's file system (" +
                            v->fs_name + " at " + replica_dir + ") can hold, " +
-                           describe_bytes(v->max_file_bytes) +
+                           human_bytes_exact(v->max_file_bytes) +
                            ": use a store on XFS, whose file size limit is 8 EiB, or replicate "
                            "a smaller disk");
 }

@@ -23,8 +23,6 @@
 
 namespace ferry::engine {
 
-// "20.0 TiB (21990232555520 bytes)": sizes in refusals, exact and readable.
-std::string describe_bytes(std::uint64_t bytes);
 // The name of the file system holding `path` ("ext4", "xfs", ...; "unknown" if unrecognised).
 std::string file_system_name(const std::string& path);
 

@@ -104,8 +104,3 @@ TEST_CASE("a size past the process's file size limit is refused without probing"
   CHECK(s.message().find("RLIMIT_FSIZE") != std::string::npos);
   CHECK(probe.probes() == 0);
 }
-
-TEST_CASE("sizes are described exactly and readably") {
-  CHECK(describe_bytes(20ull << 40) == "20.0 TiB (21990232555520 bytes)");
-  CHECK(describe_bytes(512) == "512 B (512 bytes)");
-}
