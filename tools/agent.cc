@@ -247,106 +247,6 @@ nlohmann::json Worker::status_json(std::uint64_t now_ns) const {
   return j;
 }
 
-// ---- status socket -----------------------------------------------------------------------------
-
-// Serves one JSON document per connection on a unix socket (mode 0600), from its own thread.
-class StatusServer {
- public:
-  using Render = std::function<std::string()>;
-  static Result<std::unique_ptr<StatusServer>> create(const std::string& path, Render render);
-  ~StatusServer() {
-    stopping_.store(true);
-    if (thread_.joinable()) thread_.join();
-    ::unlink(path_.c_str());
-  }
-
- private:
-  StatusServer(std::string path, UniqueFd fd, Render render)
-      : path_(std::move(path)), fd_(std::move(fd)), render_(std::move(render)) {
-    thread_ = std::thread([this] { loop(); });
-  }
-  void loop();
-  void answer(int client);
-
-  const std::string path_;
-  UniqueFd fd_;
-  const Render render_;
-  std::atomic<bool> stopping_{false};
-  std::thread thread_;
-};
-
-// A socket file left by a dead agent is removed; one that answers belongs to a live agent.
-Status clear_stale_socket(const std::string& path, const sockaddr_un& addr) {
-  struct stat st{};
-  if (::lstat(path.c_str(), &st) != 0) return Status::ok();
-  if (!S_ISSOCK(st.st_mode))
-    return Status::error(Errc::busy, path + " exists and is not a socket");
-  UniqueFd probe(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  if (!probe.valid()) return Status::from_errno(errno, "socket");
-  if (::connect(probe.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof addr) == 0)
-    return Status::error(Errc::busy, "another agent answers on " + path);
-  if (::unlink(path.c_str()) != 0) return Status::from_errno(errno, "unlink " + path);
-  return Status::ok();
-}
-
-Result<std::unique_ptr<StatusServer>> StatusServer::create(const std::string& path,
-                                                           Render render) {
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  if (path.empty() || path.size() >= sizeof addr.sun_path)
-    return Status::error(Errc::invalid_argument, "status socket path '" + path + "' too long");
-  std::memcpy(addr.sun_path, path.data(), path.size());
-  auto slash = path.rfind('/');
-  if (slash != std::string::npos && slash > 0) FERRY_TRY(make_dirs(path.substr(0, slash)));
-  FERRY_TRY(clear_stale_socket(path, addr));
-  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  if (!fd.valid()) return Status::from_errno(errno, "socket");
-  const mode_t old = ::umask(0177);  // the socket file is born 0600: status is for root only
-  const int rc = ::bind(fd.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof addr);
-  const int err = errno;
-  ::umask(old);
-  if (rc != 0) return Status::from_errno(err, "bind " + path);
-  if (::chmod(path.c_str(), 0600) != 0) return Status::from_errno(errno, "chmod " + path);
-  if (::listen(fd.get(), 16) != 0) return Status::from_errno(errno, "listen " + path);
-  return std::unique_ptr<StatusServer>(new StatusServer(path, std::move(fd), std::move(render)));
-}
-
-void StatusServer::loop() {
-  while (!stopping_.load()) {
-    pollfd p{fd_.get(), POLLIN, 0};
-    if (::poll(&p, 1, 200) <= 0) continue;
-    UniqueFd client(::accept4(fd_.get(), nullptr, nullptr, SOCK_CLOEXEC));
-    if (client.valid()) answer(client.get());
-  }
-}
-
-// Reads the one request line (bounded in bytes and time), writes the reply, closes.
-void StatusServer::answer(int client) {
-  const timeval tv{2, 0};
-  ::setsockopt(client, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-  ::setsockopt(client, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-  std::string req;
-  char buf[256];
-  while (req.find('\n') == std::string::npos && req.size() < 1024) {
-    ssize_t n = ::recv(client, buf, sizeof buf, 0);
-    if (n <= 0) break;
-    req.append(buf, static_cast<std::size_t>(n));
-  }
-  std::string reply;
-  if (req == kStatusRequest) {
-    reply = render_();
-  } else {
-    reply = nlohmann::json{{"error", "unknown request; send \"status\\n\""}}.dump();
-  }
-  reply += "\n";
-  std::size_t off = 0;
-  while (off < reply.size()) {
-    ssize_t n = ::send(client, reply.data() + off, reply.size() - off, MSG_NOSIGNAL);
-    if (n <= 0) return;
-    off += static_cast<std::size_t>(n);
-  }
-}
-
 // ---- the agent -----------------------------------------------------------------------------------
 
 class Agent {
@@ -369,7 +269,7 @@ class Agent {
   AgentConfig cfg_;  // state_dir and status_socket are fixed for the agent's life
   mutable std::mutex mu_;  // guards workers_
   std::map<std::string, std::unique_ptr<Worker>> workers_;  // by group
-  std::unique_ptr<StatusServer> status_;
+  std::unique_ptr<StatusSocket> status_;
   std::atomic<std::int64_t> main_beat_ms_{steady_now_ms()};
   const std::uint64_t started_unix_ns_ = unix_now_ns();
 };
@@ -383,7 +283,7 @@ void Agent::start_worker(const TargetConfig& t) {
 
 Status Agent::start() {
   FERRY_TRY(make_dirs(cfg_.state_dir));
-  auto server = StatusServer::create(cfg_.status_socket, [this] { return render_status(); });
+  auto server = StatusSocket::create(cfg_.status_socket, [this] { return render_status(); });
   if (!server.is_ok()) return server.status().with_context("status socket");
   status_ = std::move(*server);
   std::lock_guard lk(mu_);

@@ -147,6 +147,8 @@ Result<std::unique_ptr<StatusSocket>> StatusSocket::create(const std::string& pa
   const int err = errno;
   ::umask(old);
   if (rc != 0) return Status::from_errno(err, "bind " + path);
+  // Belt and braces after the umask: the mode must not hang on one process-wide setting.
+  if (::chmod(path.c_str(), 0600) != 0) return Status::from_errno(errno, "chmod " + path);
   if (::listen(fd.get(), 16) != 0) return Status::from_errno(errno, "listen " + path);
   auto s = std::unique_ptr<StatusSocket>(new StatusSocket(path, std::move(fd), std::move(render)));
   StatusSocket* raw = s.get();

@@ -27,8 +27,9 @@ int cmd_agent(const std::string& config_path);
 // ferry status (status.cc): 0 all RPOs within their thresholds, 3 one is over, 1 unreachable.
 int cmd_status(const std::string& socket_path, bool json);
 
-// The status socket of `ferry receive` (status.cc): the agent's protocol (agent.h: one line
-// "status\n", one JSON document back), served from a thread of its own; socket mode 0600.
+// The status socket of `ferry agent` and `ferry receive` (status.cc): the agent's protocol
+// (agent.h: one line "status\n", one JSON document back), served from a thread of its own;
+// socket mode 0600. A stale socket file is replaced; one that answers is refused.
 class StatusSocket {
  public:
   using Render = std::function<std::string()>;
