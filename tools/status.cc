@@ -109,6 +109,17 @@ void print_groups(const nlohmann::json& groups) {
   }
 }
 
+// Whether a receiver's group calls for an operator (exit 3): a failure episode, or an apply
+// that failed and is being retried (the replica is behind the journal, R19). An apply that is
+// merely queued after a commit is normal and does not.
+bool group_needs_operator(const nlohmann::json& g) {
+  if (!g.is_object()) return false;
+  const std::string state = g.value("state", "");
+  if (state == "failing") return true;
+  return state == "apply_pending" &&
+         (g.value("failed_attempts", 0ull) > 0 || !g.value("cause", "").empty());
+}
+
 }  // namespace
 
 // ---- the receiver's status socket -------------------------------------------------------------
@@ -198,8 +209,7 @@ int cmd_status(const std::string& socket_path, bool json) {
   nlohmann::json j = nlohmann::json::parse(*reply, nullptr, /*allow_exceptions=*/false);
   if (!j.is_discarded() && j.is_object() && j.contains("groups") && j["groups"].is_array()) {
     bool failing = false;
-    for (const auto& g : j["groups"])
-      failing = failing || (g.is_object() && g.value("state", "") == "failing");
+    for (const auto& g : j["groups"]) failing = failing || group_needs_operator(g);
     if (json)
       std::cout << j.dump(2) << "\n";
     else

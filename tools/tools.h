@@ -24,7 +24,8 @@ int run_demo(const DemoArgs& args, const char* argv0);
 // ferry agent --config FILE (agent.cc): runs until SIGTERM; 0 on a clean stop, 1 when the
 // config or the status socket is unusable at start.
 int cmd_agent(const std::string& config_path);
-// ferry status (status.cc): 0 all RPOs within their thresholds, 3 one is over, 1 unreachable.
+// ferry status (status.cc): 0 all RPOs within their thresholds, 3 one is over (on a
+// receiver's socket: a group failing, or its apply failed and pending), 1 unreachable.
 int cmd_status(const std::string& socket_path, bool json);
 
 // The status socket of `ferry agent` and `ferry receive` (status.cc): the agent's protocol
