@@ -52,9 +52,9 @@ std::uint64_t unix_now_ns() {
 enum class FailedStep : std::uint8_t { rp, apply, open };
 
 // The replica is behind the journal because applying failed (GroupStore::apply_error, R19):
-// RPs are still accepted and acknowledged; the apply is retried at each commit and by the
-// re-opener after the back-off. Logged like a failure episode: once at the start, one line
-// when it ends.
+// RPs are still accepted and acknowledged; the apply is retried once the back-off has run
+// out, by the next commit or by the re-opener, whichever comes first. Logged like a failure
+// episode: once at the start, one line when it ends.
 struct ApplyEpisode {
   std::string cause;       // the first apply error; empty: none
   std::string last_error;  // the latest
@@ -227,7 +227,7 @@ struct Receiver::Impl {
       a.cause = what + ": " + text;
       a.backoff = options.reopen_min;
       spdlog::error("group '{}': {}: {} (committed RPs are durable in the journal and still "
-                    "acknowledged; the apply is retried at the next commit or in {})", group,
+                    "acknowledged; the apply is retried in {})", group,
                     what, text, seconds_text(a.backoff));
     } else {
       a.backoff = std::min(a.backoff * 2, options.reopen_max);
@@ -238,6 +238,14 @@ struct Receiver::Impl {
     a.last_error = what + ": " + text;
     a.next_retry = Clock::now() + a.backoff;
     FERRY_ASSERT(a.pending() && a.failures > 0);
+  }
+
+  // Whether a commit must leave a pending apply to its back-off: a retry rewrites the whole
+  // replica (it is untrusted, R19), too heavy to repeat at every RP of a large disk.
+  bool apply_retry_waits(const GroupSlot& g) {
+    std::lock_guard lock(mu);
+    const ApplyEpisode& a = g.health.apply;
+    return a.pending() && Clock::now() < a.next_retry;
   }
 
   // Retries the apply of a group whose store is open with an apply pending. A failure that
@@ -733,9 +741,13 @@ class Session {
                                   : std::string());
     // Applying is not needed for durability (the journal has it). A failed apply leaves the
     // store open with the apply pending (R19): later RPs are still committed, and the apply
-    // is retried at the next commit and by the re-opener; status shows it with its cause.
-    // Only a failure of the store itself (apply_error() ok) drops it.
-    if (Status s = store_->apply_committed(); !s.is_ok() && store_->apply_error().is_ok()) {
+    // is retried by the first commit after the back-off and by the re-opener; status shows it
+    // with its cause. Only a failure of the store itself (apply_error() ok) drops it.
+    if (impl_.apply_retry_waits(*slot_)) {
+      spdlog::debug("group '{}': RP {} not applied: the apply is retried after its back-off",
+                    hello_.group, e.rp_id);
+    } else if (Status s = store_->apply_committed();
+               !s.is_ok() && store_->apply_error().is_ok()) {
       storage_failed_ = true;
       impl_.note_failure(*slot_, hello_.group, FailedStep::apply, s,
                          "applying RP " + std::to_string(e.rp_id) +

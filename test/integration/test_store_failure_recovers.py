@@ -8,7 +8,9 @@ shows `apply_pending` with the cause; the receiver retries the apply by itself (
 back-off) and takes the next RP without a restart; the replica then equals the source.
 Part A2: the replica image is replaced by a directory, so the apply fails while the replica
 directory is there (the capacity check passes): an RP is still acknowledged and restorable,
-and once the directory is gone the replica catches up in the background, with no source.
+`ferry status` exits 3, an RP committed during the retry back-off does not retry the apply
+(each retry rewrites the replica), and once the directory is gone the replica catches up in
+the background, with no source.
 Part B, a failure at start-up: the receiver starts while the group's journal directory is
 replaced by a file, so its recovery fails. `ferry status --socket` shows the group failing
 with the cause (exit 3); once the journal is put back the receiver re-opens the group in the
@@ -118,6 +120,7 @@ with ft.Env("store-failure-recovers") as env:
     wl.random_writes(qsd, vda, 10)
     snap = qsd.snapshot(vda, env.path("snaps", "a2.img"))
     rp_a2 = env.replicate_once(qsd, rx.addr, GROUP)   # acknowledged while the apply fails
+    rp_last = rp_a2
     env.check_restore(store, GROUP, rp_a2, "vda", snap, "(apply pending) ")
     if sock:
         g = wait_for("apply_pending in status",
@@ -125,6 +128,24 @@ with ft.Env("store-failure-recovers") as env:
                          status(env, sock)[1][GROUP]), 10)
         ft.check("vda.img" in g["cause"], f"status must name the image: {g}")
         ft.check_eq(g["last_committed_rp"], rp_a2, "the RP is committed while the apply fails")
+        ft.check_eq(status(env, sock)[0], 3, "ferry status exit code while an apply fails")
+        # A retry rewrites the whole replica: a commit during the back-off must not retry
+        # (the attempt counter stays). Wait for a back-off long enough to commit inside it.
+        g = wait_for("an apply back-off of 3 s or more",
+                     lambda: (lambda g_: g_ if g_["state"] == "apply_pending"
+                              and g_["next_reopen_seconds"] >= 3 else None)(
+                         status(env, sock)[1][GROUP]), 20)
+        t_commit = time.monotonic()
+        rp_during = env.replicate_once(qsd, rx.addr, GROUP)   # no writes: the disk is still `snap`
+        rp_last = rp_during
+        rc, groups = status(env, sock)
+        if time.monotonic() - t_commit < g["next_reopen_seconds"] - 0.5:
+            ft.check_eq(groups[GROUP]["failed_attempts"], g["failed_attempts"],
+                        f"apply attempts after RP {rp_during} committed during the back-off")
+        else:
+            ft.log("the commit outlasted the back-off: attempt counter not checked")
+        ft.check_eq(groups[GROUP]["last_committed_rp"], rp_during, "committed during the back-off")
+        ft.check_eq(rc, 3, "ferry status exit code while the apply waits for its retry")
     shutil.rmtree(image)   # the cause goes away: no source, no restart needed
     wait_for("the replica caught up in the background",
              lambda: os.path.isfile(image) and ft.first_difference(snap, image) is None, 40)
@@ -161,7 +182,7 @@ with ft.Env("store-failure-recovers") as env:
     if sock:
         rc, groups = status(env, sock)
         ft.check_eq(groups[GROUP]["state"], "ok", f"state of {GROUP} after the repair")
-        ft.check_eq(groups[GROUP]["last_committed_rp"], rp_a2, "last committed RP in status")
+        ft.check_eq(groups[GROUP]["last_committed_rp"], rp_last, "last committed RP in status")
         ft.check_eq(rc, 0, "ferry status exit code once every group is ok")
     wl.random_writes(qsd, vda, 5)
     snap = qsd.snapshot(vda, env.path("snaps", "b.img"))

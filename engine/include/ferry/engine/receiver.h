@@ -18,8 +18,9 @@
 // doubling per failed attempt up to reopen_max), so no failure leaves a group refusing RPs
 // until the receiver restarts, and a hostile or broken peer cannot make it re-scan journals
 // in a loop. A failed apply (after the acknowledgement, or at open) is not a store failure:
-// the group stays open, accepts and commits RPs, and the apply is retried at each commit
-// and by the background thread with the same back-off (R19). status() shows each group's
+// the group stays open, accepts and commits RPs, and the apply is retried by the first
+// commit or background pass after the same back-off; a commit during it does not retry
+// (each retry rewrites the whole replica, R19). status() shows each group's
 // state.
 #pragma once
 
