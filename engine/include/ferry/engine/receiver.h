@@ -14,8 +14,10 @@
 // A store failure (an RP that could not be written or committed, a journal that cannot be
 // recovered at start-up) marks the group failing: its store is dropped and re-opened
 // (recovery: torn tail cut, committed RPs re-applied) by the next session or by a
-// background thread, whichever comes first, at most once per back-off period (reopen_min,
-// doubling per failed attempt up to reopen_max), so no failure leaves a group refusing RPs
+// background thread, whichever comes first, at most once per back-off period (after a failed
+// open or apply: reopen_min, doubling per failed attempt up to reopen_max; after a failed RP
+// on an open store: 20 times the last open's duration, up to reopen_max), so no failure
+// leaves a group refusing RPs
 // until the receiver restarts, and a hostile or broken peer cannot make it re-scan journals
 // in a loop. A failed apply (after the acknowledgement, or at open) is not a store failure:
 // the group stays open, accepts and commits RPs, and the apply is retried by the first
@@ -45,8 +47,9 @@ struct ReceiverOptions {
   // The largest disk this receiver accepts (ferry receive --max-disk-bytes); 0: no maximum
   // besides what the store's file system can hold.
   std::uint64_t max_disk_bytes = 0;
-  // Re-opening a failed group: no sooner than reopen_min after the failure, doubling per
-  // failed attempt in a row, up to reopen_max.
+  // Re-opening a group after a failed open or apply: no sooner than reopen_min after the
+  // failure, doubling per failed attempt in a row, up to reopen_max. After a failed RP the
+  // wait is 20 times the last open's duration, also capped at reopen_max.
   std::chrono::milliseconds reopen_min{1000};
   std::chrono::milliseconds reopen_max{30000};
 };
