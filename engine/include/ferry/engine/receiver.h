@@ -17,9 +17,8 @@
 // background thread, whichever comes first, at most once per back-off period (after a failed
 // open or apply: reopen_min, doubling per failed attempt up to reopen_max; after a failed RP
 // on an open store: 20 times the last open's duration, up to reopen_max), so no failure
-// leaves a group refusing RPs
-// until the receiver restarts, and a hostile or broken peer cannot make it re-scan journals
-// in a loop. A failed apply (after the acknowledgement, or at open) is not a store failure:
+// leaves a group refusing RPs until the receiver restarts, and a hostile or broken peer
+// cannot make it re-scan journals in a loop. A failed apply (after the acknowledgement, or at open) is not a store failure:
 // the group stays open, accepts and commits RPs, and the apply is retried by the first
 // commit or background pass after the same back-off; a commit during it does not retry
 // (each retry rewrites the whole replica, R19). status() shows each group's
