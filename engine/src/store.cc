@@ -1,9 +1,12 @@
 // GroupStore: the RP life cycle over the journal, recovery at open, apply and restore.
 // The recovery decision table (R1..R19) is in docs/journal-format.md.
 #include "ferry/engine/store.h"
+#include "ferry/engine/read_view.h"
 
 #include <fcntl.h>
+#include <linux/fs.h>
 #include <sys/file.h>
+#include <sys/ioctl.h>
 
 #include <unistd.h>
 
@@ -239,11 +242,6 @@ void clip_pieces(PieceMap& m, std::uint64_t size_bytes) {
   if (!m.empty() && m.rbegin()->second.end > size_bytes) m.rbegin()->second.end = size_bytes;
 }
 
-// A whole image is written this many bytes at a time, so its piece map (and the chunk
-// entries read for it) stays bounded whatever the disk's size: with 64 KiB records a window
-// holds 4096 pieces.
-constexpr std::uint64_t kImageWindowBytes = 256ull << 20;
-
 // The disk's last full RP at or before rps[target].
 Result<std::size_t> first_full(const std::vector<jr::CommittedRp>& rps, std::size_t target,
                                const std::string& disk) {
@@ -290,49 +288,225 @@ Result<PieceMap> build_pieces(jr::Reader& reader, const std::vector<jr::Committe
   return m;
 }
 
+// Writes the non-zero granules of buf (at `offset` of the output), so the output stays sparse
+// where the disk reads as zeros; runs of data granules go out as one write.
+Status write_nonzero(StorageFile& out, const char* buf, std::size_t len, std::uint64_t offset) {
+  constexpr std::size_t kGranuleBytes = 64u << 10;
+  std::size_t run = 0, run_len = 0;
+  for (std::size_t at = 0; at < len; at += kGranuleBytes) {
+    const std::size_t n = std::min(kGranuleBytes, len - at);
+    if (!is_all_zero(buf + at, n)) {
+      if (run_len == 0) run = at;
+      run_len += n;
+      continue;
+    }
+    if (run_len != 0) FERRY_TRY(out.pwrite(buf + run, run_len, offset + run));
+    run_len = 0;
+  }
+  if (run_len != 0) FERRY_TRY(out.pwrite(buf + run, run_len, offset + run));
+  return Status::ok();
+}
+
 std::uint64_t position_of(const jr::BlockEntry& e) {
   return jr::record_position(e.loc.segment_seq, e.loc.offset);
 }
 
+// The ReadView over a list of committed RPs: owned (ReadView::open, a read-only scan) or the
+// store's own list (restore and rebuild under the group lock, which outlives the view).
+class JournalView final : public ReadView {
+ public:
+  JournalView(std::shared_ptr<Storage> st, const std::string& journal_dir, std::string group,
+              std::string disk, const std::vector<jr::CommittedRp>* rps, std::size_t target,
+              std::vector<jr::CommittedRp> owned = {})
+      : owned_(std::move(owned)),
+        rps_(rps != nullptr ? rps : &owned_),
+        target_(target),
+        group_(std::move(group)),
+        disk_(std::move(disk)),
+        reader_(std::move(st), journal_dir) {
+    FERRY_ASSERT(target_ < rps_->size());
+    const int d = find_disk((*rps_)[target_].begin, disk_);
+    FERRY_ASSERT(d >= 0);
+    size_ = (*rps_)[target_].begin.disks[d].size_bytes;
+  }
+
+  const std::string& group() const override { return group_; }
+  const std::string& disk() const override { return disk_; }
+  std::uint64_t rp_id() const override { return (*rps_)[target_].info.rp_id; }
+  std::uint64_t size_bytes() const override { return size_; }
+
+  Status pread(void* buf, std::size_t len, std::uint64_t offset) override {
+    FERRY_TRY(check_range(offset, len));
+    std::lock_guard<std::mutex> g(mu_);
+    char* out = static_cast<char*>(buf);
+    const std::uint64_t end = offset + len;
+    std::uint64_t pos = offset;
+    while (pos < end) {
+      FERRY_TRY(load_window(pos / kWindowBytes));
+      const std::uint64_t stop = std::min(end, window_hi_);
+      auto it = pieces_.upper_bound(pos);
+      if (it != pieces_.begin() && std::prev(it)->second.end > pos) --it;
+      while (pos < stop) {
+        if (it == pieces_.end() || it->first >= stop) {
+          std::memset(out + (pos - offset), 0, static_cast<std::size_t>(stop - pos));
+          pos = stop;
+          break;
+        }
+        if (it->first > pos) {  // a range no record covers: zeros
+          std::memset(out + (pos - offset), 0, static_cast<std::size_t>(it->first - pos));
+          pos = it->first;
+        }
+        const Piece& p = it->second;
+        const std::uint64_t n = std::min(p.end, stop) - pos;
+        if (p.entry.kind == RecordKind::zero) {
+          std::memset(out + (pos - offset), 0, static_cast<std::size_t>(n));
+        } else {
+          if (loaded_ != position_of(p.entry)) {
+            loaded_ = UINT64_MAX;
+            FERRY_TRY(reader_.load_block(p.rp_id, p.entry, block_));
+            loaded_ = position_of(p.entry);
+          }
+          const std::uint64_t in = pos - p.entry.offset_bytes;
+          FERRY_ASSERT(in + n <= block_.size());
+          std::memcpy(out + (pos - offset), block_.data() + in, static_cast<std::size_t>(n));
+        }
+        pos += n;
+        ++it;
+      }
+    }
+    return Status::ok();
+  }
+
+  Result<std::vector<ReadExtent>> extents(std::uint64_t offset, std::uint64_t length) override {
+    FERRY_TRY(check_range(offset, length));
+    std::lock_guard<std::mutex> g(mu_);
+    std::vector<ReadExtent> out;
+    auto add = [&out](std::uint64_t at, std::uint64_t n, bool zero) {
+      if (n == 0) return;
+      if (!out.empty() && out.back().zero == zero &&
+          out.back().offset_bytes + out.back().length_bytes == at) {
+        out.back().length_bytes += n;
+        return;
+      }
+      out.push_back(ReadExtent{at, n, zero});
+    };
+    const std::uint64_t end = offset + length;
+    std::uint64_t pos = offset;
+    while (pos < end) {
+      FERRY_TRY(load_window(pos / kWindowBytes));
+      const std::uint64_t stop = std::min(end, window_hi_);
+      auto it = pieces_.upper_bound(pos);
+      if (it != pieces_.begin() && std::prev(it)->second.end > pos) --it;
+      for (; it != pieces_.end() && it->first < stop; ++it) {
+        if (it->first > pos) add(pos, it->first - pos, true);
+        pos = std::max(pos, it->first);
+        const std::uint64_t e = std::min(it->second.end, stop);
+        add(pos, e - pos, it->second.entry.kind == RecordKind::zero);
+        pos = e;
+      }
+      add(pos, stop - pos, true);
+      pos = stop;
+    }
+    return out;
+  }
+
+ private:
+  Status check_range(std::uint64_t offset, std::uint64_t len) const {
+    if (offset > size_ || len > size_ - offset)
+      return Status::error(Errc::invalid_argument,
+                           "read of " + std::to_string(len) + " bytes at " +
+                               std::to_string(offset) + " is past the end of disk " + disk_ +
+                               " (" + std::to_string(size_) + " bytes) at RP " +
+                               std::to_string(rp_id()) + " of group " + group_);
+    return Status::ok();
+  }
+
+  // The pieces of window w; the last one built is kept, so sequential reads build each once.
+  Status load_window(std::uint64_t w) {
+    const std::uint64_t lo = w * kWindowBytes;
+    const std::uint64_t hi = std::min(size_, lo + kWindowBytes);
+    FERRY_ASSERT(lo < hi);
+    if (window_valid_ && window_lo_ == lo) return Status::ok();
+    window_valid_ = false;
+    FERRY_ASSIGN_OR_RETURN(pieces_, build_pieces(reader_, *rps_, target_, disk_, lo, hi));
+    window_lo_ = lo;
+    window_hi_ = hi;
+    window_valid_ = true;
+    return Status::ok();
+  }
+
+  std::vector<jr::CommittedRp> owned_;
+  const std::vector<jr::CommittedRp>* rps_;
+  std::size_t target_;
+  std::string group_, disk_;
+  std::uint64_t size_ = 0;
+  std::mutex mu_;  // guards everything below: one reader, one cached window and record
+  jr::Reader reader_;
+  PieceMap pieces_;
+  bool window_valid_ = false;
+  std::uint64_t window_lo_ = 0, window_hi_ = 0;
+  std::string block_;
+  std::uint64_t loaded_ = UINT64_MAX;  // position of the record in block_
+};
+
+// The view of `disk` at `rp_id` (0: the newest) in `rps`, or the error naming what is missing.
+Result<std::size_t> find_target(const std::vector<jr::CommittedRp>& rps, const std::string& group,
+                                std::uint64_t rp_id, const std::string& disk) {
+  FERRY_TRY(check_name("disk", disk));
+  if (rps.empty())
+    return Status::error(Errc::not_found, "group " + group + " has no committed RP");
+  std::size_t i = rps.size() - 1;
+  if (rp_id != 0) {
+    for (i = 0; i < rps.size() && rps[i].info.rp_id != rp_id; ++i) {
+    }
+    if (i == rps.size())
+      return Status::error(Errc::not_found, "RP " + std::to_string(rp_id) + " of group " + group +
+                                                " is not committed (newest: RP " +
+                                                std::to_string(rps.back().info.rp_id) + ")");
+  }
+  if (find_disk(rps[i].begin, disk) < 0) {
+    std::string names;
+    for (const auto& d : rps[i].begin.disks) names += (names.empty() ? "" : ", ") + d.name;
+    return Status::error(Errc::not_found, "disk " + disk + " is not part of RP " +
+                                              std::to_string(rps[i].info.rp_id) + " of group " +
+                                              group + " (disks: " + names + ")");
+  }
+  FERRY_TRY(first_full(rps, i, disk).status());
+  return i;
+}
+
 enum class ImageUse : std::uint8_t { restore = 0, rebuild = 1 };
 
-// Writes the disk image at rps[target] to out_path: sparse, zero ranges skipped. The file
+// Restore and rebuild copy this many bytes of data at a time (bounded buffer).
+constexpr std::size_t kCopySliceBytes = 4u << 20;
+
+// Writes the disk image of `view` to out_path: sparse, zero ranges skipped. The file
 // has its full size before its data is in: a rebuild must have marked the state "applying"
 // first (R16), so that an image cut short here is never taken for an RP.
-Status write_image(const std::shared_ptr<Storage>& st, const std::string& journal_dir,
-                   const std::vector<jr::CommittedRp>& rps, std::size_t target,
-                   const std::string& disk, const std::string& out_path,
-                   ImageUse use = ImageUse::restore) {
-  int d = find_disk(rps[target].begin, disk);
-  FERRY_ASSERT(d >= 0);
-  std::uint64_t size = rps[target].begin.disks[d].size_bytes;
-  FERRY_TRY(first_full(rps, target, disk).status());
+Status write_image(const std::shared_ptr<Storage>& st, ReadView& view,
+                   const std::string& out_path, ImageUse use = ImageUse::restore) {
+  const std::uint64_t size = view.size_bytes();
   FERRY_ASSIGN_OR_RETURN(auto out, st->open(out_path, OpenFlags{.create = true}));
   FERRY_TRY(out->truncate(0));
   FERRY_TRY(out->truncate(size));
-  jr::Reader reader(st, journal_dir);
-  std::string block;
-  std::uint64_t loaded = UINT64_MAX;  // position of the record in `block`
-  const std::uint64_t windows = (size + kImageWindowBytes - 1) / kImageWindowBytes;
+  std::string buf(kCopySliceBytes, '\0');
+  const std::uint64_t windows = (size + ReadView::kWindowBytes - 1) / ReadView::kWindowBytes;
   for (std::uint64_t w = 0; w < windows; ++w) {
-    const std::uint64_t lo = w * kImageWindowBytes;
-    FERRY_ASSIGN_OR_RETURN(PieceMap pieces,
-                           build_pieces(reader, rps, target, disk, lo,
-                                        std::min(size, lo + kImageWindowBytes)));
+    const std::uint64_t lo = w * ReadView::kWindowBytes;
+    FERRY_ASSIGN_OR_RETURN(auto extents,
+                           view.extents(lo, std::min(size, lo + ReadView::kWindowBytes) - lo));
     std::size_t done = 0;
-    for (const auto& [start, p] : pieces) {
-      if (use == ImageUse::rebuild && w == windows / 2 && done++ == pieces.size() / 2)
+    for (const auto& e : extents) {
+      if (use == ImageUse::rebuild && w == windows / 2 && done++ == extents.size() / 2)
         FERRY_KILL_POINT("rebuild.mid_write");
-      if (p.entry.kind == RecordKind::zero) continue;
-      if (loaded != position_of(p.entry)) {
-        FERRY_TRY(reader.load_block(p.rp_id, p.entry, block));
-        loaded = position_of(p.entry);
+      if (e.zero) continue;
+      for (std::uint64_t at = e.offset_bytes; at < e.offset_bytes + e.length_bytes;) {
+        const std::size_t n = static_cast<std::size_t>(
+            std::min<std::uint64_t>(kCopySliceBytes, e.offset_bytes + e.length_bytes - at));
+        FERRY_TRY(view.pread(buf.data(), n, at));
+        FERRY_TRY(write_nonzero(*out, buf.data(), n, at));
+        at += n;
       }
-      const char* src = block.data() + (start - p.entry.offset_bytes);
-      std::size_t len = static_cast<std::size_t>(p.end - start);
-      FERRY_ASSERT(start - p.entry.offset_bytes + len <= block.size());
-      if (is_all_zero(src, len)) continue;
-      FERRY_TRY(out->pwrite(src, len, start));
     }
   }
   if (use == ImageUse::rebuild) FERRY_KILL_POINT("rebuild.before_fsync");
@@ -342,16 +516,9 @@ Status write_image(const std::shared_ptr<Storage>& st, const std::string& journa
 Status restore_from(const std::shared_ptr<Storage>& st, const std::string& journal_dir,
                     const std::string& group, const std::vector<jr::CommittedRp>& rps,
                     std::uint64_t rp_id, const std::string& disk, const std::string& out_path) {
-  FERRY_TRY(check_name("disk", disk));
-  for (std::size_t i = 0; i < rps.size(); ++i) {
-    if (rps[i].info.rp_id != rp_id) continue;
-    if (find_disk(rps[i].begin, disk) < 0)
-      return Status::error(Errc::not_found, "disk " + disk + " is not part of RP " +
-                                                std::to_string(rp_id) + " of group " + group);
-    return write_image(st, journal_dir, rps, i, disk, out_path);
-  }
-  return Status::error(Errc::not_found,
-                       "RP " + std::to_string(rp_id) + " of group " + group + " is not committed");
+  FERRY_ASSIGN_OR_RETURN(std::size_t i, find_target(rps, group, rp_id, disk));
+  JournalView view(st, journal_dir, group, disk, &rps, i);
+  return write_image(st, view, out_path);
 }
 
 // --- resync digests: the journal's view of the RP, checked against the replica image -----
@@ -863,9 +1030,10 @@ class StoreImpl final : public GroupStore {
     const std::size_t last = rps_.size() - 1;
     FERRY_TRY(write_state(State{applied_, rps_[last].info.rp_id}));
     FERRY_KILL_POINT("rebuild.before_write");
-    for (const auto& d : rps_[last].begin.disks)
-      FERRY_TRY(write_image(st_, paths_.journal_dir, rps_, last, d.name, paths_.image(d.name),
-                            ImageUse::rebuild));
+    for (const auto& d : rps_[last].begin.disks) {
+      JournalView view(st_, paths_.journal_dir, group_, d.name, &rps_, last);
+      FERRY_TRY(write_image(st_, view, paths_.image(d.name), ImageUse::rebuild));
+    }
     FERRY_TRY(st_->sync_dir(paths_.replica_dir));  // a re-created image's name must survive
     applied_ = last_committed_rp();
     return write_state(State{applied_, 0});
@@ -1171,11 +1339,103 @@ Result<std::vector<RpInfo>> list_points(const std::string& root, const std::stri
   return out;
 }
 
+namespace {
+
+Status write_all(int fd, const char* buf, std::size_t len, std::uint64_t offset,
+                 const std::string& path) {
+  while (len > 0) {
+    ssize_t n = ::pwrite(fd, buf, len, static_cast<off_t>(offset));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0)
+      return Status::from_errno(n < 0 ? errno : EIO, "write at " + std::to_string(offset) +
+                                                         " of " + path);
+    buf += n;
+    len -= static_cast<std::size_t>(n);
+    offset += static_cast<std::uint64_t>(n);
+  }
+  return Status::ok();
+}
+
+// A device keeps whatever it held before: a zero range is zeroed on it, by BLKZEROOUT where
+// the device takes it (aligned ranges; the kernel discards or writes zeros, never leaves stale
+// data), else by writing zeros.
+Status zero_device_range(int fd, std::uint64_t offset, std::uint64_t len, const std::string& path,
+                         const std::string& zeros) {
+  if (offset % 512 == 0 && len % 512 == 0) {
+    std::uint64_t range[2] = {offset, len};
+    if (::ioctl(fd, BLKZEROOUT, range) == 0) return Status::ok();
+  }
+  while (len > 0) {
+    const std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(len, zeros.size()));
+    FERRY_TRY(write_all(fd, zeros.data(), n, offset, path));
+    offset += n;
+    len -= n;
+  }
+  return Status::ok();
+}
+
+// Restore onto a block device: never truncated, checked to be large enough, every byte of the
+// disk written (data) or zeroed, so nothing stale is left in the disk's range.
+Status write_device(ReadView& view, const std::string& path) {
+  UniqueFd fd(::open(path.c_str(), O_WRONLY | O_CLOEXEC | O_EXCL));
+  if (!fd.valid())
+    return Status::from_errno(errno, "open block device " + path +
+                                         " (O_EXCL: it must not be mounted or in use)");
+  std::uint64_t dev_bytes = 0;
+  if (::ioctl(fd.get(), BLKGETSIZE64, &dev_bytes) != 0)
+    return Status::from_errno(errno, "BLKGETSIZE64 of " + path);
+  const std::uint64_t size = view.size_bytes();
+  if (dev_bytes < size)
+    return Status::error(Errc::invalid_argument,
+                         "block device " + path + " holds " + std::to_string(dev_bytes) +
+                             " bytes, disk " + view.disk() + " at RP " +
+                             std::to_string(view.rp_id()) + " of group " + view.group() +
+                             " needs " + std::to_string(size) + ": use a device of at least " +
+                             std::to_string(size) + " bytes");
+  std::string buf(kCopySliceBytes, '\0');
+  const std::string zeros(1u << 20, '\0');
+  for (std::uint64_t lo = 0; lo < size; lo += ReadView::kWindowBytes) {
+    FERRY_ASSIGN_OR_RETURN(auto extents,
+                           view.extents(lo, std::min(size - lo, ReadView::kWindowBytes)));
+    for (const auto& e : extents) {
+      if (e.zero) {
+        FERRY_TRY(zero_device_range(fd.get(), e.offset_bytes, e.length_bytes, path, zeros));
+        continue;
+      }
+      for (std::uint64_t at = e.offset_bytes; at < e.offset_bytes + e.length_bytes;) {
+        const std::size_t n = static_cast<std::size_t>(
+            std::min<std::uint64_t>(kCopySliceBytes, e.offset_bytes + e.length_bytes - at));
+        FERRY_TRY(view.pread(buf.data(), n, at));
+        FERRY_TRY(write_all(fd.get(), buf.data(), n, at, path));
+        at += n;
+      }
+    }
+  }
+  if (::fdatasync(fd.get()) != 0) return Status::from_errno(errno, "fdatasync of " + path);
+  return Status::ok();
+}
+
+}  // namespace
+
 Status restore_point(const std::string& root, const std::string& group, std::uint64_t rp_id,
                      const std::string& disk, const std::string& out_path) {
-  FERRY_ASSIGN_OR_RETURN(auto scan, read_only_scan(root, group));
-  return restore_from(real_storage(), Paths(root, group).journal_dir, group, scan.committed,
-                      rp_id, disk, out_path);
+  FERRY_ASSIGN_OR_RETURN(auto view, ReadView::open(root, group, rp_id, disk));
+  struct stat sb {};
+  if (::stat(out_path.c_str(), &sb) == 0 && S_ISBLK(sb.st_mode))
+    return write_device(*view, out_path);
+  return write_image(real_storage(), *view, out_path);
+}
+
+Result<std::unique_ptr<ReadView>> ReadView::open(const std::string& store_root,
+                                                 const std::string& group, std::uint64_t rp_id,
+                                                 const std::string& disk) {
+  FERRY_ASSIGN_OR_RETURN(auto scan, read_only_scan(store_root, group));
+  FERRY_ASSIGN_OR_RETURN(std::size_t i, find_target(scan.committed, group, rp_id, disk));
+  // RPs after the target are never read: drop them (and their index) from the view.
+  scan.committed.resize(i + 1);
+  return std::unique_ptr<ReadView>(
+      std::make_unique<JournalView>(real_storage(), Paths(store_root, group).journal_dir, group,
+                                    disk, nullptr, i, std::move(scan.committed)));
 }
 
 }  // namespace ferry::engine

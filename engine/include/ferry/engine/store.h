@@ -194,6 +194,9 @@ std::string second_source_message(const std::string& group, const RpBeginInfo& h
 // Read-only views for the CLI, without taking the group lock: lists committed RPs by
 // reading the store (safe while a receiver runs).
 Result<std::vector<RpInfo>> list_points(const std::string& root, const std::string& group);
+// Writes disk `disk` at RP `rp_id` (0: the newest) through the ReadView (read_view.h) to
+// out_path: a file (truncated to the disk's size, sparse) or a block device (never truncated;
+// refused when smaller than the disk; zero ranges zeroed, BLKZEROOUT where it works).
 Status restore_point(const std::string& root, const std::string& group, std::uint64_t rp_id,
                      const std::string& disk, const std::string& out_path);
 
