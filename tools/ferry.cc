@@ -359,11 +359,15 @@ int cmd_points(const std::string& store, const std::string& group, bool json) {
   return 0;
 }
 
-int cmd_restore(const std::string& store, const std::string& group, std::uint64_t point,
+// --point N or latest (0 for the read view); CLI11 has already refused anything else.
+std::uint64_t parse_point(const std::string& point) {
+  return point == "latest" ? 0 : std::stoull(point);
+}
+
+int cmd_restore(const std::string& store, const std::string& group, const std::string& point,
                 const std::string& disk, const std::string& out) {
-  Status s = engine::restore_point(store, group, point, disk, out);
-  if (!s.is_ok())
-    return fail("restore of disk '" + disk + "' at RP " + std::to_string(point), s);
+  Status s = engine::restore_point(store, group, parse_point(point), disk, out);
+  if (!s.is_ok()) return fail("restore of disk '" + disk + "' at RP " + point, s);
   return 0;
 }
 
@@ -440,7 +444,7 @@ int main(int argc, char** argv) {
 
   std::string store, group, disk, out;
   bool json = false;
-  std::uint64_t point = 0;
+  std::string point;
   auto* points = app.add_subcommand("points", "List the committed recovery points of a group");
   points->add_option("--store", store, "Store directory")->required();
   points->add_option("--group", group, "Group name")->required();
@@ -449,9 +453,20 @@ int main(int argc, char** argv) {
   auto* restore = app.add_subcommand("restore", "Write the image of a disk at a recovery point");
   restore->add_option("--store", store, "Store directory")->required();
   restore->add_option("--group", group, "Group name")->required();
-  restore->add_option("--point", point, "Recovery point id")->required();
+  // A validator, not a type: "latest" or a positive RP id.
+  const auto point_rule = CLI::Validator(
+      [](std::string& v) -> std::string {
+        if (v == "latest") return "";
+        if (v.empty() || v.size() > 19 || v.find_first_not_of("0123456789") != std::string::npos ||
+            std::stoull(v) == 0)
+          return "--point must be a recovery point id (1, 2, ...) or 'latest', not '" + v + "'";
+        return "";
+      },
+      "N|latest");
+  restore->add_option("--point", point, "Recovery point id, or latest")->required()
+      ->check(point_rule);
   restore->add_option("--disk", disk, "Disk name")->required();
-  restore->add_option("--out", out, "Output file (raw, sparse)")->required();
+  restore->add_option("--out", out, "Output file (raw, sparse) or block device (not truncated; must be at least the disk's size)")->required();
 
   DemoArgs da;
   auto* demo = app.add_subcommand("demo", "Live replication demo on this machine (qemu-storage-daemon)");
