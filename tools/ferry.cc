@@ -468,6 +468,21 @@ int main(int argc, char** argv) {
   restore->add_option("--disk", disk, "Disk name")->required();
   restore->add_option("--out", out, "Output file (raw, sparse) or block device (not truncated; must be at least the disk's size)")->required();
 
+  ExportArgs xa;
+  std::string export_point;
+  auto* exp = app.add_subcommand(
+      "export", "Serve a disk at a recovery point over NBD (nbdkit), read-only, until SIGTERM");
+  exp->add_option("--store", xa.store, "Store directory")->required();
+  exp->add_option("--group", xa.group, "Group name")->required();
+  exp->add_option("--point", export_point, "Recovery point id, or latest")->required()
+      ->check(point_rule);
+  exp->add_option("--disk", xa.disk, "Disk name")->required();
+  exp->add_option("--socket", xa.socket, "Serve on this unix socket (nbd+unix:///?socket=PATH)");
+  exp->add_option("--listen", xa.listen,
+                  "Serve on ADDR:PORT, loopback only until TLS (default 127.0.0.1:10809)");
+  exp->add_flag("--overlay", xa.overlay,
+                "Writable: writes go to a throwaway overlay (nbdkit cow filter), never the store");
+
   DemoArgs da;
   auto* demo = app.add_subcommand("demo", "Live replication demo on this machine (qemu-storage-daemon)");
   demo->add_option("--rps", da.rps, "Recovery points to take (at least 5)")->check(CLI::Range(5, 1000));
@@ -522,6 +537,10 @@ int main(int argc, char** argv) {
     if (rep->parsed()) return cmd_replicate(pa);
     if (points->parsed()) return cmd_points(store, group, json);
     if (restore->parsed()) return cmd_restore(store, group, point, disk, out);
+    if (exp->parsed()) {
+      xa.point = parse_point(export_point);
+      return cmd_export(xa);
+    }
     if (demo->parsed()) return run_demo(da, argv[0]);
     if (kp->parsed()) {
       for (auto k : ferry::kKillPoints) std::printf("%.*s\n", int(k.size()), k.data());

@@ -47,6 +47,18 @@ class StatusSocket {
   std::thread thread_;
 };
 
+// ferry export (export.cc): serves disk `disk` of `group` at RP `point` (0: the newest, fixed
+// at start) over NBD through nbdkit and Ferry's plugin, until SIGINT/SIGTERM: 0 on a clean
+// stop, 1 on bad arguments (before serving) or when nbdkit fails.
+struct ExportArgs {
+  std::string store, group, disk;
+  std::uint64_t point = 0;
+  std::string socket;  // --socket PATH (nbdkit -U)
+  std::string listen;  // --listen ADDR:PORT, loopback only; default 127.0.0.1:10809
+  bool overlay = false;  // nbdkit's cow filter: writable, writes never reach the store
+};
+int cmd_export(const ExportArgs& args);
+
 std::string default_state_dir();  // $FERRY_STATE_DIR or /var/lib/ferry
 std::string host_name();
 std::string format_time_ns(std::uint64_t unix_ns);

@@ -1,0 +1,187 @@
+#!/usr/bin/env python3
+"""`ferry export`: any committed RP of a disk as an NBD export through nbdkit and Ferry's
+plugin. A qcow2 disk is replicated for a few RPs (data, zeros written over data, holes); then:
+- the export of RP 1 and of RP 2 equal `ferry restore` of those RPs (`qemu-img compare`);
+- `nbdinfo --map` reports the zeroed range and the never-written ranges as hole,zero, and every
+  range it calls zero reads as zeros;
+- `nbdcopy` of the export to a file equals restore;
+- the export of RP 1 stays byte-identical while 3 newer RPs arrive in the same group;
+- `--point latest` serves the newest RP, and `--listen 127.0.0.1:PORT` serves over TCP;
+- `--overlay`: a write through the export succeeds and reads back, yet the store's journal and
+  the restore of that RP are unchanged;
+- bad arguments (unknown group, uncommitted RP, unknown disk, busy socket, a non-loopback
+  address) exit 1 with an error naming what is wrong, before serving."""
+
+import filecmp
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import time
+
+import ferrytest as ft
+
+GROUP = "exp"
+SIZE = 32 * ft.MiB
+ZERO_AT, ZERO_LEN = 8 * ft.MiB, 1 * ft.MiB
+
+
+def need(tool):
+    if shutil.which(tool) is None:
+        raise ft.Skip(f"{tool} not installed")
+
+
+for tool in ("nbdkit", "nbdinfo", "nbdcopy", "qemu-img", "qemu-io"):
+    need(tool)
+
+
+def start_export(env, tag, args):
+    """Runs `ferry export ARGS`; returns (proc, seconds to the 'serving' line)."""
+    t0 = time.monotonic()
+    p = ft.Proc(env, tag, [env.ferry, "export"] + [str(a) for a in args],
+                env.path(f"{tag}.log"))
+    while "serving" not in p.log_text():
+        ft.check(p.alive(), f"ferry export {tag} exited {p.p.returncode}:\n{p.log_text()}")
+        ft.check(time.monotonic() - t0 < 10, f"export {tag} not ready in 10 s:\n{p.log_text()}")
+        time.sleep(0.01)
+    return p, time.monotonic() - t0
+
+
+def uri(sock):
+    return f"nbd+unix:///?socket={sock}"
+
+
+def run(argv, timeout=120):
+    p = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=timeout)
+    ft.check(p.returncode == 0, f"{' '.join(map(str, argv))} exited {p.returncode}:\n"
+                                f"{p.stdout}\n{p.stderr}")
+    return p.stdout
+
+
+def compare(env, sock, image, what):
+    run(["qemu-img", "compare", "-f", "raw", "-F", "raw", uri(sock), image])
+    ft.log(f"{what}: qemu-img compare of the export and the restore: identical")
+
+
+def copy_equals(env, sock, image, what):
+    out = env.path("copy.img")
+    if os.path.exists(out):
+        os.unlink(out)
+    run(["nbdcopy", uri(sock), out])
+    diff = ft.first_difference(image, out)
+    ft.check(not diff, f"{what}: nbdcopy of the export differs from restore: {diff}")
+
+
+def journal_digest(store):
+    h = hashlib.sha256()
+    jdir = os.path.join(store, GROUP, "journal")
+    for name in sorted(os.listdir(jdir)):
+        with open(os.path.join(jdir, name), "rb") as f:
+            h.update(name.encode())
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+with ft.Env("export") as env:
+    wl = env.workload()
+    qsd = env.qsd([ft.Disk("vda", SIZE, "qcow2")])
+    vda = qsd.disks[0]
+    rx = env.receiver()
+    wl.random_writes(qsd, vda, 20, min_len=4 * ft.KiB, max_len=512 * ft.KiB,
+                     region=(0, 24 * ft.MiB))
+    wl.write(qsd, vda, ZERO_AT, ZERO_LEN)
+    rp1 = env.replicate_once(qsd, rx.addr, GROUP)
+    wl.zero(qsd, vda, ZERO_AT, ZERO_LEN, "zero_range")
+    wl.random_writes(qsd, vda, 10, min_len=512, max_len=128 * ft.KiB, region=(0, 24 * ft.MiB))
+    rp2 = env.replicate_once(qsd, rx.addr, GROUP)
+    img = {rp: env.restore(rx.store, GROUP, rp, "vda") for rp in (rp1, rp2)}
+
+    s1, s2 = env.path("rp1.sock"), env.path("rp2.sock")
+    base = ["--store", rx.store, "--group", GROUP, "--disk", "vda"]
+    e1, t1 = start_export(env, "export-rp1", base + ["--point", rp1, "--socket", s1])
+    e2, t2 = start_export(env, "export-rp2", base + ["--point", rp2, "--socket", s2])
+    ft.log(f"exports ready in {t1:.2f} s and {t2:.2f} s")
+    ft.check(uri(s1) in e1.log_text(), f"the serving line names {uri(s1)}:\n{e1.log_text()}")
+    compare(env, s1, img[rp1], f"RP {rp1}")
+    compare(env, s2, img[rp2], f"RP {rp2}")
+    copy_equals(env, s2, img[rp2], f"RP {rp2}")
+
+    # Block status: the zeroed MiB and the never-written tail are holes that read as zeros.
+    out = run(["nbdinfo", "--map", uri(s2)])
+    ranges = []
+    for line in out.splitlines():
+        m = re.match(r"\s*(\d+)\s+(\d+)\s+(\d+)\s+(\S+)", line)
+        if m:
+            ranges.append((int(m[1]), int(m[2]), m[4]))
+    ft.check(ranges and ranges[0][0] == 0 and sum(r[1] for r in ranges) == SIZE,
+             f"nbdinfo --map must tile the disk:\n{out}")
+
+    def kind_at(off):
+        return next(k for o, n, k in ranges if o <= off < o + n)
+
+    ft.check_eq(kind_at(SIZE - 1), "hole,zero", "map of the never-written end of the disk")
+    ft.check(any(o <= ZERO_AT and ZERO_AT + ZERO_LEN // 2 < o + n and k == "hole,zero"
+                 for o, n, k in ranges) or kind_at(ZERO_AT + ZERO_LEN // 2) == "hole,zero",
+             f"the zeroed range at {ZERO_AT} must map as hole,zero:\n{out}")
+    with open(img[rp2], "rb") as f:
+        for o, n, k in ranges:
+            if k == "hole,zero":
+                f.seek(o)
+                ft.check(f.read(n) == bytes(n), f"map says zero at {o}+{n} but data is there")
+    ft.log(f"nbdinfo --map: {len(ranges)} ranges, holes and the zeroed range reported as zero")
+
+    # RP 1 stays byte-stable while replication goes on into the same group.
+    for i in range(3):
+        wl.random_writes(qsd, vda, 8, min_len=512, max_len=256 * ft.KiB)
+        wl.zero(qsd, vda, 2 * ft.MiB * (i + 1), 256 * ft.KiB, "zero_range")
+        rp = env.replicate_once(qsd, rx.addr, GROUP)
+        copy_equals(env, s1, img[rp1], f"RP {rp1} after RP {rp}")
+    ft.log(f"export of RP {rp1} unchanged while 3 newer RPs arrived")
+    newest = rp
+    img[newest] = env.restore(rx.store, GROUP, newest, "vda")
+
+    # Busy socket, while e1 serves on it.
+    r = env.run(["export"] + base + ["--point", rp1, "--socket", s1], timeout=30)
+    ft.check(r.rc == 1 and "busy" in r.err and s1 in r.err, f"busy socket:\n{r}")
+    ft.check_eq(e1.terminate(), 0, "ferry export exit status on SIGTERM")
+    ft.check_eq(e2.terminate(), 0, "ferry export exit status on SIGTERM")
+
+    # latest, over TCP on loopback.
+    port = ft.free_port()
+    e3, _ = start_export(env, "export-latest", base + ["--point", "latest", "--listen",
+                                                       f"127.0.0.1:{port}"])
+    ft.check(f"RP {newest}" in e3.log_text(), f"latest must be RP {newest}:\n{e3.log_text()}")
+    run(["qemu-img", "compare", "-f", "raw", "-F", "raw", f"nbd://127.0.0.1:{port}/",
+         img[newest]])
+    ft.check_eq(e3.terminate(), 0, "ferry export exit status on SIGTERM")
+    ft.log(f"--point latest over TCP serves RP {newest}")
+
+    # --overlay: writable, but nothing reaches the store.
+    before = journal_digest(rx.store)
+    s3 = env.path("overlay.sock")
+    e4, _ = start_export(env, "export-overlay", base + ["--point", rp2, "--socket", s3,
+                                                        "--overlay"])
+    run(["qemu-io", "-f", "raw", "-c", "write -P 0xab 0 64k", uri(s3)])
+    run(["qemu-io", "-f", "raw", "-r", "-c", "read -P 0xab 0 64k", uri(s3)])
+    ft.check_eq(e4.terminate(), 0, "ferry export --overlay exit status on SIGTERM")
+    ft.check_eq(journal_digest(rx.store), before, "the journal after writes to an overlay")
+    again = env.restore(rx.store, GROUP, rp2, "vda", out=env.path("restores", "again.img"))
+    ft.check(filecmp.cmp(again, img[rp2], shallow=False),
+             f"restore of RP {rp2} changed after writes to its overlay export")
+    ft.log("--overlay: writes read back from the overlay; journal and restore unchanged")
+
+    # Bad arguments: exit 1 before serving, the error names what is wrong.
+    bad = [(["--store", rx.store, "--group", "nope", "--disk", "vda", "--point", 1,
+             "--socket", env.path("b.sock")], "group nope"),
+           (base + ["--point", 999, "--socket", env.path("b.sock")], "RP 999"),
+           (["--store", rx.store, "--group", GROUP, "--disk", "vdz", "--point", rp1,
+             "--socket", env.path("b.sock")], "disk vdz"),
+           (base + ["--point", rp1, "--listen", "10.11.12.13:10809"], "loopback")]
+    for args, want in bad:
+        r = env.run(["export"] + args, timeout=30)
+        ft.check(r.rc == 1 and want in r.err, f"expected exit 1 naming '{want}':\n{r}")
+        ft.check("serving" not in r.out, f"a refused export must not serve:\n{r}")
+    ft.check(not os.path.exists(env.path("b.sock")), "a refused export left a socket behind")
+    ft.log("bad arguments refused with exit 1, naming group, RP, disk and the address")

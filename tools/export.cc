@@ -1,0 +1,218 @@
+// ferry export: one disk of a group at one RP over NBD, served by nbdkit with Ferry's plugin
+// (tools/nbdkit/ferry-plugin.cc). This process checks the arguments (opening the read view,
+// so an unknown group, RP or disk is refused before anything serves), runs nbdkit in the
+// foreground as its child, prints where it serves once nbdkit is ready, and stops it on
+// SIGINT/SIGTERM. nbdkit dies with it (--exit-with-parent) should this process be killed.
+#include <arpa/inet.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "ferry/engine/read_view.h"
+#include "ferry/transport/connection.h"
+#include "tools.h"
+
+#ifndef FERRY_PLUGIN_INSTALL_DIR
+#define FERRY_PLUGIN_INSTALL_DIR "/usr/local/lib/ferry"
+#endif
+
+namespace ferry::tools {
+namespace {
+
+constexpr const char* kPluginName = "nbdkit-ferry-plugin.so";
+constexpr auto kReadyTimeout = std::chrono::seconds(10);
+
+int usage_error(const std::string& msg) {
+  std::fprintf(stderr, "ferry export: %s\n", msg.c_str());
+  return 1;
+}
+
+// $FERRY_NBDKIT_PLUGIN, else next to the ferry binary (a build tree), else the installed one.
+std::string find_plugin() {
+  if (const char* p = std::getenv("FERRY_NBDKIT_PLUGIN"); p != nullptr && *p != '\0') return p;
+  std::error_code ec;
+  auto exe = std::filesystem::read_symlink("/proc/self/exe", ec);
+  if (!ec) {
+    auto here = exe.parent_path() / kPluginName;
+    if (std::filesystem::exists(here, ec)) return here.string();
+  }
+  return std::string(FERRY_PLUGIN_INSTALL_DIR) + "/" + kPluginName;
+}
+
+bool is_loopback(const std::string& host) {
+  if (host == "localhost") return true;
+  in_addr a4{};
+  if (::inet_pton(AF_INET, host.c_str(), &a4) == 1) return (ntohl(a4.s_addr) >> 24) == 127;
+  in6_addr a6{};
+  if (::inet_pton(AF_INET6, host.c_str(), &a6) == 1) return IN6_IS_ADDR_LOOPBACK(&a6);
+  return false;
+}
+
+// A socket path that answers is busy; a stale socket file is replaced; anything else that
+// exists there is refused (never removed).
+Status check_socket_path(const std::string& path) {
+  if (path.size() >= sizeof(sockaddr_un{}.sun_path))
+    return Status::error(Errc::invalid_argument,
+                         "socket path " + path + " is too long (at most " +
+                             std::to_string(sizeof(sockaddr_un{}.sun_path) - 1) + " bytes)");
+  struct stat sb {};
+  if (::lstat(path.c_str(), &sb) != 0) return Status::ok();
+  if (!S_ISSOCK(sb.st_mode))
+    return Status::error(Errc::invalid_argument,
+                         "socket path " + path + " exists and is not a socket: choose another");
+  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!fd.valid()) return Status::from_errno(errno, "socket");
+  sockaddr_un sa{};
+  sa.sun_family = AF_UNIX;
+  std::memcpy(sa.sun_path, path.c_str(), path.size());
+  if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&sa), sizeof(sa)) == 0)
+    return Status::error(Errc::busy, "socket " + path +
+                                         " is busy: another server listens on it (stop it or "
+                                         "choose another path)");
+  if (::unlink(path.c_str()) != 0 && errno != ENOENT)
+    return Status::from_errno(errno, "remove stale socket " + path);
+  return Status::ok();
+}
+
+std::string describe_exit(int wstatus) {
+  if (WIFEXITED(wstatus)) return "exit status " + std::to_string(WEXITSTATUS(wstatus));
+  if (WIFSIGNALED(wstatus)) return std::string("signal ") + ::strsignal(WTERMSIG(wstatus));
+  return "status " + std::to_string(wstatus);
+}
+
+}  // namespace
+
+int cmd_export(const ExportArgs& a) {
+  if (!a.socket.empty() && !a.listen.empty())
+    return usage_error("give --socket PATH or --listen ADDR:PORT, not both");
+  std::string host;
+  std::uint16_t port = 0;
+  if (a.socket.empty()) {
+    auto ep = transport::parse_endpoint(a.listen.empty() ? "127.0.0.1:10809" : a.listen);
+    if (!ep.is_ok()) return usage_error("--listen: " + ep.status().to_string());
+    if (!is_loopback(ep->host))
+      return usage_error("refusing to serve on " + ep->host +
+                         ": not a loopback address, and an export off this host needs TLS, "
+                         "which ferry export does not offer yet; use --listen 127.0.0.1:PORT "
+                         "or --socket PATH (and an SSH tunnel)");
+    host = ep->host;
+    port = ep->port;
+  }
+  // Opening the view is the check: group, RP and disk exist (errors name them). "latest" is
+  // resolved here, so every connection of this export reads the same RP.
+  auto view = engine::ReadView::open(a.store, a.group, a.point, a.disk);
+  if (!view.is_ok())
+    return usage_error("disk '" + a.disk + "' of group '" + a.group + "' at RP " +
+                       (a.point == 0 ? std::string("latest") : std::to_string(a.point)) + ": " +
+                       view.status().to_string());
+  const std::uint64_t rp = (*view)->rp_id();
+  const std::uint64_t size = (*view)->size_bytes();
+  view->reset();
+  if (!a.socket.empty()) {
+    Status s = check_socket_path(a.socket);
+    if (!s.is_ok()) return usage_error(s.to_string());
+  }
+  const std::string plugin = find_plugin();
+  if (::access(plugin.c_str(), R_OK) != 0)
+    return usage_error("nbdkit plugin " + plugin + " not found: build it (meson, with " +
+                       "nbdkit-plugin-dev installed) or set FERRY_NBDKIT_PLUGIN");
+
+  char tmpl[] = "/tmp/ferry-export-XXXXXX";
+  if (::mkdtemp(tmpl) == nullptr) return usage_error(std::string("mkdtemp: ") + strerror(errno));
+  const std::string tmpdir = tmpl;
+  const std::string pidfile = tmpdir + "/nbdkit.pid";
+  struct TmpDirOwner {
+    std::string dir;
+    ~TmpDirOwner() {
+      std::error_code ec;
+      std::filesystem::remove_all(dir, ec);
+    }
+  } tmp_owner{tmpdir};
+
+  const char* nbdkit_env = std::getenv("FERRY_NBDKIT");
+  std::vector<std::string> args = {nbdkit_env != nullptr && *nbdkit_env ? nbdkit_env : "nbdkit",
+                                   "--foreground", "--exit-with-parent", "-P", pidfile};
+  std::string uri;
+  if (!a.socket.empty()) {
+    args.insert(args.end(), {"-U", a.socket});
+    uri = "nbd+unix:///?socket=" + a.socket;
+  } else {
+    args.insert(args.end(), {"-i", host, "-p", std::to_string(port)});
+    uri = "nbd://" + (host.find(':') != std::string::npos ? "[" + host + "]" : host) + ":" +
+          std::to_string(port) + "/";
+  }
+  // --overlay: nbdkit's cow filter keeps writes in a throwaway overlay in front of the plugin
+  // (which stays read-only); without it the export is read-only (-r).
+  if (a.overlay)
+    args.push_back("--filter=cow");
+  else
+    args.push_back("-r");
+  args.insert(args.end(), {plugin, "store=" + a.store, "group=" + a.group,
+                           "point=" + std::to_string(rp), "disk=" + a.disk});
+
+  sigset_t stop, old;
+  sigemptyset(&stop);
+  sigaddset(&stop, SIGINT);
+  sigaddset(&stop, SIGTERM);
+  ::sigprocmask(SIG_BLOCK, &stop, &old);
+  const pid_t child = ::fork();
+  if (child < 0) return usage_error(std::string("fork: ") + strerror(errno));
+  if (child == 0) {
+    ::sigprocmask(SIG_SETMASK, &old, nullptr);
+    std::vector<char*> argv;
+    for (auto& s : args) argv.push_back(s.data());
+    argv.push_back(nullptr);
+    ::execvp(argv[0], argv.data());
+    std::fprintf(stderr, "ferry export: cannot run %s: %s (install the nbdkit package)\n",
+                 argv[0], strerror(errno));
+    ::_exit(127);
+  }
+  bool ready = false, stopping = false;
+  const auto deadline = std::chrono::steady_clock::now() + kReadyTimeout;
+  int wstatus = 0;
+  for (;;) {
+    const pid_t w = ::waitpid(child, &wstatus, WNOHANG);
+    if (w == child) break;
+    if (!ready && !stopping && ::access(pidfile.c_str(), F_OK) == 0) {
+      ready = true;
+      std::printf("ferry export: serving disk %s of group %s at RP %llu (%llu bytes%s) on %s\n",
+                  a.disk.c_str(), a.group.c_str(), (unsigned long long)rp,
+                  (unsigned long long)size, a.overlay ? ", writable overlay" : ", read-only",
+                  uri.c_str());
+      std::fflush(stdout);
+    }
+    if (!ready && !stopping && std::chrono::steady_clock::now() > deadline) {
+      std::fprintf(stderr, "ferry export: nbdkit was not ready within %lld s; stopping it\n",
+                   (long long)kReadyTimeout.count());
+      ::kill(child, SIGTERM);
+      stopping = true;
+    }
+    timespec ts{0, 10'000'000};
+    const int sig = ::sigtimedwait(&stop, nullptr, &ts);
+    if (sig > 0 && !stopping) {
+      ::kill(child, SIGTERM);
+      stopping = true;
+    }
+  }
+  ::sigprocmask(SIG_SETMASK, &old, nullptr);
+  const bool clean = WIFEXITED(wstatus) ? WEXITSTATUS(wstatus) == 0
+                                        : WIFSIGNALED(wstatus) && WTERMSIG(wstatus) == SIGTERM;
+  if (stopping && ready && clean) return 0;
+  std::fprintf(stderr, "ferry export: nbdkit %s (%s)\n",
+               ready ? "stopped on its own" : "failed before serving",
+               describe_exit(wstatus).c_str());
+  return 1;
+}
+
+}  // namespace ferry::tools
