@@ -34,7 +34,6 @@ namespace jr = journal;
 
 constexpr std::uint32_t kStateMagic = 0x41545346;  // "FSTA"
 constexpr std::uint16_t kStateVersion = 1;
-constexpr std::size_t kStateBytes = 40;
 
 struct State {
   std::uint64_t applied_rp = 0;
@@ -66,31 +65,60 @@ std::uint64_t group_id_of(const std::string& group) {
   return xxh3_64(group.data(), group.size());
 }
 
-std::string encode_state(std::uint64_t group_id, State st) {
+// The state file and the R18 marker share one 40-byte layout (docs/journal-format.md):
+// magic u32, version u16, 0 u16, group id u64, two values u64, xxh3-64 of bytes 0..31.
+constexpr std::size_t kSmallFileBytes = 40;
+struct SmallFileKind {
+  std::uint32_t magic;
+  std::uint16_t version;
+};
+
+std::string encode_small_file(SmallFileKind kind, std::uint64_t group_id, std::uint64_t a,
+                              std::uint64_t b) {
   std::string s;
   ByteWriter w(s);
-  w.u32(kStateMagic);
-  w.u16(kStateVersion);
+  w.u32(kind.magic);
+  w.u16(kind.version);
   w.u16(0);
   w.u64(group_id);
-  w.u64(st.applied_rp);
-  w.u64(st.applying_rp);
+  w.u64(a);
+  w.u64(b);
   w.u64(xxh3_64(s.data(), s.size()));
-  FERRY_ASSERT(s.size() == kStateBytes);
+  FERRY_ASSERT(s.size() == kSmallFileBytes);
   return s;
 }
 
-std::optional<State> decode_state(std::string_view s, std::uint64_t group_id) {
-  if (s.size() != kStateBytes || load_le64(s.data() + 32) != xxh3_64(s.data(), 32))
+std::optional<std::pair<std::uint64_t, std::uint64_t>> decode_small_file(
+    std::string_view s, SmallFileKind kind, std::uint64_t group_id) {
+  if (s.size() != kSmallFileBytes || load_le64(s.data() + 32) != xxh3_64(s.data(), 32))
     return std::nullopt;
   ByteReader r(s);
-  if (r.u32() != kStateMagic || r.u16() != kStateVersion) return std::nullopt;
+  if (r.u32() != kind.magic || r.u16() != kind.version) return std::nullopt;
   r.u16();
   if (r.u64() != group_id) return std::nullopt;
-  State st;
-  st.applied_rp = r.u64();
-  st.applying_rp = r.u64();
-  return st;
+  const std::uint64_t a = r.u64();
+  return std::pair{a, r.u64()};
+}
+
+// Reads a small file whole (one byte more than the layout, so a longer file fails to decode).
+Result<std::string> read_small_file(Storage& st, const std::string& path) {
+  FERRY_ASSIGN_OR_RETURN(auto f, st.open(path, OpenFlags{.read_only = true}));
+  std::string buf(kSmallFileBytes + 1, '\0');
+  FERRY_ASSIGN_OR_RETURN(std::size_t got, f->pread(buf.data(), buf.size(), 0));
+  buf.resize(got);
+  return buf;
+}
+
+constexpr SmallFileKind kStateFile{kStateMagic, kStateVersion};
+
+std::string encode_state(std::uint64_t group_id, State st) {
+  return encode_small_file(kStateFile, group_id, st.applied_rp, st.applying_rp);
+}
+
+std::optional<State> decode_state(std::string_view s, std::uint64_t group_id) {
+  auto v = decode_small_file(s, kStateFile, group_id);
+  if (!v) return std::nullopt;
+  return State{v->first, v->second};
 }
 
 // --- R18: after a failed write or sync, nothing after the last successful sync is trusted ---
@@ -104,7 +132,7 @@ std::optional<State> decode_state(std::string_view s, std::uint64_t group_id) {
 // back to it before the scan reads anything, then forgets both.
 constexpr std::uint32_t kDistrustMagic = 0x53494446;  // "FDIS"
 constexpr std::uint16_t kDistrustVersion = 1;
-constexpr std::size_t kDistrustBytes = 40;
+constexpr SmallFileKind kDistrustFile{kDistrustMagic, kDistrustVersion};
 
 struct Distrust {
   jr::RecordLoc from;
@@ -124,30 +152,13 @@ std::string distrust_key(const std::string& group_dir) {
 }
 
 std::string encode_distrust(std::uint64_t group_id, jr::RecordLoc from) {
-  std::string s;
-  ByteWriter w(s);
-  w.u32(kDistrustMagic);
-  w.u16(kDistrustVersion);
-  w.u16(0);
-  w.u64(group_id);
-  w.u64(from.segment_seq);
-  w.u64(from.offset);
-  w.u64(xxh3_64(s.data(), s.size()));
-  FERRY_ASSERT(s.size() == kDistrustBytes);
-  return s;
+  return encode_small_file(kDistrustFile, group_id, from.segment_seq, from.offset);
 }
 
 std::optional<jr::RecordLoc> decode_distrust(std::string_view s, std::uint64_t group_id) {
-  if (s.size() != kDistrustBytes || load_le64(s.data() + 32) != xxh3_64(s.data(), 32))
-    return std::nullopt;
-  ByteReader r(s);
-  if (r.u32() != kDistrustMagic || r.u16() != kDistrustVersion) return std::nullopt;
-  r.u16();
-  if (r.u64() != group_id) return std::nullopt;
-  jr::RecordLoc loc;
-  loc.segment_seq = r.u64();
-  loc.offset = r.u64();
-  return loc;
+  auto v = decode_small_file(s, kDistrustFile, group_id);
+  if (!v) return std::nullopt;
+  return jr::RecordLoc{v->first, v->second};
 }
 
 bool loc_before(jr::RecordLoc a, jr::RecordLoc b) {
@@ -163,10 +174,7 @@ std::string loc_name(jr::RecordLoc l) {
 Result<std::optional<jr::RecordLoc>> read_distrust_marker(Storage& st, const Paths& paths,
                                                           std::uint64_t group_id) {
   if (!st.exists(paths.distrust)) return std::optional<jr::RecordLoc>();
-  FERRY_ASSIGN_OR_RETURN(auto f, st.open(paths.distrust, OpenFlags{.read_only = true}));
-  std::string buf(kDistrustBytes + 1, '\0');
-  FERRY_ASSIGN_OR_RETURN(std::size_t got, f->pread(buf.data(), buf.size(), 0));
-  buf.resize(got);
+  FERRY_ASSIGN_OR_RETURN(std::string buf, read_small_file(st, paths.distrust));
   auto loc = decode_distrust(buf, group_id);
   if (!loc)
     return Status::error(Errc::corrupt,
@@ -997,10 +1005,7 @@ class StoreImpl final : public GroupStore {
 
   Result<std::optional<State>> read_state() {
     if (!st_->exists(paths_.state)) return std::optional<State>();
-    FERRY_ASSIGN_OR_RETURN(auto f, st_->open(paths_.state, OpenFlags{.read_only = true}));
-    std::string buf(kStateBytes + 1, '\0');
-    FERRY_ASSIGN_OR_RETURN(std::size_t got, f->pread(buf.data(), buf.size(), 0));
-    buf.resize(got);
+    FERRY_ASSIGN_OR_RETURN(std::string buf, read_small_file(*st_, paths_.state));
     auto v = decode_state(buf, group_id_);
     if (!v) spdlog::warn("group {}: state file {} is corrupt; rebuilding it (R6)", group_,
                          paths_.state);
