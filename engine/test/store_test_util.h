@@ -192,4 +192,36 @@ inline std::string check_rp(GroupStore& store, const Model& model, std::uint64_t
   return "";
 }
 
+// Two disks; overwrites, zero blocks, unaligned sizes and offsets, zstd and raw payloads,
+// a resize in both directions, a full RP of one disk after incrementals.
+inline std::vector<TestRp> life_cycle_rps() {
+  constexpr std::uint32_t kB = 65536;
+  std::vector<TestRp> rps(5);
+  rps[0].begin = {1, 0, 1, 0, {disk("vda", 16 * kB + 1000, true), disk("vdb", 8 * kB, true)}};
+  for (std::uint32_t i = 0; i < 16; ++i)
+    rps[0].blocks.push_back({0, i * std::uint64_t(kB), kB, RecordKind::data,
+                             i % 2 ? RecordCodec::zstd : RecordCodec::none, 100 + i});
+  rps[0].blocks.push_back({0, 16 * kB, 1000, RecordKind::data, RecordCodec::zstd, 200});
+  for (std::uint32_t i = 0; i < 8; i += 2)
+    rps[0].blocks.push_back({1, i * std::uint64_t(kB), kB, RecordKind::data, RecordCodec::zstd,
+                             300 + i});
+  rps[1].begin = {2, 1, 2, 0, {disk("vda", 16 * kB + 1000, false), disk("vdb", 8 * kB, false)}};
+  rps[1].blocks = {{0, 3 * kB, kB, RecordKind::zero, RecordCodec::none, 0},
+                   {0, 5 * kB + 512, 4096, RecordKind::data, RecordCodec::none, 401},
+                   {0, 16 * kB, 1000, RecordKind::data, RecordCodec::none, 402},
+                   {1, 2 * kB, kB, RecordKind::data, RecordCodec::zstd, 403},
+                   {0, 5 * kB, kB, RecordKind::data, RecordCodec::zstd, 404},  // overwrites 401
+                   {0, 5 * kB + 8192, 4096, RecordKind::zero, RecordCodec::none, 0}};
+  rps[2].begin = {3, 2, 3, 0, {disk("vda", 20 * kB, false), disk("vdb", 6 * kB + 4096, false)}};
+  rps[2].blocks = {{0, 19 * kB, kB, RecordKind::data, RecordCodec::zstd, 501},
+                   {1, 6 * kB, 4096, RecordKind::data, RecordCodec::none, 502}};
+  rps[3].begin = {4, 3, 4, 0, {disk("vda", 12 * kB, true), disk("vdb", 6 * kB + 4096, false)}};
+  rps[3].blocks = {{0, 0, kB, RecordKind::data, RecordCodec::zstd, 601},
+                   {0, 7 * kB, kB, RecordKind::data, RecordCodec::none, 602}};
+  rps[4].begin = {5, 4, 5, 0, {disk("vda", 16 * kB, false), disk("vdb", 6 * kB + 4096, false)}};
+  rps[4].blocks = {{0, 14 * kB, kB, RecordKind::data, RecordCodec::none, 701},
+                   {1, 0, kB, RecordKind::zero, RecordCodec::none, 0}};
+  return rps;
+}
+
 }  // namespace ferry::engine::test
