@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include "ferry/base/bytes.h"
+#include "ferry/base/kill_point.h"
 #include "ferry/base/log.h"
 
 namespace ferry::engine::journal {
@@ -424,7 +425,8 @@ class Scanner {
       c.why = "record written for another place (misdirected)";
       return c;
     }
-    if (h->type != RecordType::padding && h->lsn != lsn) {
+    // lsn 0: the first record of the journal, which pruning may have started anywhere.
+    if (h->type != RecordType::padding && lsn != 0 && h->lsn != lsn) {
       c.why = "lsn " + std::to_string(h->lsn) + " where " + std::to_string(lsn) + " was expected";
       return c;
     }
@@ -452,7 +454,7 @@ class Scanner {
     }
     if (c.h.type == RecordType::rp_commit_mirror)
       return corrupt_at(dir_, seq, pos, "rp_commit_mirror without its rp_commit before it (R11)");
-    if (c.h.type != RecordType::padding) ++expected_lsn_;
+    if (c.h.type != RecordType::padding) expected_lsn_ = c.h.lsn + 1;
     if (c.h.type == RecordType::rp_commit) {
       std::string payload(c.payload);  // the view's window moves when the mirror is read
       if (version_ < 2) {
@@ -589,6 +591,7 @@ class Scanner {
                                     " superseded by a new rp_begin");
     open_ = CommittedRp{};
     open_->begin = std::move(*b);
+    open_->first_segment = loc.segment_seq;
     return Status::ok();
   }
 
@@ -612,7 +615,10 @@ class Scanner {
     bool ok = open_ && info.is_ok() && info->rp_id == h.rp_id && open_->begin.rp_id == h.rp_id &&
               loc.offset % kBlockAlignBytes == 0;
     std::uint64_t last = out_.committed.empty() ? 0 : out_.committed.back().info.rp_id;
-    if (!ok || h.rp_id <= last || open_->begin.base_rp != last)
+    // The journal may start after pruning dropped older segments: the first RP it holds
+    // chains to the store's base RP, which the store checks (its state names the base).
+    const bool first = out_.committed.empty();
+    if (!ok || h.rp_id <= last || (!first && open_->begin.base_rp != last))
       return corrupt_at(dir_, loc.segment_seq, loc.offset,
                         "rp_commit does not close the open RP in order (R11)");
     FERRY_ASSERT(end % kBlockAlignBytes == 0 && end > loc.offset);
@@ -701,7 +707,7 @@ class Scanner {
   std::uint32_t cut_version_ = kJournalVersion;
   std::uint32_t version_ = kJournalVersion;  // of the segment being scanned
   std::uint64_t cut_lsn_ = 1;
-  std::uint64_t expected_lsn_ = 1;
+  std::uint64_t expected_lsn_ = 0;  // 0: any (the journal's first record)
   bool stopped_ = false;
 };
 
@@ -908,6 +914,24 @@ Status Writer::sync() {
   durable_end_ = RecordLoc{segment_seq_, buf_file_offset_};
   unsynced_ = false;
   return Status::ok();
+}
+
+Status remove_segments_below(Storage& storage, const std::string& dir, std::uint64_t first_kept) {
+  FERRY_ASSIGN_OR_RETURN(auto names, storage.list_dir(dir));
+  std::vector<std::uint64_t> segments;
+  for (const auto& n : names)
+    if (auto seq = parse_segment_name(n)) segments.push_back(*seq);
+  std::sort(segments.begin(), segments.end());
+  if (segments.empty()) return Status::ok();
+  first_kept = std::min(first_kept, segments.back());  // the newest segment always stays
+  bool removed = false;
+  for (auto seq : segments) {  // oldest first: a crash leaves the journal without a hole
+    if (seq >= first_kept) break;
+    FERRY_KILL_POINT("prune.mid_remove");
+    FERRY_TRY(storage.remove(seg_path(dir, seq)));
+    removed = true;
+  }
+  return removed ? storage.sync_dir(dir) : Status::ok();
 }
 
 // Closes the current segment durably, then starts the next one with its header; the new

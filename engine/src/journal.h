@@ -181,6 +181,9 @@ struct CommittedRp {
   RpBeginInfo begin;
   RpInfo info;
   RpIndex index;  // its block records, in journal order (later ones win)
+  // The segment of its rp_begin record: the segments before it hold only older RPs, so
+  // pruning removes them whole once the base has passed those RPs.
+  std::uint64_t first_segment = 0;
 };
 
 enum class ScanMode : std::uint8_t {
@@ -214,6 +217,12 @@ Status cut_tail(Storage& storage, const std::string& journal_dir, const ScanResu
 // (removes it when `end` is inside its header), removes later segments, and makes both
 // durable. Idempotent.
 Status cut_back_to(Storage& storage, const std::string& journal_dir, RecordLoc end);
+
+// Pruning: removes the segments numbered below `first_kept` (never the newest segment,
+// where appends resume) and makes the removal durable. Idempotent; a crash part way leaves
+// a prefix removed, which the next call finishes.
+Status remove_segments_below(Storage& storage, const std::string& journal_dir,
+                             std::uint64_t first_kept);
 
 // Appends records in 4 KiB-aligned batches through two bounded buffers; io_uring writes one
 // buffer while the other fills. Nothing is durable until sync().

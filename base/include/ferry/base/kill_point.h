@@ -12,7 +12,7 @@
 
 namespace ferry {
 
-inline constexpr std::array<std::string_view, 25> kKillPoints = {
+inline constexpr std::array<std::string_view, 26> kKillPoints = {
     // receiver, in the order one RP passes them
     "receiver.frame_received",
     "journal.before_append",
@@ -32,11 +32,12 @@ inline constexpr std::array<std::string_view, 25> kKillPoints = {
     "state.after_rename",
     "journal.before_truncate",
     "journal.after_truncate",
-    // recovery rewriting the replica from the journal (R5b, R6, R13, R17), after the state
-    // is marked "applying"
-    "rebuild.before_write",
-    "rebuild.mid_write",
-    "rebuild.before_fsync",
+    // retention: the decision written, the new base written, old segments being removed
+    // (compaction between them passes apply.*); a version 1 store migrated
+    "prune.after_intent",
+    "prune.after_base",
+    "prune.mid_remove",
+    "migrate.after_state",
     // source
     "source.after_transaction",
     "source.mid_send",

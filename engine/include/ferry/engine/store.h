@@ -21,6 +21,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -28,6 +29,7 @@
 
 #include "ferry/base/hash.h"
 #include "ferry/base/status.h"
+#include "ferry/engine/retention.h"
 #include "ferry/engine/storage.h"
 
 namespace ferry::engine {
@@ -112,8 +114,35 @@ struct StoreOptions {
   // Storage seam: the real file system (io_uring, O_DIRECT where supported) or a faulty
   // twin in tests. Null means the real one.
   std::shared_ptr<Storage> storage;
-  std::uint64_t segment_bytes = 256ull << 20;      // journal segment size bound
+  // Journal segment size bound. Pruning removes whole segments, so the store holds at most
+  // one segment of pruned RPs beyond the bound (docs/journal-format.md, "Retention").
+  std::uint64_t segment_bytes = 64ull << 20;
   std::size_t max_inflight_write_bytes = 16u << 20;  // journal appends in flight
+  // Retention (retention.h): the options given for this group; empty means the default.
+  // apply_committed() applies it; set_retention() changes it (a SIGHUP reload).
+  RetentionPolicy retention;
+  // The clock retention measures RP ages against (unix ns); null: the system clock. Tests
+  // give a synthetic one.
+  std::function<std::uint64_t()> clock;
+};
+
+// One offered RP as retention judged it.
+struct PrunePoint {
+  RpInfo info;
+  bool keep = false;
+  KeepRule rule = KeepRule::none;  // the rule that keeps it; none: removed
+  bool pinned = false;             // a reader (an export, a restore) holds it
+  std::uint64_t store_bytes = 0;   // its records in the journal (0: the base RP, in the images)
+};
+
+struct PruneReport {
+  bool dry_run = false;
+  RetentionPolicy policy;            // the effective policy applied
+  std::vector<PrunePoint> points;    // every RP offered before, oldest first
+  std::uint64_t removed = 0;         // RPs removed by this call
+  std::uint64_t removed_bytes = 0;   // their journal bytes
+  std::uint64_t compacted_bytes = 0; // journal bytes written into the replica images
+  std::uint64_t base_before = 0, base_after = 0;  // the RP the images held
 };
 
 class GroupStore {
@@ -158,6 +187,14 @@ class GroupStore {
   // "applying" (or names an older RP), so no open takes a half-written image for an RP.
   // Each apply_committed() retries, rewriting the replica from the journal.
   virtual Status apply_error() const = 0;
+
+  // Retention by hand (`ferry prune`): judges every offered RP by `policy` (empty: the
+  // default) at time `now_unix_ns`; unless dry_run, removes the RPs it drops and compacts
+  // the replica to the oldest kept RP. apply_committed() does the same with the store's
+  // own policy and clock.
+  virtual Result<PruneReport> prune(const RetentionPolicy& policy, std::uint64_t now_unix_ns,
+                                    bool dry_run) = 0;
+  virtual void set_retention(const RetentionPolicy& policy) = 0;
 
   // Resync (C4): the xxh3-128 digests of `block_count` consecutive blocks of `disk` at
   // last_committed_rp(), starting at offset_bytes (a multiple of block_bytes, a power of two
