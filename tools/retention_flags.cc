@@ -27,7 +27,7 @@ void add_retention_flags(CLI::App* cmd, RetentionFlags& out) {
                   "Keep the newest recovery point of each of the last N ISO weeks that have one")
       ->check(count);
   cmd->add_option("--keep-within", out.keep_within,
-                  "Keep every recovery point younger than DURATION (90s, 30m, 6h, 7d, 2w, 1h30m)")
+                  "Keep every recovery point at most DURATION old (90s, 30m, 6h, 7d, 2w, 1h30m)")
       ->check(CLI::Validator(check_duration, "DURATION"));
 }
 
