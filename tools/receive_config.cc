@@ -4,6 +4,7 @@
 #include "receive_config.h"
 
 #include <cerrno>
+#include <cstdint>
 #include <fstream>
 
 #include "ferry/engine/store.h"

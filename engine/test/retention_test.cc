@@ -2,6 +2,7 @@
 // against the C library's own UTC calendar (timegm/gmtime_r, %G-%V), and a seeded random
 // comparison against a slow oracle that buckets with strftime.
 #include <catch2/catch.hpp>
+#include <algorithm>
 #include <ctime>
 #include <map>
 #include <random>

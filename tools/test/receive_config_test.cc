@@ -2,6 +2,7 @@
 // rule (each message names file:line: key), the precedence of the four policy sources, and
 // 2,000 seeded random mutations of a good file that must never throw or crash.
 #include <catch2/catch.hpp>
+#include <iterator>
 #include <fstream>
 #include <random>
 #include <string>

@@ -1,6 +1,7 @@
 // The --keep-* flags (retention_flags.h): what they give, and that a bad value is a usage
 // error naming the flag and the value.
 #include <catch2/catch.hpp>
+#include <algorithm>
 #include <CLI/CLI.hpp>
 #include <string>
 #include <vector>
