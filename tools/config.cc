@@ -2,6 +2,7 @@
 // the edge, and becomes a Status naming file:line:column. Every other rule is checked
 // explicitly and reported as "file:line: key: what is wrong".
 #include "config.h"
+#include "toml_check.h"
 
 #include <algorithm>
 #include <cctype>
@@ -14,75 +15,7 @@
 namespace ferry::tools {
 namespace {
 
-class Checker {
- public:
-  explicit Checker(const std::string& file) : file_(file) {}
-
-  Status error(std::uint32_t line, std::string_view key, const std::string& what) const {
-    return Status::error(Errc::invalid_argument, file_ + ":" + std::to_string(line) + ": " +
-                                                     std::string(key) + ": " + what);
-  }
-
-  static std::uint32_t line_of(const toml::node& n) { return n.source().begin.line; }
-
-  // A string of 1..max_bytes bytes without NUL or control characters.
-  Status string(const toml::table& t, std::string_view key, bool required,
-                std::size_t max_bytes, std::string* out) const {
-    const toml::node* n = t.get(key);
-    if (n == nullptr)
-      return required ? error(line_of(t), key, "missing (required)") : Status::ok();
-    const auto* s = n->as_string();
-    if (s == nullptr) return error(line_of(*n), key, "must be a string");
-    const std::string& v = s->get();
-    if (v.empty()) return error(line_of(*n), key, "must not be empty");
-    if (v.size() > max_bytes)
-      return error(line_of(*n), key, "longer than " + std::to_string(max_bytes) + " bytes");
-    if (std::any_of(v.begin(), v.end(), [](char c) { return static_cast<unsigned char>(c) < 0x20; }))
-      return error(line_of(*n), key, "contains a control character");
-    *out = v;
-    return Status::ok();
-  }
-
-  Status integer(const toml::table& t, std::string_view key, bool required, std::int64_t min,
-                 std::int64_t max, std::int64_t* out) const {
-    const toml::node* n = t.get(key);
-    if (n == nullptr)
-      return required ? error(line_of(t), key, "missing (required)") : Status::ok();
-    const auto* i = n->as_integer();
-    if (i == nullptr) return error(line_of(*n), key, "must be an integer");
-    if (i->get() < min || i->get() > max)
-      return error(line_of(*n), key,
-                   "must be from " + std::to_string(min) + " to " + std::to_string(max));
-    *out = i->get();
-    return Status::ok();
-  }
-
-  Status boolean(const toml::table& t, std::string_view key, bool* out) const {
-    const toml::node* n = t.get(key);
-    if (n == nullptr) return Status::ok();
-    const auto* b = n->as_boolean();
-    if (b == nullptr) return error(line_of(*n), key, "must be true or false");
-    *out = b->get();
-    return Status::ok();
-  }
-
-  Status only_keys(const toml::table& t, std::initializer_list<std::string_view> allowed,
-                   std::string_view where) const {
-    for (const auto& [k, v] : t) {
-      if (std::find(allowed.begin(), allowed.end(), k.str()) != allowed.end()) continue;
-      std::string list;
-      for (auto a : allowed) list += (list.empty() ? "" : ", ") + std::string(a);
-      return error(line_of(v), k.str(),
-                   "unknown key in " + std::string(where) + " (allowed: " + list + ")");
-    }
-    return Status::ok();
-  }
-
-  const std::string& file() const { return file_; }
-
- private:
-  std::string file_;
-};
+using Checker = TomlChecker;
 
 bool valid_name(std::string_view s) {
   if (s.empty() || s.size() > kMaxNameBytes || s[0] == '.' || s[0] == '-') return false;

@@ -23,6 +23,8 @@
 #include "ferry/engine/store.h"
 #include "ferry/transport/connection.h"
 #include "agent.h"
+#include "receive_config.h"
+#include "retention_flags.h"
 #include "tools.h"
 
 namespace ferry::tools {
@@ -80,7 +82,20 @@ struct ReceiveArgs {
   std::string store;
   std::string max_disk_bytes;  // a size: 16T, 500G, 1073741824
   std::string status_socket;
+  engine::RetentionPolicy retention;  // the --keep-* flags; empty when none is given
+  std::string config = kDefaultReceiveConfigPath;
+  bool config_given = false;  // --config on the command line: the file must exist
 };
+
+// The receiver's config file merged with the flags (receive_config.h has the precedence).
+// The default path is read only when it exists; a --config that names no file is an error.
+Result<ReceiveConfig> receive_config(const ReceiveArgs& a) {
+  ReceiveConfig file;
+  if (a.config_given || ::access(a.config.c_str(), F_OK) == 0) {
+    FERRY_ASSIGN_OR_RETURN(file, load_receive_config(a.config));
+  }
+  return with_flags(std::move(file), a.retention);
+}
 
 // "16T", "16TiB", "500G", "1.5T", "4096": binary units (K = 1024). Error: what is wrong.
 Result<std::uint64_t> parse_size(const std::string& text) {
@@ -138,6 +153,12 @@ int cmd_receive(const ReceiveArgs& a, std::uint64_t max_disk_bytes) {
   init_logging("receive");
   auto ep = transport::parse_endpoint(a.listen, /*allow_port_zero=*/true);
   if (!ep.is_ok()) return fail("--listen", ep.status());
+  // Checked and logged at start-up; the store applies it once pruning is wired in.
+  auto config = receive_config(a);
+  if (!config.is_ok()) return fail("config " + a.config, config.status());
+  spdlog::info("retention: {} by default, {} group(s) with their own",
+               engine::effective_retention(config->retention).describe(),
+               config->groups.size());
   engine::ReceiverOptions ro;
   ro.store.root = a.store;
   ro.max_disk_bytes = max_disk_bytes;
@@ -390,6 +411,12 @@ int main(int argc, char** argv) {
                       "default: whatever the store's file system can hold");
   receive->add_option("--status-socket", ra.status_socket,
                       "Serve each group's state on this unix socket (ferry status --socket)");
+  RetentionFlags receive_retention;
+  add_retention_flags(receive, receive_retention);
+  auto* receive_config_opt = receive->add_option(
+      "--config", ra.config,
+      "Receiver config (TOML: retention per group); the default path is read if it exists");
+  receive_config_opt->capture_default_str();
 
   ReplicateArgs pa;
   auto* rep = app.add_subcommand("replicate", "Replicate disks of a QEMU process (over QMP)");
@@ -519,6 +546,15 @@ int main(int argc, char** argv) {
   if (protect->parsed() && !pr.once && pr.interval_seconds <= 0) {
     std::fprintf(stderr, "ferry protect: one of --once or --interval SECONDS is required\n");
     return kExitUsage;
+  }
+  if (receive->parsed()) {
+    auto policy = receive_retention.policy();
+    if (!policy.is_ok()) {
+      std::fprintf(stderr, "ferry receive: %s\n", policy.status().message().c_str());
+      return kExitUsage;
+    }
+    ra.retention = *policy;
+    ra.config_given = receive_config_opt->count() > 0;
   }
   std::uint64_t max_disk_bytes = 0;
   if (receive->parsed() && !ra.max_disk_bytes.empty()) {

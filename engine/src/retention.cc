@@ -3,6 +3,7 @@
 #include "ferry/engine/retention.h"
 
 #include <algorithm>
+#include <iterator>
 #include <unordered_set>
 
 namespace ferry::engine {
