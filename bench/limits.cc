@@ -55,7 +55,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   std::size_t block = 64 << 10;
-  int level = 1;
+  int level = ferry::transport::kDefaultZstdLevel;
   double seconds = 2;
   for (int i = 2; i + 1 < argc; i += 2) {
     std::string k = argv[i];

@@ -28,8 +28,8 @@
 #include "ferry/base/log.h"
 #include "ferry/cbt/qmp_source.h"
 #include "ferry/site/receiver.h"
-#include "ferry/source/sender.h"
 #include "ferry/site/store.h"
+#include "ferry/source/sender.h"
 #include "ferry/transport/connection.h"
 #include "tools.h"
 

@@ -19,9 +19,10 @@
 #include "ferry/base/memory.h"
 #include "ferry/cbt/qmp_source.h"
 #include "ferry/site/receiver.h"
-#include "ferry/source/sender.h"
 #include "ferry/site/store.h"
+#include "ferry/source/sender.h"
 #include "ferry/transport/connection.h"
+#include "ferry/transport/rules.h"
 #include "agent.h"
 #include "tools.h"
 
@@ -202,7 +203,7 @@ struct ReplicateArgs {
   std::string nbd_socket;
   std::string state_dir;
   std::uint32_t block_kib = 64;
-  int zstd_level = 1;
+  int zstd_level = transport::kDefaultZstdLevel;
   bool take_over = false;
 };
 
@@ -258,7 +259,8 @@ int cmd_replicate(const ReplicateArgs& a) {
   if (!ep.is_ok()) return fail("--to", ep.status());
   auto disks = parse_disks(a.disks);
   if (!disks.is_ok()) return fail("--disk", disks.status());
-  if (a.block_kib < 4 || a.block_kib > 4096 || (a.block_kib & (a.block_kib - 1)))
+  const std::uint64_t block_bytes = std::uint64_t(a.block_kib) * 1024;
+  if (block_bytes < source::kMinSendBlockBytes || !transport::block_bytes_valid(block_bytes))
     return fail("--block-size", Status::error(Errc::invalid_argument,
                                               "must be a power of two from 4 to 4096 KiB"));
   SignalWatcher signals;
@@ -408,7 +410,9 @@ int main(int argc, char** argv) {
   rep->add_option("--state-dir", pa.state_dir, "Scratch and state directory")
       ->capture_default_str();
   rep->add_option("--block-size", pa.block_kib, "Block size in KiB (default 64)");
-  rep->add_option("--zstd-level", pa.zstd_level, "zstd level (default 1)")->check(CLI::Range(-7, 19));
+  rep->add_option("--zstd-level", pa.zstd_level,
+                  "zstd level (default " + std::to_string(ferry::transport::kDefaultZstdLevel) + ")")
+      ->check(CLI::Range(-7, 19));
   rep->add_flag("--take-over", pa.take_over,
                 "Take the group over from the source that wrote it (another host, other "
                 "images): the next RP is a resync or full copy of every disk");

@@ -1,4 +1,4 @@
-// libFuzzer target for the journal's byte layouts (engine/src/journal.h): arbitrary bytes go
+// libFuzzer target for the journal's byte layouts (site/src/journal.h): arbitrary bytes go
 // to the record header, segment header, rp_begin and rp_commit payload decoders and the
 // segment name parser. Beyond "no crash, no read past the input", whatever decodes must mean
 // the same thing after a re-encode: decode(encode(decode(x))) == decode(x), so no field is

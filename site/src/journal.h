@@ -14,6 +14,7 @@
 #include "ferry/base/status.h"
 #include "ferry/site/storage.h"
 #include "ferry/site/store.h"
+#include "ferry/transport/wire.h"
 
 namespace ferry::site::journal {
 
@@ -26,7 +27,7 @@ inline constexpr std::uint32_t kOldestJournalVersion = 1;
 inline constexpr std::size_t kBlockAlignBytes = 4096;   // batches start and end here
 inline constexpr std::size_t kSegmentHeaderBytes = 4096;  // one aligned block
 inline constexpr std::size_t kRecordHeaderBytes = 96;
-inline constexpr std::uint32_t kMaxBlockBytes = 4u << 20;  // decoded block bound (= wire)
+inline constexpr std::uint32_t kMaxBlockBytes = transport::kMaxBlockBytes;  // decoded block bound
 // A zero record (no payload) covers a whole zero range of the wire, up to the u32 length's
 // maximum rounded down to kMaxBlockBytes (= transport::kMaxZeroRangeBytes). Records written
 // before zero ranges existed hold at most kMaxBlockBytes and read the same.

@@ -14,11 +14,13 @@
 #include "ferry/base/kill_point.h"
 #include "ferry/base/log.h"
 #include "ferry/transport/codec.h"
+#include "ferry/transport/rules.h"
 #include "ferry/transport/wire.h"
 
 namespace ferry::site {
 
 using transport::Decompressor;
+using transport::wire_status_of;  // the one Errc -> wire status mapping (rules.h)
 using transport::MsgType;
 using transport::WireStatus;
 using Clock = std::chrono::steady_clock;
@@ -100,23 +102,6 @@ struct GroupSlot {
   std::unique_ptr<GroupStore> store;  // guarded by busy; null: not open (yet, or after a failure)
   Health health;                      // guarded by Impl::mu
 };
-
-// The one place a receiver-side error becomes a wire status. Its inverse, on the source, is
-// sender.cc errc_of: the five storage and divergence codes must map back to themselves.
-WireStatus wire_status_of(const Status& s) {
-  switch (s.code()) {
-    case Errc::diverged: return WireStatus::diverged;
-    case Errc::no_space: return WireStatus::no_space;
-    case Errc::io: return WireStatus::io_error;
-    case Errc::corrupt: return WireStatus::corrupt;
-    case Errc::protocol: return WireStatus::bad_request;
-    case Errc::busy: return WireStatus::busy;
-    case Errc::invalid_argument:
-    case Errc::unsupported:
-    case Errc::not_found: return WireStatus::bad_request;
-    default: return WireStatus::internal;
-  }
-}
 
 std::string seconds_text(Clock::duration d) {
   const double s = std::chrono::duration<double>(d).count();

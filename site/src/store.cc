@@ -12,7 +12,6 @@
 
 #include <sys/stat.h>
 
-#include <bit>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -637,41 +636,22 @@ class ImageHasher {
 
 // --- disk identities ---------------------------------------------------------------------
 
-std::string identities_text(const RpBeginInfo& rp) {
-  std::string out;
-  for (const auto& d : rp.disks)
-    out += (out.empty() ? "" : ", ") + d.name + "=" +
-           (d.identity == Hash128{} ? std::string("unknown") : d.identity.hex());
-  return out;
+// The rule itself is transport's (rules.h), shared with the source.
+transport::SourceClaim claim_of(const RpBeginInfo& rp) {
+  transport::SourceClaim c{rp.source_name, {}};
+  for (const auto& d : rp.disks) c.disks.push_back({d.name, d.identity, d.identity_ephemeral});
+  return c;
 }
 
 }  // namespace
 
 bool second_source(const RpBeginInfo& held, const RpBeginInfo& offered) {
-  bool comparable = false;
-  for (const auto& o : offered.disks) {
-    if (o.identity == Hash128{}) return false;  // an older source: nothing to compare
-    for (const auto& h : held.disks) {
-      if (h.identity == o.identity) return false;  // one disk is still ours (maybe renamed)
-      if (h.name == o.name && !(h.identity == Hash128{}) && !h.identity_ephemeral &&
-          !o.identity_ephemeral)
-        comparable = true;
-    }
-  }
-  // Ephemeral identities (a raw disk's in-memory tag) change at every QEMU restart, so only
-  // an identity stored with the image proves that another source writes the group.
-  return comparable;
+  return transport::second_source(claim_of(held), claim_of(offered));
 }
 
 std::string second_source_message(const std::string& group, const RpBeginInfo& held,
                                   const RpBeginInfo& offered) {
-  const std::string who = held.source_name.empty() ? "(unknown)" : held.source_name;
-  return "group '" + group + "' is written by source '" + who + "' (disks " +
-         identities_text(held) + "), but source '" + offered.source_name + "' offers disks " +
-         identities_text(offered) +
-         ": two sources use one group name. Give one of them another --group, or run the "
-         "source that should own the group with --take-over (`ferry replicate` or `ferry "
-         "protect`; its next RP is then a resync or full copy)";
+  return transport::second_source_message(group, claim_of(held), claim_of(offered));
 }
 
 namespace {
@@ -725,7 +705,7 @@ class StoreImpl final : public GroupStore {
       return Status::error(Errc::not_found, "disk " + disk + " is not held at RP " +
                                                 std::to_string(last_committed_rp()));
     const std::uint64_t size = rps_.back().begin.disks[d].size_bytes;
-    if (block_bytes == 0 || block_bytes > jr::kMaxBlockBytes || !std::has_single_bit(block_bytes) ||
+    if (!transport::block_bytes_valid(block_bytes) ||
         offset_bytes % block_bytes != 0 || block_count == 0 || block_count > kMaxDigestBlocks ||
         offset_bytes >= size || (block_count - 1) > (size - offset_bytes - 1) / block_bytes)
       return Status::error(Errc::invalid_argument,
@@ -1309,16 +1289,6 @@ Result<jr::ScanResult> read_only_scan(const std::string& root, const std::string
 }
 
 }  // namespace
-
-bool valid_store_name(std::string_view s) {
-  if (s.empty() || s.size() > kMaxStoreNameBytes || s == "." || s == "..") return false;
-  for (char c : s) {
-    bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-              c == '.' || c == '_' || c == '-';
-    if (!ok) return false;
-  }
-  return true;
-}
 
 Result<std::unique_ptr<GroupStore>> GroupStore::open(const StoreOptions& options,
                                                      const std::string& group, bool create) {

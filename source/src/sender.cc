@@ -16,8 +16,8 @@
 #include "ferry/base/kill_point.h"
 #include "ferry/base/log.h"
 #include "ferry/base/memory.h"
-#include "ferry/site/store.h"  // rule C5.source (second_source): owned by the site
 #include "ferry/transport/codec.h"
+#include "ferry/transport/rules.h"
 #include "ferry/transport/wire.h"
 
 namespace ferry::source {
@@ -26,9 +26,6 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using transport::Compressor;
 using transport::MsgType;
-using site::RpBeginInfo;
-using site::second_source;
-using site::second_source_message;
 
 inline constexpr std::uint64_t kExtentChunkBytes = 1ull << 30;  // extents asked per call
 inline constexpr std::size_t kMaxWorkers = 4;
@@ -712,18 +709,6 @@ Result<transport::RpAck> wait_for_ack(transport::Connection& conn, std::uint64_t
   return ack;
 }
 
-// The inverse of receiver.cc wire_status_of for the codes the source acts on.
-Errc errc_of(transport::WireStatus s) {
-  switch (s) {
-    case transport::WireStatus::diverged: return Errc::diverged;
-    case transport::WireStatus::no_space: return Errc::no_space;
-    case transport::WireStatus::io_error: return Errc::io;
-    case transport::WireStatus::corrupt: return Errc::corrupt;
-    case transport::WireStatus::busy: return Errc::busy;
-    default: return Errc::external;
-  }
-}
-
 // Change tracking that was lost or cannot be trusted: the disk may differ from the replica
 // anywhere, so it is compared block by block rather than read as an incremental (C4).
 bool tracking_lost(cbt::FullReason r) {
@@ -797,20 +782,19 @@ Result<bool> check_identities(const SenderOptions& o, const transport::HelloRepl
   for (const cbt::DiskView& v : cap.disks)
     if (v.identity == Hash128{}) return false;  // a source without identities: as before
   if (reply.last_committed_rp != 0) {
-    RpBeginInfo held, offered;
+    transport::SourceClaim held, offered;
     held.source_name = reply.held_source;
     offered.source_name = o.source_name;
     for (const auto& d : reply.disks)
-      held.disks.push_back({d.name, d.size_bytes, false, false, d.identity.id,
-                            d.identity.ephemeral});
+      held.disks.push_back({d.name, d.identity.id, d.identity.ephemeral});
     for (const auto& v : cap.disks)
-      offered.disks.push_back({v.name, v.size_bytes, false, false, v.identity,
-                               v.identity_ephemeral});
-    if (second_source(held, offered)) {
+      offered.disks.push_back({v.name, v.identity, v.identity_ephemeral});
+    if (transport::second_source(held, offered)) {
       if (!o.take_over)
-        return Status::error(Errc::diverged, second_source_message(o.group, held, offered));
+        return Status::error(Errc::diverged,
+                             transport::second_source_message(o.group, held, offered));
       spdlog::warn("{}; taking it over (--take-over): every disk is sent as a resync or a full "
-                   "copy", second_source_message(o.group, held, offered));
+                   "copy", transport::second_source_message(o.group, held, offered));
       taking_over = true;
     }
   }
@@ -937,18 +921,16 @@ Result<transport::RpAck> send_capture(transport::Connection& conn, const SenderO
   stats.commit_seconds = seconds_since(t_commit);
   stats.total_seconds = seconds_since(t0);
   if (ack.status != transport::WireStatus::ok)
-    return Status::error(errc_of(ack.status),
+    return Status::error(transport::errc_of(ack.status),
                          "receiver rejected RP " + std::to_string(cap.rp_id) + ": " + ack.message)
-        .set_retryable(ack.status == transport::WireStatus::no_space ||
-                       ack.status == transport::WireStatus::io_error ||
-                       ack.status == transport::WireStatus::corrupt);
+        .set_retryable(transport::wire_status_retryable(ack.status));
   return ack;
 }
 
 }  // namespace
 
 Result<RpStats> take_recovery_point(cbt::ChangeSource& source, const SenderOptions& o) {
-  FERRY_ASSERT(o.block_bytes >= 4096 && o.block_bytes <= transport::kMaxBlockBytes);
+  FERRY_ASSERT(o.block_bytes >= kMinSendBlockBytes && transport::block_bytes_valid(o.block_bytes));
   FERRY_ASSERT(!o.disk_names.empty());
   const auto t0 = Clock::now();
   const double cpu0 = process_cpu_seconds();

@@ -29,6 +29,7 @@
 #include "ferry/base/hash.h"
 #include "ferry/base/status.h"
 #include "ferry/site/storage.h"
+#include "ferry/transport/rules.h"
 
 namespace ferry::site {
 
@@ -84,11 +85,11 @@ inline constexpr std::uint32_t kMaxStoredPayloadBytes = (4u << 20) + (64u << 10)
 // feature, 4 GiB - 4 MiB (journal.h kMaxZeroRecordBytes). Data records stay at 4 MiB.
 inline constexpr std::uint32_t kMaxStoredZeroBytes = 0xffc00000u;
 
-// Group and disk names become file names in the store: [A-Za-z0-9._-], 1..255 characters,
-// not "." or "..". The receiver checks them at hello with the same rule.
-bool valid_store_name(std::string_view name);
-inline constexpr const char* kStoreNameRule = "[A-Za-z0-9._-], 1..255 characters, not . or ..";
-inline constexpr std::size_t kMaxStoreNameBytes = 255;
+// Group and disk names become file names in the store; the receiver checks them at hello with
+// the same rule. Owner: transport/rules.h.
+using transport::kMaxStoreNameBytes;
+using transport::kStoreNameRule;
+using transport::valid_store_name;
 
 enum class RecordKind : std::uint8_t { data = 0, zero = 1 };
 enum class RecordCodec : std::uint8_t { none = 0, zstd = 1 };

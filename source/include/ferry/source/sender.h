@@ -18,8 +18,13 @@
 #include "ferry/cbt/reader.h"
 #include "ferry/cbt/source.h"
 #include "ferry/transport/connection.h"
+#include "ferry/transport/rules.h"
 
 namespace ferry::source {
+
+// The sender's block (the unit it reads, hashes and frames): a block size the wire carries
+// (transport::block_bytes_valid, the owner of the rule) of at least 4 KiB.
+inline constexpr std::uint32_t kMinSendBlockBytes = 4096;
 
 struct SenderOptions {
   transport::Endpoint to;
@@ -27,7 +32,7 @@ struct SenderOptions {
   std::string source_name;              // for the receiver's logs
   std::vector<std::string> disk_names;  // in the order of the group
   std::uint32_t block_bytes = 64u << 10;
-  int zstd_level = 1;
+  int zstd_level = transport::kDefaultZstdLevel;
   unsigned workers = 0;                  // hash/compress threads; 0: one per core, at most 4
   std::size_t max_inflight_reads = 64;   // reads submitted and not completed
   std::size_t max_buffer_bytes = 16u << 20;  // read buffers (in flight + being compressed)

@@ -9,10 +9,9 @@
 #include <string>
 
 #include "ferry/base/status.h"
+#include "ferry/transport/rules.h"  // kDefaultZstdLevel
 
 namespace ferry::transport {
-
-inline constexpr int kDefaultZstdLevel = 1;  // fast: zstd -1 keeps up with loopback and NVMe
 
 class Compressor {
  public:
