@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "ferry/base/hash.h"
-#include "ferry/engine/codec.h"
+#include "ferry/transport/codec.h"
 
 using Clock = std::chrono::steady_clock;
 
@@ -55,7 +55,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   std::size_t block = 64 << 10;
-  int level = 1;
+  int level = ferry::transport::kDefaultZstdLevel;
   double seconds = 2;
   for (int i = 2; i + 1 < argc; i += 2) {
     std::string k = argv[i];
@@ -74,11 +74,11 @@ int main(int argc, char** argv) {
     for (std::size_t i = 0; i < n; ++i) sink = sink + ferry::xxh3_128(&data[i * block], block).lo;
   });
 
-  auto c = ferry::engine::Compressor::create(level);
-  auto d = ferry::engine::Decompressor::create();
+  auto c = ferry::transport::Compressor::create(level);
+  auto d = ferry::transport::Decompressor::create();
   if (!c.is_ok() || !d.is_ok()) { std::fprintf(stderr, "zstd init failed\n"); return 1; }
   std::vector<std::vector<char>> packed(n);
-  std::vector<char> out(ferry::engine::Compressor::bound(block));
+  std::vector<char> out(ferry::transport::Compressor::bound(block));
   std::size_t packed_bytes = 0;
   double comp = rate_bytes_per_s(data.size(), seconds, [&] {
     packed_bytes = 0;

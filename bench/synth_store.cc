@@ -28,10 +28,10 @@
 
 #include "ferry/base/bytes.h"
 #include "ferry/base/hash.h"
-#include "ferry/engine/store.h"
+#include "ferry/site/store.h"
 
 using namespace ferry;
-using namespace ferry::engine;
+using namespace ferry::site;
 
 namespace {
 

@@ -31,7 +31,7 @@
 #include "agent.h"
 #include "ferry/base/fd.h"
 #include "ferry/base/log.h"
-#include "ferry/engine/sender.h"
+#include "ferry/source/sender.h"
 #include "tools.h"
 
 namespace ferry::tools {
@@ -116,7 +116,7 @@ class Worker {
  private:
   void run();
   Status take_one(std::unique_ptr<cbt::ChangeSource>& source);
-  void record(const Result<engine::RpStats>& rp, std::uint64_t start_ns);
+  void record(const Result<source::RpStats>& rp, std::uint64_t start_ns);
 
   mutable std::mutex mu_;
   std::condition_variable cv_;
@@ -169,19 +169,19 @@ Status Worker::take_one(std::unique_ptr<cbt::ChangeSource>& source) {
     record(ep.status(), start_ns);
     return ep.status();
   }
-  engine::SenderOptions so;
+  source::SenderOptions so;
   so.to = *ep;
   so.group = cfg.group;
   so.source_name = target_source_name(cfg);
   so.disk_names = source->disk_names();
   so.stop = &stop_;
   so.progress = [this](std::uint64_t, std::uint64_t) { heartbeat_ms_.store(steady_now_ms()); };
-  auto rp = engine::take_recovery_point(*source, so);
+  auto rp = source::take_recovery_point(*source, so);
   record(rp, start_ns);
   return rp.status();
 }
 
-void Worker::record(const Result<engine::RpStats>& rp, std::uint64_t start_ns) {
+void Worker::record(const Result<source::RpStats>& rp, std::uint64_t start_ns) {
   const std::uint64_t now_ns = unix_now_ns();
   std::string line;
   {
@@ -198,7 +198,7 @@ void Worker::record(const Result<engine::RpStats>& rp, std::uint64_t start_ns) {
       st_.last_rp_seconds = rp->total_seconds;
       st_.last_error.clear();
       ++st_.rps_ok;
-      line = cfg_.group + ": " + engine::describe(*rp);
+      line = cfg_.group + ": " + source::describe(*rp);
     } else {
       st_.state = rp.status().code() == Errc::cancelled ? "idle" : "failed";
       st_.last_error = rp.status().to_string();

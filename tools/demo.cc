@@ -27,9 +27,9 @@
 #include "ferry/base/hash.h"
 #include "ferry/base/log.h"
 #include "ferry/cbt/qmp_source.h"
-#include "ferry/engine/receiver.h"
-#include "ferry/engine/sender.h"
-#include "ferry/engine/store.h"
+#include "ferry/site/receiver.h"
+#include "ferry/site/store.h"
+#include "ferry/source/sender.h"
 #include "ferry/transport/connection.h"
 #include "tools.h"
 
@@ -254,11 +254,11 @@ int run_demo(const DemoArgs& args, const char* /*argv0*/) {
   if (!up.is_ok()) return demo_fail("qemu-storage-daemon", up);
 
   // The receiver, in this process, on a loopback port the kernel picks.
-  engine::ReceiverOptions ro;
+  site::ReceiverOptions ro;
   ro.store.root = env.dir + "/store";
-  auto receiver = engine::Receiver::create(ro);
+  auto receiver = site::Receiver::create(ro);
   if (!receiver.is_ok()) return demo_fail("receiver", receiver.status());
-  engine::Receiver* r = receiver->get();
+  site::Receiver* r = receiver->get();
   auto server = transport::Server::listen({"127.0.0.1", 0}, {}, [r](transport::Connection& c) { r->serve(c); });
   if (!server.is_ok()) return demo_fail("listen on loopback", server.status());
 
@@ -269,7 +269,7 @@ int run_demo(const DemoArgs& args, const char* /*argv0*/) {
   qo.work_dir = env.dir + "/source";
   auto source = cbt::open_qmp_source(qo);
   if (!source.is_ok()) return demo_fail("QMP source", source.status());
-  engine::SenderOptions so;
+  source::SenderOptions so;
   so.to = {"127.0.0.1", (*server)->port()};
   so.group = "demo";
   so.source_name = "demo";
@@ -288,7 +288,7 @@ int run_demo(const DemoArgs& args, const char* /*argv0*/) {
     if (!w.is_ok()) return demo_fail("writer", w.status());
     written += *w;
     expected.push_back(writer.digests());
-    auto rp = engine::take_recovery_point(**source, so);
+    auto rp = source::take_recovery_point(**source, so);
     if (!rp.is_ok()) return demo_fail("recovery point " + std::to_string(i + 1), rp.status());
     for (const auto& d : rp->disks) {
       data_sent += d.data_bytes;
@@ -297,7 +297,7 @@ int run_demo(const DemoArgs& args, const char* /*argv0*/) {
     wire += rp->wire_bytes;
     rp_seconds += rp->total_seconds;
     rp_ids.push_back(rp->rp_id);
-    std::printf("  %s\n", engine::describe(*rp).c_str());
+    std::printf("  %s\n", source::describe(*rp).c_str());
   }
   // The source itself must equal what the writer believes it wrote.
   auto src = digest_file(env.fuse_path, size);
@@ -306,7 +306,7 @@ int run_demo(const DemoArgs& args, const char* /*argv0*/) {
   if (mismatches) std::printf("  source differs from the writer's record\n");
   for (std::size_t i = 0; i < rp_ids.size(); ++i) {
     std::string out = env.dir + "/restore-" + std::to_string(rp_ids[i]) + ".img";
-    Status s = engine::restore_point(ro.store.root, "demo", rp_ids[i], "disk0", out);
+    Status s = site::restore_point(ro.store.root, "demo", rp_ids[i], "disk0", out);
     if (!s.is_ok()) return demo_fail("restore RP " + std::to_string(rp_ids[i]), s);
     auto got = digest_file(out, size);
     if (!got.is_ok()) return demo_fail("read restored image", got.status());

@@ -20,7 +20,7 @@
 #include <string>
 #include <vector>
 
-#include "ferry/engine/read_view.h"
+#include "ferry/site/read_view.h"
 #include "ferry/transport/connection.h"
 #include "tools.h"
 
@@ -116,7 +116,7 @@ int cmd_export(const ExportArgs& a) {
   }
   // Opening the view is the check: group, RP and disk exist (errors name them). "latest" is
   // resolved here, so every connection of this export reads the same RP.
-  auto view = engine::ReadView::open(a.store, a.group, a.point, a.disk);
+  auto view = site::ReadView::open(a.store, a.group, a.point, a.disk);
   if (!view.is_ok())
     return usage_error("disk '" + a.disk + "' of group '" + a.group + "' at RP " +
                        (a.point == 0 ? std::string("latest") : std::to_string(a.point)) + ": " +

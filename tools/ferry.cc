@@ -18,10 +18,11 @@
 #include "ferry/base/log.h"
 #include "ferry/base/memory.h"
 #include "ferry/cbt/qmp_source.h"
-#include "ferry/engine/receiver.h"
-#include "ferry/engine/sender.h"
-#include "ferry/engine/store.h"
+#include "ferry/site/receiver.h"
+#include "ferry/site/store.h"
+#include "ferry/source/sender.h"
 #include "ferry/transport/connection.h"
+#include "ferry/transport/rules.h"
 #include "agent.h"
 #include "receive_config.h"
 #include "retention_flags.h"
@@ -82,7 +83,7 @@ struct ReceiveArgs {
   std::string store;
   std::string max_disk_bytes;  // a size: 16T, 500G, 1073741824
   std::string status_socket;
-  engine::RetentionPolicy retention;  // the --keep-* flags; empty when none is given
+  site::RetentionPolicy retention;  // the --keep-* flags; empty when none is given
   std::string config = kDefaultReceiveConfigPath;
   bool config_given = false;  // --config on the command line: the file must exist
 };
@@ -123,13 +124,13 @@ Result<std::uint64_t> parse_size(const std::string& text) {
 }
 
 // The receiver's status document (ferry status --socket PATH; docs/operations.md).
-std::string receiver_status_json(const engine::Receiver& r, const ReceiveArgs& a,
+std::string receiver_status_json(const site::Receiver& r, const ReceiveArgs& a,
                                  std::uint64_t max_disk_bytes) {
   const auto now = std::chrono::system_clock::now().time_since_epoch();
   const auto now_ns = std::uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(now).count());
   nlohmann::json groups = nlohmann::json::array();
-  for (const engine::GroupStatus& g : r.status()) {
-    nlohmann::json j{{"group", g.group}, {"state", engine::group_state_name(g.state)},
+  for (const site::GroupStatus& g : r.status()) {
+    nlohmann::json j{{"group", g.group}, {"state", site::group_state_name(g.state)},
                      {"last_committed_rp", g.last_committed_rp},
                      {"last_applied_rp", g.last_applied_rp},
                      {"last_commit_unix_ns", g.last_commit_unix_ns}, {"source", g.source},
@@ -157,17 +158,17 @@ int cmd_receive(const ReceiveArgs& a, std::uint64_t max_disk_bytes) {
   auto config = receive_config(a);
   if (!config.is_ok()) return fail("config " + a.config, config.status());
   spdlog::info("retention: {} by default, {} group(s) with their own",
-               engine::effective_retention(config->retention).describe(),
+               site::effective_retention(config->retention).describe(),
                config->groups.size());
-  engine::ReceiverOptions ro;
+  site::ReceiverOptions ro;
   ro.store.root = a.store;
   ro.max_disk_bytes = max_disk_bytes;
   // Before the receiver starts its threads: they must inherit the blocked signals.
   std::promise<void> stopped;
   SignalWatcher signals([&stopped] { stopped.set_value(); });
-  auto receiver = engine::Receiver::create(ro);
+  auto receiver = site::Receiver::create(ro);
   if (!receiver.is_ok()) return fail("receiver", receiver.status());
-  engine::Receiver* r = receiver->get();
+  site::Receiver* r = receiver->get();
   std::unique_ptr<StatusSocket> status;
   if (!a.status_socket.empty()) {
     auto s = StatusSocket::create(a.status_socket, [r, &a, max_disk_bytes] {
@@ -190,11 +191,11 @@ int cmd_receive(const ReceiveArgs& a, std::uint64_t max_disk_bytes) {
   while (done.wait_for(std::chrono::seconds(2)) != std::future_status::ready) {
     std::size_t total = 0, failing = 0, apply_failing = 0;
     std::string first;  // a failing group's cause first, else a failed apply's (R19)
-    for (const engine::GroupStatus& g : r->status()) {
+    for (const site::GroupStatus& g : r->status()) {
       ++total;
-      if (g.state == engine::GroupState::failing) {
+      if (g.state == site::GroupState::failing) {
         if (failing++ == 0) first = g.group + ": " + g.cause;
-      } else if (g.state == engine::GroupState::apply_pending && !g.cause.empty()) {
+      } else if (g.state == site::GroupState::apply_pending && !g.cause.empty()) {
         if (apply_failing++ == 0 && failing == 0) first = g.group + ": " + g.cause;
       }
     }
@@ -223,7 +224,7 @@ struct ReplicateArgs {
   std::string nbd_socket;
   std::string state_dir;
   std::uint32_t block_kib = 64;
-  int zstd_level = 1;
+  int zstd_level = transport::kDefaultZstdLevel;
   bool take_over = false;
 };
 
@@ -246,13 +247,13 @@ Result<std::vector<cbt::QmpDisk>> parse_disks(const std::vector<std::string>& sp
 
 // --once: one RP, its id on stdout. Otherwise an RP every interval (from the start of the
 // previous one) until SIGTERM; a failed RP is logged and retried at the next tick.
-int run_recovery_points(cbt::ChangeSource& source, engine::SenderOptions& so, bool once,
+int run_recovery_points(cbt::ChangeSource& source, source::SenderOptions& so, bool once,
                         double interval_seconds, SignalWatcher& signals) {
   if (once) {
-    auto rp = engine::take_recovery_point(source, so);
+    auto rp = source::take_recovery_point(source, so);
     if (so.progress) std::fprintf(stderr, "\n");
     if (!rp.is_ok()) return fail("recovery point of group '" + so.group + "'", rp.status());
-    spdlog::info("{}", engine::describe(*rp));
+    spdlog::info("{}", source::describe(*rp));
     std::printf("%llu\n", static_cast<unsigned long long>(rp->rp_id));
     return 0;
   }
@@ -260,10 +261,10 @@ int run_recovery_points(cbt::ChangeSource& source, engine::SenderOptions& so, bo
   const auto period = duration_cast<milliseconds>(duration<double>(interval_seconds));
   while (!signals.stop.load()) {
     auto t0 = steady_clock::now();
-    auto rp = engine::take_recovery_point(source, so);
+    auto rp = source::take_recovery_point(source, so);
     if (so.progress) std::fprintf(stderr, "\n");
     if (rp.is_ok())
-      spdlog::info("{}", engine::describe(*rp));
+      spdlog::info("{}", source::describe(*rp));
     else
       spdlog::error("recovery point of group '{}' failed (retrying in {:.1f} s): {}", so.group,
                     interval_seconds, rp.status().to_string());
@@ -279,7 +280,8 @@ int cmd_replicate(const ReplicateArgs& a) {
   if (!ep.is_ok()) return fail("--to", ep.status());
   auto disks = parse_disks(a.disks);
   if (!disks.is_ok()) return fail("--disk", disks.status());
-  if (a.block_kib < 4 || a.block_kib > 4096 || (a.block_kib & (a.block_kib - 1)))
+  const std::uint64_t block_bytes = std::uint64_t(a.block_kib) * 1024;
+  if (block_bytes < source::kMinSendBlockBytes || !transport::block_bytes_valid(block_bytes))
     return fail("--block-size", Status::error(Errc::invalid_argument,
                                               "must be a power of two from 4 to 4096 KiB"));
   SignalWatcher signals;
@@ -292,7 +294,7 @@ int cmd_replicate(const ReplicateArgs& a) {
   auto source = cbt::open_qmp_source(qo);
   if (!source.is_ok()) return fail("QEMU at " + a.qmp, source.status());
 
-  engine::SenderOptions so;
+  source::SenderOptions so;
   so.to = *ep;
   so.group = a.group;
   so.source_name = host_name() + ":" + a.qmp;
@@ -332,7 +334,7 @@ int cmd_protect(const ProtectArgs& a) {
   SignalWatcher signals;
   auto source = open_target_source(t, a.state_dir.empty() ? default_state_dir() : a.state_dir);
   if (!source.is_ok()) return fail("domain '" + a.domain + "' at " + a.uri, source.status());
-  engine::SenderOptions so;
+  source::SenderOptions so;
   so.to = *ep;
   so.group = t.group;
   so.source_name = target_source_name(t);
@@ -345,7 +347,7 @@ int cmd_protect(const ProtectArgs& a) {
 
 // ---- points / restore ------------------------------------------------------------------------
 int cmd_points(const std::string& store, const std::string& group, bool json) {
-  auto pts = engine::list_points(store, group);
+  auto pts = site::list_points(store, group);
   if (!pts.is_ok()) return fail("points of group '" + group + "'", pts.status());
   if (json) {
     nlohmann::json arr = nlohmann::json::array();
@@ -387,7 +389,7 @@ std::uint64_t parse_point(const std::string& point) {
 
 int cmd_restore(const std::string& store, const std::string& group, const std::string& point,
                 const std::string& disk, const std::string& out) {
-  Status s = engine::restore_point(store, group, parse_point(point), disk, out);
+  Status s = site::restore_point(store, group, parse_point(point), disk, out);
   if (!s.is_ok()) return fail("restore of disk '" + disk + "' at RP " + point, s);
   return 0;
 }
@@ -435,7 +437,9 @@ int main(int argc, char** argv) {
   rep->add_option("--state-dir", pa.state_dir, "Scratch and state directory")
       ->capture_default_str();
   rep->add_option("--block-size", pa.block_kib, "Block size in KiB (default 64)");
-  rep->add_option("--zstd-level", pa.zstd_level, "zstd level (default 1)")->check(CLI::Range(-7, 19));
+  rep->add_option("--zstd-level", pa.zstd_level,
+                  "zstd level (default " + std::to_string(ferry::transport::kDefaultZstdLevel) + ")")
+      ->check(CLI::Range(-7, 19));
   rep->add_flag("--take-over", pa.take_over,
                 "Take the group over from the source that wrote it (another host, other "
                 "images): the next RP is a resync or full copy of every disk");

@@ -7,13 +7,13 @@
 #include <cstdint>
 #include <fstream>
 
-#include "ferry/engine/store.h"
+#include "ferry/site/store.h"
 #include "toml_check.h"
 
 namespace ferry::tools {
 namespace {
 
-using engine::RetentionPolicy;
+using site::RetentionPolicy;
 
 // A name as a message may show it: at most 64 bytes, control characters as '?'.
 std::string shown(std::string_view name) {
@@ -27,7 +27,7 @@ Status count_field(const TomlChecker& c, const toml::table& t, std::string_view 
                    std::optional<std::uint32_t>* out) {
   if (t.get(key) == nullptr) return Status::ok();
   std::int64_t v = 0;
-  FERRY_TRY(c.integer(t, key, false, 1, engine::kMaxRetentionCount, &v));
+  FERRY_TRY(c.integer(t, key, false, 1, site::kMaxRetentionCount, &v));
   *out = static_cast<std::uint32_t>(v);
   return Status::ok();
 }
@@ -37,7 +37,7 @@ Status within_field(const TomlChecker& c, const toml::table& t, RetentionPolicy*
   if (n == nullptr) return Status::ok();
   if (n->as_string() == nullptr)
     return c.error(TomlChecker::line_of(*n), "keep-within", "must be a string such as \"6h\"");
-  auto d = engine::parse_retention_duration(n->as_string()->get());
+  auto d = site::parse_retention_duration(n->as_string()->get());
   if (!d.is_ok()) return c.error(TomlChecker::line_of(*n), "keep-within", d.status().message());
   p->keep_within = *d;
   return Status::ok();
@@ -57,7 +57,7 @@ Result<RetentionPolicy> parse_retention(const TomlChecker& c, const toml::node& 
   FERRY_TRY(count_field(c, *t, "keep-daily", &p.keep_daily));
   FERRY_TRY(count_field(c, *t, "keep-weekly", &p.keep_weekly));
   FERRY_TRY(within_field(c, *t, &p));
-  FERRY_ASSERT(engine::check_retention(p).is_ok());
+  FERRY_ASSERT(site::check_retention(p).is_ok());
   return p;
 }
 
@@ -70,9 +70,9 @@ Status parse_groups(const TomlChecker& c, const toml::node& n, ReceiveConfig* cf
     const std::string name(k.str());
     const std::string key = "group." + shown(name);
     const std::uint32_t line = TomlChecker::line_of(v);
-    if (!engine::valid_store_name(name))
+    if (!site::valid_store_name(name))
       return c.error(line, key, "'" + shown(name) + "' is not a valid group name (" +
-                                    engine::kStoreNameRule + ")");
+                                    site::kStoreNameRule + ")");
     if (cfg->groups.size() >= kMaxReceiveConfigGroups)
       return c.error(line, key, "more than " + std::to_string(kMaxReceiveConfigGroups) + " groups");
     const toml::table* g = v.as_table();
@@ -106,7 +106,7 @@ Result<ReceiveConfig> check_root(const TomlChecker& c, const toml::table& root) 
 RetentionPolicy ReceiveConfig::for_group(const std::string& group) const {
   auto it = groups.find(group);
   if (it != groups.end() && !it->second.empty()) return it->second;
-  return engine::effective_retention(retention);
+  return site::effective_retention(retention);
 }
 
 ReceiveConfig with_flags(ReceiveConfig config, const RetentionPolicy& flags) {

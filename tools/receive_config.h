@@ -14,7 +14,7 @@
 //   1. its [group.NAME.retention] table, if that gives any option;
 //   2. the file's [retention] table, if that gives any option;
 //   3. the --keep-* flags of `ferry receive`, if any is given;
-//   4. the built-in default, engine::default_retention().
+//   4. the built-in default, site::default_retention().
 // So the flags are the default for the groups the file does not name, and only while the file
 // has no [retention] of its own.
 #pragma once
@@ -25,7 +25,7 @@
 #include <string_view>
 
 #include "ferry/base/status.h"
-#include "ferry/engine/retention.h"
+#include "ferry/site/retention.h"
 
 namespace ferry::tools {
 
@@ -34,12 +34,12 @@ inline constexpr std::size_t kMaxReceiveConfigBytes = 1u << 20;
 inline constexpr std::size_t kMaxReceiveConfigGroups = 4096;
 
 struct ReceiveConfig {
-  engine::RetentionPolicy retention;  // [retention]; empty when it gives no option
-  std::map<std::string, engine::RetentionPolicy> groups;  // [group.NAME.retention]
+  site::RetentionPolicy retention;  // [retention]; empty when it gives no option
+  std::map<std::string, site::RetentionPolicy> groups;  // [group.NAME.retention]
 
   // The effective policy of a group (rules 1, 2 and 4 above; 3 once with_flags ran): never
-  // empty, ready for engine::decide_retention.
-  engine::RetentionPolicy for_group(const std::string& group) const;
+  // empty, ready for site::decide_retention.
+  site::RetentionPolicy for_group(const std::string& group) const;
   bool operator==(const ReceiveConfig&) const = default;
 };
 
@@ -49,6 +49,6 @@ Result<ReceiveConfig> parse_receive_config(std::string_view text, std::string_vi
 Result<ReceiveConfig> load_receive_config(const std::string& path);
 
 // Rule 3: the command line's policy becomes the file's default when [retention] gives none.
-ReceiveConfig with_flags(ReceiveConfig config, const engine::RetentionPolicy& flags);
+ReceiveConfig with_flags(ReceiveConfig config, const site::RetentionPolicy& flags);
 
 }  // namespace ferry::tools

@@ -7,14 +7,14 @@ namespace {
 
 // CLI11 prefixes the returned text with the flag: "--keep-within: '5y' is not a duration...".
 std::string check_duration(std::string& text) {
-  auto d = engine::parse_retention_duration(text);
+  auto d = site::parse_retention_duration(text);
   return d.is_ok() ? std::string() : d.status().message();
 }
 
 }  // namespace
 
 void add_retention_flags(CLI::App* cmd, RetentionFlags& out) {
-  const auto count = CLI::Range(std::uint32_t{1}, engine::kMaxRetentionCount);
+  const auto count = CLI::Range(std::uint32_t{1}, site::kMaxRetentionCount);
   cmd->add_option("--keep-last", out.keep_last, "Keep the N newest recovery points")
       ->check(count);
   cmd->add_option("--keep-hourly", out.keep_hourly,
@@ -31,8 +31,8 @@ void add_retention_flags(CLI::App* cmd, RetentionFlags& out) {
       ->check(CLI::Validator(check_duration, "DURATION"));
 }
 
-Result<engine::RetentionPolicy> RetentionFlags::policy() const {
-  engine::RetentionPolicy p;
+Result<site::RetentionPolicy> RetentionFlags::policy() const {
+  site::RetentionPolicy p;
   auto set = [](std::uint32_t v, std::optional<std::uint32_t>* o) {
     if (v != 0) *o = v;
   };
@@ -41,11 +41,11 @@ Result<engine::RetentionPolicy> RetentionFlags::policy() const {
   set(keep_daily, &p.keep_daily);
   set(keep_weekly, &p.keep_weekly);
   if (!keep_within.empty()) {
-    auto d = engine::parse_retention_duration(keep_within);
+    auto d = site::parse_retention_duration(keep_within);
     if (!d.is_ok()) return d.status().with_context("--keep-within");
     p.keep_within = *d;
   }
-  Status s = engine::check_retention(p);
+  Status s = site::check_retention(p);
   if (!s.is_ok()) return s.with_context("retention flags");
   return p;
 }

@@ -8,7 +8,7 @@
 #include <string>
 
 #include "ferry/base/status.h"
-#include "ferry/engine/retention.h"
+#include "ferry/site/retention.h"
 
 namespace CLI {
 class App;
@@ -22,8 +22,8 @@ struct RetentionFlags {
   std::string keep_within;  // empty: not given
 
   // The options given, as a policy; empty when no flag was given (the caller then decides
-  // what applies: receive_config.h, engine::effective_retention).
-  Result<engine::RetentionPolicy> policy() const;
+  // what applies: receive_config.h, site::effective_retention).
+  Result<site::RetentionPolicy> policy() const;
 };
 
 void add_retention_flags(CLI::App* cmd, RetentionFlags& out);

@@ -1,5 +1,5 @@
 // nbdkit-ferry-plugin: serves one disk of a Ferry store at one recovery point, read-only,
-// through engine::ReadView. `ferry export` runs nbdkit with it (docs/operations.md); by hand:
+// through site::ReadView. `ferry export` runs nbdkit with it (docs/operations.md); by hand:
 //   nbdkit -r -U SOCK path/to/nbdkit-ferry-plugin.so store=DIR group=G point=N disk=D
 // The NBD protocol, TLS, multi-conn, sockets and filters (cow for --overlay) are nbdkit's.
 //
@@ -17,11 +17,11 @@
 #include <memory>
 #include <string>
 
-#include "ferry/engine/read_view.h"
+#include "ferry/site/read_view.h"
 
 namespace {
 
-using ferry::engine::ReadView;
+using ferry::site::ReadView;
 
 struct Config {
   std::string store, group, disk;

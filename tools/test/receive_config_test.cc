@@ -7,10 +7,10 @@
 #include <random>
 #include <string>
 
-#include "ferry/engine/store.h"
+#include "ferry/site/store.h"
 #include "receive_config.h"
 
-using ferry::engine::RetentionPolicy;
+using ferry::site::RetentionPolicy;
 using ferry::tools::parse_receive_config;
 using ferry::tools::ReceiveConfig;
 using std::chrono::seconds;
@@ -75,7 +75,7 @@ TEST_CASE("an empty file gives the built-in default to every group", "[receive-c
   REQUIRE(r.is_ok());
   CHECK(r->retention.empty());
   CHECK(r->groups.empty());
-  CHECK(r->for_group("g") == ferry::engine::default_retention());
+  CHECK(r->for_group("g") == ferry::site::default_retention());
 }
 
 TEST_CASE("the shipped example parses", "[receive-config]") {
@@ -104,7 +104,7 @@ TEST_CASE("precedence: group table > [retention] > flags > built-in default",
   CHECK(c2.for_group("b") == flags);
   // No flags either: the built-in default.
   const ReceiveConfig c3 = ferry::tools::with_flags(*groups_only, RetentionPolicy{});
-  CHECK(c3.for_group("b") == ferry::engine::default_retention());
+  CHECK(c3.for_group("b") == ferry::site::default_retention());
   // No file at all (an empty config) with flags.
   CHECK(ferry::tools::with_flags(ReceiveConfig{}, flags).for_group("x") == flags);
 }
@@ -225,11 +225,11 @@ TEST_CASE("2000 random mutations of a good file never throw", "[receive-config]"
     }
     ++accepted;
     // Whatever it accepts holds every bound.
-    CHECK(ferry::engine::check_retention(r->retention).is_ok());
+    CHECK(ferry::site::check_retention(r->retention).is_ok());
     CHECK(r->groups.size() <= ferry::tools::kMaxReceiveConfigGroups);
     for (const auto& [name, p] : r->groups) {
-      CHECK(ferry::engine::valid_store_name(name));
-      CHECK(ferry::engine::check_retention(p).is_ok());
+      CHECK(ferry::site::valid_store_name(name));
+      CHECK(ferry::site::check_retention(p).is_ok());
       CHECK_FALSE(r->for_group(name).empty());
     }
   }

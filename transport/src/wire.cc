@@ -6,10 +6,10 @@
 #include <fmt/format.h>
 #include <xxhash.h>
 
-#include <bit>
 #include <utility>
 
 #include "ferry/base/bytes.h"
+#include "ferry/transport/rules.h"
 
 namespace ferry::transport {
 namespace {
@@ -26,7 +26,6 @@ static_assert(kMaxZeroRangeBytes % kMaxBlockBytes == 0 && kMaxZeroRangeBytes > k
 
 constexpr std::size_t kChecksumOffset = 16;  // header bytes [0,16) are covered by the checksum
 constexpr std::size_t kDataFixedBytes = 56;  // DATA fields before the block payload
-constexpr std::uint32_t kMinDiskBlockBytes = 512;
 
 Status protocol_error(std::string message) {
   return Status::error(Errc::protocol, std::move(message));
@@ -260,16 +259,6 @@ std::string encode(const Hello& m) {
     w.u32(d.block_bytes);
   }
   return out;
-}
-
-static bool block_bytes_valid(std::uint32_t block_bytes) {
-  return block_bytes >= kMinDiskBlockBytes && block_bytes <= kMaxBlockBytes &&
-         std::has_single_bit(block_bytes);
-}
-
-static std::string block_bytes_rule(std::uint32_t block_bytes) {
-  return fmt::format("{}, must be a power of two in [{}, {}]", block_bytes, kMinDiskBlockBytes,
-                     kMaxBlockBytes);
 }
 
 static void check_block_bytes(FieldReader& r, std::size_t i, std::uint32_t block_bytes) {

@@ -227,7 +227,7 @@ inline constexpr std::size_t kHashListFixedBytes = 24;
 // disk of the open RP, in blocks of block_bytes (the last block may end early at the disk's end).
 struct HashRequest {
   std::uint16_t disk_index = 0;
-  std::uint32_t block_bytes = 0;   // power of two in [512, kMaxBlockBytes]
+  std::uint32_t block_bytes = 0;   // rules.h block_bytes_valid
   std::uint64_t offset_bytes = 0;  // multiple of block_bytes
   std::uint64_t length_bytes = 0;  // 1..kMaxHashRequestBytes
   friend bool operator==(const HashRequest&, const HashRequest&) = default;

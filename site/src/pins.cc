@@ -1,0 +1,111 @@
+#include "pins.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstdio>
+#include <utility>
+
+namespace ferry::site {
+namespace {
+
+Result<ReaderGate> take_gate(const std::string& group_dir, int op, ReaderGate gate, UniqueFd* out) {
+  const std::string path = group_dir + "/READERS";
+  UniqueFd fd(::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644));
+  if (!fd.valid() && (errno == EACCES || errno == EROFS || errno == EPERM))
+    return gate;  // a read-only store: nobody prunes it from here
+  if (!fd.valid()) return Status::from_errno(errno, "open " + path);
+  while (::flock(fd.get(), op) != 0)
+    if (errno != EINTR) return Status::from_errno(errno, "flock " + path);
+  *out = std::move(fd);
+  return gate;
+}
+
+std::atomic<std::uint64_t> g_pin_counter{0};
+
+}  // namespace
+
+Result<ReaderGate> ReaderGate::shared(const std::string& group_dir) {
+  ReaderGate g;
+  UniqueFd fd;
+  FERRY_ASSIGN_OR_RETURN(g, take_gate(group_dir, LOCK_SH, std::move(g), &fd));
+  g.fd_ = std::move(fd);
+  return g;
+}
+
+Result<ReaderGate> ReaderGate::exclusive(const std::string& group_dir) {
+  ReaderGate g;
+  UniqueFd fd;
+  FERRY_ASSIGN_OR_RETURN(g, take_gate(group_dir, LOCK_EX, std::move(g), &fd));
+  g.fd_ = std::move(fd);
+  return g;
+}
+
+Result<Pin> Pin::create(const std::string& group_dir, std::uint64_t rp_id, std::uint64_t base_rp) {
+  const std::string dir = group_dir + "/pins";
+  if (::mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST) {
+    if (errno == EACCES || errno == EROFS || errno == EPERM) return Pin();  // read-only store
+    return Status::from_errno(errno, "create " + dir);
+  }
+  Pin p;
+  p.path_ = dir + "/" + std::to_string(rp_id) + "." + std::to_string(base_rp) + "." +
+            std::to_string(::getpid()) + "." + std::to_string(g_pin_counter++) + ".pin";
+  p.fd_.reset(::open(p.path_.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644));
+  if (!p.fd_.valid()) {
+    if (errno == EACCES || errno == EROFS || errno == EPERM) return Pin();
+    return Status::from_errno(errno, "create pin " + p.path_);
+  }
+  if (::flock(p.fd_.get(), LOCK_EX) != 0) return Status::from_errno(errno, "flock " + p.path_);
+  return p;
+}
+
+Pin::Pin(Pin&& o) noexcept : path_(std::move(o.path_)), fd_(std::move(o.fd_)) { o.path_.clear(); }
+
+Pin& Pin::operator=(Pin&& o) noexcept {
+  if (this != &o) {
+    this->~Pin();
+    new (this) Pin(std::move(o));
+  }
+  return *this;
+}
+
+Pin::~Pin() {
+  if (!path_.empty() && fd_.valid()) ::unlink(path_.c_str());
+}
+
+Result<std::vector<LivePin>> live_pins(const std::string& group_dir) {
+  std::vector<LivePin> out;
+  const std::string dir = group_dir + "/pins";
+  DIR* d = ::opendir(dir.c_str());
+  if (d == nullptr) {
+    if (errno == ENOENT) return out;
+    return Status::from_errno(errno, "open " + dir);
+  }
+  std::vector<std::string> names;
+  while (dirent* e = ::readdir(d)) names.emplace_back(e->d_name);
+  ::closedir(d);
+  for (const auto& n : names) {
+    unsigned long long rp = 0, base = 0, pid = 0, k = 0;
+    int used = 0;
+    if (std::sscanf(n.c_str(), "%llu.%llu.%llu.%llu.pin%n", &rp, &base, &pid, &k, &used) != 4 ||
+        static_cast<std::size_t>(used) != n.size())
+      continue;
+    const std::string path = dir + "/" + n;
+    UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+    if (!fd.valid()) continue;  // removed meanwhile by its owner
+    if (::flock(fd.get(), LOCK_EX | LOCK_NB) == 0) {
+      ::unlink(path.c_str());  // its owner is gone
+      continue;
+    }
+    if (errno != EWOULDBLOCK) return Status::from_errno(errno, "flock " + path);
+    out.push_back(LivePin{rp, base});
+  }
+  return out;
+}
+
+}  // namespace ferry::site

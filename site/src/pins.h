@@ -1,0 +1,56 @@
+// Readers pin the RP they read, so retention never removes it under them.
+//
+// A reader (ReadView: restore, the NBD export) holds, for its life, an flock on a pin file
+// `<group>/pins/<rp>.<base>.<pid>.<n>.pin`: the RP it reads and the base RP the store had
+// when it opened (it reads the records above that base). Retention keeps every pinned RP and
+// removes journal segments only below the oldest pinned base. A pin whose owner died is
+// unlocked: the next pruner removes it.
+//
+// The gate (`<group>/READERS`, flock) orders the two: a reader holds it shared from before
+// it writes its pin until it has read the state and the journal; the pruner holds it
+// exclusive while it reads the pins and writes its decision, and while it removes segments.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "ferry/base/fd.h"
+#include "ferry/base/status.h"
+
+namespace ferry::site {
+
+class ReaderGate {
+ public:
+  // Blocks until granted. A group directory the caller cannot write (a read-only copy of a
+  // store) has no gate file: then the gate is a no-op and says so through held().
+  static Result<ReaderGate> shared(const std::string& group_dir);
+  static Result<ReaderGate> exclusive(const std::string& group_dir);
+  bool held() const { return fd_.valid(); }
+
+ private:
+  UniqueFd fd_;
+};
+
+class Pin {
+ public:
+  static Result<Pin> create(const std::string& group_dir, std::uint64_t rp_id,
+                            std::uint64_t base_rp);
+  Pin() = default;
+  Pin(Pin&&) noexcept;
+  Pin& operator=(Pin&&) noexcept;
+  ~Pin();
+
+ private:
+  std::string path_;
+  UniqueFd fd_;
+};
+
+struct LivePin {
+  std::uint64_t rp_id = 0;
+  std::uint64_t base_rp = 0;
+};
+// The pins whose owners live; removes the others. Call with the gate held exclusive.
+Result<std::vector<LivePin>> live_pins(const std::string& group_dir);
+
+}  // namespace ferry::site

@@ -1,0 +1,139 @@
+// The receiver re-opens a failed group by itself, with bounded back-off (receiver.h).
+#include <catch2/catch.hpp>
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include "ferry/site/receiver.h"
+#include "store_test_util.h"
+
+using namespace ferry;
+using namespace ferry::site;
+using ferry::site::test::TempDir;
+using namespace std::chrono_literals;
+namespace fs = std::filesystem;
+
+namespace {
+
+GroupStatus status_of(const Receiver& r, const std::string& group) {
+  for (const GroupStatus& g : r.status())
+    if (g.group == group) return g;
+  FAIL("group " << group << " is not in status");
+  return {};
+}
+
+template <class Pred>
+bool wait_until(Pred pred, std::chrono::milliseconds bound) {
+  const auto end = std::chrono::steady_clock::now() + bound;
+  while (std::chrono::steady_clock::now() < end) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(10ms);
+  }
+  return pred();
+}
+
+}  // namespace
+
+TEST_CASE("a group that fails at start-up is re-opened in the background, with bounded back-off") {
+  TempDir dir;
+  const std::string root = dir.path() + "/store";
+  {
+    auto store = GroupStore::open(StoreOptions{.root = root}, "g1", /*create=*/true);
+    REQUIRE(store.is_ok());
+  }
+  // Recovery cannot run while the journal directory is a file.
+  const std::string journal = root + "/g1/journal";
+  fs::rename(journal, journal + ".away");
+  std::ofstream(journal) << "not a directory\n";
+
+  ReceiverOptions o;
+  o.store.root = root;
+  o.reopen_min = 40ms;
+  o.reopen_max = 160ms;
+  auto r = Receiver::create(o);
+  REQUIRE(r.is_ok());
+  GroupStatus s = status_of(**r, "g1");
+  CHECK(s.state == GroupState::failing);
+  CHECK(s.cause.find("recovery at start-up failed") != std::string::npos);
+  CHECK(s.failing_since_unix_ns > 0);
+  CHECK(s.failed_attempts == 1);
+
+  // Over one second: 40 + 80 + 160 + 160 ... ms between attempts (the re-opener looks every
+  // 250 ms), never a re-open loop.
+  std::this_thread::sleep_for(1s);
+  s = status_of(**r, "g1");
+  CHECK(s.state == GroupState::failing);
+  CHECK(s.failed_attempts >= 3);
+  CHECK(s.failed_attempts <= 10);
+  CHECK(s.next_reopen_in_ms <= 160);
+  CHECK(s.last_error.find("cannot open the store") != std::string::npos);
+
+  // The cause goes away: the group comes back without a session and without a restart.
+  fs::remove(journal);
+  fs::rename(journal + ".away", journal);
+  REQUIRE(wait_until([&] { return status_of(**r, "g1").state == GroupState::ok; }, 2s));
+  s = status_of(**r, "g1");
+  CHECK(s.cause.empty());
+  CHECK(s.last_error.empty());
+  CHECK(s.failed_attempts == 0);
+}
+
+TEST_CASE("a directory without a journal is not a group") {
+  TempDir dir;
+  const std::string root = dir.path() + "/store";
+  fs::create_directories(root + "/lost+found");
+  ReceiverOptions o;
+  o.store.root = root;
+  auto r = Receiver::create(o);
+  REQUIRE(r.is_ok());
+  CHECK((*r)->status().empty());
+}
+
+// R19: an apply that fails (here: the replica image cannot be rewritten) used to fail the
+// open, so the group was "failing" and refused every hello until the cause was fixed, though
+// its journal was sound. Now the group opens with the apply pending: status says so with the
+// cause, and the background thread retries the apply with back-off until it succeeds.
+TEST_CASE("a group whose apply fails at start-up stays open, apply pending, and catches up") {
+  TempDir dir;
+  const std::string root = dir.path() + "/store";
+  const auto rps = ferry::site::test::small_run();
+  {
+    auto store = GroupStore::open(StoreOptions{.root = root}, "g2", /*create=*/true);
+    REQUIRE(store.is_ok());
+    for (const auto& rp : rps) REQUIRE(ferry::site::test::feed_rp(**store, rp).is_ok());
+    REQUIRE((*store)->apply_committed().is_ok());
+  }
+  // R13 at open (the image is gone), and the rebuild cannot create it (a directory is there).
+  const std::string image = root + "/g2/replica/a.img";
+  fs::remove(image);
+  fs::create_directories(image + "/x");
+
+  ReceiverOptions o;
+  o.store.root = root;
+  o.reopen_min = 40ms;
+  o.reopen_max = 160ms;
+  auto r = Receiver::create(o);
+  REQUIRE(r.is_ok());
+  GroupStatus s = status_of(**r, "g2");
+  CHECK(s.state == GroupState::apply_pending);
+  CHECK(s.last_committed_rp == 3);
+  CHECK(s.cause.find("a.img") != std::string::npos);
+  CHECK(s.failed_attempts >= 1);
+  CHECK(s.failing_since_unix_ns > 0);
+
+  std::this_thread::sleep_for(1s);  // retried with back-off, never in a loop
+  s = status_of(**r, "g2");
+  CHECK(s.state == GroupState::apply_pending);
+  CHECK(s.failed_attempts >= 3);
+  CHECK(s.failed_attempts <= 10);
+
+  fs::remove_all(image);  // the cause goes away: the replica catches up by itself
+  REQUIRE(wait_until([&] { return status_of(**r, "g2").state == GroupState::ok; }, 2s));
+  s = status_of(**r, "g2");
+  CHECK(s.last_applied_rp == 3);
+  CHECK(s.cause.empty());
+  CHECK(s.failed_attempts == 0);
+  CHECK(ferry::site::test::slurp(image) ==
+        ferry::site::test::model_of(rps).at(3).at("a"));
+}
