@@ -187,7 +187,8 @@ with ft.Env("upgrade") as env:
     rx.stop()
     old_json = env.run(["points", "--store", store, "--group", GROUP, "--json"], check_rc=0)
     old_text = env.run(["points", "--store", store, "--group", GROUP], check_rc=0)
-    for name, res in (("points-old.json", old_json), ("points-old.txt", old_text)):
+    # Kept with the logs when the test fails (the temp dir keeps .json and .log files).
+    for name, res in (("points-old.json", old_json), ("points-old-text.log", old_text)):
         with open(env.path(name), "w") as f:
             f.write(res.out)
     old_points = json.loads(old_json.out)
