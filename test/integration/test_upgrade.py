@@ -298,7 +298,8 @@ with ft.Env("upgrade") as env:
                  f"the refused old source must exit 1 saying it was refused:\n{r}")
         ft.check_eq(sorted(p["rp_id"] for p in env.points(store, GROUP)), old_rps,
                     "points after the refusal")
-        ft.log(f"(c) outcome: the new receiver refuses the old source: {lines[0].strip()}")
+        ft.log(f"(c) outcome: the new receiver refuses the old source: {lines[0].strip()}; "
+               f"the old source says: {r.err.strip().splitlines()[-1]}")
 
     # ---------------------------------------------------------------------------------------
     # (d) The new source continues, across a restart of the new receiver.
