@@ -6,7 +6,7 @@ The previous release is built from the archive vendored in test/upgrade/ (test/u
 build-previous, cached by the archive's sha256; FERRY_PREVIOUS_BIN overrides it). Then:
 
 (a) OLD receiver + OLD `replicate --interval 1` on two disks (qcow2 + raw) while the test
-    writes between RPs, about 8 RPs; writes stop and a quiet RP must equal the source. Both
+    writes between RPs, about 10 RPs; writes stop and a quiet RP must equal the source. Both
     stop cleanly on SIGTERM. The OLD binary restores every RP of every disk into reference
     files and its `points` output is kept.
 (b) The NEW binary, before any new receiver ran: `points` lists the same RPs (ids, bases,
@@ -19,24 +19,26 @@ build-previous, cached by the archive's sha256; FERRY_PREVIOUS_BIN overrides it)
     start of the receiver must not migrate again.
 (c) OLD source -> NEW receiver, same state dir: exactly one of two outcomes is accepted.
     Either it keeps working (3 incremental RPs, each restored by the new binary equal to the
-    source copy taken right after its writes), or the new receiver refuses the hello and its log names
-    both protocol versions (the old one, read from the archive's wire.h, and the new one, from
-    this tree's wire.h, which must then differ), the old source exits 1 saying it was
-    refused, and nothing is committed. Anything else fails.
+    source copy taken right after its writes), or the new receiver refuses the hello and its
+    log names both protocol versions (the old one, read from the archive's wire.h, and the
+    new one, from this tree's wire.h, which must then differ), the old source exits 1 saying
+    it was refused, and nothing is committed. Anything else fails. (The refusal branch was
+    checked once with this tree's kProtocolVersion set to 2.)
 (d) NEW source -> NEW receiver on the same store and state dir: RPs continue after the old
     ones (ids grow, base = the newest before, incremental: the source's state dir and
-    bitmaps carry over), across a receiver restart (the second start,
-    which must not migrate again). At the end every RP, down to the oldest old one, restores
-    equal to its reference or source copy.
+    bitmaps carry over), across a receiver restart (the second start, which must not migrate
+    again). At the end every RP, down to the oldest old one, restores equal to its reference
+    or source copy.
 
 Version negotiation today (transport/include/ferry/transport/wire.h, docs/wire-protocol.md
 "Versioning"): one protocol version, kProtocolVersion = 1, in the first 2 bytes of hello. A
 receiver that gets any other version decodes only that field, answers hello_reply(its own
 version, status bad_version) with the message "protocol version X is not supported (this
 receiver speaks version Y)", logs the same line and closes; there is no fallback to an older
-version. A source decodes only version and status of a hello_reply in a foreign version (so
-a v1 source refused by a v2 receiver reports "receiver refused group ..." without the text;
-the versions are in the receiver's log). Compatible additions are feature bits instead
+version. A source decodes only version and status of a hello_reply in a foreign version and
+does not print the reply's version, so a v1 source refused by a v2 receiver exits 1 with
+"protocol-error: receiver refused group 'G': " and nothing after the colon; the versions are
+only in the receiver's log. Compatible additions are feature bits instead
 (hello.features offered, hello_reply.features = the accepted subset: hash_list, zero_ranges,
 disk_identity); a v1 receiver ignores bits it does not know, and a source without
 disk_identity is matched by disk name (the receiver logs "an older release"). 0.1.0 and this
