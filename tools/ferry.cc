@@ -45,7 +45,9 @@ int fail(const std::string& what, const Status& s) {
 // lost.
 class SignalWatcher {
  public:
-  explicit SignalWatcher(std::function<void()> on_stop = {}) : on_stop_(std::move(on_stop)) {
+  // on_reload runs on the watcher's thread at each SIGHUP (none: SIGHUP is ignored).
+  explicit SignalWatcher(std::function<void()> on_stop = {}, std::function<void()> on_reload = {})
+      : on_stop_(std::move(on_stop)), on_reload_(std::move(on_reload)) {
     sigemptyset(&set_);
     sigaddset(&set_, SIGTERM);
     sigaddset(&set_, SIGINT);
@@ -54,8 +56,11 @@ class SignalWatcher {
     thread_ = std::thread([this] {
       int sig = 0;
       while (sigwait(&set_, &sig) == 0) {
-        if (sig == SIGHUP) continue;  // reload: nothing to reload yet
         if (quitting_.load()) return;
+        if (sig == SIGHUP) {
+          if (on_reload_) on_reload_();
+          continue;
+        }
         spdlog::info("signal {} received: stopping", sig);
         stop.store(true);
         if (on_stop_) on_stop_();
@@ -72,6 +77,7 @@ class SignalWatcher {
 
  private:
   const std::function<void()> on_stop_;
+  const std::function<void()> on_reload_;
   sigset_t set_{};
   std::atomic<bool> quitting_{false};
   std::thread thread_;
@@ -154,20 +160,44 @@ int cmd_receive(const ReceiveArgs& a, std::uint64_t max_disk_bytes) {
   init_logging("receive");
   auto ep = transport::parse_endpoint(a.listen, /*allow_port_zero=*/true);
   if (!ep.is_ok()) return fail("--listen", ep.status());
-  // Checked and logged at start-up; the store applies it once pruning is wired in.
+  // Retention: receive.toml over the --keep-* flags over the built-in default, per group;
+  // SIGHUP reloads the file (a bad file is reported and the policy in force stays).
   auto config = receive_config(a);
   if (!config.is_ok()) return fail("config " + a.config, config.status());
-  spdlog::info("retention: {} by default, {} group(s) with their own",
-               site::effective_retention(config->retention).describe(),
-               config->groups.size());
+  auto policies = [](std::shared_ptr<const ReceiveConfig> c) {
+    return [c](const std::string& group) { return c->for_group(group); };
+  };
+  auto log_policy = [](const ReceiveConfig& c, const char* what) {
+    spdlog::info("retention {}: {} by default, {} group(s) with their own", what,
+                 site::effective_retention(c.retention).describe(), c.groups.size());
+  };
+  log_policy(*config, "policy");
   site::ReceiverOptions ro;
   ro.store.root = a.store;
   ro.max_disk_bytes = max_disk_bytes;
+  ro.retention_for = policies(std::make_shared<const ReceiveConfig>(*config));
   // Before the receiver starts its threads: they must inherit the blocked signals.
   std::promise<void> stopped;
-  SignalWatcher signals([&stopped] { stopped.set_value(); });
+  std::atomic<site::Receiver*> running{nullptr};
+  SignalWatcher signals([&stopped] { stopped.set_value(); }, [&] {
+    auto next = receive_config(a);
+    if (!next.is_ok()) {
+      spdlog::error("SIGHUP: config {} not reloaded: {}; the retention policy in force stays",
+                    a.config, next.status().to_string());
+      return;
+    }
+    if (site::Receiver* rr = running.load()) {
+      rr->set_retention(policies(std::make_shared<const ReceiveConfig>(*next)));
+      log_policy(*next, "reloaded (SIGHUP)");
+    }
+  });
   auto receiver = site::Receiver::create(ro);
   if (!receiver.is_ok()) return fail("receiver", receiver.status());
+  running.store(receiver->get());
+  struct Unset {  // before the receiver goes: a late SIGHUP must not reach it
+    std::atomic<site::Receiver*>& p;
+    ~Unset() { p.store(nullptr); }
+  } unset{running};
   site::Receiver* r = receiver->get();
   std::unique_ptr<StatusSocket> status;
   if (!a.status_socket.empty()) {
@@ -346,39 +376,98 @@ int cmd_protect(const ProtectArgs& a) {
 }
 
 // ---- points / restore ------------------------------------------------------------------------
+nlohmann::json point_json(const site::PrunePoint& p) {
+  const site::RpInfo& i = p.info;
+  nlohmann::json disks = nlohmann::json::array();
+  for (const auto& d : i.disks)
+    disks.push_back({{"name", d.name}, {"size_bytes", d.size_bytes}, {"full", d.full},
+                     {"changed_bytes", d.changed_bytes}, {"zero_bytes", d.zero_bytes},
+                     {"stored_bytes", d.stored_bytes},
+                     {"mode", d.full ? "full" : d.resync ? "resync" : "incremental"},
+                     {"identity", d.identity == Hash128{} ? "" : d.identity.hex()}});
+  return {{"rp_id", i.rp_id}, {"base_rp", i.base_rp}, {"created_unix_ns", i.created_unix_ns},
+          {"committed_unix_ns", i.committed_unix_ns}, {"app_consistent", (i.flags & 1u) != 0},
+          {"store_bytes", p.store_bytes}, {"keep", p.keep},
+          {"rule", site::keep_rule_name(p.rule)}, {"pinned", p.pinned}, {"disks", disks}};
+}
+
+// One line per RP: when it was taken, its bytes in the store, the rule that keeps it (or
+// "prune" when the policy would drop it at the next pass) and whether a reader pins it.
+void print_points(const site::PruneReport& rep, bool decided) {
+  std::printf("%-8s %-24s %-6s %12s %14s  %-12s %s\n", "RP", "CREATED (UTC)", "DISKS",
+              "CHANGED", "IN STORE", decided ? "VERDICT" : "KEPT BY", "PINNED");
+  for (const auto& p : rep.points) {
+    std::uint64_t changed = 0;
+    for (const auto& d : p.info.disks) changed += d.changed_bytes;
+    const std::string rule = p.keep ? site::keep_rule_name(p.rule)
+                                    : std::string(decided ? "remove" : "prune next");
+    std::printf("%-8llu %-24s %-6zu %12s %14s  %-12s %s\n", (unsigned long long)p.info.rp_id,
+                format_time_ns(p.info.created_unix_ns).c_str(), p.info.disks.size(),
+                human_bytes(changed).c_str(),
+                p.info.rp_id == rep.base_before ? "(replica)" : human_bytes(p.store_bytes).c_str(),
+                rule.c_str(), p.pinned ? "yes" : "no");
+  }
+}
+
+std::uint64_t wall_now_ns() {
+  return static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                        std::chrono::system_clock::now().time_since_epoch())
+                                        .count());
+}
+
 int cmd_points(const std::string& store, const std::string& group, bool json) {
-  auto pts = site::list_points(store, group);
-  if (!pts.is_ok()) return fail("points of group '" + group + "'", pts.status());
+  auto rep = site::explain_points(store, group, wall_now_ns());
+  if (!rep.is_ok()) return fail("points of group '" + group + "'", rep.status());
   if (json) {
     nlohmann::json arr = nlohmann::json::array();
-    for (const auto& p : *pts) {
-      nlohmann::json disks = nlohmann::json::array();
-      for (const auto& d : p.disks)
-        disks.push_back({{"name", d.name}, {"size_bytes", d.size_bytes}, {"full", d.full},
-                         {"changed_bytes", d.changed_bytes}, {"zero_bytes", d.zero_bytes},
-                         {"stored_bytes", d.stored_bytes},
-                         {"mode", d.full ? "full" : d.resync ? "resync" : "incremental"},
-                         {"identity", d.identity == Hash128{} ? "" : d.identity.hex()}});
-      arr.push_back({{"rp_id", p.rp_id}, {"base_rp", p.base_rp},
-                     {"created_unix_ns", p.created_unix_ns},
-                     {"committed_unix_ns", p.committed_unix_ns},
-                     {"app_consistent", (p.flags & 1u) != 0}, {"disks", disks}});
-    }
+    for (const auto& p : rep->points) arr.push_back(point_json(p));
     std::cout << arr.dump(2) << "\n";
     return 0;
   }
-  std::printf("%-8s %-8s %-24s %-10s %14s %14s\n", "RP", "BASE", "CREATED (UTC)", "DISKS",
-              "CHANGED", "STORED");
-  for (const auto& p : *pts) {
-    std::uint64_t changed = 0, stored = 0;
-    for (const auto& d : p.disks) {
-      changed += d.changed_bytes;
-      stored += d.stored_bytes;
-    }
-    std::printf("%-8llu %-8llu %-24s %-10zu %14s %14s\n", (unsigned long long)p.rp_id,
-                (unsigned long long)p.base_rp, format_time_ns(p.created_unix_ns).c_str(),
-                p.disks.size(), human_bytes(changed).c_str(), human_bytes(stored).c_str());
+  std::printf("group %s: %zu recovery point(s); retention %s; the replica images hold RP %llu\n",
+              group.c_str(), rep->points.size(), rep->policy.describe().c_str(),
+              (unsigned long long)rep->base_before);
+  print_points(*rep, false);
+  return 0;
+}
+
+// `ferry prune`: retention by hand. It takes the group's lock, so it refuses a group a
+// running receiver holds (the receiver prunes by its own policy after every commit).
+int cmd_prune(const std::string& store, const std::string& group, const site::RetentionPolicy& policy,
+              bool dry_run, bool json) {
+  site::StoreOptions so;
+  so.root = store;
+  auto st = site::GroupStore::open(so, group, /*create=*/false);
+  if (!st.is_ok()) {
+    if (st.status().code() == Errc::busy)
+      return fail("prune of group '" + group + "'",
+                  Status::error(Errc::busy, st.status().message() +
+                                                ": a running receiver holds it and prunes it by "
+                                                "its own policy; stop it, or change its policy "
+                                                "(receive.toml, SIGHUP)"));
+    return fail("prune of group '" + group + "'", st.status());
   }
+  auto rep = (*st)->prune(policy, wall_now_ns(), dry_run);
+  if (!rep.is_ok()) return fail("prune of group '" + group + "'", rep.status());
+  if (json) {
+    nlohmann::json arr = nlohmann::json::array();
+    for (const auto& p : rep->points) arr.push_back(point_json(p));
+    nlohmann::json doc{{"group", group}, {"dry_run", dry_run},
+                       {"policy", rep->policy.describe()}, {"removed", rep->removed},
+                       {"removed_bytes", rep->removed_bytes},
+                       {"compacted_bytes", rep->compacted_bytes},
+                       {"replica_rp_before", rep->base_before},
+                       {"replica_rp_after", rep->base_after}, {"points", arr}};
+    std::cout << doc.dump(2) << "\n";
+    return 0;
+  }
+  std::printf("group %s: retention %s%s\n", group.c_str(), rep->policy.describe().c_str(),
+              dry_run ? " (dry run: nothing removed)" : "");
+  print_points(*rep, true);
+  std::printf("%s %llu RP(s), %s of journal; %zu kept%s\n", dry_run ? "would remove" : "removed",
+              (unsigned long long)rep->removed, human_bytes(rep->removed_bytes).c_str(),
+              rep->points.size() - static_cast<std::size_t>(rep->removed),
+              dry_run ? "" : (", replica images now at RP " + std::to_string(rep->base_after)).c_str());
   return 0;
 }
 
@@ -481,6 +570,16 @@ int main(int argc, char** argv) {
   points->add_option("--group", group, "Group name")->required();
   points->add_flag("--json", json, "JSON output");
 
+  bool dry_run = false;
+  auto* prune = app.add_subcommand(
+      "prune", "Apply a retention policy to a group by hand (not while a receiver holds it)");
+  prune->add_option("--store", store, "Store directory")->required();
+  prune->add_option("--group", group, "Group name")->required();
+  prune->add_flag("--dry-run", dry_run, "Show what would be kept and removed, remove nothing");
+  prune->add_flag("--json", json, "JSON output");
+  RetentionFlags prune_retention;
+  add_retention_flags(prune, prune_retention);
+
   auto* restore = app.add_subcommand("restore", "Write the image of a disk at a recovery point");
   restore->add_option("--store", store, "Store directory")->required();
   restore->add_option("--group", group, "Group name")->required();
@@ -576,6 +675,14 @@ int main(int argc, char** argv) {
     if (status->parsed()) return cmd_status(status_socket, status_json);
     if (rep->parsed()) return cmd_replicate(pa);
     if (points->parsed()) return cmd_points(store, group, json);
+    if (prune->parsed()) {
+      auto policy = prune_retention.policy();
+      if (!policy.is_ok()) {
+        std::fprintf(stderr, "ferry prune: %s\n", policy.status().message().c_str());
+        return kExitUsage;
+      }
+      return cmd_prune(store, group, *policy, dry_run, json);
+    }
     if (restore->parsed()) return cmd_restore(store, group, point, disk, out);
     if (exp->parsed()) {
       xa.point = parse_point(export_point);

@@ -78,7 +78,7 @@ Pin::~Pin() {
   if (!path_.empty() && fd_.valid()) ::unlink(path_.c_str());
 }
 
-Result<std::vector<LivePin>> live_pins(const std::string& group_dir) {
+Result<std::vector<LivePin>> live_pins(const std::string& group_dir, bool remove_stale) {
   std::vector<LivePin> out;
   const std::string dir = group_dir + "/pins";
   DIR* d = ::opendir(dir.c_str());
@@ -99,7 +99,7 @@ Result<std::vector<LivePin>> live_pins(const std::string& group_dir) {
     UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
     if (!fd.valid()) continue;  // removed meanwhile by its owner
     if (::flock(fd.get(), LOCK_EX | LOCK_NB) == 0) {
-      ::unlink(path.c_str());  // its owner is gone
+      if (remove_stale) ::unlink(path.c_str());  // its owner is gone
       continue;
     }
     if (errno != EWOULDBLOCK) return Status::from_errno(errno, "flock " + path);

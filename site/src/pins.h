@@ -50,7 +50,8 @@ struct LivePin {
   std::uint64_t rp_id = 0;
   std::uint64_t base_rp = 0;
 };
-// The pins whose owners live; removes the others. Call with the gate held exclusive.
-Result<std::vector<LivePin>> live_pins(const std::string& group_dir);
+// The pins whose owners live; removes the others (unless !remove_stale: a read-only look).
+// A pruner calls it with the gate held exclusive.
+Result<std::vector<LivePin>> live_pins(const std::string& group_dir, bool remove_stale = true);
 
 }  // namespace ferry::site

@@ -101,6 +101,7 @@ struct GroupSlot {
   std::timed_mutex busy;  // held by the session (or the re-opener) that uses the store
   std::unique_ptr<GroupStore> store;  // guarded by busy; null: not open (yet, or after a failure)
   Health health;                      // guarded by Impl::mu
+  std::uint64_t retention_gen = 0;    // guarded by busy: the policy generation the store has
 };
 
 std::string seconds_text(Clock::duration d) {
@@ -118,6 +119,32 @@ struct Receiver::Impl {
   std::condition_variable wake;
   bool stopping = false;  // guarded by mu
   std::thread reopener;
+  // Retention per group (ReceiverOptions::retention_for), replaced by set_retention (a
+  // SIGHUP reload); each store takes the new policy before its next retention pass.
+  std::function<RetentionPolicy(const std::string&)> retention_for;  // guarded by mu
+  std::uint64_t retention_gen = 1;                                    // guarded by mu
+
+  RetentionPolicy policy_for(const std::string& group, std::uint64_t* gen = nullptr) {
+    std::lock_guard lock(mu);
+    if (gen != nullptr) *gen = retention_gen;
+    return retention_for ? retention_for(group) : options.store.retention;
+  }
+
+  StoreOptions store_options(const std::string& group, std::uint64_t* gen) {
+    StoreOptions o = options.store;
+    o.retention = policy_for(group, gen);
+    return o;
+  }
+
+  // Before a retention pass: the store takes the policy of a reload it has not seen yet.
+  // The caller holds g.busy.
+  void refresh_retention(GroupSlot& g, const std::string& group) {
+    std::uint64_t gen = 0;
+    RetentionPolicy p = policy_for(group, &gen);
+    if (!g.store || g.retention_gen == gen) return;
+    g.store->set_retention(p);
+    g.retention_gen = gen;
+  }
 
   ~Impl() {
     {
@@ -258,6 +285,7 @@ struct Receiver::Impl {
   // storage failure. The caller holds g.busy.
   void retry_apply(GroupSlot& g, const std::string& group) {
     FERRY_ASSERT(g.store);
+    refresh_retention(g, group);
     Status s = g.store->apply_committed();
     if (!s.is_ok() && g.store->apply_error().is_ok()) {
       note_failure(g, group, FailedStep::apply, s, "applying committed RPs failed");
@@ -281,12 +309,14 @@ struct Receiver::Impl {
                                          seconds_text(h.next_reopen - Clock::now()));
     }
     const auto t_open = Clock::now();
-    auto store = GroupStore::open(options.store, group, create);
+    std::uint64_t gen = 0;
+    auto store = GroupStore::open(store_options(group, &gen), group, create);
     if (!store.is_ok()) {
       note_failure(g, group, FailedStep::open, store.status(), "cannot open the store");
       return store.status();
     }
     g.store = std::move(store).value();
+    g.retention_gen = gen;
     note_opened(g, group, *g.store, Clock::now() - t_open);
     note_apply(g, group, *g.store, "applying committed RPs at open failed");
     return Status::ok();
@@ -749,6 +779,7 @@ class Session {
     // store open with the apply pending (R19): later RPs are still committed, and the apply
     // is retried by the first commit after the back-off and by the re-opener; status shows it
     // with its cause. Only a failure of the store itself (apply_error() ok) drops it.
+    impl_.refresh_retention(*slot_, hello_.group);
     if (impl_.apply_retry_waits(*slot_)) {
       spdlog::debug("group '{}': RP {} not applied: the apply is retried after its back-off",
                     hello_.group, e.rp_id);
@@ -815,6 +846,7 @@ Result<std::unique_ptr<Receiver>> Receiver::create(const ReceiverOptions& option
   FERRY_TRY(make_dirs(options.store.root));
   auto impl = std::make_unique<Impl>();
   impl->options = options;
+  impl->retention_for = options.retention_for;
   // Recover every group now, not at its source's next hello: after a crash the replicas are
   // brought back to one committed RP (torn tail cut, committed RPs re-applied) at start-up.
   // A group that cannot be opened is reported and re-opened after the back-off.
@@ -830,7 +862,8 @@ Result<std::unique_ptr<Receiver>> Receiver::create(const ReceiverOptions& option
     }
     GroupSlot& slot = impl->slot(group);
     const auto t_open = Clock::now();
-    auto store = GroupStore::open(options.store, group, /*create=*/false);
+    std::uint64_t gen = 0;
+    auto store = GroupStore::open(impl->store_options(group, &gen), group, /*create=*/false);
     if (!store.is_ok()) {
       impl->note_failure(slot, group, FailedStep::open, store.status(),
                          "recovery at start-up failed");
@@ -839,6 +872,7 @@ Result<std::unique_ptr<Receiver>> Receiver::create(const ReceiverOptions& option
     spdlog::info("group '{}': recovered; last committed RP {}, applied RP {}", group,
                  (*store)->last_committed_rp(), (*store)->last_applied_rp());
     slot.store = std::move(store).value();
+    slot.retention_gen = gen;
     {
       std::lock_guard lock(impl->mu);
       slot.health.last_open_cost =
@@ -850,6 +884,12 @@ Result<std::unique_ptr<Receiver>> Receiver::create(const ReceiverOptions& option
   Impl* raw = impl.get();
   impl->reopener = std::thread([raw] { raw->reopen_loop(); });
   return std::unique_ptr<Receiver>(new Receiver(std::move(impl)));
+}
+
+void Receiver::set_retention(std::function<RetentionPolicy(const std::string&)> retention_for) {
+  std::lock_guard lock(impl_->mu);
+  impl_->retention_for = std::move(retention_for);
+  impl_->retention_gen += 1;
 }
 
 std::vector<GroupStatus> Receiver::status() const {

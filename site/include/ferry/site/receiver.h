@@ -27,6 +27,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -51,6 +52,9 @@ struct ReceiverOptions {
   // wait is 20 times the last open's duration, also capped at reopen_max.
   std::chrono::milliseconds reopen_min{1000};
   std::chrono::milliseconds reopen_max{30000};
+  // Retention per group (ferry receive: receive.toml over the --keep-* flags); null: every
+  // group uses store.retention. Called with the receiver's lock held: keep it cheap.
+  std::function<RetentionPolicy(const std::string& group)> retention_for;
 };
 
 enum class GroupState : std::uint8_t {
@@ -90,6 +94,9 @@ class Receiver {
   // Every group the receiver knows (those found in the store at start-up and those served
   // since), sorted by name. Thread-safe; never waits for a session.
   std::vector<GroupStatus> status() const;
+  // A configuration reload (SIGHUP): each group takes the new policy before its next
+  // retention pass (after its next commit, or the background pass). Thread-safe.
+  void set_retention(std::function<RetentionPolicy(const std::string& group)> retention_for);
 
   struct Impl;  // defined in receiver.cc
 

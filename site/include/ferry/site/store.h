@@ -232,6 +232,11 @@ std::string second_source_message(const std::string& group, const RpBeginInfo& h
 // Read-only views for the CLI, without taking the group lock: lists committed RPs by
 // reading the store (safe while a receiver runs).
 Result<std::vector<RpInfo>> list_points(const std::string& root, const std::string& group);
+// `ferry points`: every RP the group offers, with what retention says of it at `now_unix_ns`
+// under the policy its last pruning applied (none yet: the default), whether a reader pins
+// it and its bytes in the journal. Read-only, without the group lock.
+Result<PruneReport> explain_points(const std::string& root, const std::string& group,
+                                   std::uint64_t now_unix_ns);
 // Writes disk `disk` at RP `rp_id` (0: the newest) through the ReadView (read_view.h) to
 // out_path: a file (truncated to the disk's size, sparse) or a block device (never truncated;
 // refused when smaller than the disk; zero ranges zeroed, BLKZEROOUT where it works).
