@@ -452,6 +452,21 @@ class Scanner {
       }
       return invalid(index, pos, c.why);
     }
+    // Pruning removes whole segments below the one where the oldest RP above the store's
+    // base begins, so the first segment may start inside an older RP (compacted into the
+    // replica): its records before the first rp_begin are skipped. The store checks that
+    // the first RP the scan returns follows its base (R20).
+    if (orphan_prefix_ && c.h.type == RecordType::rp_begin) orphan_prefix_ = false;
+    if (orphan_prefix_ && index == 0 && c.h.type != RecordType::padding &&
+        c.h.type != RecordType::rp_commit_mirror) {
+      expected_lsn_ = c.h.lsn + 1;
+      ++out_.skipped_records;
+      if (c.h.type != RecordType::rp_commit) pos += c.h.total_bytes;
+      else if (version_ < 2) pos = after_v1_commit(pos + c.h.total_bytes);
+      else pos += 2 * align_up(c.h.total_bytes);
+      return Status::ok();
+    }
+    if (c.h.type != RecordType::padding) orphan_prefix_ = false;
     if (c.h.type == RecordType::rp_commit_mirror)
       return corrupt_at(dir_, seq, pos, "rp_commit_mirror without its rp_commit before it (R11)");
     if (c.h.type != RecordType::padding) expected_lsn_ = c.h.lsn + 1;
@@ -708,6 +723,7 @@ class Scanner {
   std::uint32_t version_ = kJournalVersion;  // of the segment being scanned
   std::uint64_t cut_lsn_ = 1;
   std::uint64_t expected_lsn_ = 0;  // 0: any (the journal's first record)
+  bool orphan_prefix_ = true;       // no rp_begin seen yet
   bool stopped_ = false;
 };
 

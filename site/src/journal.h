@@ -202,6 +202,9 @@ struct ScanResult {
   bool tail_dirty = false;  // bytes or segments exist past `cut` (R1, R3, R4)
   std::vector<std::uint64_t> segments;  // present, in order
   std::vector<std::string> notes;        // which recovery cases fired, for logs and tests
+  // Records at the start of the first segment that belong to an RP whose rp_begin was in
+  // a segment pruning removed (the RP is in the replica images): skipped.
+  std::uint64_t skipped_records = 0;
 };
 
 // `trusted_end`: bytes at or after it (and later segments) are read as absent (R18: what
