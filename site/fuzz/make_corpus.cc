@@ -158,6 +158,7 @@ int main(int argc, char** argv) {
   fs::create_directories(rec);
   fs::create_directories(recov);
   put(rec / "segment-header", seg.substr(0, jr::kSegmentHeaderBytes));
+  put(rec / "state-v2", state_after_two);  // the catalog (state file version 2)
   std::size_t pos = jr::kSegmentHeaderBytes, n = 0;
   std::vector<std::size_t> commit_ends;
   while (pos + jr::kRecordHeaderBytes <= seg.size()) {
