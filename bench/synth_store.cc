@@ -10,9 +10,8 @@
 // skippable frame holding the block's index (16 bytes), so every payload and its checksum
 // differ while the journal stays small (123 bytes a record). The decoded blocks are zeros:
 // a restore reads, decodes and checks every record but writes nothing, and no replica data
-// has to be written. Instead of applying the RP (writing the whole disk), the tool marks it
-// applied: a sparse image of the disk's size and the state file saying RP 1 is applied
-// (the layout of store.cc encode_state).
+// has to be written. The RP stays in the journal (layout 2, base 0: no image is read until
+// retention compacts it), as a receiver leaves it before its first pruning.
 //
 // Prints one JSON object: records, journal bytes, seconds, peak RSS of this process.
 #include <fcntl.h>
@@ -69,25 +68,6 @@ std::uint64_t peak_rss_kib() {
   return v;
 }
 
-// store.cc encode_state: magic "FSTA", version 1, group id, applied RP, applying RP, xxh3.
-void write_state(const std::string& group_dir, std::uint64_t group_id, std::uint64_t applied) {
-  std::string s;
-  ByteWriter w(s);
-  w.u32(0x41545346);
-  w.u16(1);
-  w.u16(0);
-  w.u64(group_id);
-  w.u64(applied);
-  w.u64(0);
-  w.u64(xxh3_64(s.data(), s.size()));
-  std::string tmp = group_dir + "/state.tmp", path = group_dir + "/state";
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  if (fd < 0 || ::write(fd, s.data(), s.size()) != ssize_t(s.size()) || ::fdatasync(fd) != 0)
-    die("write " + tmp, Status::from_errno(errno, "write"));
-  ::close(fd);
-  if (::rename(tmp.c_str(), path.c_str()) != 0) die("rename", Status::from_errno(errno, path));
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -134,15 +114,9 @@ int main(int argc, char** argv) {
   if (!info.is_ok()) die("commit", info.status());
   store->reset();  // releases the group lock
 
+  // Layout 2: the store's own state file says base 0 (no image read); RP 1, the full copy,
+  // stays in the journal until retention compacts it.
   const std::string group_dir = root + "/" + group;
-  {
-    std::string img = group_dir + "/replica/vda.img";
-    int fd = ::open(img.c_str(), O_WRONLY | O_CREAT, 0644);
-    if (fd < 0 || ::ftruncate(fd, static_cast<off_t>(disk_bytes)) != 0 || ::fsync(fd) != 0)
-      die("image", Status::from_errno(errno, img));
-    ::close(fd);
-  }
-  write_state(group_dir, xxh3_64(group.data(), group.size()), 1);
 
   std::uint64_t journal_bytes = 0;
   for (const auto& e : std::filesystem::directory_iterator(group_dir + "/journal"))
