@@ -41,6 +41,8 @@ const RpBeginInfo* Chain::newest_begin() const {
 
 bool Chain::offered(std::uint64_t rp_id) const {
   if (rp_id == 0) return false;
+  // RPs below a compaction under way are gone for readers, the base RP among them.
+  if (catalog.target_rp != 0 && rp_id < catalog.target_rp) return false;
   if (rp_id == catalog.base_rp) return true;
   if (rp_id < catalog.base_rp || catalog.is_pruned(rp_id)) return false;
   if (catalog.target_rp != 0 && rp_id < catalog.target_rp) return false;

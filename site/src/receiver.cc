@@ -923,9 +923,9 @@ std::vector<GroupStatus> Receiver::status() const {
         st.next_reopen_in_ms = static_cast<std::uint64_t>(
             std::chrono::duration_cast<std::chrono::milliseconds>(h.apply.next_retry - now)
                 .count());
-    } else if (h.applied < h.committed) {
-      st.state = GroupState::apply_pending;
     }
+    // Layout 2: the images hold the oldest kept RP, so applied < committed is the normal
+    // state, not a pending apply.
     out.push_back(std::move(st));
   }
   return out;  // std::map: sorted by name

@@ -568,6 +568,9 @@ class StoreImpl final : public GroupStore {
   Status check_base_images() {
     const Catalog& c = chain_.catalog;
     if (c.base_rp == 0) return Status::ok();
+    // A compaction cut short (R5) may have resized the images already: only their presence
+    // is checked then; the redo sets their sizes.
+    const bool resizing = c.target_rp != 0;
     for (const auto& d : c.base_begin.disks) {
       const std::string path = paths_.image(d.name);
       std::optional<std::uint64_t> got;
@@ -578,7 +581,7 @@ class StoreImpl final : public GroupStore {
           if (size.is_ok()) got = *size;
         }
       }
-      if (got && *got == d.size_bytes) continue;
+      if (got && (resizing || *got == d.size_bytes)) continue;
       return Status::error(Errc::corrupt,
                            "replica image " + path + " of RP " + std::to_string(c.base_rp) +
                                (got ? " has " + std::to_string(*got) + " bytes where disk " +
@@ -692,6 +695,8 @@ class StoreImpl final : public GroupStore {
         rep.points.push_back(std::move(p));
       }
       if (dry_run) return rep;
+      // The base RP itself, when dropped, leaves with the compaction (the target says so).
+      std::erase_if(next.pruned, [&](std::uint64_t id) { return id <= next.base_rp; });
       std::sort(next.pruned.begin(), next.pruned.end());
       next.pruned.erase(std::unique(next.pruned.begin(), next.pruned.end()), next.pruned.end());
       if (target == chain_.catalog.base_rp) target = 0;

@@ -60,8 +60,8 @@ struct ReceiverOptions {
 enum class GroupState : std::uint8_t {
   ok = 0,
   failing = 1,        // a store failure episode is open: RPs are refused until it ends
-  // Committed RPs are not yet in the replica images: for a moment after each commit, or,
-  // with a cause, because applying failed (R19; RPs are still accepted and retried).
+  // A compaction of the replica images failed and is retried (R19; RPs are still accepted):
+  // the cause says why.
   apply_pending = 2,
 };
 const char* group_state_name(GroupState s);
@@ -71,7 +71,7 @@ struct GroupStatus {
   std::string group;
   GroupState state = GroupState::ok;
   std::uint64_t last_committed_rp = 0;  // as last seen by the receiver (0: none)
-  std::uint64_t last_applied_rp = 0;
+  std::uint64_t last_applied_rp = 0;    // the RP the replica images hold: the oldest kept
   std::uint64_t last_commit_unix_ns = 0;  // when this receiver last committed an RP of it
   std::string source;                     // the peer serving the group now; empty: none
   // The failure episode (state failing) or the apply episode (state apply_pending after a
