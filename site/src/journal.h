@@ -13,7 +13,7 @@
 #include "ferry/base/hash.h"
 #include "ferry/base/status.h"
 #include "ferry/site/storage.h"
-#include "ferry/site/store.h"
+#include "ferry/site/rp.h"
 #include "ferry/transport/wire.h"
 
 namespace ferry::site::journal {

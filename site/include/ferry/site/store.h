@@ -2,22 +2,23 @@
 //
 // Directory layout (docs/journal-format.md gives every byte):
 //   <store>/<group>/journal/<seq>.seg   journal segments of checksummed records
-//   <store>/<group>/replica/<disk>.img  sparse raw replica per disk, = the applied RP
-//   <store>/<group>/state               small state file, replaced atomically
+//   <store>/<group>/replica/<disk>.img  sparse raw image per disk = the base RP, the oldest kept
+//   <store>/<group>/state               the catalog: base RP, pruned RPs; replaced atomically
 //   <store>/<group>/LOCK                flock: one process per group
+//   <store>/<group>/READERS, pins/      readers pin the RP they read (read_view.h)
 //   <store>/<group>/distrust            only after a failed sync: journal trusted up to (R18)
 //
 // Life of an RP: begin_rp() -> append_block()* -> commit_rp() [durable: all records and the
 // commit record fdatasync'ed; only now may the RP be acknowledged] -> apply_committed()
-// [replica images brought to the RP; redo on restart if interrupted].
-// Every committed RP stays readable (restore) until retention (a later issue) drops it.
-// open() runs recovery: first cuts what no successful sync covered before an earlier failed
-// write or sync (R18: <group>/distrust, or this process's memory of the failure), then cuts
-// a torn journal tail, drops uncommitted records, re-applies committed-but-unapplied RPs and
-// rewrites untrusted images from the journal, after marking the state (R16); if that apply
-// fails, the store opens all the same with the apply pending (R19, apply_error()). The decision
-// table is in docs/journal-format.md. The receiver needs no extra call for R18: dropping a
-// failed store and opening the group again (in this process or after a restart) suffices.
+// [retention: the RPs the policy drops leave the catalog, the images are compacted forward
+// to the oldest kept RP, old journal segments are removed; redone on restart if cut short].
+// Every kept RP is readable (restore, ReadView) as the base image plus the records of the RPs
+// above it. open() runs recovery: first cuts what no successful sync covered before an
+// earlier failed write or sync (R18: <group>/distrust, or this process's memory of the
+// failure), then cuts a torn journal tail, drops uncommitted records, finishes a compaction
+// cut short (R5); if that fails, the store opens all the same with it pending (R19,
+// apply_error()). The decision table is in docs/journal-format.md. The receiver needs no
+// extra call for R18: dropping a failed store and opening the group again suffices.
 #pragma once
 
 #include <cstdint>
@@ -30,85 +31,11 @@
 #include "ferry/base/hash.h"
 #include "ferry/base/status.h"
 #include "ferry/site/retention.h"
+#include "ferry/site/rp.h"
 #include "ferry/site/storage.h"
 #include "ferry/transport/rules.h"
 
 namespace ferry::site {
-
-struct RpDiskInfo {
-  std::string name;
-  std::uint64_t size_bytes = 0;
-  bool full = false;                  // a full copy (not a delta on base_rp)
-  std::uint64_t changed_bytes = 0;    // logical bytes carried by the RP (data + zero)
-  std::uint64_t zero_bytes = 0;       // of which sent as zero records
-  std::uint64_t stored_bytes = 0;     // bytes the RP's records take in the journal
-  // From the RP's rp_begin record (not the commit record): how the disk was sent and the
-  // identity the source gave it (zero: unknown, an older source or journal).
-  bool resync = false;
-  Hash128 identity;
-  bool identity_ephemeral = false;  // lives only as long as the source's QEMU process
-};
-
-struct RpInfo {
-  std::uint64_t rp_id = 0;
-  std::uint64_t base_rp = 0;
-  std::uint64_t created_unix_ns = 0;    // capture time on the source
-  std::uint64_t committed_unix_ns = 0;  // when the receiver made it durable
-  std::uint32_t flags = 0;              // wire kRpFlag* bits (app-consistent, ...)
-  std::vector<RpDiskInfo> disks;
-};
-
-struct RpBeginInfo {
-  std::uint64_t rp_id = 0;
-  std::uint64_t base_rp = 0;
-  std::uint64_t created_unix_ns = 0;
-  std::uint32_t flags = 0;
-  struct Disk {
-    std::string name;
-    std::uint64_t size_bytes = 0;
-    bool full = false;
-    bool resync = false;  // a delta on base_rp chosen by digests (C4)
-    Hash128 identity;     // zero: unknown (an older source)
-    bool identity_ephemeral = false;
-  };
-  std::vector<Disk> disks;
-  std::string source_name;  // who sent the RP (hello.source_name); empty: unknown
-};
-// RpBeginInfo::flags bit (= transport::kRpFlagTakeOver): the source takes the group over
-// from the source that wrote it, so rule C5.source does not apply.
-inline constexpr std::uint32_t kRpFlagTakeOver = 1u << 2;
-
-// The largest codec-encoded payload one journal record holds: a 4 MiB block, plus room for a
-// zstd frame that came out larger than its block. The wire allows frames up to 8 MiB, so the
-// receiver refuses a larger payload as a bad frame before it reaches the store (the journal's
-// own limit, journal.h kMaxPayloadBytes, is this value).
-inline constexpr std::uint32_t kMaxStoredPayloadBytes = (4u << 20) + (64u << 10);
-// Longest zero record (no payload): a zero range as the wire carries it with the zero_ranges
-// feature, 4 GiB - 4 MiB (journal.h kMaxZeroRecordBytes). Data records stay at 4 MiB.
-inline constexpr std::uint32_t kMaxStoredZeroBytes = 0xffc00000u;
-
-// Group and disk names become file names in the store; the receiver checks them at hello with
-// the same rule. Owner: transport/rules.h.
-using transport::kMaxStoreNameBytes;
-using transport::kStoreNameRule;
-using transport::valid_store_name;
-
-enum class RecordKind : std::uint8_t { data = 0, zero = 1 };
-enum class RecordCodec : std::uint8_t { none = 0, zstd = 1 };
-
-// One verified block of the open RP. `payload` is codec-encoded; the receiver has already
-// decoded it and checked `hash` (xxh3-128 of the decoded bytes) before calling append_block.
-struct BlockRecord {
-  std::uint64_t rp_id = 0;
-  std::uint64_t seq = 0;
-  std::uint16_t disk_index = 0;  // index into RpBeginInfo::disks
-  RecordKind kind = RecordKind::data;
-  RecordCodec codec = RecordCodec::none;
-  std::uint64_t offset_bytes = 0;
-  std::uint32_t length_bytes = 0;
-  Hash128 hash;
-  std::string_view payload;  // copied by append_block before it returns
-};
 
 struct StoreOptions {
   std::string root;  // <store>
