@@ -1,7 +1,6 @@
 #include "journal.h"
 
 #include <sys/mman.h>
-#include <zstd.h>
 
 #include <algorithm>
 #include <cinttypes>
@@ -11,6 +10,7 @@
 
 #include "ferry/base/bytes.h"
 #include "ferry/base/kill_point.h"
+#include "ferry/transport/codec.h"
 #include "ferry/base/log.h"
 
 namespace ferry::site::journal {
@@ -1044,11 +1044,13 @@ std::size_t RpIndex::memory_bytes() const {
 // --- reader ----------------------------------------------------------------------------
 
 Reader::Reader(std::shared_ptr<Storage> storage, std::string dir)
-    : storage_(std::move(storage)), dir_(std::move(dir)), dctx_(ZSTD_createDCtx()) {
-  FERRY_ASSERT(dctx_ != nullptr);
+    : storage_(std::move(storage)), dir_(std::move(dir)) {
+  auto d = transport::Decompressor::create();
+  FERRY_ASSERT_MSG(d.is_ok(), "zstd cannot create a decompression context (out of memory)");
+  dctx_.emplace(std::move(d).value());
 }
 
-Reader::~Reader() { ZSTD_freeDCtx(static_cast<ZSTD_DCtx*>(dctx_)); }
+Reader::~Reader() = default;
 
 Result<StorageFile*> Reader::segment(std::uint64_t seq) {
   auto it = files_.find(seq);
@@ -1084,11 +1086,8 @@ Status Reader::load_block(std::uint64_t rp_id, const BlockEntry& e, std::string&
     decoded.assign(payload);
   } else {
     decoded.resize(h->length_bytes);
-    std::size_t n = ZSTD_decompressDCtx(static_cast<ZSTD_DCtx*>(dctx_), decoded.data(),
-                                        decoded.size(), payload.data(), payload.size());
-    if (ZSTD_isError(n) || n != h->length_bytes)
-      return bad(std::string("zstd payload does not decode to the block: ") +
-                 (ZSTD_isError(n) ? ZSTD_getErrorName(n) : "wrong length"));
+    Status d = dctx_->decompress(payload.data(), payload.size(), decoded.data(), decoded.size());
+    if (!d.is_ok()) return bad("zstd payload does not decode to the block: " + d.message());
   }
   if (decoded.size() != h->length_bytes || xxh3_128(decoded.data(), decoded.size()) != h->hash)
     return bad("decoded block does not match its xxh3-128");

@@ -14,6 +14,7 @@
 #include "ferry/base/status.h"
 #include "ferry/site/storage.h"
 #include "ferry/site/rp.h"
+#include "ferry/transport/codec.h"
 #include "ferry/transport/wire.h"
 
 namespace ferry::site::journal {
@@ -305,7 +306,7 @@ class Reader {
   std::map<std::uint64_t, std::unique_ptr<StorageFile>> files_;
   std::string raw_;
   std::string window_;  // load_chunk's read buffer, at most kChunkReadBytes
-  void* dctx_ = nullptr;  // ZSTD_DCtx, reused for every block
+  std::optional<transport::Decompressor> dctx_;  // reused for every block
 };
 
 }  // namespace ferry::site::journal
