@@ -17,6 +17,7 @@
 
 #include "catalog.h"
 #include "ferry/base/status.h"
+#include "ferry/site/image_store.h"
 #include "ferry/site/read_view.h"
 #include "ferry/site/storage.h"
 #include "ferry/site/store.h"
@@ -36,7 +37,6 @@ struct Paths {
         lock(group_dir + "/LOCK"),
         distrust(group_dir + "/distrust"),
         distrust_tmp(group_dir + "/distrust.tmp") {}
-  std::string image(const std::string& disk) const { return replica_dir + "/" + disk + ".img"; }
 };
 
 std::uint64_t group_id_of(const std::string& group);
@@ -86,7 +86,7 @@ Status write_image(const std::shared_ptr<Storage>& st, ReadView& view,
 // Brings the replica image of one disk from the base to RP `rp` (one step of a compaction):
 // truncates (a full copy resets the disk), writes its data records and punches its zero
 // records, in journal order. Redoing it over a partly written image gives the same bytes.
-Status apply_rp_to_images(Storage& st, const Paths& paths, journal::Reader& reader,
+Status apply_rp_to_images(ImageStore& images, journal::Reader& reader,
                           const journal::CommittedRp& rp);
 
 }  // namespace ferry::site

@@ -448,6 +448,10 @@ class FaultyFile final : public StorageFile {
     return inner_->size();
   }
   bool is_direct() const override { return inner_->is_direct(); }
+  Result<DataRun> next_data(std::uint64_t offset) override {
+    FERRY_TRY(twin_->check(FaultOp::read, false, path_));
+    return inner_->next_data(offset);
+  }
 
  private:
   std::shared_ptr<FaultyStorage::Twin> twin_;

@@ -14,6 +14,7 @@
 #include <mutex>
 
 #include "chain.h"
+#include "ferry/site/image_store.h"
 #include "ferry/base/bytes.h"
 #include "ferry/base/fd.h"
 #include "ferry/base/kill_point.h"
@@ -187,38 +188,32 @@ std::uint64_t position_of(const jr::BlockEntry& e) {
   return jr::record_position(e.loc.segment_seq, e.loc.offset);
 }
 
-// Reads of the base image: positional, a short file reads as zeros past its end.
-Status read_base(int fd, char* out, std::uint64_t len, std::uint64_t offset,
-                 const std::string& path) {
+// Reads of the base image: positional, a short image reads as zeros past its end.
+Status read_base(StorageFile& f, char* out, std::uint64_t len, std::uint64_t offset) {
   std::uint64_t done = 0;
   while (done < len) {
-    ssize_t n = ::pread(fd, out + done, static_cast<std::size_t>(len - done),
-                        static_cast<off_t>(offset + done));
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) return Status::from_errno(errno, "read replica image " + path);
+    FERRY_ASSIGN_OR_RETURN(std::size_t n, f.pread(out + done, static_cast<std::size_t>(len - done),
+                                                  offset + done));
     if (n == 0) {
       std::memset(out + done, 0, static_cast<std::size_t>(len - done));
       break;
     }
-    done += static_cast<std::uint64_t>(n);
+    done += n;
   }
   return Status::ok();
 }
 
-// The data and hole runs of the base image in [lo, hi), as the file system reports them.
+// The data and hole runs of the base image in [lo, hi), as its backend reports them.
 template <typename Add>
-Status base_extents(int fd, std::uint64_t lo, std::uint64_t hi, const std::string& path, Add add) {
+Status base_extents(StorageFile& f, std::uint64_t lo, std::uint64_t hi, Add add) {
   std::uint64_t pos = lo;
   while (pos < hi) {
-    off_t d = ::lseek(fd, static_cast<off_t>(pos), SEEK_DATA);
-    if (d < 0 && errno == ENXIO) break;  // no data from here on
-    if (d < 0) return Status::from_errno(errno, "SEEK_DATA in " + path);
-    const std::uint64_t data = std::min<std::uint64_t>(static_cast<std::uint64_t>(d), hi);
+    FERRY_ASSIGN_OR_RETURN(StorageFile::DataRun run, f.next_data(pos));
+    if (run.start >= run.end) break;  // no data from here on
+    const std::uint64_t data = std::min(run.start, hi);
     if (data > pos) add(pos, data - pos, true);
     if (data >= hi) return Status::ok();
-    off_t h = ::lseek(fd, d, SEEK_HOLE);
-    if (h < 0) return Status::from_errno(errno, "SEEK_HOLE in " + path);
-    const std::uint64_t hole = std::min<std::uint64_t>(static_cast<std::uint64_t>(h), hi);
+    const std::uint64_t hole = std::min(run.end, hi);
     add(data, hole - data, false);
     pos = hole;
   }
@@ -236,7 +231,7 @@ class JournalView final : public ReadView {
         chain_(chain != nullptr ? chain : owned_.get()),
         target_(target),
         disk_(std::move(disk)),
-        image_path_(paths.image(disk_)),
+        images_(file_images(st, paths.replica_dir)),
         reader_(std::move(st), paths.journal_dir) {
     const RpBeginInfo* b = target_ >= 0 ? &chain_->rps[target_].begin : &chain_->catalog.base_begin;
     rp_id_ = b->rp_id;
@@ -250,11 +245,12 @@ class JournalView final : public ReadView {
   Status open_base() {
     if (chain_->catalog.base_rp == 0 || find_disk(chain_->catalog.base_begin, disk_) < 0)
       return Status::ok();
-    base_fd_.reset(::open(image_path_.c_str(), O_RDONLY | O_CLOEXEC));
-    if (!base_fd_.valid())
-      return Status::from_errno(errno, "open replica image " + image_path_ + " of base RP " +
-                                           std::to_string(chain_->catalog.base_rp) +
-                                           " of group " + chain_->group);
+    auto f = images_->open(disk_, /*create=*/false);
+    if (!f.is_ok())
+      return std::move(f).status().with_context("the image of base RP " +
+                                                std::to_string(chain_->catalog.base_rp) +
+                                                " of group " + chain_->group);
+    base_ = std::move(f).value();
     return Status::ok();
   }
 
@@ -275,8 +271,8 @@ class JournalView final : public ReadView {
     auto gap = [&](std::uint64_t to) -> Status {
       const std::uint64_t base_end = std::min(to, layers_.base_limit);
       if (pos < base_end) {
-        FERRY_ASSERT(base_fd_.valid());
-        FERRY_TRY(read_base(base_fd_.get(), out + (pos - offset), base_end - pos, pos, image_path_));
+        FERRY_ASSERT(base_ != nullptr);
+        FERRY_TRY(read_base(*base_, out + (pos - offset), base_end - pos, pos));
         pos = base_end;
       }
       if (pos < to) std::memset(out + (pos - offset), 0, static_cast<std::size_t>(to - pos));
@@ -332,7 +328,7 @@ class JournalView final : public ReadView {
     auto gap = [&](std::uint64_t from, std::uint64_t to) -> Status {
       const std::uint64_t base_end = std::min(to, layers_.base_limit);
       if (from < base_end) {
-        FERRY_TRY(base_extents(base_fd_.get(), from, base_end, image_path_, add));
+        FERRY_TRY(base_extents(*base_, from, base_end, add));
         from = base_end;
       }
       if (from < to) add(from, to - from, true);
@@ -378,7 +374,7 @@ class JournalView final : public ReadView {
     if (window_valid_ && window_lo_ == lo) return Status::ok();
     window_valid_ = false;
     FERRY_ASSIGN_OR_RETURN(layers_, build_layers(reader_, *chain_, target_, disk_, lo, hi));
-    if (layers_.base_limit > lo && !base_fd_.valid())
+    if (layers_.base_limit > lo && base_ == nullptr)
       return Status::error(Errc::corrupt, "disk " + disk_ + " at RP " + std::to_string(rp_id_) +
                                               " reads from the replica image, which is not open");
     window_lo_ = lo;
@@ -391,10 +387,10 @@ class JournalView final : public ReadView {
   const Chain* chain_;
   std::ptrdiff_t target_;  // index in chain_->rps; -1: the base RP
   std::string disk_;
-  std::string image_path_;
+  std::unique_ptr<ImageStore> images_;
   std::uint64_t rp_id_ = 0;
   std::uint64_t size_ = 0;
-  UniqueFd base_fd_;
+  std::unique_ptr<StorageFile> base_;  // the base RP's image, when the disk reads from it
   Pin pin_;
   std::mutex mu_;  // guards everything below: one reader, one cached window and record
   jr::Reader reader_;
@@ -653,11 +649,10 @@ Result<std::unique_ptr<ReadView>> ReadView::open(const std::string& store_root,
   return std::unique_ptr<ReadView>(std::move(v));
 }
 
-Status apply_rp_to_images(Storage& st, const Paths& paths, jr::Reader& reader,
-                          const jr::CommittedRp& rp) {
+Status apply_rp_to_images(ImageStore& store, jr::Reader& reader, const jr::CommittedRp& rp) {
   std::vector<std::unique_ptr<StorageFile>> images;
   for (const auto& d : rp.begin.disks) {
-    FERRY_ASSIGN_OR_RETURN(auto f, st.open(paths.image(d.name), OpenFlags{.create = true}));
+    FERRY_ASSIGN_OR_RETURN(auto f, store.open(d.name, /*create=*/true));
     if (d.full) FERRY_TRY(f->truncate(0));  // a full RP resets the disk
     FERRY_TRY(f->truncate(d.size_bytes));
     images.push_back(std::move(f));

@@ -136,6 +136,19 @@ class RealFile final : public StorageFile {
 
   bool is_direct() const override { return direct_; }
 
+  Result<DataRun> next_data(std::uint64_t offset) override {
+    off_t d = ::lseek(fd_.get(), static_cast<off_t>(offset), SEEK_DATA);
+    if (d < 0 && errno == ENXIO) return DataRun{offset, offset};
+    if (d < 0 && errno == EINVAL) {  // a file system without SEEK_DATA: all data
+      FERRY_ASSIGN_OR_RETURN(std::uint64_t n, size());
+      return offset < n ? DataRun{offset, n} : DataRun{offset, offset};
+    }
+    if (d < 0) return io_status(errno, "SEEK_DATA", path_, offset);
+    off_t h = ::lseek(fd_.get(), d, SEEK_HOLE);
+    if (h < 0) return io_status(errno, "SEEK_HOLE", path_, static_cast<std::uint64_t>(d));
+    return DataRun{static_cast<std::uint64_t>(d), static_cast<std::uint64_t>(h)};
+  }
+
  private:
   struct Pending {
     const char* buf = nullptr;

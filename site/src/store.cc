@@ -233,7 +233,8 @@ class StoreImpl final : public GroupStore {
  public:
   StoreImpl(const StoreOptions& options, std::string group)
       : opt_(options), group_(std::move(group)), group_id_(group_id_of(group_)),
-        paths_(options.root, group_), st_(options.storage ? options.storage : real_storage()) {
+        paths_(options.root, group_), st_(options.storage ? options.storage : real_storage()),
+        images_(file_images(st_, paths_.replica_dir)) {
     chain_.group = group_;
   }
 
@@ -572,10 +573,10 @@ class StoreImpl final : public GroupStore {
     // is checked then; the redo sets their sizes.
     const bool resizing = c.target_rp != 0;
     for (const auto& d : c.base_begin.disks) {
-      const std::string path = paths_.image(d.name);
+      const std::string path = images_->describe(d.name);
       std::optional<std::uint64_t> got;
-      if (st_->exists(path)) {
-        auto f = st_->open(path, OpenFlags{.read_only = true});
+      if (images_->exists(d.name)) {
+        auto f = images_->open(d.name, /*create=*/false);
         if (f.is_ok()) {
           auto size = (*f)->size();
           if (size.is_ok()) got = *size;
@@ -744,14 +745,14 @@ class StoreImpl final : public GroupStore {
     const jr::CommittedRp* to = nullptr;
     for (const auto& rp : chain_.rps) {
       if (rp.info.rp_id > target) break;
-      FERRY_TRY(apply_rp_to_images(*st_, paths_, reader, rp)
+      FERRY_TRY(apply_rp_to_images(*images_, reader, rp)
                     .with_context("compact RP " + std::to_string(rp.info.rp_id) +
                                   " into the replica"));
       if (rep != nullptr) rep->compacted_bytes += stored_bytes(rp.info);
       to = &rp;
     }
     FERRY_ASSERT(to != nullptr && to->info.rp_id == target);
-    FERRY_TRY(st_->sync_dir(paths_.replica_dir));  // a new image's name must survive too
+    FERRY_TRY(images_->sync());  // a new image's name must survive too
     FERRY_KILL_POINT("apply.after_fsync");
     Catalog next = chain_.catalog;
     next.base_rp = target;
@@ -781,16 +782,14 @@ class StoreImpl final : public GroupStore {
   }
 
   Status remove_images_not_in(const Catalog& c) {
-    FERRY_ASSIGN_OR_RETURN(auto names, st_->list_dir(paths_.replica_dir));
+    FERRY_ASSIGN_OR_RETURN(auto disks, images_->disks());
     bool removed = false;
-    for (const auto& n : names) {
-      if (n.size() < 5 || n.compare(n.size() - 4, 4, ".img") != 0) continue;
-      const std::string disk = n.substr(0, n.size() - 4);
+    for (const auto& disk : disks) {
       if (c.base_rp != 0 && find_disk(c.base_begin, disk) >= 0) continue;
-      FERRY_TRY(st_->remove(paths_.replica_dir + "/" + n));
+      FERRY_TRY(images_->remove(disk));
       removed = true;
     }
-    return removed ? st_->sync_dir(paths_.replica_dir) : Status::ok();
+    return removed ? images_->sync() : Status::ok();
   }
 
   // --- RP checks ---
@@ -926,6 +925,7 @@ class StoreImpl final : public GroupStore {
   std::uint64_t group_id_;
   Paths paths_;
   std::shared_ptr<Storage> st_;
+  std::unique_ptr<ImageStore> images_;  // the replica images: only through here
   UniqueFd lock_;
   jr::ScanResult scan_;
   std::unique_ptr<jr::Writer> writer_;

@@ -32,6 +32,12 @@ class StorageFile {
   virtual Status punch_hole(std::uint64_t offset, std::uint64_t len) = 0;
   virtual Result<std::uint64_t> size() = 0;
   virtual bool is_direct() const = 0;
+  // The first run of data at or after `offset`: [start, end). start == end: no data from
+  // `offset` on (a hole up to the end). Files that cannot tell report everything as data.
+  struct DataRun {
+    std::uint64_t start = 0, end = 0;
+  };
+  virtual Result<DataRun> next_data(std::uint64_t offset) = 0;
 };
 
 class Storage {
