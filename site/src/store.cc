@@ -247,7 +247,11 @@ class StoreImpl final : public GroupStore {
     }
     FERRY_TRY(st_->make_dirs(paths_.journal_dir));
     FERRY_TRY(st_->make_dirs(paths_.replica_dir));
+    // Readers pin RPs here; made now so a reader needs only an empty file (an inode, a
+    // directory slot), not a new directory block, when the volume is full.
+    FERRY_TRY(st_->make_dirs(paths_.group_dir + "/pins"));
     FERRY_TRY(lock());
+    { FERRY_ASSIGN_OR_RETURN(auto gate, ReaderGate::shared(paths_.group_dir)); }
     FERRY_TRY(recover());
     std::size_t buffer_bytes = std::max<std::size_t>(
         opt_.max_inflight_write_bytes / 2 / jr::kBlockAlignBytes * jr::kBlockAlignBytes,

@@ -267,15 +267,21 @@ with ft.Env(TEST) as env:
         qsd.sync()
 
     def replica_settled(k, what):
-        """The replica equals committed RP k (apply runs just after the ack: wait for it)."""
+        """The newest RP reads back as committed RP k, and the replica images hold the oldest
+        kept RP (layout 2: the base; compaction runs just after the ack: wait for it)."""
         deadline = time.monotonic() + 10
         while True:
-            v = cat.check(replica)
-            if k in v.equals_rps:
+            latest = env.restore(rx.store, GROUP, "latest", "vda")
+            v = cat.check({"vda": latest})
+            os.unlink(latest)
+            base = env.points(rx.store, GROUP)[0]["rp_id"]
+            b = cat.check(replica)
+            if k in v.equals_rps and base in b.equals_rps:
                 return
             if time.monotonic() > deadline:
                 stats["violations"] += 1
-                raise ft.TestFailure(f"{what}: the replica should equal RP {k}: {v.describe()}")
+                raise ft.TestFailure(f"{what}: the newest RP should equal RP {k}: {v.describe()}; "
+                                     f"the replica images should hold RP {base}: {b.describe()}")
             time.sleep(0.2)
 
     def clean_run(what):
