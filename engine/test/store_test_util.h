@@ -174,10 +174,15 @@ inline Model model_of(const std::vector<TestRp>& rps) {
   return m;
 }
 
-// Compares every disk of RP `rp` on the replica and through restore; returns "" or what differs.
+// Compares every disk of RP `rp` through restore and, when check_replica, on the replica
+// images too. Layout 2: the images hold the base RP (last_applied_rp(), the oldest kept RP),
+// so asking for the images of any other RP is itself a failure. Returns "" or what differs.
 inline std::string check_rp(GroupStore& store, const Model& model, std::uint64_t rp,
                             const std::string& root, const std::string& scratch,
                             bool check_replica) {
+  if (check_replica && store.last_applied_rp() != rp)
+    return "replica images hold RP " + std::to_string(store.last_applied_rp()) + ", not RP " +
+           std::to_string(rp);
   for (const auto& [name, img] : model.at(rp)) {
     if (check_replica) {
       std::string got = slurp(root + "/" + store.group() + "/replica/" + name + ".img");
@@ -190,6 +195,42 @@ inline std::string check_rp(GroupStore& store, const Model& model, std::uint64_t
     ::unlink(out.c_str());
   }
   return "";
+}
+
+// Layout 2's truth: the images equal the model at last_applied_rp() (when not 0), and every
+// offered RP restores byte-identical to the model. `expect_offered` (when not empty) is the
+// exact list of RP ids points() must offer. Returns "" or what differs.
+inline std::string check_store(GroupStore& store, const Model& model, const std::string& root,
+                               const std::string& scratch,
+                               const std::vector<std::uint64_t>& expect_offered = {}) {
+  std::vector<std::uint64_t> offered;
+  for (const auto& p : store.points()) offered.push_back(p.rp_id);
+  if (!expect_offered.empty() && offered != expect_offered) {
+    std::string got, want;
+    for (auto r : offered) got += " " + std::to_string(r);
+    for (auto r : expect_offered) want += " " + std::to_string(r);
+    return "offered RPs" + got + ", expected" + want;
+  }
+  const std::uint64_t base = store.last_applied_rp();
+  if (base != 0) {
+    if (offered.empty() || offered.front() != base)
+      return "the base RP " + std::to_string(base) + " is not the oldest offered RP";
+    std::string why = check_rp(store, model, base, root, scratch, true);
+    if (!why.empty()) return why;
+  }
+  for (auto r : offered) {
+    if (!model.has(r)) return "RP " + std::to_string(r) + " offered but never committed";
+    std::string why = check_rp(store, model, r, root, scratch, false);
+    if (!why.empty()) return why;
+  }
+  return "";
+}
+
+// Images at the newest RP: retention keeps only it and compacts every commit onto it.
+inline RetentionPolicy keep_newest_only() {
+  RetentionPolicy p;
+  p.keep_last = 1;
+  return p;
 }
 
 // Two disks; overwrites, zero blocks, unaligned sizes and offsets, zstd and raw payloads,
