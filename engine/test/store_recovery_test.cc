@@ -330,6 +330,60 @@ TEST_CASE("recovery R6: a missing or corrupt state file refuses the group once t
   CHECK(slurp(f.gdir() + "/replica/a.img") == img);  // the evidence stays
 }
 
+// R5 once the journal no longer starts at RP 0 (the normal state of a store that has run
+// for a while): nothing but the state file says which RP the images hold, so the state a
+// compaction leaves mid-way (base, target, pruned list) must decode, and the open must redo
+// the compaction whatever sizes the images already have. The journal is made to start at
+// RP 2 as in the R6 test above; the compaction from RP 3 to RP 5 fails part way.
+TEST_CASE("recovery R5: a compaction cut short is redone at open once the journal starts later",
+          "[store][recovery]") {
+  Fixture f;
+  f.run(1);
+  make_segment_v1(f.seg(1));
+  f.opt.retention = keep_newest_only();
+  f.run(3);
+  REQUIRE(f.state_base() == 3);
+  REQUIRE(!fs::exists(f.seg(1)));
+  TestRp rp4;
+  rp4.begin = {4, 3, 4000, 0, {disk("a", 45000, false), disk("b", 8192, false)}};
+  rp4.blocks = {{0, 12288, 8192, RecordKind::data, RecordCodec::none, 41}};
+  TestRp rp5;
+  rp5.begin = {5, 4, 5000, 0, {disk("a", 50000, false), disk("b", 4096, false)}};
+  rp5.blocks = {{0, 45000, 5000, RecordKind::data, RecordCodec::zstd, 51}};
+  f.rps.push_back(rp4);
+  f.rps.push_back(rp5);
+  f.model = model_of(f.rps);
+  f.opt.retention = RetentionPolicy{};  // the default while RP 4 and 5 arrive: none pruned
+  {
+    auto s = f.reopen();
+    REQUIRE(s.is_ok());
+    REQUIRE(feed_rp(**s, rp4).is_ok());
+    REQUIRE(feed_rp(**s, rp5).is_ok());
+    REQUIRE((*s)->apply_committed().is_ok());
+    REQUIRE((*s)->last_applied_rp() == 3);
+  }
+  // Writes to a.img in the compaction to RP 5: RP 4's truncate(45000) and record, then RP 5's
+  // truncate(50000) and record. The fault hits before any resize, or after a.img grew.
+  std::uint64_t nth = 1;
+  SECTION("before a.img is written") {}
+  SECTION("after a.img grew to RP 5's size") { nth = 4; }
+  FaultPlan plan;
+  plan.rules.push_back(FaultRule{FaultOp::write, EIO, nth, true, "replica/a.img"});
+  StoreOptions faulty = f.opt;
+  faulty.storage = FaultyStorage::create(real_storage(), 5, plan);
+  {
+    auto s = GroupStore::open(faulty, "g", false);
+    REQUIRE(s.is_ok());
+    CHECK(!(*s)->prune(keep_newest_only(), 0, false).is_ok());
+  }
+  REQUIRE(f.state_target() == 5);
+  auto s = f.reopen();
+  INFO(s.status().to_string());
+  REQUIRE(s.is_ok());
+  CHECK((*s)->last_applied_rp() == 5);
+  CHECK(check_store(**s, f.model, f.opt.root, f.dir.path(), {5}) == "");
+}
+
 // R13: the images of the base RP hold every byte no later record covers; one missing or of
 // the wrong size is data lost, which nothing in the store can rebuild: refused, naming it.
 TEST_CASE("recovery R13: a missing or mis-sized image of the base RP refuses the group",
@@ -410,6 +464,10 @@ TEST_CASE("recovery R19: a failed compaction leaves the store usable, retried by
   CHECK(f.state_base() == 1);
   CHECK(f.state_target() == 4);  // nothing may take the half-written image for an RP
   CHECK(check_store(store, f.model, f.opt.root, f.dir.path(), {4}) == "");
+  // RP 1 is being compacted away and its image is half written: it must not be offered, or
+  // if it is, it must read right.
+  for (const auto& p : store.points())
+    CHECK(check_rp(store, f.model, p.rp_id, f.opt.root, f.dir.path(), false) == "");
 
   // Resync digests come through the view: RP 4 exactly, though the image is half written.
   auto digests = store.replica_digests("a", 0, 4096, 10);

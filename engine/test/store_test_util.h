@@ -15,8 +15,13 @@
 #include <string>
 #include <vector>
 
+#include "ferry/base/bytes.h"
 #include "ferry/base/hash.h"
 #include "ferry/engine/store.h"
+
+namespace ferry::engine {
+std::uint64_t group_id_of(const std::string& group);  // engine/src/chain.h
+}
 
 namespace ferry::engine::test {
 
@@ -168,6 +173,25 @@ inline std::vector<TestRp> small_run() {
   return rps;
 }
 
+// The small run and three more RPs, for retention: overwrites and a zero record (RP 4),
+// disk b dropped and a full disk c added (RP 5), a full RP of a smaller disk a (RP 6). With
+// keep-last 2 every apply prunes and compacts; the base image set changes twice.
+inline std::vector<TestRp> pruning_run() {
+  std::vector<TestRp> rps = small_run();
+  rps.resize(6);
+  rps[3].begin = {4, 3, 4000, 0, {disk("a", 45000, false), disk("b", 8192, false)}};
+  rps[3].blocks = {{0, 4096, 4096, RecordKind::zero, RecordCodec::none, 0},
+                   {0, 20000, 6000, RecordKind::data, RecordCodec::zstd, 41},
+                   {1, 4096, 4096, RecordKind::data, RecordCodec::none, 42}};
+  rps[4].begin = {5, 4, 5000, 0, {disk("a", 45000, false), disk("c", 12288, true)}};
+  rps[4].blocks = {{0, 36864, 8136, RecordKind::data, RecordCodec::none, 51},
+                   {1, 0, 12288, RecordKind::data, RecordCodec::zstd, 52}};
+  rps[5].begin = {6, 5, 6000, 0, {disk("a", 32768, true), disk("c", 12288, false)}};
+  rps[5].blocks = {{0, 0, 16384, RecordKind::data, RecordCodec::zstd, 61},
+                   {1, 4096, 4096, RecordKind::zero, RecordCodec::none, 0}};
+  return rps;
+}
+
 inline Model model_of(const std::vector<TestRp>& rps) {
   Model m;
   for (const auto& rp : rps) m.apply(rp);
@@ -231,6 +255,34 @@ inline RetentionPolicy keep_newest_only() {
   RetentionPolicy p;
   p.keep_last = 1;
   return p;
+}
+
+// The state file of layout 1 (the release before retention), written by hand as store.cc's
+// encode_small_file did: magic "FSTA" u32, version 1 u16, 0 u16, group id u64, the applied
+// RP u64, the RP being applied u64, xxh3-64 of the 32 bytes before.
+inline std::string legacy_state(const std::string& group, std::uint64_t applied_rp,
+                                std::uint64_t applying_rp) {
+  std::string s;
+  ByteWriter w(s);
+  w.u32(0x41545346);
+  w.u16(1);
+  w.u16(0);
+  w.u64(group_id_of(group));
+  w.u64(applied_rp);
+  w.u64(applying_rp);
+  w.u64(xxh3_64(s.data(), s.size()));
+  return s;
+}
+
+// Turns a layout 2 store (its journal) into what layout 1 left: the state file version 1 at
+// RP `rp`, the images of every disk of RP `rp` written from the model.
+inline void make_layout1(const std::string& root, const std::string& group, const Model& model,
+                         std::uint64_t rp) {
+  const std::string g = root + "/" + group;
+  std::filesystem::remove_all(g + "/replica");
+  std::filesystem::create_directories(g + "/replica");
+  for (const auto& [name, img] : model.at(rp)) spit(g + "/replica/" + name + ".img", img);
+  spit(g + "/state", legacy_state(group, rp, 0));
 }
 
 // Two disks; overwrites, zero blocks, unaligned sizes and offsets, zstd and raw payloads,
