@@ -25,6 +25,7 @@
 #include "ferry/base/log.h"
 #include "ferry/engine/faulty_storage.h"
 #include "ferry/engine/store.h"
+#include "journal_test_util.h"
 #include "store_test_util.h"
 
 using namespace ferry;
@@ -176,11 +177,16 @@ const char* mode_name(CutMode m) {
 // from more than the steady state: a compaction cut short by an I/O error (the state names a
 // target, an image half written: R5 at the next open), five RPs kept by the default policy
 // of which keep-last 2 prunes three at once (the base moves by three RPs, segments and b.img
-// go), and a layout 1 store (version 1 state, images at the newest RP: R22 migrates it).
-constexpr int kPruneStarts = 3;
+// go), a layout 1 store (version 1 state, images at the newest RP: R22 migrates it), and a
+// journal that stops starting at RP 0 during the run (RP 1 alone in its segment, removed
+// once the base passes it): from then on only the state file says which RP the images
+// hold, so R6 can no longer write a lost or undecodable state anew from the journal.
+constexpr int kPruneStarts = 4;
 const char* prune_start_name(int start) {
-  return start == 0 ? "compaction cut short" : start == 1 ? "three RPs to prune at once"
-                                                           : "layout 1 store to migrate";
+  return start == 0   ? "compaction cut short"
+         : start == 1 ? "three RPs to prune at once"
+         : start == 2 ? "layout 1 store to migrate"
+                      : "journal starting after RP 0";
 }
 
 // Prepares the start at root; returns what it acknowledged and offered.
@@ -202,12 +208,15 @@ Outcome prepare_prune_start(const std::string& root, int start, const std::vecto
     o.offered = offered_ids(**s);
   } else if (start == 1) {
     o = run_workload(def, {rps.begin(), rps.begin() + 5});
-  } else {
+  } else if (start == 2) {
     o = run_workload(def, {rps.begin(), rps.begin() + 3}, /*apply=*/false);
     make_layout1(root, "g", model, 3);
     o.offered = {1, 2, 3};
+  } else {
+    o = run_workload(def, {rps[0]});
+    make_segment_v1(root + "/g/journal/0000000000000001.seg");  // RP 2 starts segment 2
   }
-  if (o.last_acked != (start == 1 ? 5u : 3u)) std::abort();
+  if (o.last_acked != (start == 1 ? 5u : start == 3 ? 1u : 3u)) std::abort();
   o.last_begun = o.last_acked;
   return o;
 }
@@ -671,20 +680,20 @@ TEST_CASE("SIGKILL at every store kill point, recovery after", "[store][crash]")
     // Runs: the steady state (hits 1..3); the retention points also from the pruning starts
     // and over segment removal.
     struct Run {
-      int start;  // -1: fresh, 0..2: prepare_prune_start, 3: segment_run
+      int start;  // -1: fresh, 0..kPruneStarts-1: prepare_prune_start, kPruneStarts: segment_run
       int hit;
     };
     std::vector<Run> runs;
     for (int hit = 1; hit <= 3; ++hit) runs.push_back({-1, hit});
     if (has_prefix("prune.") || has_prefix("apply.") || has_prefix("migrate.") ||
         name == "state.before_rename" || name == "state.after_rename")
-      for (int start = 0; start <= 3; ++start)
+      for (int start = 0; start <= kPruneStarts; ++start)
         for (int hit = 1; hit <= 2; ++hit) runs.push_back({start, hit});
     for (const Run& run : runs) {
       TempDir d;
       std::string root = d.path() + "/s";
       std::filesystem::create_directories(root);
-      const bool segments = run.start == 3;
+      const bool segments = run.start == kPruneStarts;
       const Model& m = segments ? seg_model : model;
       if (at_recovery) {  // the truncate points fire while recovery cuts a torn tail
         run_workload(sweep_options(root), {rps[0]});
