@@ -86,7 +86,9 @@ Status write_image(const std::shared_ptr<Storage>& st, ReadView& view,
 // Brings the replica image of one disk from the base to RP `rp` (one step of a compaction):
 // truncates (a full copy resets the disk), writes its data records and punches its zero
 // records, in journal order. Redoing it over a partly written image gives the same bytes.
+// rewrite_zeros (a retry after a failed compaction): zero records are written as zeros, not
+// punched, so that what a failed fdatasync lost is written again.
 Status apply_rp_to_images(ImageStore& images, journal::Reader& reader,
-                          const journal::CommittedRp& rp);
+                          const journal::CommittedRp& rp, bool rewrite_zeros);
 
 }  // namespace ferry::site

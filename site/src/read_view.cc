@@ -443,6 +443,20 @@ Result<std::ptrdiff_t> find_target(const Chain& chain, std::uint64_t rp_id,
   return i;
 }
 
+// Zeros written as data: after a failed fdatasync of an image, punching a range that already
+// reads as a hole may change nothing the next writeback carries (the lost punch stays lost),
+// while written pages are dirtied again and go out whole.
+Status write_zeros(StorageFile& f, std::uint64_t offset, std::uint64_t len) {
+  static const std::string kZeros(1u << 20, '\0');
+  while (len > 0) {
+    const std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(len, kZeros.size()));
+    FERRY_TRY(f.pwrite(kZeros.data(), n, offset));
+    offset += n;
+    len -= n;
+  }
+  return Status::ok();
+}
+
 // Restore copies this many bytes of data at a time (bounded buffer).
 constexpr std::size_t kCopySliceBytes = 4u << 20;
 
@@ -649,7 +663,8 @@ Result<std::unique_ptr<ReadView>> ReadView::open(const std::string& store_root,
   return std::unique_ptr<ReadView>(std::move(v));
 }
 
-Status apply_rp_to_images(ImageStore& store, jr::Reader& reader, const jr::CommittedRp& rp) {
+Status apply_rp_to_images(ImageStore& store, jr::Reader& reader, const jr::CommittedRp& rp,
+                          bool rewrite_zeros) {
   std::vector<std::unique_ptr<StorageFile>> images;
   for (const auto& d : rp.begin.disks) {
     FERRY_ASSIGN_OR_RETURN(auto f, store.open(d.name, /*create=*/true));
@@ -675,8 +690,13 @@ Status apply_rp_to_images(ImageStore& store, jr::Reader& reader, const jr::Commi
       StorageFile& img = *images[b.disk_index];
       const bool full = rp.begin.disks[b.disk_index].full;
       if (b.kind == RecordKind::zero) {
-        if (!full || b.offset_bytes < data_end[b.disk_index])
+        if (full && b.offset_bytes >= data_end[b.disk_index]) {
+          // a hole already: the image was truncated to 0 above
+        } else if (rewrite_zeros) {
+          FERRY_TRY(write_zeros(img, b.offset_bytes, b.length_bytes));
+        } else {
           FERRY_TRY(img.punch_hole(b.offset_bytes, b.length_bytes));
+        }
       } else {
         FERRY_TRY(img.pwrite(block.data(), block.size(), b.offset_bytes));
         data_end[b.disk_index] = std::max(data_end[b.disk_index], b.offset_bytes + b.length_bytes);

@@ -493,6 +493,10 @@ class StoreImpl final : public GroupStore {
     if (st_->exists(paths_.state_tmp)) FERRY_TRY(st_->remove(paths_.state_tmp));  // R10
     if (st_->exists(paths_.distrust_tmp)) FERRY_TRY(st_->remove(paths_.distrust_tmp));
     FERRY_TRY(check_base_images());  // R13
+    // What follows removes images and segments the state says are done with: the state must
+    // be durable first. One read back from the page cache after its sync failed (in this
+    // process) could be lost at a power cut and leave the old state needing them.
+    FERRY_TRY(write_catalog(chain_.catalog));
     // The journal is sound from here on. A compaction cut short (R5) is redone; it may fail
     // (EIO, ENOSPC, EFBIG on the replica) without failing the open: the group keeps
     // journalling and committing RPs with it pending (R19), instead of refusing every hello.
@@ -749,14 +753,20 @@ class StoreImpl final : public GroupStore {
     const jr::CommittedRp* to = nullptr;
     for (const auto& rp : chain_.rps) {
       if (rp.info.rp_id > target) break;
-      FERRY_TRY(apply_rp_to_images(*images_, reader, rp)
-                    .with_context("compact RP " + std::to_string(rp.info.rp_id) +
-                                  " into the replica"));
+      Status s = apply_rp_to_images(*images_, reader, rp, rewrite_zeros_);
+      if (!s.is_ok()) {
+        rewrite_zeros_ = true;  // what the failure lost must be written again, not punched
+        return std::move(s).with_context("compact RP " + std::to_string(rp.info.rp_id) +
+                                         " into the replica");
+      }
       if (rep != nullptr) rep->compacted_bytes += stored_bytes(rp.info);
       to = &rp;
     }
     FERRY_ASSERT(to != nullptr && to->info.rp_id == target);
-    FERRY_TRY(images_->sync());  // a new image's name must survive too
+    if (Status s = images_->sync(); !s.is_ok()) {  // a new image's name must survive too
+      rewrite_zeros_ = true;
+      return s;
+    }
     FERRY_KILL_POINT("apply.after_fsync");
     Catalog next = chain_.catalog;
     next.base_rp = target;
@@ -766,6 +776,7 @@ class StoreImpl final : public GroupStore {
     std::erase_if(next.pruned, [&](std::uint64_t id) { return id <= target; });
     FERRY_TRY(write_catalog(next));
     FERRY_KILL_POINT("prune.after_base");
+    rewrite_zeros_ = false;
     chain_.catalog = std::move(next);
     std::erase_if(chain_.rps, [&](const jr::CommittedRp& r) { return r.info.rp_id <= target; });
     return Status::ok();
@@ -937,6 +948,9 @@ class StoreImpl final : public GroupStore {
   std::optional<OpenRp> open_;
   Status failed_;
   Status apply_error_;  // the last compaction failed (R19); ok: none pending
+  // A compaction failed in this process: its retry writes zero records as zeros (see
+  // apply_rp_to_images). A restart starts clean: the open redoes it from durable state.
+  bool rewrite_zeros_ = false;
   ZeroDigests zeros_;
 };
 

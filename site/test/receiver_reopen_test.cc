@@ -5,6 +5,7 @@
 #include <fstream>
 #include <thread>
 
+#include "ferry/site/faulty_storage.h"
 #include "ferry/site/receiver.h"
 #include "store_test_util.h"
 
@@ -90,24 +91,40 @@ TEST_CASE("a directory without a journal is not a group") {
   CHECK((*r)->status().empty());
 }
 
-// R19: an apply that fails (here: the replica image cannot be rewritten) used to fail the
-// open, so the group was "failing" and refused every hello until the cause was fixed, though
-// its journal was sound. Now the group opens with the apply pending: status says so with the
-// cause, and the background thread retries the apply with back-off until it succeeds.
-TEST_CASE("a group whose apply fails at start-up stays open, apply pending, and catches up") {
+// R19: a compaction that fails (here: the replica image of a disk the target RP adds cannot
+// be created) used to fail the open, so the group was "failing" and refused every hello
+// until the cause was fixed, though its journal was sound. Now the group opens with the
+// compaction pending (R5 at open, failing): status says so with the cause, and the
+// background thread retries with back-off until it succeeds.
+TEST_CASE("a group whose compaction fails at start-up stays open, apply pending, and catches up") {
+  namespace t = ferry::site::test;
   TempDir dir;
   const std::string root = dir.path() + "/store";
-  const auto rps = ferry::site::test::small_run();
+  auto rps = t::small_run();
+  rps.resize(2);
+  rps[1].begin.disks.push_back(t::disk("c", 8192, true));  // RP 2 adds disk c
+  rps[1].blocks.push_back({2, 0, 8192, RecordKind::data, RecordCodec::none, 23});
+  const std::string image = root + "/g2/replica/c.img";
   {
     auto store = GroupStore::open(StoreOptions{.root = root}, "g2", /*create=*/true);
     REQUIRE(store.is_ok());
-    for (const auto& rp : rps) REQUIRE(ferry::site::test::feed_rp(**store, rp).is_ok());
-    REQUIRE((*store)->apply_committed().is_ok());
+    for (const auto& rp : rps) {
+      REQUIRE(t::feed_rp(**store, rp).is_ok());
+      REQUIRE((*store)->apply_committed().is_ok());
+    }
+    REQUIRE((*store)->last_applied_rp() == 1);
   }
-  // R13 at open (the image is gone), and the rebuild cannot create it (a directory is there).
-  const std::string image = root + "/g2/replica/a.img";
-  fs::remove(image);
-  fs::create_directories(image + "/x");
+  {  // A compaction to RP 2 decided, then cut short: the state names target RP 2 (R5).
+    FaultPlan plan;
+    plan.rules.push_back(FaultRule{FaultOp::write, EIO, 1, true, "replica/c.img"});
+    StoreOptions faulty{.root = root};
+    faulty.storage = FaultyStorage::create(real_storage(), 1, plan);
+    auto store = GroupStore::open(faulty, "g2", false);
+    REQUIRE(store.is_ok());
+    REQUIRE(!(*store)->prune(t::keep_newest_only(), 0, false).is_ok());
+  }
+  fs::remove_all(image);
+  fs::create_directories(image + "/x");  // the redo at open cannot create the image
 
   ReceiverOptions o;
   o.store.root = root;
@@ -117,8 +134,8 @@ TEST_CASE("a group whose apply fails at start-up stays open, apply pending, and 
   REQUIRE(r.is_ok());
   GroupStatus s = status_of(**r, "g2");
   CHECK(s.state == GroupState::apply_pending);
-  CHECK(s.last_committed_rp == 3);
-  CHECK(s.cause.find("a.img") != std::string::npos);
+  CHECK(s.last_committed_rp == 2);
+  CHECK(s.cause.find("c.img") != std::string::npos);
   CHECK(s.failed_attempts >= 1);
   CHECK(s.failing_since_unix_ns > 0);
 
@@ -131,9 +148,10 @@ TEST_CASE("a group whose apply fails at start-up stays open, apply pending, and 
   fs::remove_all(image);  // the cause goes away: the replica catches up by itself
   REQUIRE(wait_until([&] { return status_of(**r, "g2").state == GroupState::ok; }, 2s));
   s = status_of(**r, "g2");
-  CHECK(s.last_applied_rp == 3);
+  CHECK(s.last_applied_rp == 2);
   CHECK(s.cause.empty());
   CHECK(s.failed_attempts == 0);
-  CHECK(ferry::site::test::slurp(image) ==
-        ferry::site::test::model_of(rps).at(3).at("a"));
+  const auto model = t::model_of(rps);
+  CHECK(t::slurp(image) == model.at(2).at("c"));
+  CHECK(t::slurp(root + "/g2/replica/a.img") == model.at(2).at("a"));
 }

@@ -66,12 +66,13 @@ TEST_CASE("resync: replica digests equal the RP's blocks, holes included", "[res
   auto d1 = store->replica_digests("vda", 0, kB, blocks);
   REQUIRE(d1.is_ok());
   CHECK(*d1 == expected(model.at(1).at("vda"), 0, kB, blocks));
-  // Not yet applied: the call applies RP 2 first, so the digests are those of RP 2.
+  // Not applied: the digests are RP 2's, read through the view (RP 2's records over the
+  // image of RP 1); nothing is applied for them.
   REQUIRE(feed_rp(*store, rps[1]).is_ok());
   CHECK(store->last_applied_rp() == 1);
   auto d2 = store->replica_digests("vda", 0, kB, blocks);
   REQUIRE(d2.is_ok());
-  CHECK(store->last_applied_rp() == 2);
+  CHECK(store->last_applied_rp() == 1);
   CHECK(*d2 == expected(model.at(2).at("vda"), 0, kB, blocks));
   CHECK((*d1)[3] != (*d2)[3]);  // the test sees the change it expects
   CHECK((*d1)[7] != (*d2)[7]);
@@ -106,68 +107,41 @@ TEST_CASE("resync: digest requests outside the replica are refused", "[resync]")
   CHECK(store->replica_digests("vda", 40 * std::uint64_t(kB), kB, 1).is_ok());  // the short one
 }
 
-// R17, the contract's "replica changed behind our back": the image drifted from its RP (a
-// test boot in place, an operator's tool, a rebuild cut short before R16). Digests taken
-// from the image would follow the drift, so the source would skip exactly the blocks where
-// it equals the drifted image, and a restore of the resync RP would return stale bytes.
-// Digests come from the journal's view of the RP; the drift is reported and the image is
-// rebuilt from the journal at the next apply instead of being patched incrementally.
-TEST_CASE("resync R17: digests follow the journal, not a replica changed behind our back",
+// The digests describe exactly what a restore of the newest RP returns (C4: the source
+// skips the blocks whose digests match, so both must read the same bytes): the records of
+// the RPs above the base over the base image. Layout 2 has no other copy of the bytes no
+// later record covers, so R17 (comparing the image with the journal and rebuilding it) is
+// gone; an image changed behind our back shows in the digests and the restore alike, and
+// the ranges later records cover do not.
+TEST_CASE("resync: digests equal a restore of the newest RP, over the base image",
           "[resync]") {
   TempDir dir;
   auto rps = resync_rps();
   Model model = model_of(rps);
-  std::ostringstream log;
-  auto sink = std::make_shared<spdlog::sinks::ostream_sink_mt>(log);
-  spdlog::default_logger()->sinks().push_back(sink);
   auto store = GroupStore::open(options_for(dir), "g", true).value();
   REQUIRE(feed_rp(*store, rps[0]).is_ok());
   REQUIRE(store->apply_committed().is_ok());
+  REQUIRE(store->last_applied_rp() == 1);
+  REQUIRE(feed_rp(*store, rps[1]).is_ok());
   const std::string image = dir.path() + "/store/g/replica/vda.img";
   {
     std::fstream f(image, std::ios::in | std::ios::out | std::ios::binary);
     std::string junk = block_bytes(77, kB);
-    f.seekp(4 * kB);  // a hole at RP 1
+    f.seekp(12 * kB);  // covered by RP 2's record: RP 2 reads the record
     f.write(junk.data(), junk.size());
-    f.seekp(6 * kB + 100);  // inside a data block
+    f.seekp(6 * kB + 100);  // covered by nothing above the base: RP 2 reads the image
     f.write(junk.data(), 5000);
   }
   const std::uint32_t blocks = 41;
   auto d = store->replica_digests("vda", 0, kB, blocks);
-  spdlog::default_logger()->sinks().pop_back();
   REQUIRE(d.is_ok());
-  CHECK(*d == expected(model.at(1).at("vda"), 0, kB, blocks));
-  INFO(log.str());
-  CHECK(log.str().find("group g, disk vda: the replica image differs from RP 1 at offset " +
-                       std::to_string(4 * kB)) != std::string::npos);
-  // The next RP is applied by a rebuild from the journal, not on top of the drifted image.
-  REQUIRE(feed_rp(*store, rps[1]).is_ok());
-  REQUIRE(store->apply_committed().is_ok());
-  CHECK(slurp(image) == model.at(2).at("vda"));
-  CHECK(*store->replica_digests("vda", 0, kB, blocks) ==
-        expected(model.at(2).at("vda"), 0, kB, blocks));
-}
-
-TEST_CASE("resync R17: a drift found by digests is rebuilt at the next open if no apply ran",
-          "[resync]") {
-  TempDir dir;
-  auto rps = resync_rps();
-  Model model = model_of(rps);
-  const std::string image = dir.path() + "/store/g/replica/vda.img";
-  {
-    auto store = GroupStore::open(options_for(dir), "g", true).value();
-    REQUIRE(feed_rp(*store, rps[0]).is_ok());
-    REQUIRE(store->apply_committed().is_ok());
-    std::fstream f(image, std::ios::in | std::ios::out | std::ios::binary);
-    std::string junk = block_bytes(78, 4096);
-    f.seekp(9 * kB);
-    f.write(junk.data(), junk.size());
-    f.close();
-    auto d = store->replica_digests("vda", 8 * kB, kB, 4);
-    REQUIRE(d.is_ok());
-    CHECK(*d == expected(model.at(1).at("vda"), 8 * kB, kB, 4));
-  }  // the session ends before any RP commits
-  auto store = GroupStore::open(options_for(dir), "g", false).value();
-  CHECK(store->last_applied_rp() == 1);
-  CHECK(slurp(image) == model.at(1).at("vda"));
+  const std::string out = dir.path() + "/rp2.img";
+  REQUIRE(store->restore(2, "vda", out).is_ok());
+  const std::string restored = slurp(out);
+  CHECK(*d == expected(restored, 0, kB, blocks));
+  const std::string& want = model.at(2).at("vda");
+  CHECK(restored.compare(12 * kB, kB, want, 12 * kB, kB) == 0);
+  CHECK(restored.compare(6 * kB + 100, 5000, want, 6 * kB + 100, 5000) != 0);
+  CHECK(restored.substr(0, 6 * kB) == want.substr(0, 6 * kB));
+  CHECK(restored.substr(7 * kB) == want.substr(7 * kB));
 }

@@ -147,6 +147,9 @@ TEST_CASE("index: restore, digests and recovery over many chunks and RPs", "[sto
     const std::string& img = model.at(3).at("vda");
     for (std::uint32_t i = 0; i < 300; ++i)
       REQUIRE((*d)[i] == xxh3_128(img.data() + (250 + i) * kB, kB));
+    REQUIRE(check_store(*store, model, dir.path() + "/store", dir.path(), {1, 2, 3}) == "");
+    // Compaction reads the records through the same index: images at RP 3.
+    REQUIRE(store->prune(keep_newest_only(), 0, false).is_ok());
     REQUIRE(check_rp(*store, model, 3, dir.path() + "/store", dir.path(), true) == "");
   }
   // Recovery: the scan's chunks are the ones commit builds from the same records.
@@ -188,8 +191,7 @@ TEST_CASE("index: restore, digests and recovery over many chunks and RPs", "[sto
   CHECK(rp1.overlapping(0, 1, 2) == std::vector<std::uint32_t>{0});
   // And the store opened again (recovery's index) restores every RP byte for byte.
   auto store = GroupStore::open(options_for(dir), "g", false).value();
-  for (std::uint64_t rp = 1; rp <= 3; ++rp)
-    REQUIRE(check_rp(*store, model, rp, dir.path() + "/store", dir.path(), rp == 3) == "");
+  REQUIRE(check_store(*store, model, dir.path() + "/store", dir.path(), {3}) == "");
 }
 
 TEST_CASE("index: a chunk whose records changed on disk is refused, not applied", "[store][index]") {
@@ -217,9 +219,9 @@ TEST_CASE("index: a chunk whose records changed on disk is refused, not applied"
   CHECK(entries.size() == 10);
 }
 
-// Restore and rebuild write an image 256 MiB at a time: records across a window bound, an
+// Restore and compaction write an image 256 MiB at a time: records across a window bound, an
 // overwrite of one by a zero record, and the end of a disk that is not a multiple of it.
-TEST_CASE("index: restore and rebuild across image windows", "[store][index]") {
+TEST_CASE("index: restore and compaction across image windows", "[store][index]") {
   TempDir dir;
   constexpr std::uint64_t kW = 256ull << 20;
   const std::uint64_t size = 2 * kW + 12345;
@@ -268,10 +270,18 @@ TEST_CASE("index: restore and rebuild across image windows", "[store][index]") {
       REQUIRE(store->restore(r + 1, "vda", out).is_ok());
       check_image(out, r);
     }
+    check_image(dir.path() + "/store/g/replica/vda.img", 0);  // the base: RP 1
+    // Compaction writes RP 2's records into the image, across the window bounds.
+    REQUIRE(store->prune(keep_newest_only(), 0, false).is_ok());
+    REQUIRE(store->last_applied_rp() == 2);
     check_image(dir.path() + "/store/g/replica/vda.img", 1);
+    std::string out = dir.path() + "/out.img";
+    REQUIRE(store->restore(2, "vda", out).is_ok());  // from the image alone now
+    check_image(out, 1);
   }
-  // R13: the image is gone; the rebuild writes it window by window.
+  // R13: the image of the base RP is gone; nothing can rebuild it: refused.
   std::filesystem::remove(dir.path() + "/store/g/replica/vda.img");
-  auto store = GroupStore::open(options_for(dir), "g", false).value();
-  check_image(dir.path() + "/store/g/replica/vda.img", 1);
+  auto store = GroupStore::open(options_for(dir), "g", false);
+  REQUIRE(!store.is_ok());
+  CHECK(store.status().message().find("(R13)") != std::string::npos);
 }

@@ -5,18 +5,22 @@
 #include <cstdlib>
 #include <ctime>
 #include <filesystem>
+#include <sstream>
+
+#include <spdlog/sinks/ostream_sink.h>
+#include <spdlog/spdlog.h>
 
 #include "../src/journal.h"
 #include "ferry/base/bytes.h"
 #include "ferry/site/faulty_storage.h"
 #include "ferry/site/store.h"
+#include "journal_test_util.h"
 #include "store_test_util.h"
 
 using namespace ferry;
 using namespace ferry::site;
 using namespace ferry::site::test;
 namespace fs = std::filesystem;
-namespace jr = ferry::site::journal;
 
 namespace {
 
@@ -67,12 +71,18 @@ struct Fixture {
     }
   }
   Result<std::unique_ptr<GroupStore>> reopen() { return GroupStore::open(opt, "g", false); }
+  // Every RP 1..last offered and byte-identical; the images equal RP last_applied_rp()
+  // (default retention: 1 once anything was applied, 0 before).
   void expect_all(GroupStore& s, std::uint64_t last) {
     REQUIRE(s.last_committed_rp() == last);
-    REQUIRE(s.last_applied_rp() == last);
-    for (std::uint64_t r = 1; r <= last; ++r)
-      CHECK(check_rp(s, model, r, opt.root, dir.path(), r == last) == "");
+    REQUIRE(s.last_applied_rp() <= 1);
+    std::vector<std::uint64_t> all;
+    for (std::uint64_t r = 1; r <= last; ++r) all.push_back(r);
+    CHECK(check_store(s, model, opt.root, dir.path(), all) == "");
   }
+  // The state file's base RP and compaction target (catalog.h: bytes 16 and 24).
+  std::uint64_t state_base() const { return load_le64(slurp(gdir() + "/state").data() + 16); }
+  std::uint64_t state_target() const { return load_le64(slurp(gdir() + "/state").data() + 24); }
 };
 
 void flip_byte(const std::string& path, std::uint64_t offset) {
@@ -80,37 +90,6 @@ void flip_byte(const std::string& path, std::uint64_t offset) {
   REQUIRE(offset < data.size());
   data[offset] = static_cast<char>(data[offset] ^ 0x5a);
   spit(path, data);
-}
-
-std::uint64_t align_block(std::uint64_t v) {
-  return (v + jr::kBlockAlignBytes - 1) / jr::kBlockAlignBytes * jr::kBlockAlignBytes;
-}
-
-struct SegRecord {
-  std::uint64_t offset = 0;
-  jr::RecordHeader h;
-};
-
-// The records of a segment in file order (a commit copy is followed by zeros to its block end).
-std::vector<SegRecord> segment_records(const std::string& seg) {
-  std::vector<SegRecord> out;
-  std::uint64_t pos = jr::kSegmentHeaderBytes;
-  while (pos + jr::kRecordHeaderBytes <= seg.size()) {
-    auto h = jr::decode_record_header(seg.data() + pos, seg.size() - pos);
-    if (!h.is_ok()) break;
-    out.push_back({pos, *h});
-    pos += h->total_bytes;
-    if (h->type == jr::RecordType::rp_commit || h->type == jr::RecordType::rp_commit_mirror)
-      pos = align_block(pos);
-  }
-  return out;
-}
-
-std::vector<SegRecord> records_of(const std::string& path, jr::RecordType type) {
-  std::vector<SegRecord> out;
-  for (const auto& r : segment_records(slurp(path)))
-    if (r.h.type == type) out.push_back(r);
-  return out;
 }
 
 }  // namespace
@@ -198,74 +177,206 @@ TEST_CASE("recovery R4: a new segment without a valid header is removed", "[stor
   CHECK(!fs::exists(f.seg(2)));
 }
 
-TEST_CASE("recovery R5: committed but unapplied RPs are re-applied", "[store][recovery]") {
-  Fixture f;
-  f.run(3, /*apply=*/false);
-  auto s = f.reopen();
-  REQUIRE(s.is_ok());
-  f.expect_all(**s, 3);
-}
-
-TEST_CASE("recovery R6: a missing or corrupt state file is rebuilt from the journal",
-          "[store][recovery]") {
+// R5: a compaction cut short (the state names a target) is redone at the next open. The
+// base image is written only in ranges the RPs (base, target] cover, so redoing it over a
+// partly written image gives the target's bytes. Here the compaction to RP 3 fails part way
+// (EIO or ENOSPC on an image, after the decision was written), as a crash would leave it.
+TEST_CASE("recovery R5: a compaction cut short is redone at open", "[store][recovery]") {
   Fixture f;
   f.run(3);
+  REQUIRE(f.state_base() == 1);
+  int err = EIO;
+  std::uint64_t nth = 1;
+  std::string file = "replica/a.img";
+  SECTION("EIO at the first write of a.img") {}
+  SECTION("EIO at the third write of a.img") { nth = 3; }
+  SECTION("ENOSPC at the second write of b.img") {
+    err = ENOSPC;
+    nth = 2;
+    file = "replica/b.img";
+  }
+  FaultPlan plan;
+  plan.rules.push_back(FaultRule{FaultOp::write, err, nth, true, file});
+  StoreOptions faulty = f.opt;
+  faulty.storage = FaultyStorage::create(real_storage(), 5, plan);
+  {
+    auto s = GroupStore::open(faulty, "g", false);
+    REQUIRE(s.is_ok());
+    CHECK(!(*s)->prune(keep_newest_only(), 0, false).is_ok());
+    CHECK(!(*s)->apply_error().is_ok());
+  }
+  REQUIRE(f.state_base() == 1);
+  REQUIRE(f.state_target() == 3);
+  std::ostringstream log;
+  auto sink = std::make_shared<spdlog::sinks::ostream_sink_mt>(log);
+  spdlog::default_logger()->sinks().push_back(sink);
+  auto s = f.reopen();
+  spdlog::default_logger()->sinks().pop_back();
+  REQUIRE(s.is_ok());
+  CHECK(log.str().find("compaction of the replica to RP 3 was cut short; redoing it (R5)") !=
+        std::string::npos);
+  CHECK((*s)->apply_error().is_ok());
+  CHECK((*s)->last_applied_rp() == 3);
+  CHECK(f.state_target() == 0);
+  CHECK(check_store(**s, f.model, f.opt.root, f.dir.path(), {3}) == "");
+  for (std::uint64_t r : {1, 2}) {
+    Status gone = (*s)->restore(r, "a", f.dir.path() + "/x.img");
+    CHECK(gone.code() == Errc::not_found);
+    CHECK(gone.message().find("pruned by retention") != std::string::npos);
+  }
+}
+
+// R6: a missing or corrupt state file is written anew (base 0, images removed: nothing says
+// which RP they hold) while the journal still starts at RP 0.
+TEST_CASE("recovery R6: a missing or corrupt state file is written anew while the journal "
+          "starts at RP 0", "[store][recovery]") {
+  Fixture f;
+  f.run(3);
+  REQUIRE(f.state_base() == 1);
   SECTION("missing") { fs::remove(f.gdir() + "/state"); }
   SECTION("corrupt") { flip_byte(f.gdir() + "/state", 17); }
   spit(f.gdir() + "/replica/a.img", block_bytes(1, 1000));  // the images are not trusted
   auto s = f.reopen();
   REQUIRE(s.is_ok());
+  CHECK((*s)->last_applied_rp() == 0);
+  CHECK(!fs::exists(f.gdir() + "/replica/a.img"));
+  CHECK(!fs::exists(f.gdir() + "/replica/b.img"));
+  f.expect_all(**s, 3);
+  REQUIRE((*s)->apply_committed().is_ok());  // the next compaction writes the images again
+  CHECK((*s)->last_applied_rp() == 1);
   f.expect_all(**s, 3);
 }
 
-TEST_CASE("recovery R13: a missing or mis-sized image of the applied RP is rebuilt",
-          "[store][recovery]") {
+// R6, the other half: once the journal no longer starts at RP 0 (the segments of compacted
+// RPs removed), only the state file says which RP the images hold: refused, evidence kept.
+// The journal is made to start at RP 2's begin record: RP 1 alone in a (version 1) segment,
+// which is then removed as pruning would once RP 1 is below the base.
+TEST_CASE("recovery R6: a missing or corrupt state file refuses the group once the journal "
+          "starts later", "[store][recovery]") {
   Fixture f;
+  f.run(1);
+  make_segment_v1(f.seg(1));
+  f.opt.retention = keep_newest_only();
   f.run(3);
-  SECTION("missing") { fs::remove(f.gdir() + "/replica/a.img"); }
-  SECTION("truncated") { fs::resize_file(f.gdir() + "/replica/a.img", 4096); }
-  auto s = f.reopen();
-  REQUIRE(s.is_ok());
-  f.expect_all(**s, 3);
-}
-
-// R16: a rebuild (R5b, R6, R13) marks the state "applying" durably before it touches an
-// image, so one cut short by EIO, ENOSPC, a kill or a power cut is redone at the next open.
-// Before, write_image had already truncated the image to its full size, and the next open
-// took the half-written image for the applied RP (R13 checks only presence and size).
-TEST_CASE("recovery R16: a rebuild cut short by an I/O error is redone at the next open",
-          "[store][recovery]") {
-  Fixture f;
-  f.run(3);
-  SECTION("R13, image missing") { fs::remove(f.gdir() + "/replica/a.img"); }
-  SECTION("R13, image truncated") { fs::resize_file(f.gdir() + "/replica/a.img", 4096); }
-  int err = EIO;
-  SECTION("R13, ENOSPC") {
-    fs::remove(f.gdir() + "/replica/a.img");
-    err = ENOSPC;
+  REQUIRE(f.state_base() == 3);
+  REQUIRE(segment_records(slurp(f.seg(2))).front().h.type == jr::RecordType::rp_begin);
+  REQUIRE(segment_records(slurp(f.seg(2))).front().h.rp_id == 2);
+  fs::remove(f.seg(1));  // what pruning removes: only RP 1, below the base
+  {
+    auto s = f.reopen();  // the store is sound this way
+    REQUIRE(s.is_ok());
+    CHECK(check_store(**s, f.model, f.opt.root, f.dir.path(), {3}) == "");
   }
-  // Writes to a.img: create (when missing) or truncate(0), truncate(size), then the data;
-  // the 4th fails after the image has its full size and part of its data.
+  const std::string img = slurp(f.gdir() + "/replica/a.img");
+  SECTION("missing") { fs::remove(f.gdir() + "/state"); }
+  SECTION("corrupt") { flip_byte(f.gdir() + "/state", 17); }
+  auto s = f.reopen();
+  REQUIRE(!s.is_ok());
+  INFO(s.status().to_string());
+  CHECK(s.status().code() == Errc::corrupt);
+  CHECK(s.status().message().find("(R6)") != std::string::npos);
+  CHECK(s.status().message().find("state file " + f.gdir() + "/state") != std::string::npos);
+  CHECK(slurp(f.gdir() + "/replica/a.img") == img);  // the evidence stays
+}
+
+// R5 once the journal no longer starts at RP 0 (the normal state of a store that has run
+// for a while): nothing but the state file says which RP the images hold, so the state a
+// compaction leaves mid-way (base, target, pruned list) must decode, and the open must redo
+// the compaction whatever sizes the images already have. The journal is made to start at
+// RP 2 as in the R6 test above; the compaction from RP 3 to RP 5 fails part way.
+TEST_CASE("recovery R5: a compaction cut short is redone at open once the journal starts later",
+          "[store][recovery]") {
+  Fixture f;
+  f.run(1);
+  make_segment_v1(f.seg(1));
+  f.opt.retention = keep_newest_only();
+  f.run(3);
+  REQUIRE(f.state_base() == 3);
+  REQUIRE(!fs::exists(f.seg(1)));
+  TestRp rp4;
+  rp4.begin = {4, 3, 4000, 0, {disk("a", 45000, false), disk("b", 8192, false)}};
+  rp4.blocks = {{0, 12288, 8192, RecordKind::data, RecordCodec::none, 41}};
+  TestRp rp5;
+  rp5.begin = {5, 4, 5000, 0, {disk("a", 50000, false), disk("b", 4096, false)}};
+  rp5.blocks = {{0, 45000, 5000, RecordKind::data, RecordCodec::zstd, 51}};
+  f.rps.push_back(rp4);
+  f.rps.push_back(rp5);
+  f.model = model_of(f.rps);
+  f.opt.retention = RetentionPolicy{};  // the default while RP 4 and 5 arrive: none pruned
+  {
+    auto s = f.reopen();
+    REQUIRE(s.is_ok());
+    REQUIRE(feed_rp(**s, rp4).is_ok());
+    REQUIRE(feed_rp(**s, rp5).is_ok());
+    REQUIRE((*s)->apply_committed().is_ok());
+    REQUIRE((*s)->last_applied_rp() == 3);
+  }
+  // Writes to a.img in the compaction to RP 5: RP 4's truncate(45000) and record, then RP 5's
+  // truncate(50000) and record. The fault hits before any resize, or after a.img grew.
+  std::uint64_t nth = 1;
+  SECTION("before a.img is written") {}
+  SECTION("after a.img grew to RP 5's size") { nth = 4; }
   FaultPlan plan;
-  plan.rules.push_back(FaultRule{FaultOp::write, err, 4, false, "replica/a.img"});
+  plan.rules.push_back(FaultRule{FaultOp::write, EIO, nth, true, "replica/a.img"});
   StoreOptions faulty = f.opt;
-  faulty.storage = FaultyStorage::create(real_storage(), 1, plan);
+  faulty.storage = FaultyStorage::create(real_storage(), 5, plan);
   {
     auto s = GroupStore::open(faulty, "g", false);
-    REQUIRE(s.is_ok());                          // the journal is sound (R19)
-    REQUIRE(!(*s)->apply_error().is_ok());  // the rebuild failed part way
+    REQUIRE(s.is_ok());
+    CHECK(!(*s)->prune(keep_newest_only(), 0, false).is_ok());
+  }
+  REQUIRE(f.state_target() == 5);
+  auto s = f.reopen();
+  INFO(s.status().to_string());
+  REQUIRE(s.is_ok());
+  CHECK((*s)->last_applied_rp() == 5);
+  CHECK(check_store(**s, f.model, f.opt.root, f.dir.path(), {5}) == "");
+}
+
+// R13: the images of the base RP hold every byte no later record covers; one missing or of
+// the wrong size is data lost, which nothing in the store can rebuild: refused, naming it.
+TEST_CASE("recovery R13: a missing or mis-sized image of the base RP refuses the group",
+          "[store][recovery]") {
+  Fixture f;
+  f.run(3);
+  REQUIRE(f.state_base() == 1);
+  std::string what;
+  SECTION("missing") {
+    fs::remove(f.gdir() + "/replica/a.img");
+    what = "is missing";
+  }
+  SECTION("truncated") {
+    fs::resize_file(f.gdir() + "/replica/a.img", 4096);
+    what = "has 4096 bytes where disk a has 40000";
   }
   auto s = f.reopen();
+  REQUIRE(!s.is_ok());
+  CHECK(s.status().code() == Errc::corrupt);
+  CHECK(s.status().message().find("(R13)") != std::string::npos);
+  CHECK(s.status().message().find(f.gdir() + "/replica/a.img of RP 1 " + what) !=
+        std::string::npos);
+}
+
+// R13 with base 0: no image is read, so stray images are simply removed.
+TEST_CASE("recovery R13: with base 0 stray images are removed", "[store][recovery]") {
+  Fixture f;
+  f.run(3, /*apply=*/false);
+  REQUIRE(f.state_base() == 0);
+  spit(f.gdir() + "/replica/a.img", block_bytes(2, 40000));
+  spit(f.gdir() + "/replica/zz.img", block_bytes(3, 100));
+  auto s = f.reopen();
   REQUIRE(s.is_ok());
+  CHECK(!fs::exists(f.gdir() + "/replica/a.img"));
+  CHECK(!fs::exists(f.gdir() + "/replica/zz.img"));
+  CHECK((*s)->last_applied_rp() == 0);
   f.expect_all(**s, 3);
 }
 
-// R19: an apply or rebuild that fails (EIO, ENOSPC, EFBIG on the replica) used to fail the
-// open, so a group whose journal was sound refused every hello until the cause was fixed.
-// Now the store opens with the apply pending: RPs still commit (durable in the journal),
-// points, restore and resync digests read the journal, the state file keeps saying
-// "applying", and the apply is retried until it succeeds.
-TEST_CASE("recovery R19: a failed apply at open leaves the store usable, apply pending",
+// R19: a compaction that fails (EIO, ENOSPC, EFBIG on the replica) leaves the store usable:
+// RPs still commit (durable in the journal), apply_error() says why, points, restore and
+// resync digests read through the view, the state file names the target (so no open takes
+// the half-written image for any RP), and each apply_committed() retries.
+TEST_CASE("recovery R19: a failed compaction leaves the store usable, retried by the next apply",
           "[store][recovery]") {
   Fixture f;
   f.run(3);
@@ -273,51 +384,62 @@ TEST_CASE("recovery R19: a failed apply at open leaves the store usable, apply p
   rp4.begin = {4, 3, 4000, 0, {disk("a", 45000, false), disk("b", 8192, false)}};
   rp4.blocks = {{0, 12288, 8192, RecordKind::data, RecordCodec::none, 41},
                 {1, 0, 4096, RecordKind::data, RecordCodec::zstd, 42}};
+  TestRp rp5;
+  rp5.begin = {5, 4, 5000, 0, {disk("a", 45000, false), disk("b", 8192, false)}};
+  rp5.blocks = {{0, 0, 4096, RecordKind::zero, RecordCodec::none, 0},
+                {0, 20000, 3000, RecordKind::data, RecordCodec::zstd, 51}};
   f.rps.push_back(rp4);
+  f.rps.push_back(rp5);
   f.model = model_of(f.rps);
-  fs::remove(f.gdir() + "/replica/a.img");  // R13: the open rebuilds the replica
-  // Writes to a.img: create, truncate(0), truncate(size), data: the 4th fails at open (the
-  // image has its size and part of its data), the 5th (the retry at the next commit) too;
+  // Writes to a.img fail twice (the compaction at RP 4's apply, then its retry at RP 5's);
   // then the fault is gone.
   FaultPlan plan;
-  plan.rules.push_back(FaultRule{FaultOp::write, EIO, 4, false, "replica/a.img"});
-  plan.rules.push_back(FaultRule{FaultOp::write, EIO, 5, false, "replica/a.img"});
+  plan.rules.push_back(FaultRule{FaultOp::write, EIO, 2, false, "replica/a.img"});
+  plan.rules.push_back(FaultRule{FaultOp::write, EIO, 3, false, "replica/a.img"});
   StoreOptions faulty = f.opt;
   faulty.storage = FaultyStorage::create(real_storage(), 19, plan);
+  faulty.retention = keep_newest_only();
   auto s = GroupStore::open(faulty, "g", false);
   REQUIRE(s.is_ok());
   GroupStore& store = **s;
+  REQUIRE(store.apply_error().is_ok());
+  REQUIRE(feed_rp(store, rp4).is_ok());
+  Status a = store.apply_committed();
+  CHECK(!a.is_ok());
   CHECK(store.apply_error().code() == Errc::io);
   CHECK(store.apply_error().message().find("injected fault") != std::string::npos);
-  CHECK(store.last_committed_rp() == 3);
-  auto state_applying = [&] { return load_le64(slurp(f.gdir() + "/state").data() + 24); };
-  CHECK(state_applying() == 3);  // nothing may take the half-written image for RP 3
+  CHECK(store.last_committed_rp() == 4);
+  CHECK(store.last_applied_rp() == 1);
+  CHECK(f.state_base() == 1);
+  CHECK(f.state_target() == 4);  // nothing may take the half-written image for an RP
+  CHECK(check_store(store, f.model, f.opt.root, f.dir.path(), {4}) == "");
+  // RP 1 is being compacted away and its image is half written: it must not be offered, or
+  // if it is, it must read right.
+  for (const auto& p : store.points())
+    CHECK(check_rp(store, f.model, p.rp_id, f.opt.root, f.dir.path(), false) == "");
 
-  // Resync digests come from the journal; the untrusted image is not compared (a drift
-  // would be reported and the state rewritten).
+  // Resync digests come through the view: RP 4 exactly, though the image is half written.
   auto digests = store.replica_digests("a", 0, 4096, 10);
   REQUIRE(digests.is_ok());
-  const std::string& a3 = f.model.at(3).at("a");
+  const std::string& a4 = f.model.at(4).at("a");
   for (std::uint32_t i = 0; i < 10; ++i)
-    CHECK((*digests)[i] == xxh3_128(a3.data() + i * 4096, 4096));
-  CHECK(state_applying() == 3);
+    CHECK((*digests)[i] == xxh3_128(a4.data() + i * 4096, 4096));
 
-  // A new RP commits while the apply is pending; its apply fails once more.
-  auto info = feed_rp(store, rp4);
-  REQUIRE(info.is_ok());
+  // A new RP commits while the compaction is pending; the retry fails once more.
+  REQUIRE(feed_rp(store, rp5).is_ok());
   CHECK(!store.apply_committed().is_ok());
   CHECK(!store.apply_error().is_ok());
-  CHECK(store.last_committed_rp() == 4);
-  CHECK(state_applying() == 4);
-  CHECK(store.points().size() == 4);
-  for (std::uint64_t r = 1; r <= 4; ++r)
-    CHECK(check_rp(store, f.model, r, f.opt.root, f.dir.path(), false) == "");
+  CHECK(store.last_committed_rp() == 5);
+  CHECK(f.state_target() != 0);
+  CHECK(check_store(store, f.model, f.opt.root, f.dir.path()) == "");
+  CHECK(check_rp(store, f.model, 5, f.opt.root, f.dir.path(), false) == "");
 
-  // The fault is gone: the retry rewrites the replica from the journal.
+  // The fault is gone: the retry finishes the compaction and moves on to RP 5.
   REQUIRE(store.apply_committed().is_ok());
   CHECK(store.apply_error().is_ok());
-  CHECK(state_applying() == 0);
-  f.expect_all(store, 4);
+  CHECK(f.state_target() == 0);
+  CHECK(store.last_applied_rp() == 5);
+  CHECK(check_store(store, f.model, f.opt.root, f.dir.path(), {5}) == "");
 }
 
 // R18: Linux marks pages whose writeback failed as clean and keeps returning their new
@@ -351,7 +473,7 @@ TEST_CASE("recovery R18: the RP whose commit sync failed is never trusted after 
     auto s = GroupStore::open(opt, "g", false);
     REQUIRE(s.is_ok());
     CHECK((*s)->last_committed_rp() == 1);
-    CHECK((*s)->last_applied_rp() == 1);
+    CHECK((*s)->last_applied_rp() == 1);  // RP 1 compacted at its apply (default retention)
     REQUIRE(feed_rp(**s, rps[1]).is_ok());  // the source sends RP 2 again
     REQUIRE(feed_rp(**s, rps[2]).is_ok());
     REQUIRE((*s)->apply_committed().is_ok());
@@ -361,9 +483,8 @@ TEST_CASE("recovery R18: the RP whose commit sync failed is never trusted after 
   auto s = GroupStore::open(opt, "g", false);
   REQUIRE(s.is_ok());  // no hole
   REQUIRE((*s)->last_committed_rp() == 3);
-  REQUIRE((*s)->last_applied_rp() == 3);
-  for (std::uint64_t r = 1; r <= 3; ++r)
-    CHECK(check_rp(**s, model, r, opt.root, dir.path(), r == 3) == "");
+  REQUIRE((*s)->last_applied_rp() == 1);
+  CHECK(check_store(**s, model, opt.root, dir.path(), {1, 2, 3}) == "");
 }
 
 // R18 without the process's memory: a receiver restarted (no reboot) finds the marker.
@@ -435,7 +556,9 @@ TEST_CASE("recovery R18: the distrust marker survives a restart; read-only views
 
 TEST_CASE("recovery R7: a state file ahead of the journal refuses to open", "[store][recovery]") {
   Fixture ahead;
+  ahead.opt.retention = keep_newest_only();
   ahead.run(3);
+  REQUIRE(ahead.state_base() == 3);
   Fixture f;
   f.run(1);
   fs::copy_file(ahead.gdir() + "/state", f.gdir() + "/state",
@@ -716,8 +839,7 @@ TEST_CASE("corrupted bytes anywhere in a segment are detected, never applied",
     // Opened: the flip hit one copy of a commit record (the other one commits the RP, R14)
     // or bytes no check covers (the zeros after a commit copy). All data intact.
     REQUIRE((*s)->last_committed_rp() == 3);
-    for (std::uint64_t r = 1; r <= 3; ++r)
-      REQUIRE(check_rp(**s, f.model, r, f.opt.root, f.dir.path(), r == 3) == "");
+    REQUIRE(check_store(**s, f.model, f.opt.root, f.dir.path(), {1, 2, 3}) == "");
     ++(in_copy(off) ? other_copy : harmless);
   }
   std::printf("store corruption sweep: %d flips, %d refused as corrupt, %d in one commit copy "

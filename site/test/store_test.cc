@@ -34,17 +34,19 @@ TEST_CASE("store: RP life cycle, replica and restore of every RP byte-identical"
   {
     auto store = GroupStore::open(opt, "vm1", true);
     REQUIRE(store.is_ok());
+    std::vector<std::uint64_t> offered;
     for (const auto& rp : rps) {
       auto info = feed_rp(**store, rp);
       REQUIRE(info.is_ok());
       CHECK(info->rp_id == rp.begin.rp_id);
       CHECK((*store)->last_committed_rp() == rp.begin.rp_id);
       REQUIRE((*store)->apply_committed().is_ok());
-      CHECK((*store)->last_applied_rp() == rp.begin.rp_id);
-      CHECK(check_rp(**store, model, rp.begin.rp_id, opt.root, dir.path(), true) == "");
+      // Default retention, fewer than 48 RPs: the first apply compacts RP 1 into the images,
+      // which then stay at RP 1; the later RPs live in the journal.
+      CHECK((*store)->last_applied_rp() == 1);
+      offered.push_back(rp.begin.rp_id);
+      CHECK(check_store(**store, model, opt.root, dir.path(), offered) == "");
     }
-    for (const auto& rp : rps)
-      CHECK(check_rp(**store, model, rp.begin.rp_id, opt.root, dir.path(), false) == "");
     auto points = (*store)->points();
     REQUIRE(points.size() == 5);
     CHECK(points[1].disks[0].zero_bytes == 65536 + 4096);
@@ -56,9 +58,8 @@ TEST_CASE("store: RP life cycle, replica and restore of every RP byte-identical"
   auto store = GroupStore::open(opt, "vm1", false);
   REQUIRE(store.is_ok());
   CHECK((*store)->last_committed_rp() == 5);
-  CHECK((*store)->last_applied_rp() == 5);
-  for (const auto& rp : rps)
-    CHECK(check_rp(**store, model, rp.begin.rp_id, opt.root, dir.path(), rp.begin.rp_id == 5) == "");
+  CHECK((*store)->last_applied_rp() == 1);
+  CHECK(check_store(**store, model, opt.root, dir.path(), {1, 2, 3, 4, 5}) == "");
   // The read-only views agree, while the store is open (no lock needed).
   auto listed = list_points(opt.root, "vm1");
   REQUIRE(listed.is_ok());
@@ -67,6 +68,38 @@ TEST_CASE("store: RP life cycle, replica and restore of every RP byte-identical"
   std::string out = dir.path() + "/ro.img";
   REQUIRE(restore_point(opt.root, "vm1", 2, "vdb", out).is_ok());
   CHECK(slurp(out) == model.at(2).at("vdb"));
+  REQUIRE(restore_point(opt.root, "vm1", 1, "vda", out).is_ok());  // the base, from the image
+  CHECK(slurp(out) == model.at(1).at("vda"));
+}
+
+// keep-last 1: every apply compacts the images forward to the newest RP (full RPs, resizes
+// both ways and zero records written into an existing image), and only it stays offered.
+TEST_CASE("store: RP life cycle with keep-last 1, images at the newest RP", "[store]") {
+  TempDir dir;
+  auto rps = life_cycle_rps();
+  Model model = model_of(rps);
+  StoreOptions opt = options_for(dir);
+  opt.retention = keep_newest_only();
+  {
+    auto store = GroupStore::open(opt, "vm1", true);
+    REQUIRE(store.is_ok());
+    for (const auto& rp : rps) {
+      REQUIRE(feed_rp(**store, rp).is_ok());
+      REQUIRE((*store)->apply_committed().is_ok());
+      CHECK((*store)->last_applied_rp() == rp.begin.rp_id);
+      CHECK(check_rp(**store, model, rp.begin.rp_id, opt.root, dir.path(), true) == "");
+      CHECK(check_store(**store, model, opt.root, dir.path(), {rp.begin.rp_id}) == "");
+      if (rp.begin.rp_id > 1) {
+        Status pruned = (*store)->restore(rp.begin.rp_id - 1, "vda", dir.path() + "/x.img");
+        CHECK(pruned.code() == Errc::not_found);
+        CHECK(pruned.message().find("pruned by retention") != std::string::npos);
+      }
+    }
+  }
+  auto store = GroupStore::open(opt, "vm1", false);
+  REQUIRE(store.is_ok());
+  CHECK((*store)->last_applied_rp() == 5);
+  CHECK(check_store(**store, model, opt.root, dir.path(), {5}) == "");
 }
 
 TEST_CASE("store: restore output is sparse", "[store]") {
@@ -205,8 +238,8 @@ TEST_CASE("store: journal rolls over segments and every RP restores", "[store]")
   CHECK(std::distance(begin(names), end(names)) >= 2);
   auto store = GroupStore::open(opt, "g", false);
   REQUIRE(store.is_ok());
-  for (const auto& rp : rps)
-    CHECK(check_rp(**store, model, rp.begin.rp_id, opt.root, dir.path(), rp.begin.rp_id == 3) == "");
+  CHECK((*store)->last_applied_rp() == 1);
+  CHECK(check_store(**store, model, opt.root, dir.path(), {1, 2, 3}) == "");
 }
 
 // R17: resync digests come from the journal's view (the restore piece map); here over
@@ -375,7 +408,9 @@ TEST_CASE("store: zero ranges of gigabytes are one record each", "[store]") {
       REQUIRE(info.is_ok());
       stored += info->disks[0].stored_bytes;
       REQUIRE(store->apply_committed().is_ok());
-      check_long_zero_image(opt.root + "/g/replica/big.img", rp.begin.rp_id);
+      // Default retention: the images hold RP 1 (the base); RP 2 is compacted below.
+      REQUIRE(store->last_applied_rp() == 1);
+      check_long_zero_image(opt.root + "/g/replica/big.img", 1);
     }
     CHECK(store->points()[0].disks[0].zero_bytes ==
           kMaxStoredZeroBytes + kGiB + (kBigDisk - 12 * kGiB - kB64));
@@ -402,6 +437,12 @@ TEST_CASE("store: zero ranges of gigabytes are one record each", "[store]") {
     check_long_zero_image(out, rp);
     ::unlink(out.c_str());
   }
+  // Compacting RP 2 into the image punches its zero range (one hole, nothing read).
+  auto pruned = (*store)->prune(keep_newest_only(), 0, false);
+  REQUIRE(pruned.is_ok());
+  CHECK(pruned->base_after == 2);
+  CHECK((*store)->last_applied_rp() == 2);
+  check_long_zero_image(opt.root + "/g/replica/big.img", 2);
 }
 
 TEST_CASE("store: a zero range past the bound, or a data block past 4 MiB, is refused",
@@ -439,6 +480,9 @@ TEST_CASE("store: a journal of old-style 4 MiB zero records still reads", "[stor
   }
   auto store = GroupStore::open(opt, "g", false);
   REQUIRE(store.is_ok());
+  CHECK((*store)->last_applied_rp() == 0);  // never applied: base 0, every RP in the journal
+  CHECK(check_rp(**store, model, 1, opt.root, dir.path(), false) == "");
+  REQUIRE((*store)->apply_committed().is_ok());  // compacts RP 1: the zero records applied
   CHECK(check_rp(**store, model, 1, opt.root, dir.path(), true) == "");
   auto d = (*store)->replica_digests("d", 0, kMiB4, 16);
   REQUIRE(d.is_ok());

@@ -15,8 +15,13 @@
 #include <string>
 #include <vector>
 
+#include "ferry/base/bytes.h"
 #include "ferry/base/hash.h"
 #include "ferry/site/store.h"
+
+namespace ferry::site {
+std::uint64_t group_id_of(const std::string& group);  // site/src/chain.h
+}
 
 namespace ferry::site::test {
 
@@ -168,16 +173,40 @@ inline std::vector<TestRp> small_run() {
   return rps;
 }
 
+// The small run and three more RPs, for retention: overwrites and a zero record (RP 4),
+// disk b dropped and a full disk c added (RP 5), a full RP of a smaller disk a (RP 6). With
+// keep-last 2 every apply prunes and compacts; the base image set changes twice.
+inline std::vector<TestRp> pruning_run() {
+  std::vector<TestRp> rps = small_run();
+  rps.resize(6);
+  rps[3].begin = {4, 3, 4000, 0, {disk("a", 45000, false), disk("b", 8192, false)}};
+  rps[3].blocks = {{0, 4096, 4096, RecordKind::zero, RecordCodec::none, 0},
+                   {0, 20000, 6000, RecordKind::data, RecordCodec::zstd, 41},
+                   {1, 4096, 4096, RecordKind::data, RecordCodec::none, 42}};
+  rps[4].begin = {5, 4, 5000, 0, {disk("a", 45000, false), disk("c", 12288, true)}};
+  rps[4].blocks = {{0, 36864, 8136, RecordKind::data, RecordCodec::none, 51},
+                   {1, 0, 12288, RecordKind::data, RecordCodec::zstd, 52}};
+  rps[5].begin = {6, 5, 6000, 0, {disk("a", 32768, true), disk("c", 12288, false)}};
+  rps[5].blocks = {{0, 0, 16384, RecordKind::data, RecordCodec::zstd, 61},
+                   {1, 4096, 4096, RecordKind::zero, RecordCodec::none, 0}};
+  return rps;
+}
+
 inline Model model_of(const std::vector<TestRp>& rps) {
   Model m;
   for (const auto& rp : rps) m.apply(rp);
   return m;
 }
 
-// Compares every disk of RP `rp` on the replica and through restore; returns "" or what differs.
+// Compares every disk of RP `rp` through restore and, when check_replica, on the replica
+// images too. Layout 2: the images hold the base RP (last_applied_rp(), the oldest kept RP),
+// so asking for the images of any other RP is itself a failure. Returns "" or what differs.
 inline std::string check_rp(GroupStore& store, const Model& model, std::uint64_t rp,
                             const std::string& root, const std::string& scratch,
                             bool check_replica) {
+  if (check_replica && store.last_applied_rp() != rp)
+    return "replica images hold RP " + std::to_string(store.last_applied_rp()) + ", not RP " +
+           std::to_string(rp);
   for (const auto& [name, img] : model.at(rp)) {
     if (check_replica) {
       std::string got = slurp(root + "/" + store.group() + "/replica/" + name + ".img");
@@ -190,6 +219,73 @@ inline std::string check_rp(GroupStore& store, const Model& model, std::uint64_t
     ::unlink(out.c_str());
   }
   return "";
+}
+
+// Layout 2's truth: the images equal the model at last_applied_rp() (when not 0 and no
+// compaction is pending), and every
+// offered RP restores byte-identical to the model. `expect_offered` (when not empty) is the
+// exact list of RP ids points() must offer. Returns "" or what differs.
+inline std::string check_store(GroupStore& store, const Model& model, const std::string& root,
+                               const std::string& scratch,
+                               const std::vector<std::uint64_t>& expect_offered = {}) {
+  std::vector<std::uint64_t> offered;
+  for (const auto& p : store.points()) offered.push_back(p.rp_id);
+  if (!expect_offered.empty() && offered != expect_offered) {
+    std::string got, want;
+    for (auto r : offered) got += " " + std::to_string(r);
+    for (auto r : expect_offered) want += " " + std::to_string(r);
+    return "offered RPs" + got + ", expected" + want;
+  }
+  const std::uint64_t base = store.last_applied_rp();
+  // While a compaction is pending (R19) the base RP is no longer offered and its images may
+  // be half written: only the offered RPs are checked.
+  if (base != 0 && store.apply_error().is_ok()) {
+    if (offered.empty() || offered.front() != base)
+      return "the base RP " + std::to_string(base) + " is not the oldest offered RP";
+    std::string why = check_rp(store, model, base, root, scratch, true);
+    if (!why.empty()) return why;
+  }
+  for (auto r : offered) {
+    if (!model.has(r)) return "RP " + std::to_string(r) + " offered but never committed";
+    std::string why = check_rp(store, model, r, root, scratch, false);
+    if (!why.empty()) return why;
+  }
+  return "";
+}
+
+// Images at the newest RP: retention keeps only it and compacts every commit onto it.
+inline RetentionPolicy keep_newest_only() {
+  RetentionPolicy p;
+  p.keep_last = 1;
+  return p;
+}
+
+// The state file of layout 1 (the release before retention), written by hand as store.cc's
+// encode_small_file did: magic "FSTA" u32, version 1 u16, 0 u16, group id u64, the applied
+// RP u64, the RP being applied u64, xxh3-64 of the 32 bytes before.
+inline std::string legacy_state(const std::string& group, std::uint64_t applied_rp,
+                                std::uint64_t applying_rp) {
+  std::string s;
+  ByteWriter w(s);
+  w.u32(0x41545346);
+  w.u16(1);
+  w.u16(0);
+  w.u64(group_id_of(group));
+  w.u64(applied_rp);
+  w.u64(applying_rp);
+  w.u64(xxh3_64(s.data(), s.size()));
+  return s;
+}
+
+// Turns a layout 2 store (its journal) into what layout 1 left: the state file version 1 at
+// RP `rp`, the images of every disk of RP `rp` written from the model.
+inline void make_layout1(const std::string& root, const std::string& group, const Model& model,
+                         std::uint64_t rp) {
+  const std::string g = root + "/" + group;
+  std::filesystem::remove_all(g + "/replica");
+  std::filesystem::create_directories(g + "/replica");
+  for (const auto& [name, img] : model.at(rp)) spit(g + "/replica/" + name + ".img", img);
+  spit(g + "/state", legacy_state(group, rp, 0));
 }
 
 // Two disks; overwrites, zero blocks, unaligned sizes and offsets, zstd and raw payloads,
