@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <deque>
 #include <map>
 #include <mutex>
 
@@ -107,6 +108,36 @@ void clip_pieces(PieceMap& m, std::uint64_t size_bytes) {
   if (!m.empty() && m.rbegin()->second.end > size_bytes) m.rbegin()->second.end = size_bytes;
 }
 
+// The entries of index chunks, kept across windows: a chunk of records at random offsets
+// spans most of the disk, so every window would read its headers again. Bounded by entries;
+// the oldest chunk loaded goes first.
+class ChunkCache {
+ public:
+  static constexpr std::size_t kMaxEntries = 1u << 19;  // 20 MiB of 40-byte entries
+
+  Result<const std::vector<jr::BlockEntry>*> get(jr::Reader& reader, std::uint64_t rp_id,
+                                                 const jr::Chunk& c) {
+    auto it = map_.find(c.position);
+    if (it != map_.end()) return &it->second;
+    std::vector<jr::BlockEntry> entries;
+    FERRY_TRY(reader.load_chunk(rp_id, c, entries));
+    while (entries_ + entries.size() > kMaxEntries && !order_.empty()) {
+      auto old = map_.find(order_.front());
+      entries_ -= old->second.size();
+      map_.erase(old);
+      order_.pop_front();
+    }
+    entries_ += entries.size();
+    order_.push_back(c.position);
+    return &(map_[c.position] = std::move(entries));
+  }
+
+ private:
+  std::map<std::uint64_t, std::vector<jr::BlockEntry>> map_;  // by chunk position
+  std::deque<std::uint64_t> order_;
+  std::size_t entries_ = 0;
+};
+
 struct Layers {
   PieceMap pieces;
   // Bytes below this read from the base image where no piece covers them; above, zeros.
@@ -117,8 +148,9 @@ struct Layers {
 // the records since its last full RP in (base, N], clipped to its size at each RP; the
 // base image below the smallest size the disk had since the base, if no full RP intervened.
 // Only the index chunks that may touch the range are read back from the journal.
-Result<Layers> build_layers(jr::Reader& reader, const Chain& chain, std::ptrdiff_t target,
-                            const std::string& disk, std::uint64_t lo, std::uint64_t hi) {
+Result<Layers> build_layers(jr::Reader& reader, ChunkCache& cache, const Chain& chain,
+                            std::ptrdiff_t target, const std::string& disk, std::uint64_t lo,
+                            std::uint64_t hi) {
   FERRY_ASSERT(lo < hi);
   Layers out;
   const auto& rps = chain.rps;
@@ -144,7 +176,6 @@ Result<Layers> build_layers(jr::Reader& reader, const Chain& chain, std::ptrdiff
                            " and is not in the base RP " + std::to_string(chain.catalog.base_rp));
     out.base_limit = chain.catalog.base_begin.disks[b].size_bytes;
   }
-  std::vector<jr::BlockEntry> entries;
   for (std::ptrdiff_t i = static_cast<std::ptrdiff_t>(first); i <= target; ++i) {
     const auto& rp = rps[static_cast<std::size_t>(i)];
     int d = find_disk(rp.begin, disk);
@@ -153,8 +184,9 @@ Result<Layers> build_layers(jr::Reader& reader, const Chain& chain, std::ptrdiff
     out.base_limit = std::min(out.base_limit, rp.begin.disks[d].size_bytes);
     clip_pieces(out.pieces, rp.begin.disks[d].size_bytes);
     for (std::uint32_t id : rp.index.overlapping(static_cast<std::uint16_t>(d), lo, hi)) {
-      FERRY_TRY(reader.load_chunk(rp.info.rp_id, rp.index.chunks()[id], entries));
-      for (const auto& b : entries) {
+      FERRY_ASSIGN_OR_RETURN(const std::vector<jr::BlockEntry>* entries,
+                             cache.get(reader, rp.info.rp_id, rp.index.chunks()[id]));
+      for (const auto& b : *entries) {
         if (b.disk_index != d || b.length_bytes == 0) continue;
         std::uint64_t start = std::max(b.offset_bytes, lo);
         std::uint64_t end = std::min(b.offset_bytes + std::uint64_t(b.length_bytes), hi);
@@ -373,7 +405,8 @@ class JournalView final : public ReadView {
     FERRY_ASSERT(lo < hi);
     if (window_valid_ && window_lo_ == lo) return Status::ok();
     window_valid_ = false;
-    FERRY_ASSIGN_OR_RETURN(layers_, build_layers(reader_, *chain_, target_, disk_, lo, hi));
+    FERRY_ASSIGN_OR_RETURN(layers_,
+                           build_layers(reader_, chunks_, *chain_, target_, disk_, lo, hi));
     if (layers_.base_limit > lo && base_ == nullptr)
       return Status::error(Errc::corrupt, "disk " + disk_ + " at RP " + std::to_string(rp_id_) +
                                               " reads from the replica image, which is not open");
@@ -394,6 +427,7 @@ class JournalView final : public ReadView {
   Pin pin_;
   std::mutex mu_;  // guards everything below: one reader, one cached window and record
   jr::Reader reader_;
+  ChunkCache chunks_;
   Layers layers_;
   bool window_valid_ = false;
   std::uint64_t window_lo_ = 0, window_hi_ = 0;
