@@ -259,7 +259,9 @@ class JournalView final : public ReadView {
  public:
   JournalView(std::shared_ptr<Storage> st, const Paths& paths, const Chain* chain,
               std::shared_ptr<const Chain> owned, std::ptrdiff_t target, std::string disk)
-      : owned_(std::move(owned)),
+      : st_(st),
+        paths_(paths),
+        owned_(std::move(owned)),
         chain_(chain != nullptr ? chain : owned_.get()),
         target_(target),
         disk_(std::move(disk)),
@@ -286,7 +288,15 @@ class JournalView final : public ReadView {
     return Status::ok();
   }
 
-  void keep_pin(Pin pin) { pin_ = std::move(pin); }
+  void keep_pin(Pin pin) { pin_ = std::make_shared<Pin>(std::move(pin)); }
+
+  Result<std::unique_ptr<ReadView>> clone() const override {
+    auto v = std::make_unique<JournalView>(st_, paths_, owned_ ? nullptr : chain_, owned_,
+                                           target_, disk_);
+    FERRY_TRY(v->open_base());
+    v->pin_ = pin_;
+    return std::unique_ptr<ReadView>(std::move(v));
+  }
 
   const std::string& group() const override { return chain_->group; }
   const std::string& disk() const override { return disk_; }
@@ -416,6 +426,8 @@ class JournalView final : public ReadView {
     return Status::ok();
   }
 
+  std::shared_ptr<Storage> st_;
+  Paths paths_;
   std::shared_ptr<const Chain> owned_;
   const Chain* chain_;
   std::ptrdiff_t target_;  // index in chain_->rps; -1: the base RP
@@ -424,7 +436,7 @@ class JournalView final : public ReadView {
   std::uint64_t rp_id_ = 0;
   std::uint64_t size_ = 0;
   std::unique_ptr<StorageFile> base_;  // the base RP's image, when the disk reads from it
-  Pin pin_;
+  std::shared_ptr<Pin> pin_;  // shared with clones: the RP stays pinned while any is open
   std::mutex mu_;  // guards everything below: one reader, one cached window and record
   jr::Reader reader_;
   ChunkCache chunks_;

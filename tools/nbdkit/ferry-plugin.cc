@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <exception>
 #include <memory>
+#include <mutex>
 #include <string>
 
 #include "ferry/site/read_view.h"
@@ -74,9 +75,24 @@ int ferry_config_complete() {
   return 0;
 }
 
+// The first connection opens the view (a journal scan and a pin); the others clone it, so
+// a multi-conn client does not scan the journal once per connection. The first view lives
+// as long as the process, and with it the pin.
+std::mutex g_first_mu;
+std::unique_ptr<ReadView> g_first;
+
 void* ferry_open(int /*readonly*/) {
   try {
-    auto v = ReadView::open(g_config.store, g_config.group, g_config.point, g_config.disk);
+    std::lock_guard<std::mutex> g(g_first_mu);
+    if (!g_first) {
+      auto v = ReadView::open(g_config.store, g_config.group, g_config.point, g_config.disk);
+      if (!v.is_ok()) {
+        nbdkit_error("ferry: %s", v.status().to_string().c_str());
+        return nullptr;
+      }
+      g_first = std::move(v).value();
+    }
+    auto v = g_first->clone();
     if (!v.is_ok()) {
       nbdkit_error("ferry: %s", v.status().to_string().c_str());
       return nullptr;

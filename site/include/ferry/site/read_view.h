@@ -56,6 +56,9 @@ class ReadView {
   // same kind merged. The range must lie inside the disk.
   virtual Result<std::vector<ReadExtent>> extents(std::uint64_t offset,
                                                   std::uint64_t length) = 0;
+  // Another view of the same disk at the same RP, sharing what open() loaded and its pin
+  // (no second journal scan), with its own reader and window: one per NBD connection.
+  virtual Result<std::unique_ptr<ReadView>> clone() const = 0;
 };
 
 }  // namespace ferry::site
