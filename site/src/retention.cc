@@ -101,8 +101,7 @@ std::string RetentionPolicy::describe() const {
 RetentionPolicy default_retention() {
   RetentionPolicy p;
   p.keep_last = 48;
-  p.keep_hourly = 24;
-  p.keep_daily = 7;
+  p.keep_within = std::chrono::hours(24);
   return p;
 }
 

@@ -118,7 +118,7 @@ std::map<std::uint64_t, KeepRule> oracle(const RetentionPolicy& p,
 
 TEST_CASE("the default policy and how given options replace it", "[retention]") {
   const RetentionPolicy d = default_retention();
-  CHECK(d.describe() == "keep-last 48, keep-hourly 24, keep-daily 7");
+  CHECK(d.describe() == "keep-last 48, keep-within 1d");
   CHECK_FALSE(d.empty());
   CHECK(RetentionPolicy{}.empty());
   CHECK(RetentionPolicy{}.describe() == "(none)");

@@ -63,10 +63,12 @@ struct RetentionPolicy {
   bool operator==(const RetentionPolicy&) const = default;
 };
 
-// The policy used when none is given: keep-last 48, keep-hourly 24, keep-daily 7. With the
-// common RP a minute that is the last 48 minutes at full resolution, then one RP an hour for a
-// day, then one a day for a week: about 80 RPs whatever the interval. Never "keep everything":
-// a store without a policy would grow until its file system is full.
+// The policy used when none is given: keep-last 48, keep-within 1d: every RP of the last day
+// (1,440 with an RP a minute), and at least the 48 newest when RPs are rarer. Both rules keep
+// a run of the newest RPs, so the store holds exactly the kept RPs' changes over the images
+// (tiered rules, keep-hourly/daily/weekly, keep older RPs with gaps between them, whose
+// bytes stay until the oldest kept RP passes them: docs/operations.md, "Retention"). Never
+// "keep everything": a store without a policy would grow until its file system is full.
 RetentionPolicy default_retention();
 
 // Given options replace the default as a whole (as in PBS): keep-daily 7 alone keeps no
