@@ -115,7 +115,9 @@ int cmd_export(const ExportArgs& a) {
     port = ep->port;
   }
   // Opening the view is the check: group, RP and disk exist (errors name them). "latest" is
-  // resolved here, so every connection of this export reads the same RP.
+  // resolved here, so every connection of this export reads the same RP. The view stays open
+  // as long as this process serves: its pin keeps retention off the RP even while no client
+  // is connected (nbdkit's own views pin it only while connections last).
   auto view = site::ReadView::open(a.store, a.group, a.point, a.disk);
   if (!view.is_ok())
     return usage_error("disk '" + a.disk + "' of group '" + a.group + "' at RP " +
@@ -123,7 +125,7 @@ int cmd_export(const ExportArgs& a) {
                        view.status().to_string());
   const std::uint64_t rp = (*view)->rp_id();
   const std::uint64_t size = (*view)->size_bytes();
-  view->reset();
+  const std::unique_ptr<site::ReadView> pin = std::move(view).value();
   if (!a.socket.empty()) {
     Status s = check_socket_path(a.socket);
     if (!s.is_ok()) return usage_error(s.to_string());

@@ -493,10 +493,6 @@ class StoreImpl final : public GroupStore {
     if (st_->exists(paths_.state_tmp)) FERRY_TRY(st_->remove(paths_.state_tmp));  // R10
     if (st_->exists(paths_.distrust_tmp)) FERRY_TRY(st_->remove(paths_.distrust_tmp));
     FERRY_TRY(check_base_images());  // R13
-    // What follows removes images and segments the state says are done with: the state must
-    // be durable first. One read back from the page cache after its sync failed (in this
-    // process) could be lost at a power cut and leave the old state needing them.
-    FERRY_TRY(write_catalog(chain_.catalog));
     // The journal is sound from here on. A compaction cut short (R5) is redone; it may fail
     // (EIO, ENOSPC, EFBIG on the replica) without failing the open: the group keeps
     // journalling and committing RPs with it pending (R19), instead of refusing every hello.
@@ -512,7 +508,7 @@ class StoreImpl final : public GroupStore {
         return Status::ok();
       }
     }
-    if (Status s = remove_garbage(); !s.is_ok())
+    if (Status s = remove_garbage(/*state_read_at_open=*/true); !s.is_ok())
       spdlog::warn("group {}: cannot remove pruned journal segments yet: {}", group_,
                    s.to_string());
     return Status::ok();
@@ -785,15 +781,38 @@ class StoreImpl final : public GroupStore {
   // Journal segments that hold only RPs at or below the base, and images of disks the base
   // does not hold. Deferred while a reader that opened before the base moved still reads
   // them (its pin names the base it saw).
-  Status remove_garbage() {
+  // state_read_at_open: the state was read, not written, by this open. It is then written
+  // again (durably) before anything it says is done with is removed: a state read back from
+  // the page cache after its sync failed could be lost at a power cut, and the old one would
+  // still need what was removed. Only when there is something to remove: an open of a full
+  // volume must not need space.
+  Status remove_garbage(bool state_read_at_open = false) {
     FERRY_ASSIGN_OR_RETURN(auto gate, ReaderGate::exclusive(paths_.group_dir));
     FERRY_ASSIGN_OR_RETURN(auto pins, live_pins(paths_.group_dir));
     for (const auto& p : pins)
       if (p.base_rp < chain_.catalog.base_rp) return Status::ok();
     const std::uint64_t first_kept =
         chain_.rps.empty() ? UINT64_MAX : chain_.rps.front().first_segment;
+    if (state_read_at_open) {
+      FERRY_ASSIGN_OR_RETURN(bool any, garbage_exists(first_kept));
+      if (!any) return Status::ok();
+      FERRY_TRY(write_catalog(chain_.catalog));
+    }
     FERRY_TRY(jr::remove_segments_below(*st_, paths_.journal_dir, first_kept));
     return remove_images_not_in(chain_.catalog);
+  }
+
+  Result<bool> garbage_exists(std::uint64_t first_kept) {
+    FERRY_ASSIGN_OR_RETURN(auto names, st_->list_dir(paths_.journal_dir));
+    std::vector<std::uint64_t> segs;
+    for (const auto& n : names)
+      if (auto seq = jr::parse_segment_name(n)) segs.push_back(*seq);
+    std::sort(segs.begin(), segs.end());
+    if (segs.size() > 1 && segs.front() < std::min(first_kept, segs.back())) return true;
+    FERRY_ASSIGN_OR_RETURN(auto disks, images_->disks());
+    for (const auto& d : disks)
+      if (chain_.catalog.base_rp == 0 || find_disk(chain_.catalog.base_begin, d) < 0) return true;
+    return false;
   }
 
   Status remove_images_not_in(const Catalog& c) {

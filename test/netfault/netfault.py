@@ -13,7 +13,7 @@ After each scenario the faults stop and the checks run:
      CONVERGE_BOUND_S of the end of the fault;
   V2 no duplicate apply: committed RP ids strictly increase and each RP's base is the RP
      before it (`ferry points --json`);
-  V3 the replica image equals exactly one committed RP (the last);
+  V3 the replica image equals exactly one committed RP (the oldest kept: layout 2's base);
   V4 re-sent bytes: bytes forwarded src->dst (nft counter after the fault rules, so what the
      receiver read) minus the bytes of the RPs committed during the scenario stay within
      (new sessions) x (in-flight window + largest RP) + framing slack.
@@ -273,18 +273,20 @@ class Harness:
             time.sleep(0.5)
 
     def check_replica(self, pts, what):
-        """V3: with replicate stopped, the replica image is the last committed RP."""
-        last = pts[-1]["rp_id"]
+        """V3: with replicate stopped, the replica images hold the oldest kept RP (layout 2:
+        the base retention compacts into), equal to its restore, and the newest RP restores."""
+        base = pts[0]["rp_id"]
         image = os.path.join(self.store, self.group, "replica", f"{self.disk.name}.img")
-        restored = self.env.restore(self.store, self.group, last, self.disk.name)
+        restored = self.env.restore(self.store, self.group, base, self.disk.name)
         diff = None
-        for _ in range(20):  # apply follows the commit; give it a moment
+        for _ in range(20):  # compaction follows the commit; give it a moment
             diff = ft.first_difference(image, restored)
             if not diff:
                 break
             time.sleep(0.5)
         os.unlink(restored)
-        ft.check(not diff, f"{what}: the replica is not the last committed RP {last}: {diff}")
+        ft.check(not diff, f"{what}: the replica is not the oldest kept RP {base}: {diff}")
+        os.unlink(self.env.restore(self.store, self.group, pts[-1]["rp_id"], self.disk.name))
 
     def baseline(self):
         """The first (full) RP over the clean link, so every scenario starts from one."""

@@ -472,10 +472,14 @@ with ft.Env(TEST) as env:
                     stats["violations"] += 1
                     raise ft.TestFailure(f"{label}: restore of RP {rp} exited 0 but "
                                          f"{v.describe()}")
-            v = cat.check(replica)
-            if not v.equals_rps:
-                stats["violations"] += 1
-                raise ft.TestFailure(f"{label}: the replica {v.describe()}")
+            # Layout 2: the images hold the oldest kept RP, and none exist while nothing was
+            # compacted (base 0: a journal that starts at RP 0, e.g. after R6 rewrote the
+            # state); where they exist they equal a committed RP.
+            if os.path.exists(replica["vda"]):
+                v = cat.check(replica)
+                if not v.equals_rps:
+                    stats["violations"] += 1
+                    raise ft.TestFailure(f"{label}: the replica {v.describe()}")
             stats["journal_detected"] += 1
             pc["detected"] += 1
 
