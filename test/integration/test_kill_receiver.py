@@ -20,7 +20,8 @@ GROUP = "kr"
 
 
 def applied_rp(store):
-    """(applied, applying) from the receiver's state file (docs/journal-format.md)."""
+    """(base RP, compaction target) from the receiver's state file (docs/journal-format.md,
+    version 2: the images hold the base RP; target != 0 while a compaction runs)."""
     try:
         with open(os.path.join(store, GROUP, "state"), "rb") as f:
             return struct.unpack_from("<QQ", f.read(40), 16)
@@ -121,12 +122,15 @@ with ft.Env("kill-receiver") as env:
         rx.restart(extra_env={"FERRY_KILL_AT": kp})
         res = env.run(env.replicate_args(qsd, rx.addr, GROUP), timeout=180)
         acked = int(res.out.strip().splitlines()[-1]) if res.rc == 0 else None
-        # Points after the acknowledgement (apply, state) may fire a little later, or at
-        # shutdown: wait until the state file says the RP is applied (those points are then
-        # behind us) or 2 s, then stop the receiver; -9 means the point fired.
+        # Points after the acknowledgement (retention: apply, state, prune) may fire a little
+        # later: give the retention pass that follows the ack 0.5 s, then wait while the state
+        # file says a compaction runs (at most 2 s in all), then stop the receiver; -9 means
+        # the point fired.
         t0 = time.monotonic()
+        time.sleep(0.5)
         while rx.alive() and time.monotonic() - t0 < 2:
-            if acked is not None and applied_rp(rx.store) == (acked, 0):
+            st = applied_rp(rx.store)
+            if acked is not None and st is not None and st[1] == 0:
                 break
             time.sleep(0.02)
         if rx.alive():
