@@ -19,9 +19,10 @@
     policy stays (next RP still pruned to 5).
 (e) `ferry points` text output has the retention columns and marks the RP an export pins,
     with a client connected and between clients, and no longer once the export stops.
-(f) `ferry prune` killed at prune.after_intent: the store stays readable (the points before or
-    after), a second prune finishes it.
-Parts run in the order b c a d e f; `test_retention.py c e` runs only some (and what they need)."""
+(f) a prune killed at prune.after_intent (the receiver's, once the first journal segment is
+    gone; then `ferry prune`'s): the group recovers and reads, the next RP restores equal.
+Parts run in the order b c a d e f; `test_retention.py c e` runs only some (and what they need;
+(f) checks `ferry prune` on (d)'s group when (d) ran)."""
 
 import hashlib
 import json
@@ -399,13 +400,55 @@ def part_d(env, qsd, wl):
 
 
 def part_f(env, store, group):
-    """`ferry prune` killed at prune.after_intent (the state names the RPs to drop, the replica
-    is not compacted yet): the store stays readable and lists the points before or after the
-    prune; a second prune finishes it."""
+    """A prune killed after writing its intent (the state names the RPs to drop, the replica
+    is not compacted yet) must leave a store that opens and reads.
+    1. The receiver killed there (FERRY_KILL_AT=prune.after_intent) once the journal's first
+       segment is gone: after a restart the group is recovered, lists its RPs, takes the next
+       RP, and that RP restores equal to the source.
+    2. `ferry prune` killed there: `ferry points` reads the points before or after the prune,
+       and a second prune finishes it."""
     r = env.run(["debug", "kill-points"], check_rc=0)
     if "prune.after_intent" not in r.out:
         ft.log("(f) kill points compiled out of this build: not checked")
         return
+    # 1. The receiver, after the first journal segment was removed (8 MiB an RP, keep-last 2).
+    g = "crash"
+    wl = env.workload(salt=6)
+    qsd = env.qsd([ft.Disk("vdc", 16 * ft.MiB, "qcow2")], tag="qsdc")
+    vdc = qsd.disks[0]
+    rx = env.receiver(store=os.path.join(env.dir, "store-crash"), tag="receiver-crash",
+                      args=["--keep-last", 2])
+    jdir = os.path.join(rx.store, g, "journal")
+    for i in range(40):
+        wl.random_writes(qsd, vdc, 8, min_len=ft.MiB, max_len=ft.MiB, align=ft.MiB)
+        env.replicate_once(qsd, rx.addr, g)
+        if i > 2 and "0000000000000001.seg" not in os.listdir(jdir):
+            break
+    ft.check("0000000000000001.seg" not in os.listdir(jdir),
+             f"the first journal segment is still there: {os.listdir(jdir)}")
+    rx.stop()
+    rx.restart(extra_env={"FERRY_KILL_AT": "prune.after_intent"})
+    wl.random_writes(qsd, vdc, 8, min_len=ft.MiB, max_len=ft.MiB, align=ft.MiB)
+    r = env.run(env.replicate_args(qsd, rx.addr, g), timeout=120)
+    rx.proc.wait(20)
+    ft.check("kill point prune.after_intent fired" in rx.log_text(),
+             f"the receiver's kill point did not fire:\n{ft.tail(rx.log_path)}")
+    rx.restart(extra_env={})
+    qsd.sync()
+    snap = qsd.snapshot(vdc, env.path("snaps", "crash.img"))
+    r = env.run(["points", "--store", rx.store, "--group", g, "--json"], timeout=60)
+    recovery = [l for l in rx.log_text().splitlines()[-20:] if "recover" in l]
+    ft.check(r.rc == 0, f"ferry points after the receiver was killed at prune.after_intent:\n{r}"
+                        f"\nthe receiver's recovery: {recovery}")
+    rp = env.replicate_once(qsd, rx.addr, g)
+    env.check_restore(rx.store, g, rp, "vdc", snap, "(after a crash at prune.after_intent) ")
+    wait_listed(env, rx.store, g, 2, newest=rp)
+    rx.stop()
+    qsd.stop()
+    ft.log("(f) receiver killed at prune.after_intent: recovered, next RP restores equal")
+    if store is None:
+        return
+    # 2. ferry prune, on (d)'s group.
     before = [p["rp_id"] for p in env.points(store, group)]
     ft.check(len(before) > 2, f"(f) needs more than 2 RPs: {before}")
     r = env.run(["prune", "--store", store, "--group", group, "--keep-last", 2],
@@ -550,7 +593,8 @@ with ft.Env("retention") as env:
         part_a(env, rx)
         ft.log(f"(a) done at {time.monotonic() - t_start:.0f} s")
 
-    if PARTS & set("df"):
+    cfg_store = None
+    if "d" in PARTS:
         cfg_store = part_d(env, qsd, wl)
         ft.log(f"(d) done at {time.monotonic() - t_start:.0f} s")
     qsd.stop()
