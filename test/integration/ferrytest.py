@@ -709,9 +709,12 @@ class History:
 
 
 class Receiver:
-    def __init__(self, env, store, port=None, tag="receiver", extra_env=None):
+    def __init__(self, env, store, port=None, tag="receiver", extra_env=None, args=None):
+        """args: extra `ferry receive` arguments (--keep-last 20, --config F), kept for
+        restarts unless restart() is given others."""
         self.env, self.store, self.tag = env, store, tag
         self.extra_env = extra_env
+        self.args = [str(a) for a in (args or [])]
         os.makedirs(store, exist_ok=True)
         self.log_path = os.path.join(env.dir, f"{tag}.log")
         self.proc = None
@@ -731,7 +734,7 @@ class Receiver:
             with open(self.log_path, "ab") as f:
                 f.write(f"--- ferrytest: start on port {p} ---\n".encode())
             proc = Proc(self.env, self.tag, [self.env.ferry, "receive", "--listen",
-                        f"127.0.0.1:{p}", "--store", self.store], self.log_path,
+                        f"127.0.0.1:{p}", "--store", self.store] + self.args, self.log_path,
                         extra_env=extra_env)
             deadline = time.monotonic() + 20
             while proc.alive() and not pid_listens_on(proc.pid, p):
@@ -761,7 +764,9 @@ class Receiver:
         rc = self.proc.terminate(timeout=20)
         check(rc == 0, f"receiver exited {rc} on SIGTERM:\n{tail(self.log_path)}")
 
-    def restart(self, same_port=True, extra_env=None):
+    def restart(self, same_port=True, extra_env=None, args=None):
+        if args is not None:
+            self.args = [str(a) for a in args]
         self.start(self.port if same_port else None, extra_env=extra_env)
 
     def log_text(self):
@@ -896,8 +901,9 @@ class Env:
     def qsd(self, disks, tag="qsd"):
         return Qsd(self, disks, tag)
 
-    def receiver(self, store=None, port=None, tag="receiver", extra_env=None):
-        return Receiver(self, store or os.path.join(self.dir, "store"), port, tag, extra_env)
+    def receiver(self, store=None, port=None, tag="receiver", extra_env=None, args=None):
+        return Receiver(self, store or os.path.join(self.dir, "store"), port, tag, extra_env,
+                        args)
 
     def workload(self, salt=0):
         return Workload(self.seed * 1000003 + salt)

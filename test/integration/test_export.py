@@ -10,7 +10,13 @@ plugin. A qcow2 disk is replicated for a few RPs (data, zeros written over data,
 - `--overlay`: a write through the export succeeds and reads back, yet the store's journal and
   the restore of that RP are unchanged;
 - bad arguments (unknown group, uncommitted RP, unknown disk, busy socket, a non-loopback
-  address) exit 1 with an error naming what is wrong, before serving."""
+  address) exit 1 with an error naming what is wrong, before serving;
+- retention: with the receiver at `--keep-last 3`, an export of RP N pins it: while 20 newer
+  RPs (more than a 64 MiB journal segment) arrive and retention compacts the replica forward,
+  `ferry points` lists RP N pinned and the export stays equal to a restore of RP N made before;
+  the pin holds for as long as the export runs, with or without a client connected; once the
+  export stops, the next RP's retention prunes RP N and `ferry export --point N` exits 1 with
+  "pruned by retention"."""
 
 import filecmp
 import hashlib
@@ -185,3 +191,76 @@ with ft.Env("export") as env:
         ft.check("serving" not in r.out, f"a refused export must not serve:\n{r}")
     ft.check(not os.path.exists(env.path("b.sock")), "a refused export left a socket behind")
     ft.log("bad arguments refused with exit 1, naming group, RP, disk and the address")
+
+    # Retention and the pin of an export: RP N is the newest; the receiver keeps 3.
+    rx.stop()
+    rx.restart(args=["--keep-last", 3])
+    n = newest
+    sn = env.path("pinned.sock")
+    e5, _ = start_export(env, "export-pinned", base + ["--point", n, "--socket", sn])
+
+    def listed():
+        return {p["rp_id"]: p for p in env.points(rx.store, GROUP)}
+
+    def settled(newest_rp, want):
+        """`ferry points` once the receiver's retention pass after `newest_rp` is done."""
+        deadline = time.monotonic() + 30
+        while True:
+            pts = listed()
+            if sorted(pts) == want:
+                return pts
+            ft.check(time.monotonic() < deadline,
+                     f"after RP {newest_rp}: expected RPs {want} listed, got {sorted(pts)}")
+            time.sleep(0.2)
+
+    # A client that stays connected (as a VM booted from the export would) ...
+    held = subprocess.Popen(["qemu-io", "-r", "-f", "raw", uri(sn)], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env.on_cleanup(lambda: held.poll() is None and held.kill())
+    held.stdin.write(b"read 0 64k\n")
+    held.stdin.flush()
+    deadline = time.monotonic() + 10
+    while not listed()[n]["pinned"]:
+        ft.check(held.poll() is None, f"qemu-io could not connect to {uri(sn)}")
+        ft.check(time.monotonic() < deadline, f"RP {n} not pinned with a client connected: "
+                                              f"{listed()[n]}")
+        time.sleep(0.1)
+    journal_bytes = 0
+    for i in range(20):
+        journal_bytes += wl.random_writes(qsd, vda, 6, min_len=256 * ft.KiB, max_len=1 * ft.MiB)
+        rp = env.replicate_once(qsd, rx.addr, GROUP)
+        pts = settled(rp, sorted({n} | set(range(rp - 2, rp + 1))))
+        ft.check(pts[n]["pinned"] and pts[n]["keep"] and pts[n]["rule"] == "pinned",
+                 f"RP {n} while exported, after RP {rp}: {pts[n]}")
+        if i % 5 == 4:
+            copy_equals(env, sn, img[n], f"exported RP {n} after RP {rp}")
+    ft.check(held.poll() is None, "the client held on the export exited")
+    compare(env, sn, img[n], f"RP {n} after 20 newer RPs ({journal_bytes / ft.MiB:.0f} MiB) with "
+                             f"--keep-last 3")
+    ft.log(f"export of RP {n} pinned and byte-stable while RPs {n + 1}..{rp} arrived and "
+           f"retention kept {sorted(pts)}")
+    # ... and without one: the export pins RP N as long as it runs, not only while a client
+    # is connected (a client may connect at any time and must get the RP announced).
+    held.stdin.write(b"quit\n")
+    held.stdin.close()
+    held.wait(10)
+    wl.random_writes(qsd, vda, 2, min_len=4 * ft.KiB, max_len=64 * ft.KiB)
+    rp = env.replicate_once(qsd, rx.addr, GROUP)
+    time.sleep(0.5)  # the retention pass after the ack
+    pts = listed()
+    ft.check(n in pts and pts[n]["pinned"],
+             f"RP {n} must stay pinned while its export runs (no client connected); after "
+             f"RP {rp}: {sorted(pts)}, RP {n}: {pts.get(n)}")
+    compare(env, sn, img[n], f"RP {n}, a new client after RP {rp}")
+    ft.check_eq(e5.terminate(), 0, "ferry export exit status on SIGTERM")
+
+    # The export stopped: the next RP's retention prunes RP N.
+    wl.random_writes(qsd, vda, 2, min_len=4 * ft.KiB, max_len=64 * ft.KiB)
+    rp = env.replicate_once(qsd, rx.addr, GROUP)
+    pts = settled(rp, [rp - 2, rp - 1, rp])
+    r = env.run(["export"] + base + ["--point", n, "--socket", env.path("gone.sock")], timeout=30)
+    ft.check(r.rc == 1 and "pruned by retention" in r.err and f"RP {n}" in r.err,
+             f"export of RP {n} after it was pruned must exit 1 with 'pruned by retention':\n{r}")
+    ft.check("serving" not in r.out, f"a refused export must not serve:\n{r}")
+    ft.log(f"after the export stopped, RP {rp} pruned RP {n}; export of it refused: "
+           f"{r.err.strip()}")
