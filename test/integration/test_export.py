@@ -99,8 +99,9 @@ with ft.Env("export") as env:
                      region=(0, 24 * ft.MiB))
     wl.write(qsd, vda, ZERO_AT, ZERO_LEN)
     rp1 = env.replicate_once(qsd, rx.addr, GROUP)
-    wl.zero(qsd, vda, ZERO_AT, ZERO_LEN, "zero_range")
+    # Random writes first: one landing in the zeroed range would make it data again.
     wl.random_writes(qsd, vda, 10, min_len=512, max_len=128 * ft.KiB, region=(0, 24 * ft.MiB))
+    wl.zero(qsd, vda, ZERO_AT, ZERO_LEN, "zero_range")
     rp2 = env.replicate_once(qsd, rx.addr, GROUP)
     img = {rp: env.restore(rx.store, GROUP, rp, "vda") for rp in (rp1, rp2)}
 
