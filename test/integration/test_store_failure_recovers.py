@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """No store failure leaves a group stuck until the receiver restarts (issue 18, item 7).
 
-Part A, a failure after the acknowledgement, of a kind other than EIO/ENOSPC: the group's
-replica directory is moved away, so applying RP 2 (after its ack) fails with ENOENT
+The receiver keeps one RP (--keep-last 1), so each commit compacts it into the replica images
+(layout 2's apply). Part A, a failure after the acknowledgement, of a kind other than
+EIO/ENOSPC: the group's replica directory is moved away, so compacting RP 2 (after its ack)
+fails with ENOENT
 (not-found). The group stays open with the apply pending (R19): `ferry status --socket`
 shows `apply_pending` with the cause; the receiver retries the apply by itself (with
 back-off) and takes the next RP without a restart; the replica then equals the source.
-Part A2: the replica image is replaced by a directory, so the apply fails while the replica
-directory is there (the capacity check passes): an RP is still acknowledged and restorable,
+Part A2: the replica image is made immutable (chattr +i), so the compaction fails while the
+image still reads (the capacity check passes): an RP is still acknowledged and restorable,
 `ferry status` exits 3, an RP committed during the retry back-off does not retry the apply
 (each retry rewrites the replica), and once the directory is gone the replica catches up in
 the background, with no source.
@@ -19,6 +21,7 @@ background, without a restart and without any source connecting, and status show
 import json
 import os
 import shutil
+import subprocess
 import time
 
 import ferrytest as ft
@@ -74,7 +77,9 @@ with ft.Env("store-failure-recovers") as env:
                     argv = argv + ["--status-socket", sock]
                 super().__init__(env_, name, argv, *a, **k)
         ft.Proc = ProcWithSocket
-    rx = env.receiver(store=store)
+    # keep-last 1: every commit compacts the new RP into the replica images (layout 2), so
+    # the images follow the newest RP and a broken image fails the compaction after each ack.
+    rx = env.receiver(store=store, args=["--keep-last", "1"])
 
     qsd = env.qsd([ft.Disk("vda", SIZE, "qcow2")])
     vda = qsd.disk("vda")
@@ -114,9 +119,12 @@ with ft.Env("store-failure-recovers") as env:
     ft.log("part A: recovered without a restart")
 
     # --- Part A2 (R19): the replica image cannot be written; RPs are still acknowledged ---
+    # The image is made immutable (chattr +i: writes fail with EPERM, even for root), so the
+    # compaction fails while the image still reads: in layout 2 it holds the base every kept
+    # RP reads where no record covers a byte (a missing image would be data lost, R13).
     image = os.path.join(replica, "vda.img")
-    os.unlink(image)
-    os.makedirs(os.path.join(image, "in-the-way"))
+    subprocess.run(["chattr", "+i", image], check=True)
+    env.on_cleanup(lambda: subprocess.run(["chattr", "-i", image], check=False))
     wl.random_writes(qsd, vda, 10)
     snap = qsd.snapshot(vda, env.path("snaps", "a2.img"))
     rp_a2 = env.replicate_once(qsd, rx.addr, GROUP)   # acknowledged while the apply fails
@@ -146,7 +154,7 @@ with ft.Env("store-failure-recovers") as env:
             ft.log("the commit outlasted the back-off: attempt counter not checked")
         ft.check_eq(groups[GROUP]["last_committed_rp"], rp_during, "committed during the back-off")
         ft.check_eq(rc, 3, "ferry status exit code while the apply waits for its retry")
-    shutil.rmtree(image)   # the cause goes away: no source, no restart needed
+    subprocess.run(["chattr", "-i", image], check=True)  # the cause goes away: no source, no restart
     wait_for("the replica caught up in the background",
              lambda: os.path.isfile(image) and ft.first_difference(snap, image) is None, 40)
     if sock:
