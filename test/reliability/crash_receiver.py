@@ -115,6 +115,10 @@ def pct(xs, p):
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else None
 
 
+class GroupRefused(Exception):
+    """`ferry points` refuses the group after a kill: the loop cannot go on."""
+
+
 def newest(ids, n=KEEP):
     """What keep-last n keeps of `ids`."""
     return sorted(ids)[-n:]
@@ -138,7 +142,8 @@ with ft.Env(TEST) as env:
              "retention_wrong": 0, "pruned_rps_seen": 0, "pruned_half_back": 0,
              "half_back_identical": 0, "pruned_restore_refused": 0, "restores_checked": 0,
              "unacked_commits": 0, "attempts": 0, "checks": 0, "checks_pruned": 0,
-             "checks_unpruned": 0, "checks_base_0": 0, "r13_refused": 0}
+             "checks_unpruned": 0, "checks_base_0": 0, "r13_refused": 0, "group_refused": 0,
+             "r13_postponed": 0}
     recovery_s = []
     round_s = []        # replicate time of rounds that were not killed
     fired = set()
@@ -262,7 +267,14 @@ with ft.Env(TEST) as env:
         with phase("stop"):
             stop_receiver(rx)
         with phase("points"):
-            pts = env.points(rx.store, GROUP)
+            r_ = env.run(["points", "--store", rx.store, "--group", GROUP, "--json"], timeout=60)
+        if r_.rc != 0:  # the group is refused after a kill: every kept RP is out of reach
+            stats["group_refused"] += 1
+            stats["kept_lost_or_wrong"] += len(offered_before)
+            fail(label, f"the group is refused after the kill, its {len(offered_before)} kept "
+                        f"RPs {offered_before} can no longer be read: {r_.err.strip()[-600:]}")
+            raise GroupRefused()
+        pts = env.points(rx.store, GROUP)
         ids = sorted(p["rp_id"] for p in pts)
         stats["checks"] += 1
         unknown = [r for r in ids if r not in cat.state_of]
@@ -394,109 +406,120 @@ with ft.Env(TEST) as env:
     rng.shuffle(plan)
     plan.insert(rng.randrange(len(plan) // 2, len(plan)), ("r13", None, None))
     t_start = time.monotonic()
-    i = -1
-    while i + 1 < len(plan):
-        i += 1
-        kind, kp, n = plan[i]
-        label = f"#{i} {kp}:{n}" if kind == "point" else f"#{i} {kind}"
-        window_ok = kind == "random"
-        if kind == "r13":
-            r13_round(label)
-            check_after_crash(label, window_ok=False)
-            continue
-        if kind == "point" and "truncate" in kp:
-            # These fire while recovery cuts a torn tail (R1): an RP, then a torn write
-            # (garbage after the last commit), then a start with the point armed: recovery
-            # itself is killed.
-            start_receiver(env, rx)
-            attempt(f"{label} before a torn tail")
-            wait_pruned(5.0)
-            stop_receiver(rx)
-            jdir = os.path.join(rx.store, GROUP, "journal")
-            with open(os.path.join(jdir, sorted(os.listdir(jdir))[-1]), "ab") as f:
-                f.write(rng.randbytes(rng.randrange(100, 9000)))
-            if start_receiver(env, rx, {"FERRY_KILL_AT": f"{kp}:{n}"}, may_die=True) is None:
-                stats["kills_at_points"] += 1
-                fired.add(kp)
-            else:
-                stats["points_not_hit"] += 1
+    refused = False
+    try:
+        i = -1
+        while i + 1 < len(plan):
+            i += 1
+            kind, kp, n = plan[i]
+            label = f"#{i} {kp}:{n}" if kind == "point" else f"#{i} {kind}"
+            window_ok = kind == "random"
+            if kind == "r13":
+                if (read_state() or (0, 0))[0] == 0:  # no base image yet: try later
+                    stats["r13_postponed"] += 1
+                    if stats["r13_postponed"] <= 5:
+                        plan.append(("r13", None, None))
+                    continue
+                r13_round(label)
+                check_after_crash(label, window_ok=False)
+                continue
+            if kind == "point" and "truncate" in kp:
+                # These fire while recovery cuts a torn tail (R1): an RP, then a torn write
+                # (garbage after the last commit), then a start with the point armed: recovery
+                # itself is killed.
+                start_receiver(env, rx)
+                attempt(f"{label} before a torn tail")
+                wait_pruned(5.0)
                 stop_receiver(rx)
-                ft.log(f"{label}: not hit")
-            reap(env, rx.proc)
-        elif kind == "point":
-            window_ok = kp in WINDOW_POINTS
-            # Journal segments are 64 MiB, far more than the small RPs of a round:
-            # prune.mid_remove fires once per segment that falls wholly below the base. For
-            # it the round writes RPs of 4 MiB until the n-th segment is removed.
-            rolls = kp == "prune.mid_remove"
-            rounds = (n + 1) * ROLL_RPS + KEEP if rolls else n + 1
-            start_receiver(env, rx, {"FERRY_KILL_AT": f"{kp}:{n}"})
-            for a in range(rounds):
-                _rc, rp_, _st = attempt(f"{label} a{a}", big=rolls)
-                if not rx.alive():
-                    break
-                with phase("sleep"):
-                    # prune and apply points fire just after the ack: give them their time
-                    wait_pruned(2.0 if rp_ is not None else 0.2)
-                if not rx.alive():
-                    break
-            if rx.alive():
-                # Pruning runs after the ack and may still be going at SIGTERM: a point that
-                # fires during shutdown is a kill like any other (-9 instead of 0).
-                with phase("stop"):
-                    rc = rx.proc.terminate(timeout=20)
-                ft.check(rc in (0, -9), f"{label}: receiver exited {rc} on SIGTERM:\n"
-                                        f"{ft.tail(rx.log_path)}")
-                window_ok = True  # a SIGTERM may end the session before its prune
-                if rc == 0:
-                    stats["points_not_hit"] += 1
-                    ft.log(f"{label}: not hit")
-                else:
+                jdir = os.path.join(rx.store, GROUP, "journal")
+                with open(os.path.join(jdir, sorted(os.listdir(jdir))[-1]), "ab") as f:
+                    f.write(rng.randbytes(rng.randrange(100, 9000)))
+                if start_receiver(env, rx, {"FERRY_KILL_AT": f"{kp}:{n}"}, may_die=True) is None:
                     stats["kills_at_points"] += 1
                     fired.add(kp)
-                    ft.log(f"{label}: fired during shutdown")
+                else:
+                    stats["points_not_hit"] += 1
+                    stop_receiver(rx)
+                    ft.log(f"{label}: not hit")
                 reap(env, rx.proc)
+            elif kind == "point":
+                window_ok = kp in WINDOW_POINTS
+                # Journal segments are 64 MiB, far more than the small RPs of a round:
+                # prune.mid_remove fires once per segment that falls wholly below the base. For
+                # it the round writes RPs of 4 MiB until the n-th segment is removed.
+                rolls = kp == "prune.mid_remove"
+                rounds = (n + 1) * ROLL_RPS + KEEP if rolls else n + 1
+                start_receiver(env, rx, {"FERRY_KILL_AT": f"{kp}:{n}"})
+                for a in range(rounds):
+                    _rc, rp_, _st = attempt(f"{label} a{a}", big=rolls)
+                    if not rx.alive():
+                        break
+                    with phase("sleep"):
+                        # prune and apply points fire just after the ack: give them their time
+                        wait_pruned(2.0 if rp_ is not None else 0.2)
+                    if not rx.alive():
+                        break
+                if rx.alive():
+                    # Pruning runs after the ack and may still be going at SIGTERM: a point that
+                    # fires during shutdown is a kill like any other (-9 instead of 0).
+                    with phase("stop"):
+                        rc = rx.proc.terminate(timeout=20)
+                    ft.check(rc in (0, -9), f"{label}: receiver exited {rc} on SIGTERM:\n"
+                                            f"{ft.tail(rx.log_path)}")
+                    window_ok = True  # a SIGTERM may end the session before its prune
+                    if rc == 0:
+                        stats["points_not_hit"] += 1
+                        ft.log(f"{label}: not hit")
+                    else:
+                        stats["kills_at_points"] += 1
+                        fired.add(kp)
+                        ft.log(f"{label}: fired during shutdown")
+                    reap(env, rx.proc)
+                else:
+                    ft.check(rx.proc.p.returncode == -9,
+                             f"{label}: receiver died with {rx.proc.p.returncode}, not the kill "
+                             f"point:\n{ft.tail(rx.log_path)}")
+                    stats["kills_at_points"] += 1
+                    fired.add(kp)
+                    reap(env, rx.proc)
             else:
-                ft.check(rx.proc.p.returncode == -9,
-                         f"{label}: receiver died with {rx.proc.p.returncode}, not the kill "
-                         f"point:\n{ft.tail(rx.log_path)}")
-                stats["kills_at_points"] += 1
-                fired.add(kp)
+                start_receiver(env, rx)
+                typical = pct(round_s[-50:], 50) or 0.5
+                attempt(label, kill_after=rng.uniform(0.0, 1.3 * typical))
+                if rx.alive():  # the RP ended before the kill: kill now, during its prune
+                    rx.proc.kill9()
                 reap(env, rx.proc)
-        else:
-            start_receiver(env, rx)
-            typical = pct(round_s[-50:], 50) or 0.5
-            attempt(label, kill_after=rng.uniform(0.0, 1.3 * typical))
-            if rx.alive():  # the RP ended before the kill: kill now, during its prune
-                rx.proc.kill9()
-            reap(env, rx.proc)
-            stats["random_kills"] += 1
-        stats["crash_points"] = stats["kills_at_points"] + stats["random_kills"]
-        check_after_crash(label, window_ok,
-                          restore_all=not ft.LONG or stats["checks"] % 5 == 0)
-        if i % 25 == 0:
-            ft.log(f"{i + 1}/{len(plan)}: {stats}")
-        if i + 1 == len(plan) and stats["crash_points"] < MIN_CRASH_POINTS:
-            plan.append(("random", None, None))  # make up for named points that were not hit
+                stats["random_kills"] += 1
+            stats["crash_points"] = stats["kills_at_points"] + stats["random_kills"]
+            check_after_crash(label, window_ok,
+                              restore_all=not ft.LONG or stats["checks"] % 5 == 0)
+            if i % 25 == 0:
+                ft.log(f"{i + 1}/{len(plan)}: {stats}")
+            if i + 1 == len(plan) and stats["crash_points"] < MIN_CRASH_POINTS:
+                plan.append(("random", None, None))  # make up for named points that were not hit
+    except GroupRefused:
+        refused = True
 
     # Continue replicating after all that, and check every offered RP.
-    start_receiver(env, rx)
-    rc, rp, _ = attempt("final")
-    ft.check(rp is not None, "the final RP failed after the crash loop")
-    wait_pruned(5.0)
-    stop_receiver(rx)
-    check_after_crash("final", window_ok=False)
-    all_ids = [p["rp_id"] for p in env.points(rx.store, GROUP)]
+    all_ids = []
+    if not refused:
+        start_receiver(env, rx)
+        rc, rp, _ = attempt("final")
+        ft.check(rp is not None, "the final RP failed after the crash loop")
+        wait_pruned(5.0)
+        stop_receiver(rx)
+        check_after_crash("final", window_ok=False)
+        all_ids = [p["rp_id"] for p in env.points(rx.store, GROUP)]
     qsd.stop()
     not_fired = sorted(set(points) - fired)
-    violations = (stats["base_image_not_equal"] + stats["kept_lost_or_wrong"]
-                  + stats["retention_wrong"] + stats["pruned_half_back"])
+    violations = len(evidence)
     figure = (f"{stats['crash_points']} crash points (keep-last {KEEP}), "
               f"{stats['kept_lost_or_wrong']} kept RPs lost or wrong, "
               f"{stats['pruned_half_back']} pruned RPs half back "
               f"({stats['pruned_rps_seen']} pruned), {stats['base_image_not_equal']} base "
               f"images not equal to the oldest kept RP, {stats['acked_rps_lost']} acknowledged "
-              f"RPs lost, recovery p50/p99 {pct(recovery_s, 50) * 1000:.0f}/"
+              f"RPs lost" + (", the group refused after a kill" if refused else "")
+              + f", recovery p50/p99 {pct(recovery_s, 50) * 1000:.0f}/"
               f"{pct(recovery_s, 99) * 1000:.0f} ms")
     oracle.write_figure(TEST, figure, seed=env.seed, iterations=len(plan),
                         faults_injected=stats["crash_points"], violations=violations,
