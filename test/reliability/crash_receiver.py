@@ -39,6 +39,7 @@ newly committed ones at every check).
 Prints one JSON figure line and appends it to results/crash-receiver.jsonl."""
 
 import contextlib
+import json
 import os
 import shutil
 import struct
@@ -143,6 +144,7 @@ with ft.Env(TEST) as env:
              "half_back_identical": 0, "pruned_restore_refused": 0, "restores_checked": 0,
              "unacked_commits": 0, "attempts": 0, "checks": 0, "checks_pruned": 0,
              "checks_unpruned": 0, "checks_base_0": 0, "r13_refused": 0, "group_refused": 0,
+             "pruned_restore_not_refused": 0,
              "r13_postponed": 0}
     recovery_s = []
     round_s = []        # replicate time of rounds that were not killed
@@ -253,7 +255,7 @@ with ft.Env(TEST) as env:
         res = env.run(["restore", "--store", rx.store, "--group", GROUP, "--point", r,
                        "--disk", "vda", "--out", out], timeout=60)
         if res.rc == 0 or "pruned by retention" not in res.err:
-            stats["pruned_half_back"] += 1
+            stats["pruned_restore_not_refused"] += 1
             fail(label, f"restore of pruned RP {r} was not refused with 'pruned by retention':"
                         f"\n{res}")
         stats["pruned_restore_refused"] += 1
@@ -274,7 +276,13 @@ with ft.Env(TEST) as env:
             fail(label, f"the group is refused after the kill, its {len(offered_before)} kept "
                         f"RPs {offered_before} can no longer be read: {r_.err.strip()[-600:]}")
             raise GroupRefused()
-        pts = env.points(rx.store, GROUP)
+        try:
+            pts = json.loads(r_.out)
+        except ValueError as e:
+            raise ft.TestFailure(f"{label}: ferry points --json is not JSON ({e}):\n{r_}")
+        for p in pts:  # retention's fields; every listed RP is still readable
+            for key in ("rp_id", "base_rp", "disks", "keep", "rule", "pinned", "store_bytes"):
+                ft.check(key in p, f"{label}: point lacks {key!r}: {p}")
         ids = sorted(p["rp_id"] for p in pts)
         stats["checks"] += 1
         unknown = [r for r in ids if r not in cat.state_of]
