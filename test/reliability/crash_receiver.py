@@ -296,14 +296,13 @@ with ft.Env(TEST) as env:
             stats["unacked_commits"] += 1
         ft.check(ids, f"{label}: no RP offered")
         # 0 pruned RPs half back: one that came back must at least be byte-identical.
-        back = sorted(set(ids) & pruned_seen)
+        back = sorted((set(ids) & pruned_seen) - set(offered_before))  # newly back
         if back:
             stats["pruned_half_back"] += len(back)
             same = [r for r in back if restore_check(r, label)]
             stats["half_back_identical"] += len(same)
             fail(label, f"pruned RPs {back} are offered again ({len(same)} of them restore "
                         f"byte-identical); offered {ids}")
-            pruned_seen.difference_update(back)
         k = ids[-1]
         last_acked = max(acked) if acked else 0
         ft.check(last_acked <= k, f"{label}: newest committed RP {k} < last acknowledged "
