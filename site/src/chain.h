@@ -22,6 +22,7 @@
 #include "ferry/site/storage.h"
 #include "ferry/site/store.h"
 #include "journal.h"
+#include "pins.h"
 
 namespace ferry::site {
 
@@ -68,6 +69,10 @@ Result<std::optional<journal::RecordLoc>> distrust_limit(Storage& st, const Path
 // read-only scan. Call with the reader gate (pins.h) held shared, so that pruning does not
 // move the base in between.
 Result<Chain> load_chain(Storage& st, const std::string& root, const std::string& group);
+// The readers' way in: checks the group's name and that it exists, takes the reader gate
+// shared into `gate` (the caller holds it while it pins or reads the pins), then loads.
+Result<Chain> load_chain_gated(Storage& st, const std::string& root, const std::string& group,
+                               ReaderGate& gate);
 
 // A view of disk `disk` at RP `rp_id` (0: the newest offered) of `chain`, which must outlive
 // it. Errors name the group, the RP and the disk.

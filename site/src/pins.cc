@@ -14,36 +14,28 @@
 namespace ferry::site {
 namespace {
 
-Result<ReaderGate> take_gate(const std::string& group_dir, int op, ReaderGate gate, UniqueFd* out) {
-  const std::string path = group_dir + "/READERS";
-  UniqueFd fd(::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644));
-  if (!fd.valid() && (errno == EACCES || errno == EROFS || errno == EPERM))
-    return gate;  // a read-only store: nobody prunes it from here
-  if (!fd.valid()) return Status::from_errno(errno, "open " + path);
-  while (::flock(fd.get(), op) != 0)
-    if (errno != EINTR) return Status::from_errno(errno, "flock " + path);
-  *out = std::move(fd);
-  return gate;
-}
-
 std::atomic<std::uint64_t> g_pin_counter{0};
 
 }  // namespace
 
-Result<ReaderGate> ReaderGate::shared(const std::string& group_dir) {
+Result<ReaderGate> ReaderGate::take(const std::string& group_dir, int op) {
+  const std::string path = group_dir + "/READERS";
   ReaderGate g;
-  UniqueFd fd;
-  FERRY_ASSIGN_OR_RETURN(g, take_gate(group_dir, LOCK_SH, std::move(g), &fd));
-  g.fd_ = std::move(fd);
+  g.fd_.reset(::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644));
+  if (!g.fd_.valid() && (errno == EACCES || errno == EROFS || errno == EPERM))
+    return ReaderGate();  // a read-only store: nobody prunes it from here
+  if (!g.fd_.valid()) return Status::from_errno(errno, "open " + path);
+  while (::flock(g.fd_.get(), op) != 0)
+    if (errno != EINTR) return Status::from_errno(errno, "flock " + path);
   return g;
 }
 
+Result<ReaderGate> ReaderGate::shared(const std::string& group_dir) {
+  return take(group_dir, LOCK_SH);
+}
+
 Result<ReaderGate> ReaderGate::exclusive(const std::string& group_dir) {
-  ReaderGate g;
-  UniqueFd fd;
-  FERRY_ASSIGN_OR_RETURN(g, take_gate(group_dir, LOCK_EX, std::move(g), &fd));
-  g.fd_ = std::move(fd);
-  return g;
+  return take(group_dir, LOCK_EX);
 }
 
 Result<Pin> Pin::create(const std::string& group_dir, std::uint64_t rp_id, std::uint64_t base_rp) {

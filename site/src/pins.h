@@ -22,6 +22,7 @@ namespace ferry::site {
 
 class ReaderGate {
  public:
+  ReaderGate() = default;  // not held
   // Blocks until granted. A group directory the caller cannot write (a read-only copy of a
   // store) has no gate file: then the gate is a no-op and says so through held().
   static Result<ReaderGate> shared(const std::string& group_dir);
@@ -29,6 +30,7 @@ class ReaderGate {
   bool held() const { return fd_.valid(); }
 
  private:
+  static Result<ReaderGate> take(const std::string& group_dir, int op);
   UniqueFd fd_;
 };
 

@@ -23,14 +23,10 @@ RetentionPolicy policy_of(const Catalog& c) {
 
 Result<PruneReport> explain_points(const std::string& root, const std::string& group,
                                    std::uint64_t now_unix_ns) {
-  FERRY_TRY(check_name("group", group));
-  Paths paths(root, group);
-  auto st = real_storage();
-  if (!st->exists(paths.journal_dir))
-    return Status::error(Errc::not_found, "group " + group + " not found in store " + root);
-  FERRY_ASSIGN_OR_RETURN(auto gate, ReaderGate::shared(paths.group_dir));
-  FERRY_ASSIGN_OR_RETURN(Chain chain, load_chain(*st, root, group));
-  FERRY_ASSIGN_OR_RETURN(auto pins, live_pins(paths.group_dir, /*remove_stale=*/false));
+  ReaderGate gate;
+  FERRY_ASSIGN_OR_RETURN(Chain chain, load_chain_gated(*real_storage(), root, group, gate));
+  FERRY_ASSIGN_OR_RETURN(auto pins,
+                         live_pins(Paths(root, group).group_dir, /*remove_stale=*/false));
   PruneReport rep;
   rep.dry_run = true;
   rep.policy = effective_retention(policy_of(chain.catalog));

@@ -665,14 +665,19 @@ Result<Chain> load_chain(Storage& st, const std::string& root, const std::string
   return chain;
 }
 
-Result<std::vector<RpInfo>> list_points(const std::string& root, const std::string& group) {
+Result<Chain> load_chain_gated(Storage& st, const std::string& root, const std::string& group,
+                               ReaderGate& gate) {
   FERRY_TRY(check_name("group", group));
   Paths paths(root, group);
-  auto st = real_storage();
-  if (!st->exists(paths.journal_dir))
+  if (!st.exists(paths.journal_dir))
     return Status::error(Errc::not_found, "group " + group + " not found in store " + root);
-  FERRY_ASSIGN_OR_RETURN(auto gate, ReaderGate::shared(paths.group_dir));
-  FERRY_ASSIGN_OR_RETURN(Chain chain, load_chain(*st, root, group));
+  FERRY_ASSIGN_OR_RETURN(gate, ReaderGate::shared(paths.group_dir));
+  return load_chain(st, root, group);
+}
+
+Result<std::vector<RpInfo>> list_points(const std::string& root, const std::string& group) {
+  ReaderGate gate;
+  FERRY_ASSIGN_OR_RETURN(Chain chain, load_chain_gated(*real_storage(), root, group, gate));
   return chain.points();
 }
 
@@ -688,15 +693,12 @@ Status restore_point(const std::string& root, const std::string& group, std::uin
 Result<std::unique_ptr<ReadView>> ReadView::open(const std::string& store_root,
                                                  const std::string& group, std::uint64_t rp_id,
                                                  const std::string& disk) {
-  FERRY_TRY(check_name("group", group));
   Paths paths(store_root, group);
   auto st = real_storage();
-  if (!st->exists(paths.journal_dir))
-    return Status::error(Errc::not_found, "group " + group + " not found in store " + store_root);
-  // Under the gate: the pin is in place before the state is read, so a pruner either saw
+  // Under the gate: the pin is in place before the gate is released, so a pruner either saw
   // the pin or wrote its decision before this load (and then the RP is refused here).
-  FERRY_ASSIGN_OR_RETURN(auto gate, ReaderGate::shared(paths.group_dir));
-  FERRY_ASSIGN_OR_RETURN(Chain loaded, load_chain(*st, store_root, group));
+  ReaderGate gate;
+  FERRY_ASSIGN_OR_RETURN(Chain loaded, load_chain_gated(*st, store_root, group, gate));
   auto chain = std::make_shared<Chain>(std::move(loaded));
   if (rp_id == 0) rp_id = chain->newest();
   FERRY_ASSIGN_OR_RETURN(Pin pin, Pin::create(paths.group_dir, rp_id, chain->catalog.base_rp));
