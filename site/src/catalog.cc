@@ -12,6 +12,27 @@ bool Catalog::is_pruned(std::uint64_t rp_id) const {
   return std::binary_search(pruned.begin(), pruned.end(), rp_id);
 }
 
+RetentionPolicy catalog_policy(const Catalog& c) {
+  auto count = [](std::uint64_t v) {
+    return v == 0 ? std::optional<std::uint32_t>() : std::optional<std::uint32_t>(std::uint32_t(v));
+  };
+  RetentionPolicy p;
+  p.keep_last = count(c.keep_last);
+  p.keep_hourly = count(c.keep_hourly);
+  p.keep_daily = count(c.keep_daily);
+  p.keep_weekly = count(c.keep_weekly);
+  if (c.keep_within_s != 0) p.keep_within = std::chrono::seconds(c.keep_within_s);
+  return p;
+}
+
+void set_catalog_policy(Catalog& c, const RetentionPolicy& p) {
+  c.keep_last = p.keep_last.value_or(0);
+  c.keep_hourly = p.keep_hourly.value_or(0);
+  c.keep_daily = p.keep_daily.value_or(0);
+  c.keep_weekly = p.keep_weekly.value_or(0);
+  c.keep_within_s = p.keep_within ? static_cast<std::uint64_t>(p.keep_within->count()) : 0;
+}
+
 std::string encode_catalog(std::uint64_t group_id, const Catalog& c) {
   std::string s;
   ByteWriter w(s);

@@ -43,6 +43,10 @@ struct Catalog {
 };
 
 std::string encode_catalog(std::uint64_t group_id, const Catalog& c);
+// The policy fields as a RetentionPolicy and back (0: the option not given).
+RetentionPolicy catalog_policy(const Catalog& c);
+void set_catalog_policy(Catalog& c, const RetentionPolicy& p);
+
 // Checks magic, version, group, lengths, order and the checksum; the error says which.
 // A version 1 file is refused with Errc::unsupported (the store migrates it first).
 Result<Catalog> decode_catalog(std::string_view bytes, std::uint64_t group_id);

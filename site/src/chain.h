@@ -61,6 +61,12 @@ struct Chain {
   const RpBeginInfo* begin_of(std::uint64_t rp_id) const;
 };
 
+// Retention's verdict on every offered RP of `chain` (points.cc): `effective` at `now`,
+// pinned RPs kept; fills points, policy, removed, removed_bytes and base_before. The one
+// judgement `ferry points` shows and the store's pruning acts on.
+PruneReport judge_points(const Chain& chain, const std::vector<LivePin>& pins,
+                         const RetentionPolicy& effective, std::uint64_t now_unix_ns);
+
 // R18 (store.cc): where the journal stops being trusted after a failed sync, if anywhere.
 Result<std::optional<journal::RecordLoc>> distrust_limit(Storage& st, const Paths& paths,
                                                          std::uint64_t group_id);

@@ -56,18 +56,23 @@ Result<Pin> Pin::create(const std::string& group_dir, std::uint64_t rp_id, std::
   return p;
 }
 
-Pin::Pin(Pin&& o) noexcept : path_(std::move(o.path_)), fd_(std::move(o.fd_)) { o.path_.clear(); }
+Pin::Pin(Pin&& o) noexcept : path_(std::exchange(o.path_, {})), fd_(std::move(o.fd_)) {}
 
 Pin& Pin::operator=(Pin&& o) noexcept {
   if (this != &o) {
-    this->~Pin();
-    new (this) Pin(std::move(o));
+    release();
+    path_ = std::exchange(o.path_, {});
+    fd_ = std::move(o.fd_);
   }
   return *this;
 }
 
-Pin::~Pin() {
+Pin::~Pin() { release(); }
+
+void Pin::release() {
   if (!path_.empty() && fd_.valid()) ::unlink(path_.c_str());
+  path_.clear();
+  fd_.reset();
 }
 
 Result<std::vector<LivePin>> live_pins(const std::string& group_dir, bool remove_stale) {

@@ -44,6 +44,7 @@ class Pin {
   ~Pin();
 
  private:
+  void release();  // removes the pin file, then closes (the flock goes with the close)
   std::string path_;
   UniqueFd fd_;
 };

@@ -663,41 +663,21 @@ class StoreImpl final : public GroupStore {
     // A compaction left pending by a failure is finished first (R19).
     if (!dry_run && chain_.catalog.target_rp != 0) FERRY_TRY(compact(chain_.catalog.target_rp));
     PruneReport rep;
-    rep.dry_run = dry_run;
-    rep.policy = policy;
-    rep.base_before = chain_.catalog.base_rp;
     std::uint64_t target = 0;
     {
       // The decision under the gate: a reader either pinned its RP before (kept) or loads
       // the state after it is written (and is refused a pruned RP).
       FERRY_ASSIGN_OR_RETURN(auto gate, ReaderGate::exclusive(paths_.group_dir));
       FERRY_ASSIGN_OR_RETURN(auto pins, live_pins(paths_.group_dir));
-      std::vector<RetentionPoint> pts;
-      std::map<std::uint64_t, RpInfo> infos;
-      for (auto& info : chain_.points()) {
-        bool pinned = false;
-        for (const auto& p : pins) pinned = pinned || p.rp_id == info.rp_id;
-        pts.push_back(RetentionPoint{info.rp_id, info.created_unix_ns, pinned});
-        infos.emplace(info.rp_id, std::move(info));
-      }
-      auto verdicts = decide_retention(policy, pts, now);
+      rep = judge_points(chain_, pins, policy, now);
+      rep.dry_run = dry_run;
       Catalog next = chain_.catalog;
-      set_policy(next, policy);
-      for (const auto& v : verdicts) {
-        PrunePoint p;
-        p.info = infos.at(v.rp_id);
-        p.keep = v.keep;
-        p.rule = v.rule;
-        for (const auto& pin : pins) p.pinned = p.pinned || pin.rp_id == v.rp_id;
-        p.store_bytes = v.rp_id == chain_.catalog.base_rp ? 0 : stored_bytes(p.info);
-        if (!p.keep) {
-          rep.removed += 1;
-          rep.removed_bytes += p.store_bytes;
-          next.pruned.push_back(v.rp_id);
-        } else if (target == 0) {
-          target = v.rp_id;  // the oldest kept RP: the new base
-        }
-        rep.points.push_back(std::move(p));
+      set_catalog_policy(next, policy);
+      for (const auto& p : rep.points) {
+        if (!p.keep)
+          next.pruned.push_back(p.info.rp_id);
+        else if (target == 0)
+          target = p.info.rp_id;  // the oldest kept RP: the new base
       }
       if (dry_run) return rep;
       // The base RP itself, when dropped, leaves with the compaction (the target says so).
@@ -718,20 +698,6 @@ class StoreImpl final : public GroupStore {
       spdlog::warn("group {}: cannot remove pruned journal segments yet: {}", group_,
                    s.to_string());
     return rep;
-  }
-
-  static std::uint64_t stored_bytes(const RpInfo& info) {
-    std::uint64_t n = 0;
-    for (const auto& d : info.disks) n += d.stored_bytes;
-    return n;
-  }
-
-  static void set_policy(Catalog& c, const RetentionPolicy& p) {
-    c.keep_last = p.keep_last.value_or(0);
-    c.keep_hourly = p.keep_hourly.value_or(0);
-    c.keep_daily = p.keep_daily.value_or(0);
-    c.keep_weekly = p.keep_weekly.value_or(0);
-    c.keep_within_s = p.keep_within ? static_cast<std::uint64_t>(p.keep_within->count()) : 0;
   }
 
   bool same_catalog(const Catalog& a, const Catalog& b) const {
@@ -755,7 +721,8 @@ class StoreImpl final : public GroupStore {
         return std::move(s).with_context("compact RP " + std::to_string(rp.info.rp_id) +
                                          " into the replica");
       }
-      if (rep != nullptr) rep->compacted_bytes += stored_bytes(rp.info);
+      if (rep != nullptr)
+        for (const auto& d : rp.info.disks) rep->compacted_bytes += d.stored_bytes;
       to = &rp;
     }
     FERRY_ASSERT(to != nullptr && to->info.rp_id == target);
