@@ -639,6 +639,7 @@ class TcpServer final : public Server {
                                               Handler handler);
   ~TcpServer() override { stop(); }
   std::uint16_t port() const override { return port_; }
+  void set_tls(std::shared_ptr<const TlsConfig>) override { FERRY_ASSERT(false); }  // TODO(tls)
   void stop() override;
 
  private:

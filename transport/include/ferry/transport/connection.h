@@ -19,6 +19,7 @@
 #include <string>
 
 #include "ferry/base/status.h"
+#include "ferry/transport/tls.h"
 #include "ferry/transport/wire.h"
 
 namespace ferry::transport {
@@ -46,6 +47,13 @@ struct ConnectionOptions {
   // after about this long instead of TCP's ~15 minutes (TCP_USER_TIMEOUT, plus keepalive
   // probes while idle). A peer that is alive but not reading is flow control, not death.
   std::chrono::milliseconds dead_peer_timeout{60000};
+  // Mutual TLS 1.3 (null: plaintext). A client's config has Role::client, a server's
+  // Role::server. A client checks the server's certificate against tls_server_name (DNS or IP
+  // SAN); empty: the host of the endpoint it connects to.
+  std::shared_ptr<const TlsConfig> tls;
+  std::string tls_server_name;
+  // The TLS handshake (client and server) fails after this long.
+  std::chrono::milliseconds handshake_timeout{10000};
 };
 
 class Connection {
@@ -72,6 +80,8 @@ class Connection {
   // receive() then fails with Errc::disconnected once the frames already read are taken.
   virtual void close() = 0;
   virtual std::string peer() const = 0;
+  // The verified identity of the peer (TLS connections), or null (plaintext).
+  virtual const PeerIdentity* peer_identity() const { return nullptr; }
   // Byte counters, for figures: frame bytes handed to / read from the socket.
   virtual std::uint64_t bytes_sent() const = 0;
   virtual std::uint64_t bytes_received() const = 0;
@@ -80,6 +90,12 @@ class Connection {
 struct ServerOptions {
   ConnectionOptions connection;
   std::size_t max_connections = 64;  // further connections are accepted and closed at once
+  // Connections (handshaking or admitted) from one peer address at once; more are accepted
+  // and closed at once, logged (rate-limited) with the address.
+  std::size_t max_connections_per_address = 16;
+  // Handshakes in progress at once (each costs bounded memory); more wait in the kernel's
+  // accept backlog.
+  std::size_t max_handshakes = 64;
 };
 
 // Accepts connections and runs `handler` for each on a thread of its own; when the handler
@@ -92,6 +108,9 @@ class Server {
   static Result<std::unique_ptr<Server>> listen(const Endpoint& at, const ServerOptions& options,
                                                 Handler handler);
   virtual std::uint16_t port() const = 0;  // the bound port (useful with port 0)
+  // Replaces the TLS config for handshakes that start from now on (SIGHUP reload);
+  // connections in flight keep theirs. Only for a server listening with TLS. Thread-safe.
+  virtual void set_tls(std::shared_ptr<const TlsConfig> tls) = 0;
   // Stops accepting, cancels every connection, joins every handler thread.
   virtual void stop() = 0;
 };
