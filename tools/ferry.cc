@@ -104,30 +104,7 @@ Result<ReceiveConfig> receive_config(const ReceiveArgs& a) {
   return with_flags(std::move(file), a.retention);
 }
 
-// "16T", "16TiB", "500G", "1.5T", "4096": binary units (K = 1024). Error: what is wrong.
-Result<std::uint64_t> parse_size(const std::string& text) {
-  std::size_t used = 0;
-  double v = 0;
-  try {
-    v = std::stod(text, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  std::string unit = text.substr(used);
-  if (unit.size() > 1 && (unit.ends_with("iB") || unit.ends_with("B")))
-    unit = unit.substr(0, unit.size() - (unit.ends_with("iB") ? 2 : 1));
-  const std::string units = "KMGTPE";
-  std::size_t pos = unit.size() == 1 ? units.find(char(std::toupper(unit[0]))) : std::string::npos;
-  if (used == 0 || !(v >= 0) || (!unit.empty() && pos == std::string::npos))
-    return Status::error(Errc::invalid_argument,
-                         "'" + text + "' is not a size (a number with an optional K, M, G, T, "
-                         "P or E suffix, binary: 16T = 16 TiB)");
-  double bytes = v;
-  for (std::size_t i = 0; !unit.empty() && i <= pos; ++i) bytes *= 1024;
-  if (bytes >= 18446744073709551615.0)
-    return Status::error(Errc::invalid_argument, "'" + text + "' is larger than 16 EiB");
-  return static_cast<std::uint64_t>(bytes);
-}
+Result<std::uint64_t> parse_size(const std::string& text) { return parse_byte_size(text); }
 
 // The receiver's status document (ferry status --socket PATH; docs/operations.md).
 std::string receiver_status_json(const site::Receiver& r, const ReceiveArgs& a,
