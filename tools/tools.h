@@ -11,6 +11,7 @@
 #include "ferry/base/fd.h"
 #include "ferry/base/status.h"
 #include "ferry/base/units.h"
+#include "ferry/transport/tls.h"
 
 namespace ferry::tools {
 
@@ -58,6 +59,22 @@ struct ExportArgs {
   bool overlay = false;  // nbdkit's cow filter: writable, writes never reach the store
 };
 int cmd_export(const ExportArgs& args);
+
+// Mutual TLS material of a command (--tls-* flags) or an agent target (tls_* keys).
+struct TlsArgs {
+  std::string cert, key, ca, crl;  // crl: receivers only
+  std::string server_name;         // sources only; empty: the host in --to
+  bool given() const { return !cert.empty() || !key.empty() || !ca.empty(); }
+  transport::TlsFiles files() const { return {cert, key, ca, crl}; }
+};
+// The usage rule: --tls-cert, --tls-key and --tls-ca all three or none; --tls-crl and
+// --tls-server-name only with them. The message names the missing or stray flags.
+Status check_tls_args(const TlsArgs& a);
+// Loads and checks the files (TlsConfig::load); null when none is given (plaintext).
+Result<std::shared_ptr<const transport::TlsConfig>> load_tls(const TlsArgs& a,
+                                                             transport::TlsConfig::Role role);
+// 127.0.0.0/8, ::1 (and ::ffff:127.x) or "localhost": where a plaintext receiver may listen.
+bool loopback_host(const std::string& host);
 
 std::string default_state_dir();  // $FERRY_STATE_DIR or /var/lib/ferry
 std::string host_name();
