@@ -280,8 +280,8 @@ int cmd_receive(const ReceiveArgs& a, std::uint64_t max_disk_bytes) {
     std::atomic<transport::Server*>& p;
     ~UnsetServer() { p.store(nullptr); }
   } unset_server{serving};
-  spdlog::info("listening on {}:{} ({}) with store {}{}{}", ep->host, (*server)->port(),
-               tls_on ? "mutual TLS 1.3" : "plaintext", a.store,
+  spdlog::info("listening on {}:{} with store {} ({}){}{}", ep->host, (*server)->port(), a.store,
+               tls_on ? "mutual TLS 1.3" : "plaintext",
                a.status_socket.empty() ? "" : ", status on ", a.status_socket);
   // systemd (Type=notify): ready once the listen socket is bound; a no-op without NOTIFY_SOCKET.
   sd_notifyf(0, "READY=1\nSTATUS=listening on %s:%u, store %s", ep->host.c_str(),

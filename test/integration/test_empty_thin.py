@@ -50,7 +50,7 @@ def raw_source(rx, group, size, features, zero_frames):
     """A hand-written source: hello (offering `features`), a full rp_begin of one disk of `size`
     bytes, zero frames [(offset, length)], rp_end. Returns (accepted features, rp_ack status,
     its message, the frames the receiver sent)."""
-    sock = socket.create_connection(("127.0.0.1", rx.port), timeout=30)
+    sock = env.connect(rx.port, timeout=30)
     sock.sendall(ft.encode_frame(ft.MSG["hello"], ft.encode_hello(group, [("vda", size, 65536)],
                                                                   features=features)))
     head = ft.CorruptingProxy._recv_exact(sock, ft.FRAME_HEADER.size)
