@@ -42,6 +42,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <deque>
+#include <functional>
 #include <list>
 #include <map>
 #include <mutex>
@@ -118,7 +119,6 @@ Result<Endpoint> parse_endpoint(const std::string& text, bool allow_port_zero) {
 namespace {
 
 using tls_detail::take_openssl_errors;
-using TlsStream = asio::ssl::stream<tcp::socket>;
 
 constexpr const char* kNotTls = "not TLS (plaintext or garbage)";
 constexpr const char* kClosedInHandshake = "the peer closed the connection during the handshake";
@@ -275,6 +275,237 @@ static_assert(kRxBufferBytes > kFrameHeaderBytes);
 // queue bound does that).
 constexpr std::size_t kMaxFramesPerWrite = 512;
 
+// TLS over a TCP socket through OpenSSL memory BIOs, on the I/O thread only.
+//
+// Why not asio::ssl::stream: it moves one TLS record (16 KiB) per system call through a
+// 17 KiB BIO pair, both ways, and takes one buffer of a gathered write at a time (a record
+// and a system call for each 24-byte frame header). Here a write encrypts up to
+// kTlsWriteBatchBytes of frames into the write BIO and hands the records to the kernel in one
+// send; a read takes up to kTlsReadChunkBytes from the kernel and decrypts as many records as
+// the caller's buffer holds. The TLS itself (handshake, verification, records, alerts) is
+// OpenSSL's; the SSL_CTX is the TlsConfig's Asio context.
+// Rules: one read op and one write op may be in flight at once (as for a socket); the
+// handshake and shutdown run alone. Output that SSL_read produces (an alert, a KeyUpdate
+// answer) waits in the write BIO for the next write or shutdown. Buffers are bounded: before
+// the handshake completes a read takes at most one record (kTlsRecordBytes), so an
+// unauthenticated peer costs one SSL object and ~20 KiB.
+constexpr std::size_t kTlsRecordBytes = 16u * 1024 + 512;
+constexpr std::size_t kTlsReadChunkBytes = 128u << 10;
+constexpr std::size_t kTlsWriteBatchBytes = 256u << 10;
+
+class TlsEngine {
+ public:
+  using Handler = std::function<void(const boost::system::error_code&, std::size_t)>;
+  using DoneHandler = std::function<void(const boost::system::error_code&)>;
+
+  TlsEngine(tcp::socket socket, asio::ssl::context& ctx) : socket_(std::move(socket)) {
+    ssl_ = SSL_new(ctx.native_handle());
+    if (ssl_ == nullptr) throw boost::system::system_error(boost::system::error_code(
+        static_cast<int>(ERR_get_error()), asio::error::get_ssl_category()), "SSL_new");
+    BIO* rbio = BIO_new(BIO_s_mem());
+    BIO* wbio = BIO_new(BIO_s_mem());
+    FERRY_ASSERT(rbio != nullptr && wbio != nullptr);
+    BIO_set_mem_eof_return(rbio, -1);  // empty means "want more", not end of stream
+    SSL_set_bio(ssl_, rbio, wbio);     // ssl_ owns both
+    SSL_set_mode(ssl_, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
+                           SSL_MODE_RELEASE_BUFFERS);
+  }
+  ~TlsEngine() { SSL_free(ssl_); }
+  TlsEngine(const TlsEngine&) = delete;
+  TlsEngine& operator=(const TlsEngine&) = delete;
+
+  SSL* native_handle() { return ssl_; }
+  tcp::socket& next_layer() { return socket_; }
+  auto get_executor() { return socket_.get_executor(); }
+
+  void async_handshake(asio::ssl::stream_base::handshake_type type, DoneHandler handler) {
+    if (type == asio::ssl::stream_base::client) SSL_set_connect_state(ssl_);
+    else SSL_set_accept_state(ssl_);
+    handshake_step(std::move(handler));
+  }
+
+  template <class Buffer>
+  void async_read_some(const Buffer& buffer, Handler handler) {
+    read_step(static_cast<char*>(buffer.data()), buffer.size(), std::move(handler));
+  }
+
+  // Reads exactly buffer.size() bytes.
+  template <class Buffer>
+  void async_read(const Buffer& buffer, Handler handler) {
+    read_exact(static_cast<char*>(buffer.data()), buffer.size(), 0, std::move(handler));
+  }
+
+  template <class Buffers>
+  void async_write(const Buffers& buffers, Handler handler) {
+    FERRY_ASSERT(!writing_);
+    write_buffers_.assign(asio::buffer_sequence_begin(buffers), asio::buffer_sequence_end(buffers));
+    write_index_ = 0;
+    write_offset_ = 0;
+    write_total_ = 0;
+    writing_ = true;
+    write_step(std::move(handler));
+  }
+
+  // Sends close_notify (not waiting for the peer's); fails at once while a write is in
+  // flight, whose records must not be cut.
+  void async_shutdown(DoneHandler handler) {
+    if (writing_) return asio::post(get_executor(), [h = std::move(handler)] { h(asio::error::in_progress); });
+    SSL_shutdown(ssl_);
+    ERR_clear_error();
+    writing_ = true;
+    flush([this, h = std::move(handler)](const boost::system::error_code& ec) {
+      writing_ = false;
+      h(ec);
+    });
+  }
+
+ private:
+  // The error of a failed SSL call, as Asio's SSL streams report it.
+  boost::system::error_code ssl_error(int ret) {
+    int err = SSL_get_error(ssl_, ret);
+    if (err == SSL_ERROR_ZERO_RETURN) return asio::error::eof;
+    unsigned long e = ERR_get_error();
+    ERR_clear_error();
+    if (e == 0) return asio::ssl::error::stream_truncated;
+    return boost::system::error_code(static_cast<int>(e), asio::error::get_ssl_category());
+  }
+
+  std::size_t pending_output() const { return BIO_ctrl_pending(SSL_get_wbio(ssl_)); }
+
+  // Sends everything in the write BIO (moved to out_ first: SSL may append to the BIO while
+  // the socket write runs).
+  void flush(DoneHandler done) {
+    std::size_t n = pending_output();
+    if (n == 0) return done({});
+    out_.resize(n);
+    int got = BIO_read(SSL_get_wbio(ssl_), out_.data(), static_cast<int>(n));
+    FERRY_ASSERT(got == static_cast<int>(n));
+    asio::async_write(socket_, asio::buffer(out_),
+                      [this, done = std::move(done)](const boost::system::error_code& ec, std::size_t) {
+                        if (ec) return done(ec);
+                        flush(std::move(done));
+                      });
+  }
+
+  // Reads what the kernel holds (at most `limit`) into the read BIO.
+  void fill(std::size_t limit, DoneHandler done) {
+    if (raw_size_ < limit) {
+      raw_.reset(new char[limit]);
+      raw_size_ = limit;
+    }
+    socket_.async_read_some(asio::buffer(raw_.get(), limit),
+                            [this, done = std::move(done)](const boost::system::error_code& ec,
+                                                           std::size_t n) {
+                              if (ec == asio::error::eof) {
+                                bool closed = SSL_get_shutdown(ssl_) & SSL_RECEIVED_SHUTDOWN;
+                                return done(closed ? asio::error::eof
+                                                   : boost::system::error_code(asio::ssl::error::stream_truncated));
+                              }
+                              if (ec) return done(ec);
+                              int put = BIO_write(SSL_get_rbio(ssl_), raw_.get(), static_cast<int>(n));
+                              FERRY_ASSERT(put == static_cast<int>(n));
+                              done({});
+                            });
+  }
+
+  void handshake_step(DoneHandler handler) {
+    ERR_clear_error();
+    int r = SSL_do_handshake(ssl_);
+    if (r == 1) return flush(std::move(handler));  // the client's Finished goes out first
+    int err = SSL_get_error(ssl_, r);
+    if (err == SSL_ERROR_WANT_READ) {
+      return flush([this, handler = std::move(handler)](const boost::system::error_code& ec) mutable {
+        if (ec) return handler(ec);
+        fill(kTlsRecordBytes, [this, handler = std::move(handler)](const boost::system::error_code& ec2) mutable {
+          if (ec2) return handler(ec2);
+          handshake_step(std::move(handler));
+        });
+      });
+    }
+    boost::system::error_code failure = ssl_error(r);
+    // The alert that says why goes to the peer (best effort), then the failure is reported.
+    flush([failure, handler = std::move(handler)](const boost::system::error_code&) { handler(failure); });
+  }
+
+  void read_step(char* data, std::size_t size, Handler handler) {
+    std::size_t filled = 0;
+    int last = 1;
+    while (filled < size) {
+      std::size_t n = 0;
+      ERR_clear_error();
+      last = SSL_read_ex(ssl_, data + filled, size - filled, &n);
+      if (last != 1) break;
+      filled += n;
+    }
+    if (filled > 0 || size == 0)
+      return asio::post(get_executor(), [handler = std::move(handler), filled] { handler({}, filled); });
+    int err = SSL_get_error(ssl_, last);
+    if (err == SSL_ERROR_WANT_READ) {
+      return fill(kTlsReadChunkBytes, [this, data, size, handler = std::move(handler)](
+                                          const boost::system::error_code& ec) mutable {
+        if (ec) return handler(ec, 0);
+        read_step(data, size, std::move(handler));
+      });
+    }
+    boost::system::error_code failure = ssl_error(last);
+    asio::post(get_executor(), [handler = std::move(handler), failure] { handler(failure, 0); });
+  }
+
+  void read_exact(char* data, std::size_t size, std::size_t have, Handler handler) {
+    if (have == size) return handler({}, size);
+    read_step(data + have, size - have,
+              [this, data, size, have, handler = std::move(handler)](const boost::system::error_code& ec,
+                                                                    std::size_t n) mutable {
+                if (ec) return handler(ec, have + n);
+                read_exact(data, size, have + n, std::move(handler));
+              });
+  }
+
+  // Encrypts up to kTlsWriteBatchBytes of the caller's buffers, sends the records, repeats.
+  void write_step(Handler handler) {
+    while (write_index_ < write_buffers_.size() && pending_output() < kTlsWriteBatchBytes) {
+      const asio::const_buffer& b = write_buffers_[write_index_];
+      std::size_t left = b.size() - write_offset_;
+      if (left == 0) {
+        ++write_index_;
+        write_offset_ = 0;
+        continue;
+      }
+      std::size_t n = 0;
+      ERR_clear_error();
+      int r = SSL_write_ex(ssl_, static_cast<const char*>(b.data()) + write_offset_,
+                           std::min(left, kTlsWriteBatchBytes), &n);
+      if (r != 1) {
+        boost::system::error_code failure = ssl_error(r);
+        writing_ = false;
+        return asio::post(get_executor(), [handler = std::move(handler), failure, t = write_total_] {
+          handler(failure, t);
+        });
+      }
+      write_offset_ += n;
+      write_total_ += n;
+    }
+    bool last = write_index_ >= write_buffers_.size();
+    flush([this, last, handler = std::move(handler)](const boost::system::error_code& ec) mutable {
+      if (ec || last) {
+        writing_ = false;
+        return handler(ec, write_total_);
+      }
+      write_step(std::move(handler));
+    });
+  }
+
+  tcp::socket socket_;
+  SSL* ssl_ = nullptr;
+  std::unique_ptr<char[]> raw_;  // kernel -> read BIO; grows from one record after the handshake
+  std::size_t raw_size_ = 0;
+  std::string out_;              // write BIO -> kernel
+  bool writing_ = false;         // a write (or shutdown) is in flight
+  std::vector<asio::const_buffer> write_buffers_;
+  std::size_t write_index_ = 0, write_offset_ = 0, write_total_ = 0;
+};
+using TlsStream = TlsEngine;
+
 // The byte stream of a connection: plain TCP, or TLS over it. One branch per operation keeps
 // a single code path for framing and queues; plaintext pays one predictable test.
 class Stream {
@@ -296,12 +527,12 @@ class Stream {
   }
   template <class Buffers, class Handler>
   void async_read(const Buffers& buffers, Handler&& handler) {
-    if (tls_) asio::async_read(*tls_, buffers, std::forward<Handler>(handler));
+    if (tls_) tls_->async_read(buffers, std::forward<Handler>(handler));
     else asio::async_read(*plain_, buffers, std::forward<Handler>(handler));
   }
   template <class Buffers, class Handler>
   void async_write(const Buffers& buffers, Handler&& handler) {
-    if (tls_) asio::async_write(*tls_, buffers, std::forward<Handler>(handler));
+    if (tls_) tls_->async_write(buffers, std::forward<Handler>(handler));
     else asio::async_write(*plain_, buffers, std::forward<Handler>(handler));
   }
 
