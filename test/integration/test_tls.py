@@ -166,6 +166,9 @@ with ft.Env("tls", tls=True) as env:
     case("certificate from another CA")
     refused(rep_args("bad-otherca", client="client-other"),
             r"unknown ca|unable to get local issuer|verify|certificate", "bad-otherca")
+    # The source refuses its own certificate before connecting; the receiver must refuse it
+    # too when a client sends it anyway.
+    python_refused("client-other.pem", "client-other.key", r"unknown ca|unable to get local issuer")
 
     case("expired certificate")
     refused(rep_args("bad-expired", client="client-expired"), r"expired", "bad-expired")
