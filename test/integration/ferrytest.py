@@ -1000,6 +1000,19 @@ class Env:
         ctx.load_cert_chain(self.cert(f"{client}.pem"), self.cert(f"{client}.key"))
         return ctx.wrap_socket(sock, server_hostname=host)
 
+    def server_wrap(self, sock):
+        """The server side of an accepted connection, for tests that play a receiver by hand:
+        TLS 1.3 with the test's server certificate, a client certificate required (the
+        harness's CA); unchanged when TLS is off."""
+        if not self.tls:
+            return sock
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(self.cert("ca.pem"))
+        ctx.load_cert_chain(self.cert("server.pem"), self.cert("server.key"))
+        return ctx.wrap_socket(sock, server_side=True)
+
     # -- the CLI --
 
     def with_tls(self, args):

@@ -64,8 +64,9 @@ with ft.Env("tls", tls=True) as env:
     ft.check_eq(stat.S_IMODE(os.stat(env.cert("client-a.key")).st_mode), 0o600,
                 "mode of a key make-certs wrote")
 
-    qsd = env.qsd([ft.Disk("vda", SIZE), ft.Disk("vdb", SIZE), ft.Disk("vdc", SIZE)])
-    vda, vdb, vdc = qsd.disk("vda"), qsd.disk("vdb"), qsd.disk("vdc")
+    qsd = env.qsd([ft.Disk("vda", SIZE), ft.Disk("vdb", SIZE), ft.Disk("vdc", SIZE),
+                   ft.Disk("vdd", SIZE)])
+    vda, vdb, vdc, vdd = qsd.disk("vda"), qsd.disk("vdb"), qsd.disk("vdc"), qsd.disk("vdd")
     wl = env.workload()
     cfg = env.path("receive.toml")
     with open(cfg, "w") as f:
@@ -310,6 +311,30 @@ with ft.Env("tls", tls=True) as env:
     r = env.run(["points", "--to", rx.addr, "--group", "B2"] + env.tls_client_args("client-admin"),
                 timeout=60)
     ft.check(r.rc == 1 and "may not manage group 'B2'" in r.err, f"admin of A only:\n{r}")
+
+    case("the access map reloaded by SIGHUP (and a bad file keeps it)")
+    def sighup_and_wait(word):
+        mark = len(rx.log_text())
+        rx.proc.p.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while word not in rx_log_since(mark) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        ft.check(word in rx_log_since(mark), f"no {word!r} after SIGHUP:\n{rx_log_since(mark)}")
+    with open(cfg, "w") as f:
+        f.write(ACCESS.replace(f'write = ["{GOOD}", "{QUOTA}"]', f'write = ["{GOOD}", "{QUOTA}", "B"]'))
+    sighup_and_wait("access map reloaded")
+    r = env.run(rep_args("B", disk=vdd), timeout=120)
+    ft.check_eq(r.rc, 0, f"group B after the access map allowed it:\n{r}")
+    with open(cfg, "w") as f:
+        f.write(ACCESS + "\n[[access]]\nidentity = \"bogus\"\n")
+    sighup_and_wait("not reloaded")
+    wl.random_writes(qsd, vdd, 2, min_len=4 * ft.KiB, max_len=64 * ft.KiB)
+    r = env.run(rep_args("B", disk=vdd), timeout=120)
+    ft.check_eq(r.rc, 0, f"group B after a failed reload (the map in force stays):\n{r}")
+    with open(cfg, "w") as f:
+        f.write(ACCESS)
+    sighup_and_wait("access map reloaded")
+    refused(rep_args("B", disk=vdd), r"may not write group 'B'")
 
     case("quota exceeded")
     wl.random_writes(qsd, vdb, 12, min_len=1 * ft.MiB, max_len=1 * ft.MiB)
