@@ -132,7 +132,13 @@ Status authorize_peer(const ReceiveConfig& c, const transport::PeerIdentity* pee
 }
 
 void log_access(const ReceiveConfig& c, bool tls, const char* what) {
-  if (!tls) return;
+  if (!tls) {
+    if (!c.access.empty())
+      spdlog::warn("access map {}: {} [[access]] entr{} not applied: plaintext connections carry "
+                   "no identity (rule A1; docs/security.md)", what, c.access.entries.size(),
+                   c.access.entries.size() == 1 ? "y" : "ies");
+    return;
+  }
   if (c.access.empty())
     spdlog::warn("access map {}: receive.toml has no [[access]] entry, so every peer is refused "
                  "(rule A2; docs/security.md)", what);
