@@ -15,15 +15,15 @@
 // max_recv_queue_bytes it stops reading (the queue may exceed the bound by the frames of one
 // buffer), so TCP's window pushes back on the peer.
 //
-// TLS: all reads and writes go through `stream_` (a Stream: plain TCP or an
-// asio::ssl::stream over it); only socket() touches the TCP layer, so framing and queues are
-// one code path. A TLS connection differs in three places only: a handshake after
+// TLS: all reads and writes go through `stream_` (a Stream: plain TCP, or TlsEngine: OpenSSL
+// over memory BIOs on that TCP socket); only socket() touches the TCP layer, so framing and
+// queues are one code path. A TLS connection differs in three places only: a handshake after
 // connect/accept (bounded by handshake_timeout), no inline writes (an SSL object is not
 // thread-safe: every SSL call happens on the I/O thread), and a close that sends
 // close_notify (bounded by close_timeout). The server handshakes on its I/O thread before
 // admit(), with handshakes in flight and connections per address bounded, so an
-// unauthenticated peer costs one SSL object and Asio's record buffers (~70 KiB), never the
-// 256 KiB receive buffer or a thread.
+// unauthenticated peer costs one SSL object and one record buffer, never the 256 KiB receive
+// buffer or a thread.
 #include <utility>  // before Asio: GCC 12 needs it for Asio's coroutine support headers
 
 #include <boost/asio.hpp>

@@ -541,6 +541,28 @@ TEST_CASE("500 idle raw connections from one address: bounded, a good client sti
   CHECK(log_sink().wait_for({"max_connections_per_address"}));
 }
 
+TEST_CASE("max_handshakes: silent peers wait in the backlog, accepting resumes") {
+  ServerOptions options;
+  options.max_handshakes = 4;
+  options.max_connections_per_address = 1000;
+  options.connection.handshake_timeout = 300ms;
+  EchoServer srv("", options);
+  std::vector<UniqueFd> silent;
+  for (int i = 0; i < 12; ++i) silent.push_back(raw_connect(srv.port(), "127.0.0.2"));
+  // Four handshake at a time, each dropped after 300 ms: twelve take three rounds.
+  auto t0 = Clock::now();
+  for (auto& fd : silent) CHECK(closed_by_peer(fd.get(), 5000));
+  auto waited = Clock::now() - t0;
+  CHECK(waited >= 800ms);
+  CHECK(waited < 4s);
+  // Then a good client is served.
+  auto c = tls_connect(srv.port(), "client-a");
+  INFO(c.status().to_string());
+  REQUIRE(c.is_ok());
+  REQUIRE(c.value()->send(MsgType::hello, "after").is_ok());
+  CHECK(c.value()->receive(5s).is_ok());
+}
+
 TEST_CASE("set_tls: a reloaded CRL refuses the next connection, not the open one") {
   EchoServer srv("crl-empty.pem");
   auto before = tls_connect(srv.port(), "client-a");
