@@ -309,6 +309,7 @@ class TlsEngine {
     SSL_set_bio(ssl_, rbio, wbio);     // ssl_ owns both
     SSL_set_mode(ssl_, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
                            SSL_MODE_RELEASE_BUFFERS);
+    SSL_set_ex_data(ssl_, tls_detail::ticket_seen_index(), &ticket_seen_);
   }
   ~TlsEngine() { SSL_free(ssl_); }
   TlsEngine(const TlsEngine&) = delete;
@@ -322,6 +323,24 @@ class TlsEngine {
     if (type == asio::ssl::stream_base::client) SSL_set_connect_state(ssl_);
     else SSL_set_accept_state(ssl_);
     handshake_step(std::move(handler));
+  }
+
+  // Client, after the handshake: waits until the server has accepted our certificate (its
+  // ticket arrived, or data) or refused it (its alert). Application data stays unread.
+  void async_confirm(DoneHandler handler) {
+    ERR_clear_error();
+    char byte;
+    std::size_t n = 0;
+    int r = SSL_peek_ex(ssl_, &byte, 1, &n);
+    if (r == 1 || ticket_seen_) return handler({});
+    if (SSL_get_error(ssl_, r) == SSL_ERROR_WANT_READ) {
+      return fill(kTlsRecordBytes, [this, handler = std::move(handler)](const boost::system::error_code& ec) mutable {
+        if (ec) return handler(ec);
+        async_confirm(std::move(handler));
+      });
+    }
+    boost::system::error_code failure = ssl_error(r);
+    flush([failure, handler = std::move(handler)](const boost::system::error_code&) { handler(failure); });
   }
 
   template <class Buffer>
@@ -501,6 +520,7 @@ class TlsEngine {
   std::size_t raw_size_ = 0;
   std::string out_;              // write BIO -> kernel
   bool writing_ = false;         // a write (or shutdown) is in flight
+  bool ticket_seen_ = false;     // client: the server's NewSessionTicket arrived
   std::vector<asio::const_buffer> write_buffers_;
   std::size_t write_index_ = 0, write_offset_ = 0, write_total_ = 0;
 };
@@ -1033,16 +1053,30 @@ Result<std::unique_ptr<TlsStream>> ClientConnection::handshake(tcp::socket socke
     boost::system::error_code ignored;
     stream->next_layer().close(ignored);
   });
+  // The handshake, then the server's verdict on our certificate (see async_confirm).
+  bool handshake_done = false;
   stream->async_handshake(asio::ssl::stream_base::client, [&](const boost::system::error_code& ec) {
     if (result != asio::error::would_block) return;
-    result = ec;
-    timer.cancel();
+    if (ec) {
+      result = ec;
+      timer.cancel();
+      return;
+    }
+    handshake_done = true;
+    stream->async_confirm([&](const boost::system::error_code& ec2) {
+      if (result != asio::error::would_block) return;
+      result = ec2;
+      timer.cancel();
+    });
   });
   io_.run();
   io_.restart();
   if (result == asio::error::timed_out)
-    return Status::error(Errc::timeout, fmt::format("{}: no answer within {} ms", what,
-                                                    options.handshake_timeout.count()))
+    return Status::error(Errc::timeout,
+                         fmt::format("{}: {} within {} ms", what,
+                                     handshake_done ? "the server did not confirm our certificate"
+                                                    : "no answer",
+                                     options.handshake_timeout.count()))
         .set_retryable();
   if (result) {
     std::string cause = describe_tls_error(result, ssl, name);
