@@ -281,8 +281,8 @@ constexpr std::size_t kMaxFramesPerWrite = 512;
 // 17 KiB BIO pair, both ways, and takes one buffer of a gathered write at a time (a record
 // and a system call for each 24-byte frame header). Here a write encrypts up to
 // kTlsWriteBatchBytes of frames into the write BIO and hands the records to the kernel in one
-// send; a read takes up to kTlsReadChunkBytes from the kernel and decrypts as many records as
-// the caller's buffer holds. The TLS itself (handshake, verification, records, alerts) is
+// send; a read takes up to kTlsReadChunkBytes from the kernel into a buffer that SSL reads in
+// place, and decrypts as many records as the caller's buffer holds. The TLS itself (handshake, verification, records, alerts) is
 // OpenSSL's; the SSL_CTX is the TlsConfig's Asio context.
 // Rules: one read op and one write op may be in flight at once (as for a socket); the
 // handshake and shutdown run alone. Output that SSL_read produces (an alert, a KeyUpdate
@@ -406,25 +406,42 @@ class TlsEngine {
                       });
   }
 
-  // Reads what the kernel holds (at most `limit`) into the read BIO.
+  // Reads what the kernel holds (at most `limit` bytes) and lets SSL read it in place: the
+  // read BIO is a read-only memory BIO over raw_ (no copy into a BIO). Bytes SSL has not
+  // taken yet (at most a partial record) move to the front of raw_ first.
   void fill(std::size_t limit, DoneHandler done) {
-    if (raw_size_ < limit) {
-      raw_.reset(new char[limit]);
-      raw_size_ = limit;
+    char* unread = nullptr;
+    long left_long = BIO_get_mem_data(SSL_get_rbio(ssl_), &unread);
+    const std::size_t left = left_long > 0 ? static_cast<std::size_t>(left_long) : 0;
+    FERRY_ASSERT(left <= kTlsRecordBytes);  // SSL takes whole records as they come
+    if (raw_size_ < left + limit) {
+      std::unique_ptr<char[]> bigger(new char[left + limit]);
+      if (left > 0) std::memcpy(bigger.get(), unread, left);
+      raw_ = std::move(bigger);
+      raw_size_ = left + limit;
+    } else if (left > 0 && unread != raw_.get()) {
+      std::memmove(raw_.get(), unread, left);
     }
-    socket_.async_read_some(asio::buffer(raw_.get(), limit),
-                            [this, done = std::move(done)](const boost::system::error_code& ec,
-                                                           std::size_t n) {
-                              if (ec == asio::error::eof) {
-                                bool closed = SSL_get_shutdown(ssl_) & SSL_RECEIVED_SHUTDOWN;
-                                return done(closed ? asio::error::eof
-                                                   : boost::system::error_code(asio::ssl::error::stream_truncated));
-                              }
-                              if (ec) return done(ec);
-                              int put = BIO_write(SSL_get_rbio(ssl_), raw_.get(), static_cast<int>(n));
-                              FERRY_ASSERT(put == static_cast<int>(n));
-                              done({});
-                            });
+    set_read_bio(left);  // the old BIO pointed at bytes that just moved
+    socket_.async_read_some(
+        asio::buffer(raw_.get() + left, limit),
+        [this, left, done = std::move(done)](const boost::system::error_code& ec, std::size_t n) {
+          if (ec == asio::error::eof) {
+            bool closed = SSL_get_shutdown(ssl_) & SSL_RECEIVED_SHUTDOWN;
+            return done(closed ? asio::error::eof
+                               : boost::system::error_code(asio::ssl::error::stream_truncated));
+          }
+          if (ec) return done(ec);
+          set_read_bio(left + n);
+          done({});
+        });
+  }
+
+  void set_read_bio(std::size_t bytes) {
+    BIO* bio = bytes > 0 ? BIO_new_mem_buf(raw_.get(), static_cast<int>(bytes)) : BIO_new(BIO_s_mem());
+    FERRY_ASSERT(bio != nullptr);
+    BIO_set_mem_eof_return(bio, -1);  // empty means "want more", not end of stream
+    SSL_set0_rbio(ssl_, bio);         // frees the previous one
   }
 
   void handshake_step(DoneHandler handler) {
@@ -508,6 +525,8 @@ class TlsEngine {
     flush([this, last, handler = std::move(handler)](const boost::system::error_code& ec) mutable {
       if (ec || last) {
         writing_ = false;
+        // An idle connection keeps no batch-sized buffer (500 idle peers, 500 x 256 KiB).
+        if (out_.capacity() > 2 * kTlsRecordBytes) std::string().swap(out_);
         return handler(ec, write_total_);
       }
       write_step(std::move(handler));
@@ -516,7 +535,8 @@ class TlsEngine {
 
   tcp::socket socket_;
   SSL* ssl_ = nullptr;
-  std::unique_ptr<char[]> raw_;  // kernel -> read BIO; grows from one record after the handshake
+  std::unique_ptr<char[]> raw_;  // kernel -> SSL (the read BIO reads it in place); grows from
+                                 // about two records to kTlsReadChunkBytes after the handshake
   std::size_t raw_size_ = 0;
   std::string out_;              // write BIO -> kernel
   bool writing_ = false;         // a write (or shutdown) is in flight
