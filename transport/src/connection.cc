@@ -293,6 +293,33 @@ constexpr std::size_t kTlsRecordBytes = 16u * 1024 + 512;
 constexpr std::size_t kTlsReadChunkBytes = 128u << 10;
 constexpr std::size_t kTlsWriteBatchBytes = 256u << 10;
 
+// The write BIO of a TlsEngine: SSL appends its records to a std::string of the engine
+// (no BIO buffer in between, and no copy out of one before the send).
+BIO_METHOD* staging_bio_method() {
+  static BIO_METHOD* method = [] {
+    BIO_METHOD* m = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "ferry-staging");
+    FERRY_ASSERT(m != nullptr);
+    BIO_meth_set_create(m, [](BIO* b) {
+      BIO_set_init(b, 1);
+      return 1;
+    });
+    BIO_meth_set_write(m, [](BIO* b, const char* data, int len) {
+      auto* out = static_cast<std::string*>(BIO_get_data(b));
+      FERRY_ASSERT(out != nullptr && len >= 0);
+      out->append(data, static_cast<std::size_t>(len));
+      return len;
+    });
+    BIO_meth_set_ctrl(m, [](BIO* b, int cmd, long, void*) -> long {
+      if (cmd == BIO_CTRL_FLUSH) return 1;  // the engine sends on its own schedule
+      if (cmd == BIO_CTRL_PENDING || cmd == BIO_CTRL_WPENDING)
+        return static_cast<long>(static_cast<std::string*>(BIO_get_data(b))->size());
+      return 0;  // no kTLS, no datagrams, nothing else
+    });
+    return m;
+  }();
+  return method;
+}
+
 class TlsEngine {
  public:
   using Handler = std::function<void(const boost::system::error_code&, std::size_t)>;
@@ -303,8 +330,9 @@ class TlsEngine {
     if (ssl_ == nullptr) throw boost::system::system_error(boost::system::error_code(
         static_cast<int>(ERR_get_error()), asio::error::get_ssl_category()), "SSL_new");
     BIO* rbio = BIO_new(BIO_s_mem());
-    BIO* wbio = BIO_new(BIO_s_mem());
+    BIO* wbio = BIO_new(staging_bio_method());
     FERRY_ASSERT(rbio != nullptr && wbio != nullptr);
+    BIO_set_data(wbio, &staging_);
     BIO_set_mem_eof_return(rbio, -1);  // empty means "want more", not end of stream
     SSL_set_bio(ssl_, rbio, wbio);     // ssl_ owns both
     SSL_set_mode(ssl_, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
@@ -389,16 +417,14 @@ class TlsEngine {
     return boost::system::error_code(static_cast<int>(e), asio::error::get_ssl_category());
   }
 
-  std::size_t pending_output() const { return BIO_ctrl_pending(SSL_get_wbio(ssl_)); }
+  std::size_t pending_output() const { return staging_.size(); }
 
-  // Sends everything in the write BIO (moved to out_ first: SSL may append to the BIO while
-  // the socket write runs).
+  // Sends every record SSL has written (swapped into out_ first: SSL may append to staging_
+  // while the socket write runs, e.g. an alert from a read).
   void flush(DoneHandler done) {
-    std::size_t n = pending_output();
-    if (n == 0) return done({});
-    out_.resize(n);
-    int got = BIO_read(SSL_get_wbio(ssl_), out_.data(), static_cast<int>(n));
-    FERRY_ASSERT(got == static_cast<int>(n));
+    if (staging_.empty()) return done({});
+    out_.swap(staging_);
+    staging_.clear();
     asio::async_write(socket_, asio::buffer(out_),
                       [this, done = std::move(done)](const boost::system::error_code& ec, std::size_t) {
                         if (ec) return done(ec);
@@ -527,6 +553,7 @@ class TlsEngine {
         writing_ = false;
         // An idle connection keeps no batch-sized buffer (500 idle peers, 500 x 256 KiB).
         if (out_.capacity() > 2 * kTlsRecordBytes) std::string().swap(out_);
+        if (staging_.capacity() > 2 * kTlsRecordBytes) std::string().swap(staging_);
         return handler(ec, write_total_);
       }
       write_step(std::move(handler));
@@ -538,7 +565,8 @@ class TlsEngine {
   std::unique_ptr<char[]> raw_;  // kernel -> SSL (the read BIO reads it in place); grows from
                                  // about two records to kTlsReadChunkBytes after the handshake
   std::size_t raw_size_ = 0;
-  std::string out_;              // write BIO -> kernel
+  std::string staging_;          // SSL's records, not yet handed to a send (the write BIO's)
+  std::string out_;              // records being sent
   bool writing_ = false;         // a write (or shutdown) is in flight
   bool ticket_seen_ = false;     // client: the server's NewSessionTicket arrived
   std::vector<asio::const_buffer> write_buffers_;
