@@ -281,6 +281,10 @@ Status TlsConfigImpl::load_crl(SSL_CTX* ctx) {
   while (loaded < kMaxCrls) {
     CrlPtr crl(PEM_read_bio_X509_CRL(bio.get(), nullptr, nullptr, nullptr));
     if (!crl) break;
+    // An expired CRL would refuse every peer ("CRL has expired"): say so at load instead.
+    const ASN1_TIME* next = X509_CRL_get0_nextUpdate(crl.get());
+    if (next != nullptr && X509_cmp_current_time(next) <= 0)
+      return file_error("CRL", files_.crl, "expired (nextUpdate " + time_text(next) + "); fetch a fresh one");
     if (X509_STORE_add_crl(store, crl.get()) != 1)
       return file_error("CRL", files_.crl, take_openssl_errors());
     ++loaded;
