@@ -22,6 +22,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <mutex>
 #include <optional>
@@ -91,17 +92,24 @@ CaptureSink& log_sink() {
   return *sink;
 }
 
-// The PKI, made once per test process in a temporary directory.
+// The PKI, made once per test process in a temporary directory, removed at exit.
+struct PkiDir {
+  std::string path;
+  ~PkiDir() {
+    std::error_code ignored;
+    if (!path.empty()) std::filesystem::remove_all(path, ignored);
+  }
+};
 const std::string& pki() {
-  static std::string dir = [] {
+  static PkiDir dir{[] {
     char tmpl[] = "/tmp/ferry-tls-test.XXXXXX";
     REQUIRE(::mkdtemp(tmpl) != nullptr);
     const char* script = std::getenv("FERRY_MAKE_CERTS");
     std::string cmd = std::string(script ? script : "test/tls/make-certs") + " " + tmpl;
     REQUIRE(std::system(cmd.c_str()) == 0);
     return std::string(tmpl);
-  }();
-  return dir;
+  }()};
+  return dir.path;
 }
 std::string pki_file(const std::string& name) { return pki() + "/" + name; }
 
