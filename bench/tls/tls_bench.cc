@@ -16,6 +16,7 @@
 // Usage: tls-bench --pki DIR [--mib 410] [--repeats 3] [--handshakes 200] [--idle 500]
 //        (DIR as written by test/tls/make-certs). Prints a table and one JSON line.
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -25,6 +26,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <iterator>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -102,6 +105,26 @@ std::size_t rss_kib(int pid) {
   while (std::getline(in, line))
     if (line.rfind("VmRSS:", 0) == 0) return std::stoull(line.substr(6));
   return 0;
+}
+
+// CPU seconds (user + system) of this process, and of process `pid`.
+double cpu_self() {
+  rusage ru{};
+  ::getrusage(RUSAGE_SELF, &ru);
+  auto tv = [](const timeval& t) { return static_cast<double>(t.tv_sec) + static_cast<double>(t.tv_usec) / 1e6; };
+  return tv(ru.ru_utime) + tv(ru.ru_stime);
+}
+double cpu_of(int pid) {
+  std::ifstream in(fmt::format("/proc/{}/stat", pid));
+  std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::size_t close = stat.rfind(')');
+  if (close == std::string::npos) return 0;
+  std::istringstream rest(stat.substr(close + 2));
+  std::string field;
+  double ticks = 0;
+  for (int i = 3; i <= 15 && rest >> field; ++i)
+    if (i == 14 || i == 15) ticks += std::stod(field);  // utime, stime
+  return ticks / static_cast<double>(::sysconf(_SC_CLK_TCK));
 }
 
 // Payloads like compressed blocks: random bytes with a run of repeats every few KiB.
@@ -203,12 +226,17 @@ int main(int argc, char** argv) {
 
   // 1. throughput, alternating so drift hits both alike.
   auto payloads = make_payloads();
-  std::vector<double> plain_s, tls_s;
+  std::vector<double> plain_s, tls_s, plain_cpu, tls_cpu;  // cpu: both processes, seconds
   (void)send_change_set(static_cast<std::uint16_t>(plain_port), plain_opts, 32, payloads);  // warm-up
   (void)send_change_set(static_cast<std::uint16_t>(tls_port), tls_opts, 32, payloads);
   for (std::size_t r = 0; r < repeats; ++r) {
+    double c0 = cpu_self() + cpu_of(pid);
     plain_s.push_back(send_change_set(static_cast<std::uint16_t>(plain_port), plain_opts, mib, payloads));
+    double c1 = cpu_self() + cpu_of(pid);
     tls_s.push_back(send_change_set(static_cast<std::uint16_t>(tls_port), tls_opts, mib, payloads));
+    double c2 = cpu_self() + cpu_of(pid);
+    plain_cpu.push_back(c1 - c0);
+    tls_cpu.push_back(c2 - c1);
   }
   double plain_med = median(plain_s), tls_med = median(tls_s);
   double ratio = tls_med / plain_med;
@@ -245,8 +273,10 @@ int main(int argc, char** argv) {
 
   double mib_f = static_cast<double>(mib);
   std::printf("change set %zu MiB in 64 KiB frames, loopback, median of %zu\n", mib, repeats);
-  std::printf("  plaintext   %.3f s  %.0f MiB/s\n", plain_med, mib_f / plain_med);
-  std::printf("  mutual TLS  %.3f s  %.0f MiB/s\n", tls_med, mib_f / tls_med);
+  std::printf("  plaintext   %.3f s  %.0f MiB/s   CPU (both ends) %.3f s\n", plain_med,
+              mib_f / plain_med, median(plain_cpu));
+  std::printf("  mutual TLS  %.3f s  %.0f MiB/s   CPU (both ends) %.3f s\n", tls_med, mib_f / tls_med,
+              median(tls_cpu));
   std::printf("  ratio TLS/plaintext %.3f   target <= 1.10\n", ratio);
   std::printf("handshake (connect + TLS 1.3 + one echo), %zu: median %.2f ms, p99 %.2f ms\n",
               handshakes, median(hs_ms), percentile(hs_ms, 0.99));
@@ -255,9 +285,9 @@ int main(int argc, char** argv) {
               static_cast<double>(rss_idle - std::min(rss_idle, rss_before)) / static_cast<double>(std::max<std::size_t>(idle, 1)));
   std::printf(
       "JSON {\"bench\":\"tls\",\"change_set_mib\":%zu,\"repeats\":%zu,\"plain_s\":%.4f,\"tls_s\":%.4f,"
-      "\"ratio\":%.4f,\"handshakes\":%zu,\"handshake_median_ms\":%.3f,\"handshake_p99_ms\":%.3f,"
+      "\"ratio\":%.4f,\"plain_cpu_s\":%.4f,\"tls_cpu_s\":%.4f,\"handshakes\":%zu,\"handshake_median_ms\":%.3f,\"handshake_p99_ms\":%.3f,"
       "\"idle_connections\":%zu,\"receiver_rss_before_kib\":%zu,\"receiver_rss_idle_kib\":%zu}\n",
-      mib, repeats, plain_med, tls_med, ratio, handshakes, median(hs_ms), percentile(hs_ms, 0.99),
+      mib, repeats, plain_med, tls_med, ratio, median(plain_cpu), median(tls_cpu), handshakes, median(hs_ms), percentile(hs_ms, 0.99),
       idle, rss_before, rss_idle);
   return 0;
 }

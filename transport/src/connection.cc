@@ -15,15 +15,15 @@
 // max_recv_queue_bytes it stops reading (the queue may exceed the bound by the frames of one
 // buffer), so TCP's window pushes back on the peer.
 //
-// TLS: all reads and writes go through `stream_` (a Stream: plain TCP or an
-// asio::ssl::stream over it); only socket() touches the TCP layer, so framing and queues are
-// one code path. A TLS connection differs in three places only: a handshake after
+// TLS: all reads and writes go through `stream_` (a Stream: plain TCP, or TlsEngine: OpenSSL
+// over memory BIOs on that TCP socket); only socket() touches the TCP layer, so framing and
+// queues are one code path. A TLS connection differs in three places only: a handshake after
 // connect/accept (bounded by handshake_timeout), no inline writes (an SSL object is not
 // thread-safe: every SSL call happens on the I/O thread), and a close that sends
 // close_notify (bounded by close_timeout). The server handshakes on its I/O thread before
 // admit(), with handshakes in flight and connections per address bounded, so an
-// unauthenticated peer costs one SSL object and Asio's record buffers (~70 KiB), never the
-// 256 KiB receive buffer or a thread.
+// unauthenticated peer costs one SSL object and one record buffer, never the 256 KiB receive
+// buffer or a thread.
 #include <utility>  // before Asio: GCC 12 needs it for Asio's coroutine support headers
 
 #include <boost/asio.hpp>
@@ -281,8 +281,8 @@ constexpr std::size_t kMaxFramesPerWrite = 512;
 // 17 KiB BIO pair, both ways, and takes one buffer of a gathered write at a time (a record
 // and a system call for each 24-byte frame header). Here a write encrypts up to
 // kTlsWriteBatchBytes of frames into the write BIO and hands the records to the kernel in one
-// send; a read takes up to kTlsReadChunkBytes from the kernel and decrypts as many records as
-// the caller's buffer holds. The TLS itself (handshake, verification, records, alerts) is
+// send; a read takes up to kTlsReadChunkBytes from the kernel into a buffer that SSL reads in
+// place, and decrypts as many records as the caller's buffer holds. The TLS itself (handshake, verification, records, alerts) is
 // OpenSSL's; the SSL_CTX is the TlsConfig's Asio context.
 // Rules: one read op and one write op may be in flight at once (as for a socket); the
 // handshake and shutdown run alone. Output that SSL_read produces (an alert, a KeyUpdate
@@ -292,6 +292,33 @@ constexpr std::size_t kMaxFramesPerWrite = 512;
 constexpr std::size_t kTlsRecordBytes = 16u * 1024 + 512;
 constexpr std::size_t kTlsReadChunkBytes = 128u << 10;
 constexpr std::size_t kTlsWriteBatchBytes = 256u << 10;
+
+// The write BIO of a TlsEngine: SSL appends its records to a std::string of the engine
+// (no BIO buffer in between, and no copy out of one before the send).
+BIO_METHOD* staging_bio_method() {
+  static BIO_METHOD* method = [] {
+    BIO_METHOD* m = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "ferry-staging");
+    FERRY_ASSERT(m != nullptr);
+    BIO_meth_set_create(m, [](BIO* b) {
+      BIO_set_init(b, 1);
+      return 1;
+    });
+    BIO_meth_set_write(m, [](BIO* b, const char* data, int len) {
+      auto* out = static_cast<std::string*>(BIO_get_data(b));
+      FERRY_ASSERT(out != nullptr && len >= 0);
+      out->append(data, static_cast<std::size_t>(len));
+      return len;
+    });
+    BIO_meth_set_ctrl(m, [](BIO* b, int cmd, long, void*) -> long {
+      if (cmd == BIO_CTRL_FLUSH) return 1;  // the engine sends on its own schedule
+      if (cmd == BIO_CTRL_PENDING || cmd == BIO_CTRL_WPENDING)
+        return static_cast<long>(static_cast<std::string*>(BIO_get_data(b))->size());
+      return 0;  // no kTLS, no datagrams, nothing else
+    });
+    return m;
+  }();
+  return method;
+}
 
 class TlsEngine {
  public:
@@ -303,12 +330,14 @@ class TlsEngine {
     if (ssl_ == nullptr) throw boost::system::system_error(boost::system::error_code(
         static_cast<int>(ERR_get_error()), asio::error::get_ssl_category()), "SSL_new");
     BIO* rbio = BIO_new(BIO_s_mem());
-    BIO* wbio = BIO_new(BIO_s_mem());
+    BIO* wbio = BIO_new(staging_bio_method());
     FERRY_ASSERT(rbio != nullptr && wbio != nullptr);
+    BIO_set_data(wbio, &staging_);
     BIO_set_mem_eof_return(rbio, -1);  // empty means "want more", not end of stream
     SSL_set_bio(ssl_, rbio, wbio);     // ssl_ owns both
     SSL_set_mode(ssl_, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
                            SSL_MODE_RELEASE_BUFFERS);
+    SSL_set_ex_data(ssl_, tls_detail::ticket_seen_index(), &ticket_seen_);
   }
   ~TlsEngine() { SSL_free(ssl_); }
   TlsEngine(const TlsEngine&) = delete;
@@ -322,6 +351,24 @@ class TlsEngine {
     if (type == asio::ssl::stream_base::client) SSL_set_connect_state(ssl_);
     else SSL_set_accept_state(ssl_);
     handshake_step(std::move(handler));
+  }
+
+  // Client, after the handshake: waits until the server has accepted our certificate (its
+  // ticket arrived, or data) or refused it (its alert). Application data stays unread.
+  void async_confirm(DoneHandler handler) {
+    ERR_clear_error();
+    char byte;
+    std::size_t n = 0;
+    int r = SSL_peek_ex(ssl_, &byte, 1, &n);
+    if (r == 1 || ticket_seen_) return handler({});
+    if (SSL_get_error(ssl_, r) == SSL_ERROR_WANT_READ) {
+      return fill(kTlsRecordBytes, [this, handler = std::move(handler)](const boost::system::error_code& ec) mutable {
+        if (ec) return handler(ec);
+        async_confirm(std::move(handler));
+      });
+    }
+    boost::system::error_code failure = ssl_error(r);
+    flush([failure, handler = std::move(handler)](const boost::system::error_code&) { handler(failure); });
   }
 
   template <class Buffer>
@@ -370,16 +417,14 @@ class TlsEngine {
     return boost::system::error_code(static_cast<int>(e), asio::error::get_ssl_category());
   }
 
-  std::size_t pending_output() const { return BIO_ctrl_pending(SSL_get_wbio(ssl_)); }
+  std::size_t pending_output() const { return staging_.size(); }
 
-  // Sends everything in the write BIO (moved to out_ first: SSL may append to the BIO while
-  // the socket write runs).
+  // Sends every record SSL has written (swapped into out_ first: SSL may append to staging_
+  // while the socket write runs, e.g. an alert from a read).
   void flush(DoneHandler done) {
-    std::size_t n = pending_output();
-    if (n == 0) return done({});
-    out_.resize(n);
-    int got = BIO_read(SSL_get_wbio(ssl_), out_.data(), static_cast<int>(n));
-    FERRY_ASSERT(got == static_cast<int>(n));
+    if (staging_.empty()) return done({});
+    out_.swap(staging_);
+    staging_.clear();
     asio::async_write(socket_, asio::buffer(out_),
                       [this, done = std::move(done)](const boost::system::error_code& ec, std::size_t) {
                         if (ec) return done(ec);
@@ -387,25 +432,42 @@ class TlsEngine {
                       });
   }
 
-  // Reads what the kernel holds (at most `limit`) into the read BIO.
+  // Reads what the kernel holds (at most `limit` bytes) and lets SSL read it in place: the
+  // read BIO is a read-only memory BIO over raw_ (no copy into a BIO). Bytes SSL has not
+  // taken yet (at most a partial record) move to the front of raw_ first.
   void fill(std::size_t limit, DoneHandler done) {
-    if (raw_size_ < limit) {
-      raw_.reset(new char[limit]);
-      raw_size_ = limit;
+    char* unread = nullptr;
+    long left_long = BIO_get_mem_data(SSL_get_rbio(ssl_), &unread);
+    const std::size_t left = left_long > 0 ? static_cast<std::size_t>(left_long) : 0;
+    FERRY_ASSERT(left <= kTlsRecordBytes);  // SSL takes whole records as they come
+    if (raw_size_ < left + limit) {
+      std::unique_ptr<char[]> bigger(new char[left + limit]);
+      if (left > 0) std::memcpy(bigger.get(), unread, left);
+      raw_ = std::move(bigger);
+      raw_size_ = left + limit;
+    } else if (left > 0 && unread != raw_.get()) {
+      std::memmove(raw_.get(), unread, left);
     }
-    socket_.async_read_some(asio::buffer(raw_.get(), limit),
-                            [this, done = std::move(done)](const boost::system::error_code& ec,
-                                                           std::size_t n) {
-                              if (ec == asio::error::eof) {
-                                bool closed = SSL_get_shutdown(ssl_) & SSL_RECEIVED_SHUTDOWN;
-                                return done(closed ? asio::error::eof
-                                                   : boost::system::error_code(asio::ssl::error::stream_truncated));
-                              }
-                              if (ec) return done(ec);
-                              int put = BIO_write(SSL_get_rbio(ssl_), raw_.get(), static_cast<int>(n));
-                              FERRY_ASSERT(put == static_cast<int>(n));
-                              done({});
-                            });
+    set_read_bio(left);  // the old BIO pointed at bytes that just moved
+    socket_.async_read_some(
+        asio::buffer(raw_.get() + left, limit),
+        [this, left, done = std::move(done)](const boost::system::error_code& ec, std::size_t n) {
+          if (ec == asio::error::eof) {
+            bool closed = SSL_get_shutdown(ssl_) & SSL_RECEIVED_SHUTDOWN;
+            return done(closed ? asio::error::eof
+                               : boost::system::error_code(asio::ssl::error::stream_truncated));
+          }
+          if (ec) return done(ec);
+          set_read_bio(left + n);
+          done({});
+        });
+  }
+
+  void set_read_bio(std::size_t bytes) {
+    BIO* bio = bytes > 0 ? BIO_new_mem_buf(raw_.get(), static_cast<int>(bytes)) : BIO_new(BIO_s_mem());
+    FERRY_ASSERT(bio != nullptr);
+    BIO_set_mem_eof_return(bio, -1);  // empty means "want more", not end of stream
+    SSL_set0_rbio(ssl_, bio);         // frees the previous one
   }
 
   void handshake_step(DoneHandler handler) {
@@ -489,6 +551,9 @@ class TlsEngine {
     flush([this, last, handler = std::move(handler)](const boost::system::error_code& ec) mutable {
       if (ec || last) {
         writing_ = false;
+        // An idle connection keeps no batch-sized buffer (500 idle peers, 500 x 256 KiB).
+        if (out_.capacity() > 2 * kTlsRecordBytes) std::string().swap(out_);
+        if (staging_.capacity() > 2 * kTlsRecordBytes) std::string().swap(staging_);
         return handler(ec, write_total_);
       }
       write_step(std::move(handler));
@@ -497,10 +562,13 @@ class TlsEngine {
 
   tcp::socket socket_;
   SSL* ssl_ = nullptr;
-  std::unique_ptr<char[]> raw_;  // kernel -> read BIO; grows from one record after the handshake
+  std::unique_ptr<char[]> raw_;  // kernel -> SSL (the read BIO reads it in place); grows from
+                                 // about two records to kTlsReadChunkBytes after the handshake
   std::size_t raw_size_ = 0;
-  std::string out_;              // write BIO -> kernel
+  std::string staging_;          // SSL's records, not yet handed to a send (the write BIO's)
+  std::string out_;              // records being sent
   bool writing_ = false;         // a write (or shutdown) is in flight
+  bool ticket_seen_ = false;     // client: the server's NewSessionTicket arrived
   std::vector<asio::const_buffer> write_buffers_;
   std::size_t write_index_ = 0, write_offset_ = 0, write_total_ = 0;
 };
@@ -1033,16 +1101,30 @@ Result<std::unique_ptr<TlsStream>> ClientConnection::handshake(tcp::socket socke
     boost::system::error_code ignored;
     stream->next_layer().close(ignored);
   });
+  // The handshake, then the server's verdict on our certificate (see async_confirm).
+  bool handshake_done = false;
   stream->async_handshake(asio::ssl::stream_base::client, [&](const boost::system::error_code& ec) {
     if (result != asio::error::would_block) return;
-    result = ec;
-    timer.cancel();
+    if (ec) {
+      result = ec;
+      timer.cancel();
+      return;
+    }
+    handshake_done = true;
+    stream->async_confirm([&](const boost::system::error_code& ec2) {
+      if (result != asio::error::would_block) return;
+      result = ec2;
+      timer.cancel();
+    });
   });
   io_.run();
   io_.restart();
   if (result == asio::error::timed_out)
-    return Status::error(Errc::timeout, fmt::format("{}: no answer within {} ms", what,
-                                                    options.handshake_timeout.count()))
+    return Status::error(Errc::timeout,
+                         fmt::format("{}: {} within {} ms", what,
+                                     handshake_done ? "the server did not confirm our certificate"
+                                                    : "no answer",
+                                     options.handshake_timeout.count()))
         .set_retryable();
   if (result) {
     std::string cause = describe_tls_error(result, ssl, name);

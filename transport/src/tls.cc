@@ -136,6 +136,13 @@ std::string PeerIdentity::to_string() const {
 
 namespace {
 
+// The client's NewSessionTicket hook: notes the ticket, keeps no session (returns 0).
+int on_new_session(SSL* ssl, SSL_SESSION*) {
+  if (auto* seen = static_cast<bool*>(SSL_get_ex_data(ssl, tls_detail::ticket_seen_index())))
+    *seen = true;
+  return 0;
+}
+
 class TlsConfigImpl final : public TlsConfig {
  public:
   TlsConfigImpl(Role role, TlsFiles files)
@@ -190,10 +197,19 @@ Status TlsConfigImpl::setup() {
       SSL_CTX_set_max_proto_version(ctx, TLS1_3_VERSION) != 1)
     return Status::error(Errc::unsupported, "TLS: OpenSSL refuses TLS 1.3 only: " + take_openssl_errors());
   SSL_CTX_set_options(ctx, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION);
-  // No resumption: every connection presents and verifies certificates (a ticket would let
-  // a peer revoked since skip the CRL check).
-  SSL_CTX_set_num_tickets(ctx, 0);
-  SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
+  // No resumption: every connection presents and verifies certificates (a resumed session
+  // would let a peer revoked since skip the CRL check). The server still sends one ticket,
+  // as the client's sign that its certificate was accepted (ticket_seen_index()); it is a
+  // stateful ticket (SSL_OP_NO_TICKET) whose session is never cached (SSL_SESS_CACHE_OFF), so
+  // presenting it can only lead to a full handshake.
+  if (role_ == Role::server) {
+    SSL_CTX_set_options(ctx, SSL_OP_NO_TICKET);
+    SSL_CTX_set_num_tickets(ctx, 1);
+    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
+  } else {
+    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
+    SSL_CTX_sess_set_new_cb(ctx, on_new_session);
+  }
 
   if (files_.ca.empty()) return Status::error(Errc::invalid_argument, "TLS CA bundle file not given");
   {
@@ -265,6 +281,10 @@ Status TlsConfigImpl::load_crl(SSL_CTX* ctx) {
   while (loaded < kMaxCrls) {
     CrlPtr crl(PEM_read_bio_X509_CRL(bio.get(), nullptr, nullptr, nullptr));
     if (!crl) break;
+    // An expired CRL would refuse every peer ("CRL has expired"): say so at load instead.
+    const ASN1_TIME* next = X509_CRL_get0_nextUpdate(crl.get());
+    if (next != nullptr && X509_cmp_current_time(next) <= 0)
+      return file_error("CRL", files_.crl, "expired (nextUpdate " + time_text(next) + "); fetch a fresh one");
     if (X509_STORE_add_crl(store, crl.get()) != 1)
       return file_error("CRL", files_.crl, take_openssl_errors());
     ++loaded;
@@ -286,6 +306,12 @@ Status TlsConfigImpl::load_crl(SSL_CTX* ctx) {
 }  // namespace
 
 namespace tls_detail {
+int ticket_seen_index() {
+  static const int index = SSL_get_ex_new_index(0, nullptr, nullptr, nullptr, nullptr);
+  FERRY_ASSERT(index >= 0);
+  return index;
+}
+
 asio::ssl::context& context_of(const TlsConfig& config) {
   return *static_cast<asio::ssl::context*>(config.native());
 }

@@ -39,6 +39,12 @@ std::string take_openssl_errors();
 // The Asio context behind a TlsConfig (its native()).
 boost::asio::ssl::context& context_of(const TlsConfig& config);
 
+// SSL ex_data slot of a client connection's "bool ticket_seen": set when the server's
+// NewSessionTicket arrives. A Ferry server sends one only after it has accepted the client's
+// certificate (TLS 1.3 gives the client no other positive signal), so a client can wait for
+// it and report a refusal from connect() itself. The ticket is never used to resume.
+int ticket_seen_index();
+
 // The identity in a verified peer certificate.
 PeerIdentity identity_of(X509* cert);
 // "DNS:localhost, IP:127.0.0.1" (the subjectAltName entries), for refusals.
