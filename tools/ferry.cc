@@ -201,6 +201,9 @@ int cmd_receive(const ReceiveArgs& a, std::uint64_t max_disk_bytes) {
                  a.listen.c_str());
     return kExitUsage;
   }
+  if (tls_on && a.insecure_plaintext)
+    spdlog::warn("--insecure-plaintext is ignored: TLS material is given, every connection is "
+                 "mutual TLS");
   if (!tls_on && a.insecure_plaintext)
     spdlog::warn("--insecure-plaintext: listening on {} without TLS: any peer that reaches it may "
                  "write or read any group, and the traffic is not encrypted", a.listen);
