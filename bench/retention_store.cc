@@ -28,7 +28,8 @@
 //   retention-store [--dir DIR] [--disk-gib 4] [--full-mib 1024] [--rps 200] [--rp-mib 32]
 //                   [--keep 20] [--history-keep 100000] [--every 50] [--small-rps 1000]
 //                   [--small-blocks 16] [--reopen-repeats 3] [--seed 1] [--out FILE]
-//                   [--no-history] [--no-small]
+//                   [--no-history] [--no-small] [--no-tiered] [--tiered-rps 600]
+//                   [--tiered-rp-mib 4] [--tiered-hot-mib 64]
 //   retention-store --reopen ROOT GROUP     (internal: one timed open, prints one line)
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -151,6 +152,11 @@ struct Options {
   std::uint64_t every = 50, small_rps = 1000, small_blocks = 16, reopen_repeats = 3;
   std::uint64_t seed = 1;
   bool history = true, small = true;
+  // tiered: RPs every 10 synthetic minutes of --tiered-rp-mib in a hot region of
+  // --tiered-hot-mib, keep-last 6 + keep-hourly 24 + keep-daily 7, with and without the
+  // journal rewrite.
+  std::uint64_t tiered_rps = 600, tiered_rp_mib = 4, tiered_hot_mib = 64;
+  bool tiered = true;
 };
 
 // One RP's records, built before the timed part (the sender's and the wire's work).
@@ -168,9 +174,10 @@ RpData make_full(const Options& o) {
     for (std::uint64_t b = 0; b < kRegionBytes; b += kBlockBytes) d.offsets.push_back(r * stride + b);
   return d;  // bytes filled in chunks by ingest (1 GiB is not held at once)
 }
-RpData make_delta(const Options& o, Rng& rng, std::uint64_t blocks) {
+RpData make_delta(const Options& o, Rng& rng, std::uint64_t blocks,
+                  std::uint64_t region_bytes = 0) {
   RpData d;
-  const std::uint64_t disk_blocks = (o.disk_gib << 30) / kBlockBytes;
+  const std::uint64_t disk_blocks = (region_bytes != 0 ? region_bytes : o.disk_gib << 30) / kBlockBytes;
   std::unordered_set<std::uint64_t> seen;
   while (d.offsets.size() < blocks) {
     std::uint64_t b = rng.next() % disk_blocks;
@@ -189,8 +196,8 @@ struct IngestTimes {
 // begin_rp .. commit_rp for records [0, n) of `d`; `fill` (the full RP) generates payload
 // chunks outside the timed part.
 IngestTimes ingest(GroupStore& st, const Options& o, std::uint64_t rp_id, const RpData& d,
-                   Rng* fill) {
-  RpBeginInfo rp{rp_id, rp_id - 1, wall_ns(), 0,
+                   Rng* fill, std::uint64_t created_ns = 0) {
+  RpBeginInfo rp{rp_id, rp_id - 1, created_ns != 0 ? created_ns : wall_ns(), 0,
                  {RpBeginInfo::Disk{"vda", o.disk_gib << 30, rp_id == 1}}};
   IngestTimes t;
   std::string chunk;
@@ -530,6 +537,88 @@ std::string table(const Options& o, const std::vector<ConfigResult>& cs, const S
   return t;
 }
 
+struct TieredResult {
+  std::string name;
+  std::uint64_t rewrites = 0, rewritten_bytes = 0, removed = 0;
+  double rewrite_s = 0;
+  std::vector<double> retention_s;
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> journal;  // (RP, journal bytes)
+  std::uint64_t kept = 0, max_journal = 0;
+};
+TieredResult run_tiered(const Options& o, bool rewrite) {
+  TieredResult r;
+  r.name = rewrite ? "tiered" : "no-rewrite";
+  const std::string root = o.dir + "/" + r.name;
+  fs::remove_all(root);
+  fs::create_directories(root);
+  std::uint64_t now = 1767225600ull * 1'000'000'000ull;  // 2026-01-01 00:00 UTC
+  StoreOptions so;
+  so.root = root;
+  so.retention.keep_last = 6;
+  so.retention.keep_hourly = 24;
+  so.retention.keep_daily = 7;
+  so.clock = [&now] { return now; };
+  if (!rewrite) so.rewrite_min_garbage_bytes = UINT64_MAX;
+  auto st = GroupStore::open(so, kGroup, true);
+  if (!st.is_ok()) die("open " + root, st.status());
+  Rng rng{o.seed + 11};
+  const std::uint64_t blocks = (o.tiered_rp_mib << 20) / kBlockBytes;
+  std::fprintf(stderr, "[%s] %llu RPs of %llu MiB every 10 min in a %llu MiB region, %s\n",
+               r.name.c_str(), (unsigned long long)o.tiered_rps,
+               (unsigned long long)o.tiered_rp_mib, (unsigned long long)o.tiered_hot_mib,
+               so.retention.describe().c_str());
+  for (std::uint64_t id = 1; id <= o.tiered_rps; ++id) {
+    now += 600ull * 1'000'000'000ull;
+    RpData d = make_delta(o, rng, blocks, o.tiered_hot_mib << 20);
+    ingest(**st, o, id, d, nullptr, now);
+    const auto t0 = Clock::now();
+    auto rep = (*st)->prune(so.retention, now, false);
+    const double secs = seconds_since(t0);
+    if (!rep.is_ok()) die("prune", rep.status());
+    r.retention_s.push_back(secs);
+    r.removed += rep->removed;
+    if (rep->rewritten_bytes != 0) {
+      ++r.rewrites;
+      r.rewritten_bytes += rep->rewritten_bytes;
+      r.rewrite_s += secs;
+    }
+    std::uint64_t journal = 0;
+    for (const auto& e : fs::directory_iterator(fs::path(root) / kGroup))
+      if (e.path().filename().string().rfind("journal", 0) == 0) journal += allocated_bytes(e.path());
+    r.max_journal = std::max(r.max_journal, journal);
+    if (id % 100 == 0 || id == o.tiered_rps) {
+      r.journal.push_back({id, journal});
+      std::fprintf(stderr, "[%s] %llu RPs: journal %.2f GiB, %zu kept\n", r.name.c_str(),
+                   (unsigned long long)id, gib(journal), (*st)->points().size());
+    }
+  }
+  r.kept = (*st)->points().size();
+  return r;
+}
+
+std::string tiered_table(const Options& o, const TieredResult& a, const TieredResult& b) {
+  std::string t = fmt("\ntiered retention: %llu RPs of %llu MiB (distinct random 64 KiB blocks in a "
+                      "%llu MiB region) every 10 synthetic minutes, keep-last 6, keep-hourly 24, "
+                      "keep-daily 7; journal allocated bytes (all generations):\n\n",
+                      (unsigned long long)o.tiered_rps, (unsigned long long)o.tiered_rp_mib,
+                      (unsigned long long)o.tiered_hot_mib);
+  t += fmt("%-10s %14s %14s %7s\n", "after RP", a.name.c_str(), b.name.c_str(), "ratio");
+  for (std::size_t i = 0; i < a.journal.size() && i < b.journal.size(); ++i)
+    t += fmt("%-10llu %12.2f G %12.2f G %7.2f\n", (unsigned long long)a.journal[i].first,
+             gib(a.journal[i].second), gib(b.journal[i].second),
+             double(a.journal[i].second) / double(b.journal[i].second));
+  Stats ra = stats(a.retention_s), rb = stats(b.retention_s);
+  t += fmt("kept RPs at the end: %llu / %llu; peak journal %.2f / %.2f GiB\n",
+           (unsigned long long)a.kept, (unsigned long long)b.kept, gib(a.max_journal),
+           gib(b.max_journal));
+  t += fmt("rewrites: %llu, %.0f MB written in %.1f s (%.0f MB/s); retention per RP %.1f ms "
+           "(p90 %.1f, max %.0f) vs %.1f ms without\n",
+           (unsigned long long)a.rewrites, mb(a.rewritten_bytes), a.rewrite_s,
+           a.rewrite_s > 0 ? mb(a.rewritten_bytes) / a.rewrite_s : 0.0, ra.median * 1e3,
+           ra.p90 * 1e3, ra.max * 1e3, rb.median * 1e3);
+  return t;
+}
+
 std::string fs_of(const std::string& dir) {
   std::string cmd = "findmnt -n -o SOURCE,FSTYPE,OPTIONS -T '" + dir + "' 2>/dev/null";
   FILE* p = ::popen(cmd.c_str(), "r");
@@ -574,6 +663,10 @@ int main(int argc, char** argv) {
     else if (a == "--seed") o.seed = num();
     else if (a == "--no-history") o.history = false;
     else if (a == "--no-small") o.small = false;
+    else if (a == "--no-tiered") o.tiered = false;
+    else if (a == "--tiered-rps") o.tiered_rps = num();
+    else if (a == "--tiered-rp-mib") o.tiered_rp_mib = num();
+    else if (a == "--tiered-hot-mib") o.tiered_hot_mib = num();
     else die("unknown option " + a + " (see the comment at the top of bench/retention_store.cc)");
   }
   if (o.rps == 0 || o.every == 0 || o.keep == 0 || o.history_keep == 0 || o.small_rps == 0 ||
@@ -600,6 +693,13 @@ int main(int argc, char** argv) {
     fs::remove_all(o.dir + "/small");
   }
   std::string t = table(o, cs, o.small ? &sm : nullptr, fs_of(o.dir), l0, load1());
+  if (o.tiered) {
+    TieredResult a = run_tiered(o, true);
+    fs::remove_all(o.dir + "/tiered");
+    TieredResult b = run_tiered(o, false);
+    fs::remove_all(o.dir + "/no-rewrite");
+    t += tiered_table(o, a, b);
+  }
   if (own_dir) fs::remove_all(o.dir);
   std::fputs(t.c_str(), stdout);
   if (!o.out.empty()) {

@@ -605,6 +605,7 @@ int cmd_prune(const std::string& store, const std::string& group, const site::Re
                        {"policy", rep->policy.describe()}, {"removed", rep->removed},
                        {"removed_bytes", rep->removed_bytes},
                        {"compacted_bytes", rep->compacted_bytes},
+                       {"rewritten_bytes", rep->rewritten_bytes},
                        {"replica_rp_before", rep->base_before},
                        {"replica_rp_after", rep->base_after}, {"points", arr}};
     std::cout << doc.dump(2) << "\n";
@@ -617,6 +618,9 @@ int cmd_prune(const std::string& store, const std::string& group, const site::Re
               (unsigned long long)rep->removed, human_bytes(rep->removed_bytes).c_str(),
               rep->points.size() - static_cast<std::size_t>(rep->removed),
               dry_run ? "" : (", replica images now at RP " + std::to_string(rep->base_after)).c_str());
+  if (rep->rewritten_bytes != 0)
+    std::printf("journal rewritten: the kept RPs now take %s (the RPs pruned between them are "
+                "gone)\n", human_bytes(rep->rewritten_bytes).c_str());
   return 0;
 }
 

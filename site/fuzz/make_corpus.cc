@@ -15,6 +15,8 @@
 #include <string>
 #include <vector>
 
+#include "../src/catalog.h"
+#include "../src/chain.h"
 #include "../src/journal.h"
 #include "ferry/base/hash.h"
 #include "ferry/site/store.h"
@@ -159,6 +161,14 @@ int main(int argc, char** argv) {
   fs::create_directories(recov);
   put(rec / "segment-header", seg.substr(0, jr::kSegmentHeaderBytes));
   put(rec / "state-v2", state_after_two);  // the catalog (state file version 2)
+  {
+    // The same catalog after a journal rewrite (generation 3, nothing pruned).
+    auto c = ferry::site::decode_catalog(state_after_two, ferry::site::group_id_of(kGroup));
+    die(c.status(), "decode the state file");
+    c->journal_gen = 3;
+    c->pruned.clear();
+    put(rec / "state-v2-gen3", ferry::site::encode_catalog(ferry::site::group_id_of(kGroup), *c));
+  }
   std::size_t pos = jr::kSegmentHeaderBytes, n = 0;
   std::vector<std::size_t> commit_ends;
   while (pos + jr::kRecordHeaderBytes <= seg.size()) {

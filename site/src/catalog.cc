@@ -53,6 +53,8 @@ std::string encode_catalog(std::uint64_t group_id, const Catalog& c) {
   for (auto id : c.pruned) w.u64(id);
   for (auto v : {c.keep_last, c.keep_hourly, c.keep_daily, c.keep_weekly, c.keep_within_s})
     w.u64(v);
+  FERRY_ASSERT(c.journal_gen <= kMaxJournalGen);
+  w.u64(c.journal_gen);
   w.u64(xxh3_64(s.data(), s.size()));
   FERRY_ASSERT(s.size() <= kMaxCatalogBytes);
   return s;
@@ -100,7 +102,7 @@ Result<Catalog> decode_catalog(std::string_view s, std::uint64_t group_id) {
   }
   if (c.target_rp != 0 && c.target_rp <= c.base_rp) return bad("target at or below the base");
   const std::uint32_t n = r.u32();
-  if (!r.ok() || n > kMaxPrunedIds || std::uint64_t(n) * 8 + 48 != r.remaining())
+  if (!r.ok() || n > kMaxPrunedIds || std::uint64_t(n) * 8 + 56 != r.remaining())
     return bad("bad pruned list");
   c.pruned.reserve(n);
   for (std::uint32_t i = 0; i < n; ++i) {
@@ -111,6 +113,8 @@ Result<Catalog> decode_catalog(std::string_view s, std::uint64_t group_id) {
   }
   for (auto* v : {&c.keep_last, &c.keep_hourly, &c.keep_daily, &c.keep_weekly, &c.keep_within_s})
     *v = r.u64();
+  c.journal_gen = r.u64();
+  if (c.journal_gen > kMaxJournalGen) return bad("journal generation out of range");
   return c;
 }
 

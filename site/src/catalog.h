@@ -9,7 +9,11 @@
 //              are already removed for readers.
 //   pruned     RPs above base_rp removed from the catalog by retention: not listed, not
 //              readable, but their records stay in the chain of the RPs after them until
-//              the base passes them.
+//              the base passes them or the journal is rewritten.
+//   journal_gen  which journal directory holds the RPs above the base: 0 `journal/`, n
+//              `journal.<n>/`. A rewrite (tiered retention dropped RPs between kept ones)
+//              copies the kept RPs, as deltas on one another, into generation n + 1 and
+//              then names it here: one rename switches; the other generations are garbage.
 #pragma once
 
 #include <cstdint>
@@ -26,7 +30,10 @@ inline constexpr std::uint32_t kStateMagic = 0x41545346;  // "FSTA"
 inline constexpr std::uint16_t kLegacyStateVersion = 1;     // 40 bytes: applied, applying
 inline constexpr std::uint16_t kCatalogVersion = 2;
 inline constexpr std::size_t kMaxPrunedIds = 1u << 20;
-inline constexpr std::size_t kMaxCatalogBytes = 64 + 2 * (256u << 10) + 8 * kMaxPrunedIds;
+inline constexpr std::size_t kMaxCatalogBytes = 72 + 2 * (256u << 10) + 8 * kMaxPrunedIds;
+// Generations are numbered from 0; this bound keeps the directory name short and the
+// counter far from overflow (a rewrite a minute for 10^4 years).
+inline constexpr std::uint64_t kMaxJournalGen = 1ull << 40;
 
 struct Catalog {
   std::uint64_t base_rp = 0;
@@ -34,6 +41,7 @@ struct Catalog {
   RpBeginInfo base_begin;  // meaningful when base_rp != 0
   RpInfo base_info;
   std::vector<std::uint64_t> pruned;  // ascending, unique, each > base_rp
+  std::uint64_t journal_gen = 0;
   // The retention policy the last pruning applied (what `ferry points` explains the kept RPs
   // by): counts, 0 = not given; keep-within in seconds, 0 = not given. All 0: none yet.
   std::uint64_t keep_last = 0, keep_hourly = 0, keep_daily = 0, keep_weekly = 0,

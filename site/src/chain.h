@@ -38,7 +38,13 @@ struct Paths {
         lock(group_dir + "/LOCK"),
         distrust(group_dir + "/distrust"),
         distrust_tmp(group_dir + "/distrust.tmp") {}
+  // The journal directory of generation `gen` (catalog.h): `journal`, then `journal.<n>`.
+  std::string journal_dir_for(std::uint64_t gen) const {
+    return gen == 0 ? journal_dir : journal_dir + "." + std::to_string(gen);
+  }
 };
+// The generations whose directories exist in the group (journal_dir_for), ascending.
+Result<std::vector<std::uint64_t>> journal_generations(Storage& st, const Paths& paths);
 
 std::uint64_t group_id_of(const std::string& group);
 Status check_name(const char* what, const std::string& s);
@@ -46,6 +52,7 @@ int find_disk(const RpBeginInfo& rp, const std::string& name);
 
 struct Chain {
   std::string group;
+  std::string journal_dir;  // of catalog.journal_gen: where rps' records live
   Catalog catalog;
   std::vector<journal::CommittedRp> rps;  // committed, above catalog.base_rp, ascending
 

@@ -38,15 +38,16 @@ Result<ReaderGate> ReaderGate::exclusive(const std::string& group_dir) {
   return take(group_dir, LOCK_EX);
 }
 
-Result<Pin> Pin::create(const std::string& group_dir, std::uint64_t rp_id, std::uint64_t base_rp) {
+Result<Pin> Pin::create(const std::string& group_dir, std::uint64_t rp_id, std::uint64_t base_rp,
+                        std::uint64_t journal_gen) {
   const std::string dir = group_dir + "/pins";
   if (::mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST) {
     if (errno == EACCES || errno == EROFS || errno == EPERM) return Pin();  // read-only store
     return Status::from_errno(errno, "create " + dir);
   }
   Pin p;
-  p.path_ = dir + "/" + std::to_string(rp_id) + "." + std::to_string(base_rp) + "." +
-            std::to_string(::getpid()) + "." + std::to_string(g_pin_counter++) + ".pin";
+  p.path_ = dir + "/" + std::to_string(rp_id) + "." + std::to_string(base_rp) + ".g" +
+            std::to_string(journal_gen) + "." + std::to_string(::getpid()) + "." + std::to_string(g_pin_counter++) + ".pin";
   p.fd_.reset(::open(p.path_.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644));
   if (!p.fd_.valid()) {
     if (errno == EACCES || errno == EROFS || errno == EPERM) return Pin();
@@ -87,11 +88,16 @@ Result<std::vector<LivePin>> live_pins(const std::string& group_dir, bool remove
   while (dirent* e = ::readdir(d)) names.emplace_back(e->d_name);
   ::closedir(d);
   for (const auto& n : names) {
-    unsigned long long rp = 0, base = 0, pid = 0, k = 0;
+    unsigned long long rp = 0, base = 0, gen = 0, pid = 0, k = 0;
     int used = 0;
-    if (std::sscanf(n.c_str(), "%llu.%llu.%llu.%llu.pin%n", &rp, &base, &pid, &k, &used) != 4 ||
-        static_cast<std::size_t>(used) != n.size())
-      continue;
+    const bool named =
+        (std::sscanf(n.c_str(), "%llu.%llu.g%llu.%llu.%llu.pin%n", &rp, &base, &gen, &pid, &k,
+                     &used) == 5 &&
+         static_cast<std::size_t>(used) == n.size()) ||
+        // a pin of a build before journal generations: generation 0
+        (std::sscanf(n.c_str(), "%llu.%llu.%llu.%llu.pin%n", &rp, &base, &pid, &k, &used) == 4 &&
+         static_cast<std::size_t>(used) == n.size() && (gen = 0, true));
+    if (!named) continue;
     const std::string path = dir + "/" + n;
     UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
     if (!fd.valid()) continue;  // removed meanwhile by its owner
@@ -100,7 +106,7 @@ Result<std::vector<LivePin>> live_pins(const std::string& group_dir, bool remove
       continue;
     }
     if (errno != EWOULDBLOCK) return Status::from_errno(errno, "flock " + path);
-    out.push_back(LivePin{rp, base});
+    out.push_back(LivePin{rp, base, gen});
   }
   return out;
 }

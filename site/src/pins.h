@@ -1,9 +1,10 @@
 // Readers pin the RP they read, so retention never removes it under them.
 //
 // A reader (ReadView: restore, the NBD export) holds, for its life, an flock on a pin file
-// `<group>/pins/<rp>.<base>.<pid>.<n>.pin`: the RP it reads and the base RP the store had
-// when it opened (it reads the records above that base). Retention keeps every pinned RP and
-// removes journal segments only below the oldest pinned base. A pin whose owner died is
+// `<group>/pins/<rp>.<base>.g<gen>.<pid>.<n>.pin`: the RP it reads, the base RP the store had
+// when it opened (it reads the records above that base) and the journal generation it reads
+// (catalog.h). Retention keeps every pinned RP, removes journal segments only below the
+// oldest pinned base, and a journal generation only once no pin reads it. A pin whose owner died is
 // unlocked: the next pruner removes it.
 //
 // The gate (`<group>/READERS`, flock) orders the two: a reader holds it shared from before
@@ -37,7 +38,7 @@ class ReaderGate {
 class Pin {
  public:
   static Result<Pin> create(const std::string& group_dir, std::uint64_t rp_id,
-                            std::uint64_t base_rp);
+                            std::uint64_t base_rp, std::uint64_t journal_gen);
   Pin() = default;
   Pin(Pin&&) noexcept;
   Pin& operator=(Pin&&) noexcept;
@@ -52,6 +53,7 @@ class Pin {
 struct LivePin {
   std::uint64_t rp_id = 0;
   std::uint64_t base_rp = 0;
+  std::uint64_t journal_gen = 0;
 };
 // The pins whose owners live; removes the others (unless !remove_stale: a read-only look).
 // A pruner calls it with the gate held exclusive.

@@ -266,7 +266,7 @@ class JournalView final : public ReadView {
         target_(target),
         disk_(std::move(disk)),
         images_(file_images(st, paths.replica_dir)),
-        reader_(std::move(st), paths.journal_dir) {
+        reader_(std::move(st), chain_->journal_dir) {
     const RpBeginInfo* b = target_ >= 0 ? &chain_->rps[target_].begin : &chain_->catalog.base_begin;
     rp_id_ = b->rp_id;
     const int d = find_disk(*b, disk_);
@@ -628,7 +628,7 @@ Status write_image(const std::shared_ptr<Storage>& st, ReadView& view,
 Result<Chain> load_chain(Storage& st, const std::string& root, const std::string& group) {
   FERRY_TRY(check_name("group", group));
   Paths paths(root, group);
-  if (!st.exists(paths.journal_dir))
+  if (!st.exists(paths.state) && !st.exists(paths.journal_dir))
     return Status::error(Errc::not_found, "group " + group + " not found in store " + root);
   Chain chain;
   chain.group = group;
@@ -647,10 +647,11 @@ Result<Chain> load_chain(Storage& st, const std::string& root, const std::string
     // A version 1 state (a store of the release before retention, not opened since): the
     // journal still holds every RP from the first, so it reads as a chain from RP 0.
   }
+  chain.journal_dir = paths.journal_dir_for(chain.catalog.journal_gen);
   // R18: a receiver that failed a sync and has not re-opened the group yet left a marker;
   // what follows it may be in the page cache only.
   FERRY_ASSIGN_OR_RETURN(auto trusted_end, distrust_limit(st, paths, group_id_of(group)));
-  FERRY_ASSIGN_OR_RETURN(auto scan, jr::scan(st, paths.journal_dir, group_id_of(group),
+  FERRY_ASSIGN_OR_RETURN(auto scan, jr::scan(st, chain.journal_dir, group_id_of(group),
                                              jr::ScanMode::read_only, trusted_end));
   const std::uint64_t base = chain.catalog.base_rp;
   for (auto& r : scan.committed)
@@ -669,7 +670,7 @@ Result<Chain> load_chain_gated(Storage& st, const std::string& root, const std::
                                ReaderGate& gate) {
   FERRY_TRY(check_name("group", group));
   Paths paths(root, group);
-  if (!st.exists(paths.journal_dir))
+  if (!st.exists(paths.state) && !st.exists(paths.journal_dir))
     return Status::error(Errc::not_found, "group " + group + " not found in store " + root);
   FERRY_ASSIGN_OR_RETURN(gate, ReaderGate::shared(paths.group_dir));
   return load_chain(st, root, group);
@@ -701,7 +702,8 @@ Result<std::unique_ptr<ReadView>> ReadView::open(const std::string& store_root,
   FERRY_ASSIGN_OR_RETURN(Chain loaded, load_chain_gated(*st, store_root, group, gate));
   auto chain = std::make_shared<Chain>(std::move(loaded));
   if (rp_id == 0) rp_id = chain->newest();
-  FERRY_ASSIGN_OR_RETURN(Pin pin, Pin::create(paths.group_dir, rp_id, chain->catalog.base_rp));
+  FERRY_ASSIGN_OR_RETURN(Pin pin, Pin::create(paths.group_dir, rp_id, chain->catalog.base_rp,
+                                                     chain->catalog.journal_gen));
   FERRY_ASSIGN_OR_RETURN(std::ptrdiff_t i, find_target(*chain, rp_id, disk));
   // RPs after the target are never read: drop them (and their index) from the view.
   if (i >= 0) chain->rps.resize(static_cast<std::size_t>(i) + 1);

@@ -242,8 +242,9 @@ class RealStorage final : public Storage {
   }
 
   Status remove(const std::string& path) override {
-    if (::unlink(path.c_str()) != 0) return Status::from_errno(errno, "remove " + path);
-    return Status::ok();
+    if (::unlink(path.c_str()) == 0) return Status::ok();
+    if (errno == EISDIR && ::rmdir(path.c_str()) == 0) return Status::ok();  // an empty directory
+    return Status::from_errno(errno, "remove " + path);
   }
 
   Status rename(const std::string& from, const std::string& to) override {

@@ -26,6 +26,7 @@
 #include "ferry/base/log.h"
 #include "chain.h"
 #include "journal.h"
+#include "rewrite.h"
 #include "pins.h"
 #include "ferry/site/retention.h"
 
@@ -176,6 +177,27 @@ Result<std::optional<jr::RecordLoc>> distrust_limit(Storage& st, const Paths& pa
   return limit;
 }
 
+Result<std::vector<std::uint64_t>> journal_generations(Storage& st, const Paths& paths) {
+  FERRY_ASSIGN_OR_RETURN(auto names, st.list_dir(paths.group_dir));
+  std::vector<std::uint64_t> gens;
+  for (const auto& n : names) {
+    if (n == "journal") {
+      gens.push_back(0);
+      continue;
+    }
+    if (n.rfind("journal.", 0) != 0 || n.size() == 8 || n.size() > 8 + 13) continue;
+    std::uint64_t g = 0;
+    bool digits = true;
+    for (std::size_t i = 8; i < n.size(); ++i) {
+      if (n[i] < '0' || n[i] > '9') digits = false;
+      else g = g * 10 + static_cast<std::uint64_t>(n[i] - '0');
+    }
+    if (digits && g != 0 && n[8] != '0' && g <= kMaxJournalGen) gens.push_back(g);
+  }
+  std::sort(gens.begin(), gens.end());
+  return gens;
+}
+
 int find_disk(const RpBeginInfo& rp, const std::string& name) {
   for (std::size_t i = 0; i < rp.disks.size(); ++i)
     if (rp.disks[i].name == name) return static_cast<int>(i);
@@ -245,7 +267,6 @@ class StoreImpl final : public GroupStore {
                                                   opt_.root);
       FERRY_TRY(st_->make_dirs(paths_.group_dir));
     }
-    FERRY_TRY(st_->make_dirs(paths_.journal_dir));
     FERRY_TRY(st_->make_dirs(paths_.replica_dir));
     // Readers pin RPs here; made now so a reader needs only an empty file (an inode, a
     // directory slot), not a new directory block, when the volume is full.
@@ -253,12 +274,7 @@ class StoreImpl final : public GroupStore {
     FERRY_TRY(lock());
     { FERRY_ASSIGN_OR_RETURN(auto gate, ReaderGate::shared(paths_.group_dir)); }
     FERRY_TRY(recover());
-    std::size_t buffer_bytes = std::max<std::size_t>(
-        opt_.max_inflight_write_bytes / 2 / jr::kBlockAlignBytes * jr::kBlockAlignBytes,
-        (jr::kMaxRecordBytes + 2 * jr::kMaxPaddingBytes + jr::kBlockAlignBytes) /
-            jr::kBlockAlignBytes * jr::kBlockAlignBytes);
-    jr::Writer::Options wo{paths_.journal_dir, group_id_, opt_.segment_bytes, buffer_bytes};
-    FERRY_ASSIGN_OR_RETURN(writer_, jr::Writer::open(st_, wo, scan_));
+    FERRY_ASSIGN_OR_RETURN(writer_, jr::Writer::open(st_, writer_options(jdir_), scan_));
     return Status::ok();
   }
 
@@ -449,13 +465,61 @@ class StoreImpl final : public GroupStore {
     lock_ = std::move(fd);
     return Status::ok();
   }
-  // --- recovery (docs/journal-format.md, R1..R22) ---
+  jr::Writer::Options writer_options(const std::string& dir) const {
+    std::size_t buffer_bytes = std::max<std::size_t>(
+        opt_.max_inflight_write_bytes / 2 / jr::kBlockAlignBytes * jr::kBlockAlignBytes,
+        (jr::kMaxRecordBytes + 2 * jr::kMaxPaddingBytes + jr::kBlockAlignBytes) /
+            jr::kBlockAlignBytes * jr::kBlockAlignBytes);
+    return jr::Writer::Options{dir, group_id_, opt_.segment_bytes, buffer_bytes};
+  }
+
+  // --- recovery (docs/journal-format.md, R1..R24) ---
+
+  // The journal generation the state file names (catalog.h). A state file that cannot be
+  // read names generation 0, the only one a store has before its first rewrite; once a
+  // rewrite happened the base had moved, so nothing else says which RP the images hold
+  // (R6). A named generation whose directory is gone lost every RP above the base (R24).
+  Status choose_journal() {
+    std::uint64_t gen = 0;
+    bool named = false;
+    if (st_->exists(paths_.state)) {
+      FERRY_ASSIGN_OR_RETURN(auto f, st_->open(paths_.state, OpenFlags{.read_only = true}));
+      std::string buf(kMaxCatalogBytes + 1, '\0');
+      FERRY_ASSIGN_OR_RETURN(std::size_t got, f->pread(buf.data(), buf.size(), 0));
+      buf.resize(got);
+      if (auto c = decode_catalog(buf, group_id_); c.is_ok()) {
+        gen = c->journal_gen;
+        named = true;
+      }
+    }
+    FERRY_ASSIGN_OR_RETURN(auto gens, journal_generations(*st_, paths_));
+    if (!named && !gens.empty() && gens.back() != 0)
+      return Status::error(Errc::corrupt,
+                           "state file " + paths_.state + " cannot be read, and the journal of "
+                           "group " + group_ + " was rewritten by retention (" +
+                               paths_.journal_dir_for(gens.back()) +
+                               "): nothing else says which generation and which RP the replica "
+                               "images hold; refusing the group (R6). Restore the state file "
+                               "from a backup of the store, or remove the group and replicate "
+                               "it again in full");
+    jdir_ = paths_.journal_dir_for(gen);
+    if (gen != 0 && !st_->exists(jdir_))
+      return Status::error(Errc::corrupt,
+                           "state file " + paths_.state + " names journal generation " +
+                               std::to_string(gen) + ", but " + jdir_ + " is missing: the RPs "
+                               "above the replica's are lost (R24). Restore the directory from "
+                               "a backup of the store, or remove the group and replicate it "
+                               "again in full");
+    FERRY_TRY(st_->make_dirs(jdir_));
+    chain_.journal_dir = jdir_;
+    return Status::ok();
+  }
 
   Status recover() {
     FERRY_TRY(probe_io_uring());
+    FERRY_TRY(choose_journal());
     FERRY_TRY(cut_untrusted());  // R18, before the scan can trust anything
-    FERRY_ASSIGN_OR_RETURN(scan_, jr::scan(*st_, paths_.journal_dir, group_id_,
-                                           jr::ScanMode::recover));
+    FERRY_ASSIGN_OR_RETURN(scan_, jr::scan(*st_, jdir_, group_id_, jr::ScanMode::recover));
     for (const auto& n : scan_.notes) spdlog::info("group {}: recovery: {}", group_, n);
     // R7/R20 are checked before anything is cut, so a refusal leaves the evidence in place.
     FERRY_ASSIGN_OR_RETURN(chain_.catalog, read_catalog());
@@ -487,7 +551,7 @@ class StoreImpl final : public GroupStore {
                                               ", which the journal does not hold (R21)");
     if (scan_.tail_dirty) {
       FERRY_KILL_POINT("journal.before_truncate");
-      FERRY_TRY(jr::cut_tail(*st_, paths_.journal_dir, scan_));
+      FERRY_TRY(jr::cut_tail(*st_, jdir_, scan_));
       FERRY_KILL_POINT("journal.after_truncate");
     }
     if (st_->exists(paths_.state_tmp)) FERRY_TRY(st_->remove(paths_.state_tmp));  // R10
@@ -609,7 +673,7 @@ class StoreImpl final : public GroupStore {
     spdlog::info("group {}: recovery: R18: a write or sync failed earlier; the journal is "
                  "trusted only up to {}, the last position a successful sync covered: cutting "
                  "it there", group_, loc_name(*limit));
-    Status s = jr::cut_back_to(*st_, paths_.journal_dir, *limit);
+    Status s = jr::cut_back_to(*st_, jdir_, *limit);
     if (s.is_ok() && st_->exists(paths_.distrust)) {
       s = st_->remove(paths_.distrust);
       if (s.is_ok()) s = st_->sync_dir(paths_.group_dir);
@@ -694,6 +758,7 @@ class StoreImpl final : public GroupStore {
     }
     if (target != 0) FERRY_TRY(compact(target, &rep));
     rep.base_after = chain_.catalog.base_rp;
+    FERRY_TRY(maybe_rewrite(rep));
     if (Status s = remove_garbage(); !s.is_ok())
       spdlog::warn("group {}: cannot remove pruned journal segments yet: {}", group_,
                    s.to_string());
@@ -711,7 +776,7 @@ class StoreImpl final : public GroupStore {
   // a kept RP takes from the base image.
   Status compact(std::uint64_t target, PruneReport* rep = nullptr) {
     FERRY_ASSERT(chain_.catalog.target_rp == target);
-    jr::Reader reader(st_, paths_.journal_dir);
+    jr::Reader reader(st_, jdir_);
     const jr::CommittedRp* to = nullptr;
     for (const auto& rp : chain_.rps) {
       if (rp.info.rp_id > target) break;
@@ -756,8 +821,12 @@ class StoreImpl final : public GroupStore {
   Status remove_garbage(bool state_read_at_open = false) {
     FERRY_ASSIGN_OR_RETURN(auto gate, ReaderGate::exclusive(paths_.group_dir));
     FERRY_ASSIGN_OR_RETURN(auto pins, live_pins(paths_.group_dir));
-    for (const auto& p : pins)
-      if (p.base_rp < chain_.catalog.base_rp) return Status::ok();
+    const std::uint64_t gen = chain_.catalog.journal_gen;
+    bool base_pinned = false, old_gen_pinned = false;
+    for (const auto& p : pins) {
+      base_pinned |= p.base_rp < chain_.catalog.base_rp;
+      old_gen_pinned |= p.journal_gen < gen;
+    }
     const std::uint64_t first_kept =
         chain_.rps.empty() ? UINT64_MAX : chain_.rps.front().first_segment;
     if (state_read_at_open) {
@@ -765,12 +834,21 @@ class StoreImpl final : public GroupStore {
       if (!any) return Status::ok();
       FERRY_TRY(write_catalog(chain_.catalog));
     }
-    FERRY_TRY(jr::remove_segments_below(*st_, paths_.journal_dir, first_kept));
+    // Other journal generations: a rewrite cut short (above) or one replaced (below, kept
+    // while a reader still reads it).
+    FERRY_ASSIGN_OR_RETURN(auto gens, journal_generations(*st_, paths_));
+    for (std::uint64_t g : gens)
+      if (g > gen || (g < gen && !old_gen_pinned))
+        FERRY_TRY(remove_journal_dir(paths_.journal_dir_for(g)));
+    if (base_pinned) return Status::ok();
+    FERRY_TRY(jr::remove_segments_below(*st_, jdir_, first_kept));
     return remove_images_not_in(chain_.catalog);
   }
 
   Result<bool> garbage_exists(std::uint64_t first_kept) {
-    FERRY_ASSIGN_OR_RETURN(auto names, st_->list_dir(paths_.journal_dir));
+    FERRY_ASSIGN_OR_RETURN(auto gens, journal_generations(*st_, paths_));
+    if (gens.size() > 1) return true;
+    FERRY_ASSIGN_OR_RETURN(auto names, st_->list_dir(jdir_));
     std::vector<std::uint64_t> segs;
     for (const auto& n : names)
       if (auto seq = jr::parse_segment_name(n)) segs.push_back(*seq);
@@ -780,6 +858,138 @@ class StoreImpl final : public GroupStore {
     for (const auto& d : disks)
       if (chain_.catalog.base_rp == 0 || find_disk(chain_.catalog.base_begin, d) < 0) return true;
     return false;
+  }
+
+  // Removes a journal directory and everything in it (segments; nothing else lives there).
+  Status remove_journal_dir(const std::string& dir) {
+    FERRY_ASSERT(dir != jdir_);
+    FERRY_ASSIGN_OR_RETURN(auto names, st_->list_dir(dir));
+    for (const auto& n : names) FERRY_TRY(st_->remove(dir + "/" + n));
+    return st_->remove(dir);
+  }
+
+  // --- tiered retention: the journal rewrite (rewrite.h) ---
+
+  static std::uint64_t stored_bytes(const RpInfo& info) {
+    std::uint64_t n = 0;
+    for (const auto& d : info.disks) n += d.stored_bytes;
+    return n;
+  }
+
+  // Pruned RPs between kept ones keep their records until the base passes them. A rewrite
+  // drops what of them no kept RP needs (what a later RP overwrote before the next kept one);
+  // the rest moves into the kept RP after them. It runs once the index says it would drop
+  // at least half of what it writes (and rewrite_min_garbage_bytes): so it costs at most
+  // twice the bytes it drops, and at rest the journal stays within 1.5 times the kept RPs'
+  // changes plus that minimum, plus what was pruned since the last look (a quarter of the
+  // kept bytes, or the minimum). The look reads record headers only, and only when the
+  // pruned RPs' bytes could pass the mark. After a failed rewrite the next waits as long.
+  Status maybe_rewrite(PruneReport& rep) {
+    std::uint64_t garbage = 0, kept_bytes = 0;
+    std::vector<std::uint64_t> kept;
+    for (const auto& r : chain_.rps) {
+      if (chain_.catalog.is_pruned(r.info.rp_id)) {
+        garbage += stored_bytes(r.info);
+      } else {
+        kept_bytes += stored_bytes(r.info);
+        kept.push_back(r.info.rp_id);
+      }
+    }
+    const std::uint64_t min = opt_.rewrite_min_garbage_bytes;
+    if (garbage == 0 || garbage < rewrite_retry_at_ || kept.empty() ||
+        kept.back() != chain_.newest())
+      return Status::ok();
+    const std::uint64_t look_again = garbage + std::max(min, kept_bytes / 4);
+    if (min == 0) return run_rewrite(kept, rep, garbage, look_again);  // tests: at once
+    if (garbage < std::max(min, kept_bytes / 2)) return Status::ok();
+    auto est = estimate_rewrite_bytes(st_, paths_, chain_, kept);
+    if (!est.is_ok()) {
+      rewrite_retry_at_ = look_again;
+      spdlog::warn("group {}: cannot size a journal rewrite: {}", group_, est.status().to_string());
+      return Status::ok();
+    }
+    const std::uint64_t total = garbage + kept_bytes;
+    const std::uint64_t drops = total > *est ? total - *est : 0;
+    if (drops < std::max(min, *est / 2)) {
+      rewrite_retry_at_ = look_again;
+      spdlog::debug("group {}: a journal rewrite would write {} bytes to drop {}: not yet",
+                    group_, *est, drops);
+      return Status::ok();
+    }
+    return run_rewrite(kept, rep, garbage, look_again);
+  }
+
+  Status run_rewrite(const std::vector<std::uint64_t>& kept, PruneReport& rep,
+                     std::uint64_t garbage, std::uint64_t look_again) {
+    Status s = rewrite_journal(kept, rep);
+    if (!s.is_ok() && failed_.is_ok()) {
+      rewrite_retry_at_ = look_again;
+      spdlog::warn("group {}: the journal rewrite of tiered retention failed ({}); the store "
+                   "keeps the pruned RPs' {} bytes until the next attempt", group_,
+                   s.to_string(), garbage);
+      return Status::ok();
+    }
+    rewrite_retry_at_ = 0;
+    return s;
+  }
+
+  // Writes generation gen + 1 (the kept RPs as deltas on one another), makes it durable,
+  // reads it back as recovery would, and only then names it in the state file. A crash
+  // before that leaves generation gen in force and gen + 1 garbage (R23); after it, the
+  // reverse (R23). A failure to write the state file fails the store: what the file holds on
+  // disk is not known then, and only a re-open may decide which generation is garbage.
+  Status rewrite_journal(const std::vector<std::uint64_t>& kept, PruneReport& rep) {
+    FERRY_ASSERT(!open_ && failed_.is_ok());
+    const std::uint64_t gen = chain_.catalog.journal_gen + 1;
+    if (gen > kMaxJournalGen) return Status::error(Errc::unsupported, "journal generation limit");
+    const std::string dir = paths_.journal_dir_for(gen);
+    if (st_->exists(dir)) FERRY_TRY(remove_journal_dir(dir));
+    FERRY_TRY(st_->make_dirs(dir));
+    FERRY_TRY(st_->sync_dir(paths_.group_dir));
+    RewriteStats stats;
+    {
+      FERRY_ASSIGN_OR_RETURN(auto w, jr::Writer::open(st_, writer_options(dir), jr::ScanResult{}));
+      FERRY_TRY(write_kept_rps(st_, paths_, chain_, kept, *w, stats));
+      FERRY_TRY(w->flush());
+      FERRY_TRY(w->sync());
+    }
+    FERRY_TRY(st_->sync_dir(dir));
+    FERRY_KILL_POINT("rewrite.before_switch");
+    FERRY_ASSIGN_OR_RETURN(jr::ScanResult scan, jr::scan(*st_, dir, group_id_,
+                                                         jr::ScanMode::recover));
+    std::vector<std::uint64_t> got;
+    for (const auto& r : scan.committed) got.push_back(r.info.rp_id);
+    if (got != kept || scan.tail_dirty)
+      return Status::error(Errc::corrupt, "group " + group_ + ": the rewritten journal " + dir +
+                                              " does not read back as the " +
+                                              std::to_string(kept.size()) + " kept RPs");
+    FERRY_ASSIGN_OR_RETURN(auto writer, jr::Writer::open(st_, writer_options(dir), scan));
+    const std::uint64_t before = journal_bytes();
+    {
+      FERRY_ASSIGN_OR_RETURN(auto gate, ReaderGate::exclusive(paths_.group_dir));
+      Catalog next = chain_.catalog;
+      next.journal_gen = gen;
+      next.pruned.clear();
+      if (Status s = write_catalog(next); !s.is_ok()) return fail(s);
+      chain_.catalog = std::move(next);
+      chain_.rps = std::move(scan.committed);
+      chain_.journal_dir = dir;
+      jdir_ = dir;
+      writer_ = std::move(writer);
+    }
+    FERRY_KILL_POINT("rewrite.after_switch");
+    rep.rewritten_bytes = stats.stored_bytes;
+    spdlog::info("group {}: journal rewritten (generation {}): {} kept RPs in {} bytes, {} "
+                 "bytes of the RPs pruned between them dropped", group_, gen, stats.rps,
+                 stats.stored_bytes, before > stats.stored_bytes ? before - stats.stored_bytes : 0);
+    return Status::ok();
+  }
+
+  // The records of the RPs above the base, as the index knows them.
+  std::uint64_t journal_bytes() const {
+    std::uint64_t n = 0;
+    for (const auto& r : chain_.rps) n += stored_bytes(r.info);
+    return n;
   }
 
   Status remove_images_not_in(const Catalog& c) {
@@ -938,6 +1148,9 @@ class StoreImpl final : public GroupStore {
   // apply_rp_to_images). A restart starts clean: the open redoes it from durable state.
   bool rewrite_zeros_ = false;
   ZeroDigests zeros_;
+  std::string jdir_;  // the journal directory of chain_.catalog.journal_gen
+  // After a failed rewrite: the pruned bytes at which the next one is tried (0: at once).
+  std::uint64_t rewrite_retry_at_ = 0;
 };
 
 }  // namespace

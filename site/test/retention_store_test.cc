@@ -390,3 +390,197 @@ TEST_CASE("retention: a version 1 state file is migrated in place (R22)", "[rete
   CHECK(log2.str().find("migrated") == std::string::npos);
   CHECK(check_store(**again, model, opt.root, dir.path(), {1, 2, 3}) == "");
 }
+
+namespace {
+
+// Two disks under a tiered policy: "d" written at random 64 KiB blocks (some as zero
+// records, some zstd), shrunk and grown back now and then and sent in full once; "e" added
+// half way. RPs every 10 minutes of a synthetic clock.
+struct TieredRun {
+  static constexpr std::uint64_t kDisk = 8u << 20;
+  std::mt19937_64 rng{20261207};
+  std::map<std::string, std::string> img;  // the source's disks now
+  std::uint64_t size_d = kDisk;
+
+  TestRp next(std::uint64_t id, std::uint64_t created) {
+    TestRp rp;
+    const bool full_d = id == 1 || id == 97;
+    if (id % 37 == 0) size_d = kDisk - 512 * 1024;  // shrink ...
+    else if (id % 37 == 3) size_d = kDisk;          // ... and grow back two RPs later
+    rp.begin = {id, id - 1, created, 0, {disk("d", size_d, full_d)}};
+    if (id >= 60) rp.begin.disks.push_back(disk("e", kDisk / 2, id == 60));
+    for (std::uint16_t d = 0; d < rp.begin.disks.size(); ++d) {
+      const auto& bd = rp.begin.disks[d];
+      std::string& im = img[bd.name];
+      if (bd.full) im.assign(bd.size_bytes, '\0');
+      im.resize(bd.size_bytes, '\0');
+      const std::uint64_t slots = bd.size_bytes / kB64;
+      const int n = bd.full ? static_cast<int>(slots) : 1 + static_cast<int>(rng() % 12);
+      for (int i = 0; i < n; ++i) {
+        const std::uint64_t off = (bd.full ? std::uint64_t(i) : rng() % slots) * kB64;
+        TestBlock b{d, off, kB64, RecordKind::data, RecordCodec::none, rng()};
+        if (rng() % 5 == 0) b.kind = RecordKind::zero;
+        else if (rng() % 2 == 0) b.codec = RecordCodec::zstd;
+        im.replace(off, kB64, b.kind == RecordKind::zero ? std::string(kB64, '\0')
+                                                         : block_bytes(b.seed, kB64));
+        rp.blocks.push_back(b);
+      }
+    }
+    return rp;
+  }
+};
+
+std::vector<std::string> journal_dirs(const std::string& gdir) {
+  std::vector<std::string> out;
+  for (const auto& e : fs::directory_iterator(gdir))
+    if (e.path().filename().string().rfind("journal", 0) == 0)
+      out.push_back(e.path().filename().string());
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+std::string restored_disk(GroupStore& s, std::uint64_t rp, const std::string& disk,
+                          const std::string& scratch) {
+  const std::string out = scratch + "/restore.img";
+  Status st = s.restore(rp, disk, out);
+  if (!st.is_ok()) return "error: " + st.to_string();
+  std::string bytes = slurp(out);
+  fs::remove(out);
+  return bytes;
+}
+
+}  // namespace
+
+// (d) Tiered retention prunes RPs between kept ones; the journal is rewritten into a new
+// generation once that drops half of what it writes (here at least 256 KiB): the journal
+// stays within twice the kept RPs' changes (counted from what the source sent) + twice that
+// minimum + framing + one segment, every kept RP reads the same before and after each rewrite, a reader pins the old generation until it closes, and
+// the store opens again on the newest generation.
+TEST_CASE("retention: a tiered policy's journal is rewritten and stays bounded", "[retention]") {
+  TempDir dir("/dev/shm");
+  StoreOptions opt;
+  opt.root = dir.path() + "/store";
+  opt.segment_bytes = 5u << 20;  // near the smallest segment a store accepts
+  opt.rewrite_min_garbage_bytes = 256u << 10;
+  opt.retention.keep_last = 3;
+  opt.retention.keep_hourly = 4;
+  opt.retention.keep_daily = 2;
+  std::uint64_t now = utc(kMonday, 0, 0);
+  opt.clock = [&now] { return now; };
+  const std::string gdir = opt.root + "/g";
+  TieredRun run;
+  std::map<std::uint64_t, std::map<std::string, std::string>> at;  // offered RPs' images
+  auto store = GroupStore::open(opt, "g", true).value();
+  std::set<std::string> gens_seen;
+  std::uint64_t worst_ratio_x100 = 0;
+  std::map<std::uint64_t, TestRp> sent;  // the RPs above the base
+  auto check_all = [&](const std::string& when) {
+    for (const auto& p : store->points()) {
+      for (const auto& [name, bytes] : at.at(p.rp_id)) {
+        INFO(when << ": RP " << p.rp_id << " disk " << name);
+        REQUIRE(restored_disk(*store, p.rp_id, name, dir.path()) == bytes);
+      }
+    }
+  };
+  for (std::uint64_t id = 1; id <= 240; ++id) {
+    now = utc(kMonday, 0, 0) + id * 600ull * 1'000'000'000ull;
+    TestRp rp = run.next(id, now);
+    at[id] = run.img;
+    REQUIRE(feed_rp(*store, rp).is_ok());
+    REQUIRE(store->apply_committed().is_ok());
+    auto points = store->points();
+    std::set<std::uint64_t> offered;
+    for (const auto& p : points) offered.insert(p.rp_id);
+    std::erase_if(at, [&](const auto& kv) { return !offered.count(kv.first); });
+    const auto dirs = journal_dirs(gdir);
+    REQUIRE(dirs.size() == 1);  // nothing pins an old generation: it is gone at once
+    gens_seen.insert(dirs[0]);
+    // The kept RPs' changes, from the source side: per kept RP above the base and disk, the
+    // data bytes the RPs since the kept RP before it wrote (since the disk's last full copy),
+    // each range counted once.
+    sent[id] = rp;
+    const std::uint64_t base = store->last_applied_rp();
+    std::erase_if(sent, [&](const auto& kv) { return kv.first <= base; });
+    std::uint64_t live = 0;
+    {
+      std::map<std::string, std::vector<std::pair<std::uint64_t, std::uint64_t>>> run;
+      for (const auto& [rid, r] : sent) {
+        for (std::size_t d = 0; d < r.begin.disks.size(); ++d) {
+          auto& v = run[r.begin.disks[d].name];
+          if (r.begin.disks[d].full) v.clear();
+          for (const auto& b : r.blocks)
+            if (b.disk == d && b.kind == RecordKind::data) v.push_back({b.offset, b.length});
+        }
+        if (!offered.count(rid)) continue;
+        for (auto& [name, v] : run) {
+          std::set<std::uint64_t> blocks;  // 64 KiB blocks written since the kept RP before
+          for (const auto& [off, len] : v)
+            for (std::uint64_t o = off; o < off + len; o += kB64) blocks.insert(o);
+          live += blocks.size() * (kB64 + 96);
+          v.clear();
+        }
+      }
+    }
+    const std::uint64_t journal = dir_bytes(gdir + "/" + dirs[0]);
+    // Framing: a segment header, and per RP its begin record and two commit copies in
+    // aligned blocks, plus padding to the block ends; and the RPs the base passed, until
+    // the segment they share with a kept RP goes (one segment at most).
+    const std::uint64_t framing = 4096 + sent.size() * 4 * 4096;
+    const std::uint64_t slack = 2 * opt.rewrite_min_garbage_bytes + framing + opt.segment_bytes;
+    const std::uint64_t bound = 2 * live + slack;
+    INFO("after RP " << id << ": journal " << journal << " bytes, the kept RPs' changes "
+                     << live << ", bound " << bound << ", " << dirs[0]);
+    REQUIRE(journal <= bound);
+    if (live != 0)
+      worst_ratio_x100 = std::max(worst_ratio_x100,
+                                  (journal > slack ? journal - slack : 0) * 100 / live);
+    if (id % 20 == 0) check_all("after RP " + std::to_string(id));
+  }
+  INFO("generations seen: " << gens_seen.size());
+  CHECK(gens_seen.size() >= 3);
+  std::printf("tiered retention: %zu journal generations over 240 RPs; journal beyond its fixed "
+              "slack at most %.2f x the kept RPs' changes\n", gens_seen.size(),
+              worst_ratio_x100 / 100.0);
+
+  // A reader pins its generation: the rewrite under it keeps the old directory until the
+  // reader closes; the reader reads what it read before.
+  const std::uint64_t pinned = store->points()[1].rp_id;
+  auto view = ReadView::open(opt.root, "g", pinned, "d");
+  REQUIRE(view.is_ok());
+  const std::string before_gen = journal_dirs(gdir)[0];
+  std::uint64_t id = 241;
+  for (; journal_dirs(gdir).size() == 1 && id < 400; ++id) {
+    now = utc(kMonday, 0, 0) + id * 600ull * 1'000'000'000ull;
+    TestRp rp = run.next(id, now);
+    at[id] = run.img;
+    REQUIRE(feed_rp(*store, rp).is_ok());
+    REQUIRE(store->apply_committed().is_ok());
+  }
+  REQUIRE(journal_dirs(gdir).size() == 2);
+  CHECK(journal_dirs(gdir)[0] == before_gen);
+  {
+    std::string got((*view)->size_bytes(), '\0');
+    REQUIRE((*view)->pread(got.data(), got.size(), 0).is_ok());
+    CHECK(got == at.at(pinned).at("d"));
+  }
+  view->reset();
+  now += 600ull * 1'000'000'000ull;
+  TestRp rp = run.next(id, now);
+  at[id] = run.img;
+  REQUIRE(feed_rp(*store, rp).is_ok());
+  REQUIRE(store->apply_committed().is_ok());
+  CHECK(journal_dirs(gdir).size() == 1);
+  std::erase_if(at, [&](const auto& kv) {
+    for (const auto& p : store->points())
+      if (p.rp_id == kv.first) return false;
+    return true;
+  });
+  check_all("after the pinned rewrite");
+
+  // Opened again: recovery reads the generation the state file names.
+  const auto offered = ids_of(store->points());
+  store.reset();
+  store = GroupStore::open(opt, "g", false).value();
+  CHECK(ids_of(store->points()) == offered);
+  check_all("after a re-open");
+}

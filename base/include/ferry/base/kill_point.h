@@ -12,7 +12,7 @@
 
 namespace ferry {
 
-inline constexpr std::array<std::string_view, 26> kKillPoints = {
+inline constexpr std::array<std::string_view, 29> kKillPoints = {
     // receiver, in the order one RP passes them
     "receiver.frame_received",
     "journal.before_append",
@@ -38,6 +38,11 @@ inline constexpr std::array<std::string_view, 26> kKillPoints = {
     "prune.after_base",
     "prune.mid_remove",
     "migrate.after_state",
+    // tiered retention's journal rewrite: the first kept RP copied, the new generation
+    // written and synced, the state naming it written
+    "rewrite.mid_write",
+    "rewrite.before_switch",
+    "rewrite.after_switch",
     // source
     "source.after_transaction",
     "source.mid_send",

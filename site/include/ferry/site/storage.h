@@ -44,7 +44,7 @@ class Storage {
  public:
   virtual ~Storage() = default;
   virtual Result<std::unique_ptr<StorageFile>> open(const std::string& path, OpenFlags flags) = 0;
-  virtual Status remove(const std::string& path) = 0;
+  virtual Status remove(const std::string& path) = 0;  // a file, or an empty directory
   virtual Status rename(const std::string& from, const std::string& to) = 0;
   virtual Status sync_dir(const std::string& dir) = 0;
   virtual Status make_dirs(const std::string& dir) = 0;

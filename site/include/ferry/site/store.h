@@ -52,6 +52,11 @@ struct StoreOptions {
   // The clock retention measures RP ages against (unix ns); null: the system clock. Tests
   // give a synthetic one.
   std::function<std::uint64_t()> clock;
+  // Tiered retention (keep-hourly/daily/weekly) prunes RPs between kept ones; their records
+  // stay until the journal is rewritten, which happens once they reach half the kept RPs'
+  // bytes and at least this much (docs/journal-format.md, "Journal generations"). 0: at
+  // every retention pass that leaves pruned RPs between kept ones (for tests).
+  std::uint64_t rewrite_min_garbage_bytes = 64ull << 20;
 };
 
 // One offered RP as retention judged it.
@@ -70,6 +75,7 @@ struct PruneReport {
   std::uint64_t removed = 0;         // RPs removed by this call
   std::uint64_t removed_bytes = 0;   // their journal bytes
   std::uint64_t compacted_bytes = 0; // journal bytes written into the replica images
+  std::uint64_t rewritten_bytes = 0; // journal bytes of a rewrite (0: none this call)
   std::uint64_t base_before = 0, base_after = 0;  // the RP the images held
 };
 
