@@ -246,9 +246,13 @@ int cmd_receive(const ReceiveArgs& a, std::uint64_t max_disk_bytes) {
     if (!next.is_ok()) {
       spdlog::error("SIGHUP: config {} not reloaded: {}; the retention policy, access map and "
                     "quotas in force stay", a.config, next.status().to_string());
-    } else if (site::Receiver* rr = running.load()) {
-      rr->set_retention(policies(std::make_shared<const ReceiveConfig>(*next)));
-      log_policy(*next, "reloaded (SIGHUP)");
+    } else {
+      // The access map and quotas are read through the holder, so they apply even to a
+      // reload that comes before the receiver is up; retention goes to the receiver.
+      if (site::Receiver* rr = running.load()) {
+        rr->set_retention(policies(std::make_shared<const ReceiveConfig>(*next)));
+        log_policy(*next, "reloaded (SIGHUP)");
+      }
       log_access(*next, tls_on, "reloaded (SIGHUP)");
       holder->set(std::move(next).value());
     }
