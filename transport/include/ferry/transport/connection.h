@@ -91,7 +91,8 @@ struct ServerOptions {
   ConnectionOptions connection;
   std::size_t max_connections = 64;  // further connections are accepted and closed at once
   // Connections (handshaking or admitted) from one peer address at once; more are accepted
-  // and closed at once, logged (rate-limited) with the address.
+  // and closed at once, logged (rate-limited) with the address. TLS listeners only: a
+  // plaintext listener keeps its behaviour (tests and loopback tools open many).
   std::size_t max_connections_per_address = 16;
   // Handshakes in progress at once (each costs bounded memory); more wait in the kernel's
   // accept backlog.
