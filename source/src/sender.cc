@@ -842,6 +842,8 @@ Result<transport::RpAck> send_capture(transport::Connection& conn, const SenderO
     if (cap.vm_config.size() <= transport::kMaxVmConfigBytes) {
       begin.flags |= transport::kRpFlagVmConfig;
       begin.vm_config = cap.vm_config;
+      spdlog::info("RP {}: sending the VM definition ({} bytes; new or changed)", cap.rp_id,
+                   cap.vm_config.size());
     } else {
       spdlog::warn("the VM definition ({} bytes) is over the {} bytes an RP carries: RP {} goes "
                    "without it", cap.vm_config.size(), transport::kMaxVmConfigBytes, cap.rp_id);

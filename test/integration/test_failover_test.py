@@ -210,6 +210,36 @@ def main():
                                                    hashlib.sha256(r.out[:-1].encode()).hexdigest()),
                  "(a) vm-config bytes vs the sha256 in ferry points")
 
+        # One protect process over several RPs sends the definition once; the receiver copies
+        # it into the others, also across its own restart (it reads the newest from the store).
+        before = max(pts)
+        p = ft.Proc(env, "protect-interval", [env.ferry, "protect", "--domain", DOMAIN, "--to",
+                    rx.addr, "--state-dir", state, "--interval", "1"],
+                    env.path("protect-interval.log"))
+
+        def wait_rps(n, what):
+            deadline = time.monotonic() + 120
+            while True:
+                ft.check(p.alive(), f"{what}: protect --interval exited:\n{p.log_text()[-3000:]}")
+                got = [q["rp_id"] for q in env.points(store, DOMAIN) if q["rp_id"] > before]
+                if len(got) >= n:
+                    return got
+                ft.check(time.monotonic() < deadline, f"{what}: {len(got)} of {n} RPs in 120 s")
+                time.sleep(0.3)
+        wait_rps(2, "(a) interval")
+        rx.stop()
+        rx.restart()
+        interval_rps = wait_rps(4, "(a) interval after a receiver restart")
+        ft.check_eq(p.terminate(), 0, "(a) protect --interval exit status on SIGTERM")
+        sent = p.log_text().count("sending the VM definition")
+        ft.check_eq(sent, 1, "(a) VM definitions sent by one protect process")
+        pts = {q["rp_id"]: q for q in env.points(store, DOMAIN)}
+        for rp in interval_rps:
+            vc = pts[rp].get("vm_config")
+            ft.check(vc and vc["from_rp"] == rp and vc["sha256"] == pts[k]["vm_config"]["sha256"],
+                     f"(a) RP {rp} (source sent none) does not carry the definition: {pts[rp]}")
+        figures["interval_rps"] = len(interval_rps)
+
         # ---- (b) test failover of RP k while replication goes on ------------------------------
         t_start = time.monotonic()
         r = failover("--point", str(k))
