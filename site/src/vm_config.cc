@@ -6,6 +6,16 @@
 namespace ferry::site {
 namespace {
 
+// The state file keeps the base RP's begin payload in a piece of at most 256 KiB (catalog.h
+// kMaxCatalogBytes): the largest begin payload (journal.cc encode_begin: 30 fixed bytes,
+// per disk a name, size and flag, the tail's version, source name and per-disk identity,
+// then the definition's length and bytes) must fit it, or a store could not name its base.
+constexpr std::size_t kMaxBeginPayloadBytes =
+    30 + journal::kMaxDisks * (2 + journal::kMaxNameBytes + 9) + 1 + 2 +
+    journal::kMaxNameBytes + journal::kMaxDisks * 18 + 4 + kMaxVmConfigBytes;
+static_assert(kMaxBeginPayloadBytes <= (256u << 10));
+static_assert(kMaxCatalogBytes >= 72 + 2 * (256u << 10));
+
 // The newest begin record at or below `rp_id` that carries a definition: the RP's own in a
 // store written by a receiver that copies it forward, an older RP's otherwise. Only RPs the
 // chain still holds (the base and the journal's) can answer.

@@ -59,7 +59,7 @@ struct RpBeginInfo {
   std::string vm_config;
 };
 // = transport::kMaxVmConfigBytes (checked in receiver.cc): the journal refuses more.
-inline constexpr std::uint32_t kMaxVmConfigBytes = 256u << 10;
+inline constexpr std::uint32_t kMaxVmConfigBytes = 224u << 10;
 // RpBeginInfo::flags bit (= transport::kRpFlagTakeOver): the source takes the group over
 // from the source that wrote it, so rule C5.source does not apply.
 inline constexpr std::uint32_t kRpFlagTakeOver = 1u << 2;

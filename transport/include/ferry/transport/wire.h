@@ -118,8 +118,9 @@ inline constexpr std::uint32_t kFeatureVmConfig = 1u << 4;
 inline constexpr std::uint32_t kKnownFeatures =
     kFeatureHashList | kFeatureZeroRanges | kFeatureDiskIdentity | kFeatureVmConfig;
 // The largest VM definition an rp_begin carries: a domain XML is a few KiB; this leaves room
-// for many disks and NICs and keeps every rp_begin (and journal begin record) small.
-inline constexpr std::uint32_t kMaxVmConfigBytes = 256u << 10;
+// for many disks and NICs, and keeps the receiver's largest begin record (names, identities
+// and this) within the 256 KiB the state file allows the base RP's (site/src/vm_config.cc).
+inline constexpr std::uint32_t kMaxVmConfigBytes = 224u << 10;
 
 struct Hello {
   std::uint16_t version = kProtocolVersion;
