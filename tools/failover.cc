@@ -485,8 +485,10 @@ int start_test(const FailoverTestArgs& a) {
   probe.uuid = *uuid;
   for (const auto& d : disks) probe.disks[d] = {"/x", "/x"};
   auto named = rewrite_vm_xml(xml, probe);
-  if (!named.is_ok()) return fail("the VM config of RP " + std::to_string(cfg->rp_id) + ": " +
-                                  named.status().message());
+  if (!named.is_ok())
+    return fail((a.domain_xml.empty() ? "the VM config of RP " + std::to_string(cfg->rp_id)
+                                      : "--domain-xml " + a.domain_xml) +
+                ": " + named.status().message());
   auto conn = connect_libvirt(a.uri);
   if (!conn.is_ok()) return fail(conn.status().message());
   if (Domain d(virDomainLookupByName(conn->get(), named->name.c_str())); d)
@@ -573,6 +575,16 @@ int stop_test(const FailoverTestArgs& a) {
   const Paths p(a.store, a.group);
   if (::access(p.running.c_str(), F_OK) != 0)
     return fail("no test failover is running for group '" + a.group + "' in store " + a.store);
+  struct stat sb {};
+  if (::stat(p.running.c_str(), &sb) == 0 && sb.st_size == 0) {
+    // A start killed between creating the record (the lock) and its first write: nothing
+    // was created yet.
+    if (::unlink(p.running.c_str()) != 0 && errno != ENOENT)
+      return fail("remove " + p.running + ": " + std::strerror(errno));
+    std::printf("a start of a test failover of group %s was interrupted before it created "
+                "anything; its empty record is removed\n", a.group.c_str());
+    return 0;
+  }
   auto rec = load_running(p);
   if (!rec.is_ok()) return fail(rec.status().to_string());
   const std::string uri = rec->value("uri", a.uri);

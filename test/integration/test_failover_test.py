@@ -329,6 +329,13 @@ def main():
         ft.check(not os.path.exists(rec["run_dir"]), "(d) run dir left")
 
         # ---- (e) errors -------------------------------------------------------------------------
+        # A start killed right after creating its record (the lock) left it empty: --stop
+        # removes it, and a new start is not blocked by it afterwards.
+        os.makedirs(tests_dir, exist_ok=True)
+        open(os.path.join(tests_dir, "running.json"), "w").close()
+        expect_error("(e) start over an interrupted start's record", failover(), "already running")
+        r = failover("--stop")
+        ft.check(r.rc == 0 and "interrupted" in r.out, f"(e) --stop of an empty record:\n{r}")
         expect_error("(e) unknown group", failover(group="no-such-group"), "no-such-group",
                      "not found")
         expect_error("(e) domain name exists", failover("--name-suffix", ""), "already exists",
@@ -349,6 +356,14 @@ def main():
             env.replicate_once(qsd, rx.addr, "noconfig")
             expect_error("(e) RP without VM config", failover(group="noconfig"),
                          "no VM config", "--domain-xml")
+            xml = env.path("other.xml")
+            with open(xml, "w") as f:  # a definition given, but without the RP's disk d0
+                f.write("<domain type='qemu'><name>other</name><memory>65536</memory>"
+                        "<os><type>hvm</type></os><devices/></domain>")
+            expect_error("(e) --domain-xml without the RP's disk",
+                         failover("--domain-xml", xml, group="noconfig"), "d0", "<disk>")
+            ft.check(not os.path.exists(os.path.join(store, "noconfig", "tests", "running.json")),
+                     "(e) a refused start left a record")
             expect_error("(e) vm-config without one",
                          env.run(["vm-config", "--store", store, "--group", "noconfig"]),
                          "no VM config")
