@@ -26,6 +26,7 @@
 #include "ferry/transport/rules.h"
 #include "access.h"
 #include "agent.h"
+#include "failover.h"
 #include "receive_config.h"
 #include "retention_flags.h"
 #include "tools.h"
@@ -517,6 +518,7 @@ int cmd_points(const std::string& store, const std::string& group, bool json) {
   if (json) {
     nlohmann::json arr = nlohmann::json::array();
     for (const auto& p : rep->points) arr.push_back(point_json(p));
+    annotate_points_json(store, group, arr);  // VM config and test failovers (failover.cc)
     std::cout << arr.dump(2) << "\n";
     return 0;
   }
@@ -524,6 +526,7 @@ int cmd_points(const std::string& store, const std::string& group, bool json) {
               group.c_str(), rep->points.size(), rep->policy.describe().c_str(),
               (unsigned long long)rep->base_before);
   print_points(*rep, false);
+  print_points_tests(store, group);
   return 0;
 }
 
@@ -796,6 +799,8 @@ int main(int argc, char** argv) {
   exp->add_flag("--overlay", xa.overlay,
                 "Writable: writes go to a throwaway overlay (nbdkit cow filter), never the store");
 
+  auto run_failover = add_failover_commands(app, point_rule);  // vm-config, failover test
+
   DemoArgs da;
   auto* demo = app.add_subcommand("demo", "Live replication demo on this machine (qemu-storage-daemon)");
   demo->add_option("--rps", da.rps, "Recovery points to take (at least 5)")->check(CLI::Range(5, 1000));
@@ -891,6 +896,7 @@ int main(int argc, char** argv) {
       return cmd_export(xa);
     }
     if (demo->parsed()) return run_demo(da, argv[0]);
+    if (int rc = 0; run_failover(rc)) return rc;
     if (kp->parsed()) {
       for (auto k : ferry::kKillPoints) std::printf("%.*s\n", int(k.size()), k.data());
       return 0;

@@ -77,6 +77,7 @@ struct CaptureState {
   std::uint64_t base_rp = 0, rp_id = 0;
   std::vector<DiskRun> disks;
   std::string new_checkpoint;  // empty when no disk carries one
+  std::string vm_config;       // the domain's definition at this capture (empty: unreadable)
   bool job_active = false;
   bool finished = false;
 };
@@ -213,8 +214,25 @@ class LibvirtSource final : public ChangeSource {
   std::vector<LvDisk> disks_;
   std::string prefix_;
   bool warned_no_agent_ = false;
+  // The definition the receiver acknowledged last (with an RP of this process): a capture
+  // sends the domain's XML only when it differs, so the first RP of a process always has it.
+  std::string acked_config_;
+  std::string domain_config();
   std::weak_ptr<CaptureState> active_;
 };
+
+// The domain's definition as one would define it elsewhere: the persistent (inactive) config
+// of a defined domain, without runtime-only parts (MIGRATABLE) and without secrets (no
+// VIR_DOMAIN_XML_SECURE). A definition that cannot be read costs the RP its definition,
+// never the RP: the capture goes on and the next one tries again.
+std::string LibvirtSource::domain_config() {
+  std::string xml = lv::take_string(
+      virDomainGetXMLDesc(dom_.get(), VIR_DOMAIN_XML_INACTIVE | VIR_DOMAIN_XML_MIGRATABLE));
+  if (xml.empty())
+    spdlog::warn("the definition of domain {} could not be read, the RP goes without it: {}",
+                 opt_.domain, lv::last_error("XML of domain " + opt_.domain).to_string());
+  return xml;
+}
 
 // Source indexes (and so QEMU node names) change when the domain restarts: re-read them.
 Status LibvirtSource::refresh_disks() {
@@ -563,6 +581,8 @@ Result<Capture> LibvirtSource::capture(std::uint64_t base_rp, std::uint64_t rp_i
   cap.rp_id = rp_id;
   cap.created_unix_ns = static_cast<std::uint64_t>(
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::system_clock::now().time_since_epoch()).count());
+  st->vm_config = domain_config();
+  if (st->vm_config != acked_config_) cap.vm_config = st->vm_config;
   FERRY_TRY(begin_backup(*st, cap.app_consistent));
   if (Status s = read_backup_xml(*st); !s) {
     (void)release(*st);
@@ -620,6 +640,7 @@ Status LibvirtSource::finish(Capture& capture, bool acknowledged) {
     // here made a lost ack cost a re-send of the whole interval.
     return released;
   }
+  acked_config_ = st->vm_config;
   FERRY_TRY(released);
   FERRY_ASSIGN_OR_RETURN(Ledger ledger, load_ledger(ledger_path()));
   for (const DiskRun& d : st->disks)

@@ -63,7 +63,7 @@ void check_segment_header(std::string_view in) {
 
 bool same_begin(const ferry::site::RpBeginInfo& a, const ferry::site::RpBeginInfo& b) {
   if (a.rp_id != b.rp_id || a.base_rp != b.base_rp || a.created_unix_ns != b.created_unix_ns ||
-      a.flags != b.flags || a.disks.size() != b.disks.size())
+      a.flags != b.flags || a.disks.size() != b.disks.size() || a.vm_config != b.vm_config)
     return false;
   for (std::size_t i = 0; i < a.disks.size(); ++i)
     if (a.disks[i].name != b.disks[i].name || a.disks[i].size_bytes != b.disks[i].size_bytes ||

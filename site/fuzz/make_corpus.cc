@@ -135,6 +135,7 @@ int main(int argc, char** argv) {
     b2.disks[1].identity = {0x3333, 0x4444};
     b2.disks[1].identity_ephemeral = true;
     b2.disks[1].resync = true;
+    b2.vm_config = "<domain type='qemu'><name>vm</name><devices/></domain>";  // tail version 2
     die(s.begin_rp(b2), "begin 2");
     block(s, 2, 0, 0, 4096, pattern(4096, 4), RecordKind::data, RecordCodec::zstd, logical);
     block(s, 2, 1, 1, 0, std::string(4096, '\0'), RecordKind::zero, RecordCodec::none, logical);

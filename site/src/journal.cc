@@ -200,13 +200,19 @@ std::string encode_begin(const RpBeginInfo& rp) {
     w.u8(d.full ? 1 : 0);
   }
   // Tail version 1 (disk identities): older payloads end after the disks and still decode.
-  w.u8(kBeginTailVersion);
+  // Version 2 appends the VM's definition, only when there is one.
+  FERRY_ASSERT(rp.vm_config.size() <= kMaxVmConfigBytes);
+  w.u8(rp.vm_config.empty() ? kBeginTailVersion : kBeginTailVersionVmConfig);
   w.str16(rp.source_name);
   for (const auto& d : rp.disks) {
     w.u8(d.full ? 0 : d.resync ? 2 : 1);
     w.u8(d.identity_ephemeral ? 1 : 0);
     w.u64(d.identity.lo);
     w.u64(d.identity.hi);
+  }
+  if (!rp.vm_config.empty()) {
+    w.u32(static_cast<std::uint32_t>(rp.vm_config.size()));
+    w.bytes(rp.vm_config.data(), rp.vm_config.size());
   }
   return s;
 }
@@ -228,7 +234,9 @@ Result<RpBeginInfo> decode_begin(std::string_view payload) {
     rp.disks.push_back(std::move(d));
   }
   if (r.ok() && r.remaining() != 0) {
-    if (r.u8() != kBeginTailVersion) return Status::error(Errc::corrupt, "bad rp_begin payload");
+    const std::uint8_t tail = r.u8();
+    if (tail != kBeginTailVersion && tail != kBeginTailVersionVmConfig)
+      return Status::error(Errc::corrupt, "bad rp_begin payload");
     rp.source_name = r.str16(kMaxNameBytes);
     for (auto& d : rp.disks) {
       std::uint8_t mode = r.u8(), flags = r.u8();
@@ -238,6 +246,14 @@ Result<RpBeginInfo> decode_begin(std::string_view payload) {
         return Status::error(Errc::corrupt, "bad rp_begin payload");
       d.resync = mode == 2;
       d.identity_ephemeral = flags != 0;
+    }
+    if (r.ok() && tail == kBeginTailVersionVmConfig) {
+      // Length checked against the limit and the payload before the copy; never empty.
+      const std::uint32_t len = r.u32();
+      if (!r.ok() || len == 0 || len > kMaxVmConfigBytes || len > r.remaining())
+        return Status::error(Errc::corrupt, "bad rp_begin payload (vm config length)");
+      rp.vm_config.resize(len);
+      r.bytes(rp.vm_config.data(), len);
     }
   }
   if (!r.ok() || r.remaining() != 0) return Status::error(Errc::corrupt, "bad rp_begin payload");

@@ -105,8 +105,12 @@ Result<SegmentHeader> decode_segment_header(const char* p, std::size_t len);
 
 // rp_begin payload: the fields and disks of RpBeginInfo, then (tail version 1, disk
 // identities) the source name and per disk its mode and identity. A payload that ends after
-// the disks (written before identities) decodes with identities unknown.
+// the disks (written before identities) decodes with identities unknown. Tail version 2 (the
+// VM's definition) adds a u32 length and the domain XML after version 1's fields; it is
+// written only when the RP has one, so a store of RPs without it stays readable by builds
+// that know version 1 only.
 inline constexpr std::uint8_t kBeginTailVersion = 1;
+inline constexpr std::uint8_t kBeginTailVersionVmConfig = 2;
 std::string encode_begin(const RpBeginInfo& rp);
 Result<RpBeginInfo> decode_begin(std::string_view payload);
 std::string encode_commit(const RpInfo& rp);

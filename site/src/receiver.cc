@@ -18,6 +18,7 @@
 #include "ferry/transport/codec.h"
 #include "ferry/transport/rules.h"
 #include "ferry/transport/wire.h"
+#include "ferry/site/vm_config.h"
 
 namespace ferry::site {
 
@@ -131,6 +132,9 @@ struct GroupSlot {
   std::unique_ptr<GroupStore> store;  // guarded by busy; null: not open (yet, or after a failure)
   Health health;                      // guarded by Impl::mu
   std::uint64_t retention_gen = 0;    // guarded by busy: the policy generation the store has
+  // guarded by busy: the VM definition of the group's newest RP, copied into an RP whose
+  // source sent none (vm_config.h); read from the store once per process (nullopt: not yet).
+  std::optional<std::string> vm_config;
 };
 
 std::string seconds_text(Clock::duration d) {
@@ -661,6 +665,9 @@ class Session {
     if ((b.flags & transport::kRpFlagIdentities) != 0 &&
         (features_ & transport::kFeatureDiskIdentity) == 0)
       return Status::error(Errc::protocol, "rp_begin: identities without the disk_identity feature");
+    if ((b.flags & transport::kRpFlagVmConfig) != 0 && (features_ & transport::kFeatureVmConfig) == 0)
+      return Status::error(Errc::protocol, "rp_begin: a VM config without the vm_config feature");
+    info.vm_config = carry_vm_config(std::move(b.vm_config));
     std::vector<bool> seen(hello_.disks.size(), false);
     for (const transport::RpDisk& d : b.disks) {
       if (d.disk_index >= hello_.disks.size() || seen[d.disk_index])
@@ -704,6 +711,18 @@ class Session {
     logical_bytes_ = 0;
     t_begin_ = std::chrono::steady_clock::now();
     return Status::ok();
+  }
+
+  // The RP's VM definition: the one its source sent, else the group's newest RP's (so every
+  // stored RP carries its own; vm_config.h). A store that cannot tell leaves it empty.
+  std::string carry_vm_config(std::string sent) {
+    static_assert(kMaxVmConfigBytes == transport::kMaxVmConfigBytes);
+    if (!sent.empty()) return *(slot_->vm_config = std::move(sent));
+    if (!slot_->vm_config) {
+      auto v = vm_config_at(impl_.options.store.root, hello_.group, 0);
+      slot_->vm_config = v.is_ok() ? std::move(v->xml) : std::string();
+    }
+    return *slot_->vm_config;
   }
 
   Status check_data(const transport::DataFrame& d) {

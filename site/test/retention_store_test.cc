@@ -13,6 +13,7 @@
 #include "ferry/base/bytes.h"
 #include "ferry/site/read_view.h"
 #include "ferry/site/store.h"
+#include "ferry/site/vm_config.h"
 #include "store_test_util.h"
 
 using namespace ferry;
@@ -476,6 +477,11 @@ TEST_CASE("retention: a tiered policy's journal is rewritten and stays bounded",
   std::map<std::uint64_t, TestRp> sent;  // the RPs above the base
   auto check_all = [&](const std::string& when) {
     for (const auto& p : store->points()) {
+      // The VM definition of each RP rides through every rewrite with its begin record.
+      auto cfg = vm_config_at(opt.root, "g", p.rp_id);
+      REQUIRE(cfg.is_ok());
+      CHECK(cfg->from_rp == p.rp_id);
+      CHECK(cfg->xml.find("<!-- RP " + std::to_string(p.rp_id) + " -->") != std::string::npos);
       for (const auto& [name, bytes] : at.at(p.rp_id)) {
         INFO(when << ": RP " << p.rp_id << " disk " << name);
         REQUIRE(restored_disk(*store, p.rp_id, name, dir.path()) == bytes);
@@ -485,6 +491,7 @@ TEST_CASE("retention: a tiered policy's journal is rewritten and stays bounded",
   for (std::uint64_t id = 1; id <= 240; ++id) {
     now = utc(kMonday, 0, 0) + id * 600ull * 1'000'000'000ull;
     TestRp rp = run.next(id, now);
+    rp.begin.vm_config = "<domain><name>vm</name><!-- RP " + std::to_string(id) + " --></domain>";
     at[id] = run.img;
     REQUIRE(feed_rp(*store, rp).is_ok());
     REQUIRE(store->apply_committed().is_ok());
@@ -552,6 +559,7 @@ TEST_CASE("retention: a tiered policy's journal is rewritten and stays bounded",
   for (; journal_dirs(gdir).size() == 1 && id < 400; ++id) {
     now = utc(kMonday, 0, 0) + id * 600ull * 1'000'000'000ull;
     TestRp rp = run.next(id, now);
+    rp.begin.vm_config = "<domain><name>vm</name><!-- RP " + std::to_string(id) + " --></domain>";
     at[id] = run.img;
     REQUIRE(feed_rp(*store, rp).is_ok());
     REQUIRE(store->apply_committed().is_ok());
@@ -566,6 +574,7 @@ TEST_CASE("retention: a tiered policy's journal is rewritten and stays bounded",
   view->reset();
   now += 600ull * 1'000'000'000ull;
   TestRp rp = run.next(id, now);
+  rp.begin.vm_config = "<domain><name>vm</name><!-- RP " + std::to_string(id) + " --></domain>";
   at[id] = run.img;
   REQUIRE(feed_rp(*store, rp).is_ok());
   REQUIRE(store->apply_committed().is_ok());
@@ -583,4 +592,50 @@ TEST_CASE("retention: a tiered policy's journal is rewritten and stays bounded",
   store = GroupStore::open(opt, "g", false).value();
   CHECK(ids_of(store->points()) == offered);
   check_all("after a re-open");
+}
+
+// The VM definition kept with each RP (vm_config.h): compaction moves the base's begin record,
+// with its definition, into the state file; a pruned RP is refused by name; an RP whose begin
+// record has none inherits the newest older one still in the store.
+TEST_CASE("retention: VM definitions survive compaction and pruning", "[retention]") {
+  TempDir dir("/dev/shm");
+  StoreOptions opt;
+  opt.root = dir.path() + "/store";
+  opt.retention.keep_last = 2;
+  auto cfg = [](std::uint64_t id) { return "<domain><name>vm" + std::to_string(id) + "</name></domain>"; };
+  {
+    auto store = GroupStore::open(opt, "g", true).value();
+    for (std::uint64_t id = 1; id <= 6; ++id) {
+      TestRp rp = one_disk_rp(id, 1u << 20, 2);
+      if (id != 6) rp.begin.vm_config = cfg(id <= 2 ? 1 : 3);  // RP 6: an older receiver's
+      REQUIRE(feed_rp(*store, rp).is_ok());
+      REQUIRE(store->apply_committed().is_ok());
+    }
+    CHECK(ids_of(store->points()) == std::vector<std::uint64_t>{5, 6});
+  }
+  for (int pass = 0; pass < 2; ++pass) {  // and after a re-open of the store
+    auto store = GroupStore::open(opt, "g", false).value();
+    CHECK(store->last_applied_rp() == 5);  // the base: its begin record is in the state file
+    auto at5 = vm_config_at(opt.root, "g", 5);
+    REQUIRE(at5.is_ok());
+    CHECK(at5->xml == cfg(3));
+    CHECK(at5->from_rp == 5);
+    auto at6 = vm_config_at(opt.root, "g", 0);  // latest
+    REQUIRE(at6.is_ok());
+    CHECK(at6->rp_id == 6);
+    CHECK(at6->xml == cfg(3));
+    CHECK(at6->from_rp == 5);
+    auto all = vm_configs(opt.root, "g");
+    REQUIRE(all.is_ok());
+    CHECK(all->size() == 2);
+    auto pruned = vm_config_at(opt.root, "g", 2);
+    REQUIRE_FALSE(pruned.is_ok());
+    CHECK(pruned.status().message().find("pruned") != std::string::npos);
+    auto future = vm_config_at(opt.root, "g", 9);
+    REQUIRE_FALSE(future.is_ok());
+    CHECK(future.status().message().find("not committed") != std::string::npos);
+    auto unknown = vm_config_at(opt.root, "nope", 0);
+    REQUIRE_FALSE(unknown.is_ok());
+    CHECK(unknown.status().code() == Errc::not_found);
+  }
 }

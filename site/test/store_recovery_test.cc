@@ -897,6 +897,27 @@ TEST_CASE("journal: rp_begin payloads without identities (before issue 18) still
   CHECK(n->disks[1].identity_ephemeral);
   CHECK_FALSE(jr::decode_begin(now.substr(0, now.size() - 1)).is_ok());
   std::string bad = now;
-  bad[old.size()] = 2;  // an unknown tail version
+  bad[old.size()] = 3;  // an unknown tail version
   CHECK_FALSE(jr::decode_begin(bad).is_ok());
+
+  // Tail version 2: the VM's definition after version 1's fields; written only when there is
+  // one, so an RP without it keeps version 1's bytes.
+  b.vm_config = "<domain type='qemu'><name>vm</name></domain>";
+  std::string v2 = jr::encode_begin(b);
+  CHECK(v2.size() == now.size() + 4 + b.vm_config.size());
+  CHECK(v2[old.size()] == 2);
+  auto m = jr::decode_begin(v2);
+  REQUIRE(m.is_ok());
+  CHECK(m->vm_config == b.vm_config);
+  CHECK(m->source_name == b.source_name);
+  CHECK(m->disks[1].identity_ephemeral);
+  CHECK_FALSE(jr::decode_begin(v2.substr(0, v2.size() - 1)).is_ok());  // cut short
+  CHECK_FALSE(jr::decode_begin(v2 + "x").is_ok());                      // trailing bytes
+  std::string len = v2;  // a length over the limit: refused before anything is copied
+  store_le32(len.data() + now.size(), kMaxVmConfigBytes + 1);
+  CHECK_FALSE(jr::decode_begin(len).is_ok());
+  store_le32(len.data() + now.size(), 0);  // empty: version 2 means there is one
+  CHECK_FALSE(jr::decode_begin(len).is_ok());
+  std::string v1 = v2.substr(0, now.size());  // version 2's tag over version 1's bytes
+  CHECK_FALSE(jr::decode_begin(v1).is_ok());
 }

@@ -671,7 +671,7 @@ Result<transport::HelloReply> handshake(transport::Connection& conn, const Sende
   hello.group = o.group;
   hello.source_name = o.source_name;
   hello.features = transport::kFeatureHashList | transport::kFeatureZeroRanges |
-                   transport::kFeatureDiskIdentity;
+                   transport::kFeatureDiskIdentity | transport::kFeatureVmConfig;
   for (const auto& n : o.disk_names) hello.disks.push_back({n, 0, o.block_bytes});
   FERRY_TRY(conn.send(MsgType::hello, transport::encode(hello)));
   FERRY_ASSIGN_OR_RETURN(transport::Frame f, conn.receive(std::chrono::milliseconds(60000)));
@@ -840,6 +840,19 @@ Result<transport::RpAck> send_capture(transport::Connection& conn, const SenderO
   FERRY_ASSIGN_OR_RETURN(const bool identities, check_identities(o, reply, cap, taking_over));
   if (identities) begin.flags |= transport::kRpFlagIdentities;
   if (identities && taking_over) begin.flags |= transport::kRpFlagTakeOver;
+  // The VM's definition, when it changed, to a receiver that keeps it (an older one would
+  // refuse the flag). One too large to send is logged and skipped: the data goes on.
+  if (!cap.vm_config.empty() && (reply.features & transport::kFeatureVmConfig) != 0) {
+    if (cap.vm_config.size() <= transport::kMaxVmConfigBytes) {
+      begin.flags |= transport::kRpFlagVmConfig;
+      begin.vm_config = cap.vm_config;
+      spdlog::info("RP {}: sending the VM definition ({} bytes; new or changed)", cap.rp_id,
+                   cap.vm_config.size());
+    } else {
+      spdlog::warn("the VM definition ({} bytes) is over the {} bytes an RP carries: RP {} goes "
+                   "without it", cap.vm_config.size(), transport::kMaxVmConfigBytes, cap.rp_id);
+    }
+  }
   std::vector<std::uint64_t> tracked_end;  // per disk, see grown_from()
   for (std::size_t i = 0; i < cap.disks.size(); ++i) {
     const cbt::DiskView& v = cap.disks[i];

@@ -46,6 +46,9 @@ int main(int argc, char** argv) {
   begin_ident.flags |= kRpFlagIdentities | kRpFlagTakeOver;
   begin_ident.disks[0].identity = {{3, 4}, false};
   begin_ident.disks[1].identity = {{5, 6}, true};
+  RpBegin begin_vm = begin_ident;  // feature vm_config (bit 4): the domain XML follows
+  begin_vm.flags |= kRpFlagVmConfig;
+  begin_vm.vm_config = "<domain type='qemu'><name>vm</name><devices/></domain>";
   DataFrame data;
   data.group_id = group_id_of("vm-web-01");
   data.rp_id = 8;
@@ -69,6 +72,7 @@ int main(int argc, char** argv) {
             write(dir, "rp_begin", MsgType::rp_begin, encode(begin)) &&
             write(dir, "hello_reply_ident", MsgType::hello_reply, encode(reply_ident)) &&
             write(dir, "rp_begin_ident", MsgType::rp_begin, encode(begin_ident)) &&
+            write(dir, "rp_begin_vm_config", MsgType::rp_begin, encode(begin_vm)) &&
             write(dir, "data", MsgType::data, encode(data)) &&
             write(dir, "data_zero", MsgType::data, encode(zero)) &&
             write(dir, "data_zero_range", MsgType::data, encode(zero_range)) &&

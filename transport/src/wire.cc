@@ -64,6 +64,12 @@ class FieldReader {
     if (!in_.bytes(s.data(), len)) return truncated(field, at), std::string();
     return s;
   }
+  // The next n bytes (n <= remaining(), checked by the caller).
+  std::string take(std::size_t n) {
+    std::string s(n, '\0');
+    if (ok()) in_.bytes(s.data(), n);
+    return s;
+  }
   // The rest of the payload (DATA block bytes).
   std::string rest() {
     std::string s(in_.remaining(), '\0');
@@ -369,6 +375,13 @@ std::string encode(const RpBegin& m) {
   // rejects the flag, never sees these bytes.
   if ((m.flags & kRpFlagIdentities) != 0)
     for (const RpDisk& d : m.disks) write_identity(w, d.identity);
+  // Only with kFeatureVmConfig accepted; the flag and the bytes go together.
+  FERRY_ASSERT(((m.flags & kRpFlagVmConfig) != 0) == !m.vm_config.empty());
+  if ((m.flags & kRpFlagVmConfig) != 0) {
+    FERRY_ASSERT(m.vm_config.size() <= kMaxVmConfigBytes);
+    w.u32(static_cast<std::uint32_t>(m.vm_config.size()));
+    w.bytes(m.vm_config.data(), m.vm_config.size());
+  }
   return out;
 }
 
@@ -415,6 +428,16 @@ Result<RpBegin> decode_rp_begin(std::string_view payload) {
   if (r.ok() && (m.flags & kRpFlagIdentities) != 0)
     for (std::size_t i = 0; i < m.disks.size() && r.ok(); ++i)
       m.disks[i].identity = read_identity(r, "identities", i, /*required=*/true);
+  if (r.ok() && (m.flags & kRpFlagVmConfig) != 0) {
+    // The length is checked against the limit and what is left before any allocation.
+    const std::uint32_t n = r.u32("vm_config_bytes");
+    if (r.ok() && (n == 0 || n > kMaxVmConfigBytes))
+      r.fail("vm_config_bytes", fmt::format("{}, must be 1..{}", n, kMaxVmConfigBytes));
+    else if (r.ok() && n > r.remaining())
+      r.fail("vm_config", fmt::format("{} bytes announced, {} left", n, r.remaining()));
+    else if (r.ok())
+      m.vm_config = r.take(n);
+  }
   return finish(r, std::move(m));
 }
 

@@ -703,3 +703,35 @@ TEST_CASE("points_request and points_reply: round trips, bounds, checked before 
   CHECK_FALSE(msg_type_known(14));
   CHECK(std::string(msg_type_name(MsgType::points_reply)) == "points_reply");
 }
+
+// kRpFlagVmConfig (feature vm_config): u32 length + the domain XML after the disks and
+// identities; bounded before allocation, the flag and the bytes go together.
+TEST_CASE("rp_begin carries the VM's definition with kRpFlagVmConfig") {
+  RpBegin b = sample_begin();
+  b.flags |= kRpFlagVmConfig;
+  b.vm_config = "<domain type='qemu'><name>vm</name></domain>";
+  const std::string p = encode(b);
+  CHECK(p.size() == encode(sample_begin()).size() + 4 + b.vm_config.size());
+  CHECK(decode_rp_begin(p).value() == b);
+
+  // Without the flag the payload is unchanged (an older receiver never sees the bytes).
+  CHECK(decode_rp_begin(encode(sample_begin())).value().vm_config.empty());
+
+  std::string q = p;  // the length says more than is left
+  put_u32(q, q.size() - b.vm_config.size() - 4, static_cast<std::uint32_t>(b.vm_config.size() + 1));
+  expect_rejected(decode_rp_begin(q), "rp_begin.vm_config");
+  q = p;  // over the limit: refused before any allocation
+  put_u32(q, q.size() - b.vm_config.size() - 4, kMaxVmConfigBytes + 1);
+  expect_rejected(decode_rp_begin(q), "rp_begin.vm_config_bytes");
+  q = p;  // empty is not a config: the flag would be a lie
+  put_u32(q, q.size() - b.vm_config.size() - 4, 0);
+  expect_rejected(decode_rp_begin(q), "rp_begin.vm_config_bytes");
+  q = p.substr(0, p.size() - b.vm_config.size() - 2);  // cut inside the length
+  expect_rejected(decode_rp_begin(q), "rp_begin.vm_config_bytes");
+  q = p + "x";  // trailing bytes
+  expect_rejected(decode_rp_begin(q), "rp_begin.payload");
+
+  b.vm_config.assign(kMaxVmConfigBytes, 'x');  // the largest fits one frame
+  CHECK(encode(b).size() <= kMaxPayloadBytes);
+  CHECK(decode_rp_begin(encode(b)).value().vm_config.size() == kMaxVmConfigBytes);
+}

@@ -59,6 +59,10 @@ struct Capture {
   std::uint64_t created_unix_ns = 0;
   std::vector<DiskView> disks;
   bool app_consistent = false;  // file systems were frozen through the guest agent
+  // The VM's definition (libvirt domain XML, no secrets) when it changed since the last
+  // acknowledged RP of this source object, so always with its first; empty: unchanged, or
+  // a source that has none (QMP).
+  std::string vm_config;
   // Implementation-private state needed by finish().
   std::shared_ptr<void> state;
 };

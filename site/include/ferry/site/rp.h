@@ -52,7 +52,14 @@ struct RpBeginInfo {
   };
   std::vector<Disk> disks;
   std::string source_name;  // who sent the RP (hello.source_name); empty: unknown
+  // The VM's definition in force at this RP (libvirt domain XML; at most kMaxVmConfigBytes).
+  // The receiver copies the previous RP's into an RP whose source sent none, so every stored
+  // RP carries its own and pruning never separates an RP from its definition. Empty: none
+  // (an older source, or a source that is not a libvirt domain). vm_config.h resolves it.
+  std::string vm_config;
 };
+// = transport::kMaxVmConfigBytes (checked in receiver.cc): the journal refuses more.
+inline constexpr std::uint32_t kMaxVmConfigBytes = 224u << 10;
 // RpBeginInfo::flags bit (= transport::kRpFlagTakeOver): the source takes the group over
 // from the source that wrote it, so rule C5.source does not apply.
 inline constexpr std::uint32_t kRpFlagTakeOver = 1u << 2;

@@ -121,8 +121,14 @@ inline constexpr std::uint32_t kFeatureHashList = 1u << 1;  // resync: hash_requ
 // few frames, not one per 4 MiB).
 inline constexpr std::uint32_t kFeatureZeroRanges = 1u << 2;
 inline constexpr std::uint32_t kFeatureDiskIdentity = 1u << 3;  // identities, take-over
+// rp_begin may carry the VM's definition (libvirt domain XML): kRpFlagVmConfig.
+inline constexpr std::uint32_t kFeatureVmConfig = 1u << 4;
 inline constexpr std::uint32_t kKnownFeatures =
-    kFeatureHashList | kFeatureZeroRanges | kFeatureDiskIdentity;
+    kFeatureHashList | kFeatureZeroRanges | kFeatureDiskIdentity | kFeatureVmConfig;
+// The largest VM definition an rp_begin carries: a domain XML is a few KiB; this leaves room
+// for many disks and NICs, and keeps the receiver's largest begin record (names, identities
+// and this) within the 256 KiB the state file allows the base RP's (site/src/vm_config.cc).
+inline constexpr std::uint32_t kMaxVmConfigBytes = 224u << 10;
 
 struct Hello {
   std::uint16_t version = kProtocolVersion;
@@ -173,6 +179,9 @@ struct RpBegin {
   std::uint64_t created_unix_ns = 0;  // when the disks were captured
   std::uint32_t flags = 0;            // kRpFlag*
   std::vector<RpDisk> disks;
+  // With kRpFlagVmConfig: the VM's definition (libvirt domain XML, no secrets), 1 to
+  // kMaxVmConfigBytes bytes. Sent when it changed; an RP without it keeps the one before.
+  std::string vm_config;
   friend bool operator==(const RpBegin&, const RpBegin&) = default;
 };
 inline constexpr std::uint32_t kRpFlagAppConsistent = 1u << 0;
@@ -181,8 +190,10 @@ inline constexpr std::uint32_t kRpFlagIdentities = 1u << 1;
 // Needs kRpFlagIdentities: the source takes the group over from the source that wrote it
 // (`ferry replicate --take-over`); its disks are resyncs or full copies.
 inline constexpr std::uint32_t kRpFlagTakeOver = 1u << 2;
+// Needs kFeatureVmConfig: a u32 length and the VM's definition follow the identities.
+inline constexpr std::uint32_t kRpFlagVmConfig = 1u << 3;
 inline constexpr std::uint32_t kKnownRpFlags = kRpFlagAppConsistent | kRpFlagIdentities |
-                                               kRpFlagTakeOver;
+                                               kRpFlagTakeOver | kRpFlagVmConfig;
 
 enum class BlockKind : std::uint8_t { data = 0, zero = 1 };
 enum class Codec : std::uint8_t { none = 0, zstd = 1 };

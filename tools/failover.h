@@ -1,0 +1,46 @@
+// Test failover and the VM's definition at the recovery site (docs/failover.md):
+//   ferry vm-config --store DIR --group G --point N|latest
+//   ferry failover test --store DIR --group G [--point N|latest] [--uri URI] [--name-suffix S]
+//                       [--network-map SRC=DST ...] [--domain-xml FILE]
+//   ferry failover test --stop --store DIR --group G [--boot-result ok|failed]
+// and what `ferry points` shows of them (the VM config per RP, the tests run on it).
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace CLI {
+class App;
+class Validator;
+}  // namespace CLI
+
+namespace ferry::tools {
+
+struct FailoverTestArgs {
+  std::string store, group;
+  std::string point = "latest";
+  std::string uri = "qemu:///system";
+  std::string name_suffix = "-test";
+  std::vector<std::string> network_map;  // SRC=DST
+  std::string domain_xml;                // a definition to use instead of the RP's
+  bool stop = false;
+  std::string boot_result;  // --stop: ok, failed, or empty (not known)
+};
+int cmd_failover_test(const FailoverTestArgs& a);
+int cmd_vm_config(const std::string& store, const std::string& group, const std::string& point);
+
+// Adds "vm_config" ({bytes, sha256, from_rp} or null), "tests" (finished test failovers of
+// the RP) and "test_running" to each RP object of `points` (ferry points --json).
+void annotate_points_json(const std::string& store, const std::string& group,
+                          nlohmann::json& points);
+// One line per tested RP and the running test, after ferry points' table.
+void print_points_tests(const std::string& store, const std::string& group);
+
+// Registers `vm-config` and `failover test` on `app`; the returned function runs the one
+// that was parsed: true and its exit code in `rc`, false when neither was.
+std::function<bool(int& rc)> add_failover_commands(CLI::App& app, const CLI::Validator& point_rule);
+
+}  // namespace ferry::tools
