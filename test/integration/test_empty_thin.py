@@ -270,10 +270,7 @@ with ft.Env("empty-thin") as env:
     r = env.run(env.replicate_args(q2, rx.addr, "resync-zero"), timeout=120, check_rc=0)
     ft.check("resync of 1 disk(s)" in r.err + r.out, f"the RP is not a resync:\n{r}")
     rp = int(r.out.split()[-1])
-    # "acknowledgement not confirmed": the source read the ack and closed before the
-    # receiver's flush returned (more likely over TLS); the RP is committed all the same.
-    m = re.search(rf"RP {rp} committed(?: and acknowledged|, acknowledgement not confirmed) "
-                  rf"\((\d+) frames", rx.log_text()[log_before:])
+    m = re.search(rf"RP {rp} committed and acknowledged \((\d+) frames", rx.log_text()[log_before:])
     ft.check(m, f"no commit line for RP {rp}:\n{rx.log_text()[log_before:]}")
     d = {q["rp_id"]: q for q in env.points(rx.store, "resync-zero")}[rp]["disks"][0]
     ft.log(f"resync RP {rp} after zeroing {length} bytes ({how}): {m[1]} frames, {d}")
