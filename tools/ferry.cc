@@ -795,7 +795,11 @@ int main(int argc, char** argv) {
   exp->add_option("--disk", xa.disk, "Disk name")->required();
   exp->add_option("--socket", xa.socket, "Serve on this unix socket (nbd+unix:///?socket=PATH)");
   exp->add_option("--listen", xa.listen,
-                  "Serve on ADDR:PORT, loopback only until TLS (default 127.0.0.1:10809)");
+                  "Serve on ADDR:PORT (default 127.0.0.1:10809); off loopback only with --tls-*");
+  exp->add_option("--tls-cert", xa.tls.cert, "PEM certificate chain of this export (mutual TLS 1.3, nbds://)");
+  exp->add_option("--tls-key", xa.tls.key, "PEM private key of --tls-cert (mode 0600 or stricter)");
+  exp->add_option("--tls-ca", xa.tls.ca, "PEM CA bundle that signs the clients allowed to read");
+  exp->add_option("--tls-crl", xa.tls.crl, "PEM CRL of that CA (optional)");
   exp->add_flag("--overlay", xa.overlay,
                 "Writable: writes go to a throwaway overlay (nbdkit cow filter), never the store");
 
@@ -840,7 +844,7 @@ int main(int argc, char** argv) {
   }
   // --tls-cert/--tls-key/--tls-ca: all three or none (exit 2 naming the missing ones).
   for (auto [sub, tls] : {std::pair<CLI::App*, TlsArgs*>{receive, &ra.tls}, {rep, &pa.tls},
-                          {protect, &pr.tls}, {points, &points_tls}}) {
+                          {protect, &pr.tls}, {points, &points_tls}, {exp, &xa.tls}}) {
     if (!sub->parsed()) continue;
     if (ferry::Status s = check_tls_args(*tls); !s.is_ok()) {
       std::fprintf(stderr, "ferry %s: %s\n", sub->get_name().c_str(), s.message().c_str());
