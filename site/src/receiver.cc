@@ -16,6 +16,7 @@
 #include "ferry/transport/codec.h"
 #include "ferry/transport/rules.h"
 #include "ferry/transport/wire.h"
+#include "ferry/site/failover_state.h"
 #include "ferry/site/vm_config.h"
 
 namespace ferry::site {
@@ -326,6 +327,17 @@ struct Receiver::Impl {
     return Status::ok();
   }
 
+  // A group failed over (failover_state.h) is refused, and its store closed so that `ferry
+  // failover` can take the group lock. The caller holds g.busy.
+  std::optional<std::string> failover_refusal(GroupSlot& g, const std::string& group) {
+    auto why = failover_refusal_for(options.store.root + "/" + group, group);
+    if (why && g.store) {
+      g.store.reset();
+      spdlog::info("group '{}': {}; its store is closed", group, *why);
+    }
+    return why;
+  }
+
   // Re-opens failed groups whose back-off has run out, so a group recovers without waiting
   // for its source (a group that failed at start-up or after an acknowledged RP), and retries
   // pending applies likewise (R19).
@@ -334,15 +346,23 @@ struct Receiver::Impl {
     while (!stopping) {
       wake.wait_for(lock, std::chrono::milliseconds(250));
       if (stopping) return;
-      std::vector<std::pair<std::string, GroupSlot*>> due;
+      std::vector<std::pair<std::string, GroupSlot*>> due, failed_over_groups;
       const auto now = Clock::now();
       for (auto& [name, g] : groups) {
         const Health& h = g->health;
+        if (failed_over(options.store.root + "/" + name)) {
+          failed_over_groups.emplace_back(name, g.get());
+          continue;
+        }
         if ((h.must_reopen && now >= h.next_reopen) ||
             (h.apply.pending() && now >= h.apply.next_retry))
           due.emplace_back(name, g.get());
       }
       lock.unlock();
+      for (auto& [name, g] : failed_over_groups) {
+        std::unique_lock<std::timed_mutex> busy(g->busy, std::try_to_lock);
+        if (busy.owns_lock()) (void)failover_refusal(*g, name);
+      }
       for (auto& [name, g] : due) {
         std::unique_lock<std::timed_mutex> busy(g->busy, std::try_to_lock);
         if (!busy.owns_lock()) continue;  // a session serves it and re-opens it itself
@@ -377,6 +397,10 @@ class Session {
     std::unique_lock<std::timed_mutex> lock(slot.busy, std::defer_lock);
     if (!lock.try_lock_for(impl_.options.group_wait)) {
       reply_refused(WireStatus::busy, "group '" + hello->group + "' is being served to another source");
+      return;
+    }
+    if (auto why = impl_.failover_refusal(slot, hello->group)) {
+      reply_refused(WireStatus::bad_request, *why);
       return;
     }
     if (Status open = impl_.ensure_open(slot, hello->group, /*create=*/true); !open.is_ok()) {
@@ -586,6 +610,8 @@ class Session {
                                          d.size_bytes, impl_.options.max_disk_bytes);
           !s.is_ok())
         return refuse_rp(b.rp_id, s);
+    if (auto why = failover_refusal_for(impl_.options.store.root + "/" + hello_.group, hello_.group))
+      return refuse_rp(b.rp_id, Status::error(Errc::invalid_argument, *why));
     // The disks were checked here and in hello (names, count, duplicates), so the store's
     // only refusal by rule is C5 (diverged); anything else is the store failing.
     if (Status s = store_->begin_rp(info); !s.is_ok()) {
