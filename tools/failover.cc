@@ -32,6 +32,7 @@
 #include <thread>
 
 #include "ferry/base/status.h"
+#include "ferry/site/failover_state.h"
 #include "ferry/site/store.h"
 #include "ferry/site/vm_config.h"
 #include "tools.h"
@@ -674,6 +675,7 @@ void annotate_points_json(const std::string& store, const std::string& group, js
   const Paths p(store, group);
   const auto results = load_results(p);
   auto running = load_running(p);
+  auto fo = site::read_failover_state(store + "/" + group);
   for (auto& pt : points) {
     const std::uint64_t rp = pt.value("rp_id", std::uint64_t{0});
     pt["vm_config"] = by_rp.count(rp) ? by_rp[rp] : json(nullptr);
@@ -682,11 +684,19 @@ void annotate_points_json(const std::string& store, const std::string& group, js
       if (r.value("rp_id", std::uint64_t{0}) == rp) tests.push_back(r);
     pt["tests"] = tests;
     pt["test_running"] = running.is_ok() && running->value("rp_id", std::uint64_t{0}) == rp;
+    pt["failed_over"] = fo.is_ok() && fo->has_value() && (*fo)->rp_id == rp;
   }
 }
 
 void print_points_tests(const std::string& store, const std::string& group) {
   const Paths p(store, group);
+  // The group's role: protecting (nothing printed, as before) or failed over.
+  if (auto fo = site::read_failover_state(store + "/" + group); fo.is_ok() && fo->has_value())
+    std::printf("group %s: failed over at RP %llu since %s%s; it accepts no RPs until failback\n",
+                group.c_str(), (unsigned long long)(*fo)->rp_id,
+                format_time_ns((*fo)->since_unix_ns).c_str(),
+                (*fo)->domain.empty() ? " (the failover has not finished: run it again)"
+                                      : (" (domain " + (*fo)->domain + ")").c_str());
   for (const auto& r : load_results(p))
     std::printf("RP %llu tested %s for %.1f s (domain %s, %s, boot %s)\n",
                 (unsigned long long)r.value("rp_id", std::uint64_t{0}),

@@ -407,6 +407,7 @@ int cmd_failover(const FailoverArgs& a) try {
     return fail(s.to_string());
   rec["defined"] = true;  // before the call: a crash right after it finds the domain by UUID
   rec["notes"] = x->notes;
+  rec["chardevs"] = x->chardev_paths;
   if (Status s = save_record(p, rec); !s.is_ok()) return fail(s.to_string());
   FERRY_KILL_POINT("failover.before_define");
   Domain dom(virDomainLookupByUUIDString(conn->get(), uuid.c_str()));
