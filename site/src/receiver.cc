@@ -38,6 +38,7 @@ const char* group_state_name(GroupState s) {
     case GroupState::ok: return "ok";
     case GroupState::failing: return "failing";
     case GroupState::apply_pending: return "apply_pending";
+    case GroupState::failed_over: return "failed_over";
   }
   return "?";
 }
@@ -968,6 +969,10 @@ std::vector<GroupStatus> Receiver::status() const {
         st.next_reopen_in_ms = static_cast<std::uint64_t>(
             std::chrono::duration_cast<std::chrono::milliseconds>(h.apply.next_retry - now)
                 .count());
+    }
+    if (auto why = failover_refusal_for(impl_->options.store.root + "/" + name, name)) {
+      st.state = GroupState::failed_over;
+      st.cause = *why;
     }
     // Layout 2: the images hold the oldest kept RP, so applied < committed is the normal
     // state, not a pending apply.

@@ -17,7 +17,12 @@ Checks, in order:
   (d) the final run: the domain runs at the recovery site, its guest's digests equal the
       source at RP k, it writes, and the writes land in the overlay (the replica image's
       digest is unchanged, RP k restores unchanged); newer RPs are reported given up;
-  (e) failover again: refused, naming when and which RP; `ferry points` shows the state.
+  (e) failover again: refused, naming when and which RP; `ferry points` and `ferry status`
+      show the state;
+  (f) a second VM whose source keeps replicating (`protect --interval 1`) fails over at
+      `latest` with the receiver holding its group: the command gets the group lock, the RP is
+      the newest, the running source is refused naming the state, the failed-over guest's
+      digest equals the source's.
 
 Exits 77 only when libvirtd cannot start or the guest cannot be built. Figures:
 ferrytest.write_result("failover")."""
@@ -37,6 +42,7 @@ from test_failover_test import Ctl, guest_cache  # noqa: E402  (the same guest a
 
 DOMAIN = "ferry-e2e-fo"
 DR = DOMAIN + "-dr"
+DOMAIN2 = "ferry-e2e-fo2"
 BS = G.BLOCK_BYTES
 KILL_POINTS = ["failover.after_marker", "failover.after_intent", "failover.after_compact",
                "failover.after_overlay", "failover.before_define", "failover.after_define",
@@ -60,9 +66,9 @@ def main():
             raise ft.Skip("the test guest cannot be built here")
 
         def remove_domains():
-            for d in (DOMAIN, DR, DOMAIN + "-test"):
+            for d in (DOMAIN, DR, DOMAIN + "-test", DOMAIN2, DOMAIN2 + "-dr"):
                 G.virsh("destroy", d, check=False)
-            for d in (DR, DOMAIN + "-test"):
+            for d in (DR, DOMAIN + "-test", DOMAIN2 + "-dr"):
                 G.virsh("undefine", d, "--nvram", check=False)
         remove_domains()
         env.on_cleanup(remove_domains)
@@ -71,7 +77,8 @@ def main():
         nblocks = {d.dev: d.size_mib * ft.MiB // BS for d in disks}
         g = G.Guest(env.path("guest", "x")[:-2], DOMAIN, disks)
         env.on_cleanup(g.destroy)
-        rx = env.receiver()
+        status_sock = env.path("receive-status.sock")
+        rx = env.receiver(args=["--status-socket", status_sock])
         store = rx.store
         gdir = os.path.join(store, DOMAIN)
         marker = os.path.join(gdir, "failed-over")
@@ -199,6 +206,52 @@ def main():
         ft.check(f"failed over at RP {k}" in r.out, f"(e) ferry points shows no failover:\n{r}")
         pts = {p["rp_id"]: p for p in env.points(store, DOMAIN)}
         ft.check(pts[k].get("failed_over") is True, f"(e) points --json: {pts[k]}")
+
+        r = env.run(["status", "--socket", status_sock])
+        ft.check("failed_over" in r.out and f"was failed over at RP {k}" in r.out,
+                 f"(e) ferry status shows no failover:\n{r}")
+
+        # ---- (f) latest, while the source keeps replicating ----------------------------------------
+        g.destroy()
+        g2 = G.Guest(env.path("guest2", "x")[:-2], DOMAIN2, [G.Disk("vda", size_mib=8)])
+        env.on_cleanup(g2.destroy)
+        g2.start(fx)
+        n2 = 8 * ft.MiB // BS
+        g2.write("vda", [0, 1, n2 - 1], gen=1, seed=5)
+        md5_2 = hashlib.md5(b"".join(g2.expected("vda", b) for b in range(n2))).hexdigest()
+        p = ft.Proc(env, "protect2", [env.ferry, "protect", "--domain", DOMAIN2, "--to",
+                    rx.addr, "--state-dir", env.path("state2", "x")[:-2], "--interval", "1"],
+                    env.path("protect2.log"))
+        deadline = time.monotonic() + 120
+        def count2():
+            r = env.run(["points", "--store", store, "--group", DOMAIN2, "--json"], timeout=60)
+            return len(json.loads(r.out)) if r.rc == 0 else 0
+        while count2() < 2:
+            ft.check(p.alive() and time.monotonic() < deadline,
+                     f"(f) protect --interval: no 2 RPs:\n{p.log_text()[-3000:]}")
+            time.sleep(0.3)
+        t_f = time.monotonic()
+        r = failover(group=DOMAIN2)
+        ft.check(r.rc == 0, f"(f) failover at latest while replicating failed:\n{r}")
+        figures["latest_cmd_s"] = round(time.monotonic() - t_f, 2)
+        ft.log(f"(f) {r.out.strip().splitlines()[0]}")
+        with open(os.path.join(store, DOMAIN2, "failover", "record.json")) as f:
+            rec2 = json.load(f)
+        newest = max(q["rp_id"] for q in env.points(store, DOMAIN2))
+        ft.check_eq(rec2["rp_id"], newest, "(f) latest is the newest committed RP")
+        deadline = time.monotonic() + 30
+        while "until failback" not in p.log_text():
+            ft.check(time.monotonic() < deadline,
+                     f"(f) the running source was not refused:\n{p.log_text()[-3000:]}")
+            time.sleep(0.3)
+        ft.log(f"(f) protect --interval {'exited ' + str(p.p.returncode) if not p.alive() else 'still retrying'}"
+               " after the refusal")
+        if p.alive():
+            p.terminate()
+        vm2 = Ctl(rec2["chardevs"][g2.ctl_path], rec2["chardevs"][g2.console_path])
+        ft.check_eq(vm2.command("md5 vda").split()[-1], md5_2,
+                    "(f) the failed-over VM's digest vs the source at the newest RP")
+        vm2.close()
 
         figures["total_s"] = round(time.monotonic() - t0, 1)
         ft.write_result("failover", f"failed over to RP {k} through SIGKILL at {len(fired)} kill "
