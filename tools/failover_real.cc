@@ -268,7 +268,11 @@ int cmd_failover(const FailoverArgs& a) try {
   const bool resuming = marker->has_value();
 
   auto conn = connect_libvirt(a.uri);
-  if (!conn.is_ok()) return fail(conn.status().message());
+  if (!conn.is_ok())
+    return fail(conn.status().message() +
+                (resuming ? "; the group stays failed over: run the same command again once "
+                            "libvirtd is up"
+                          : "; nothing was changed"));
 
   std::string xml;
   if (rec.contains("source_xml")) {
