@@ -363,13 +363,20 @@ int cmd_failover(const FailoverArgs& a) try {
   rw.network_map = *netmap;
   std::string chardir = rec.value("chardev_dir", "");
   if (chardir.empty()) {
-    char tmpl[] = "/tmp/ferry-failover-XXXXXX";  // unix socket paths must stay short
-    if (::mkdtemp(tmpl) == nullptr) return fail(std::string("mkdtemp: ") + std::strerror(errno));
-    ::chmod(tmpl, 0755);
-    chardir = tmpl;
+    // The domain is persistent: its sockets and logs belong with the group, unless that path
+    // is too long for a unix socket (108 bytes with the file name), then under /tmp.
+    if (p.dir.size() + std::strlen("/chr/") + 24 < 108) {
+      chardir = p.dir + "/chr";
+    } else {
+      char tmpl[] = "/tmp/ferry-failover-XXXXXX";
+      if (::mkdtemp(tmpl) == nullptr)
+        return fail(std::string("mkdtemp: ") + std::strerror(errno));
+      chardir = tmpl;
+    }
     rec["chardev_dir"] = chardir;
   }
   fs::create_directories(chardir, ec);
+  ::chmod(chardir.c_str(), 0755);
   rw.chardev_dir = chardir;
   json overlays = json::object();
   for (const auto& d : disks) {
