@@ -316,6 +316,15 @@ int cmd_failover(const FailoverArgs& a) try {
   // Step 3: the lock, and the RP.
   auto store = open_store_waiting(a);
   if (!store.is_ok()) return fail(store.status().message());
+  // A second `ferry failover` that waited for the lock behind the first: the record is the
+  // truth now, read again under the lock.
+  if (auto again = load_record(p); again.is_ok()) {
+    rec = *again;
+    if (rec.value("phase", "") == "running")
+      return fail(site::failover_refusal(a.group, st) + ": it was failed over already" +
+                  " (domain " + rec.value("domain", "?") + "); failback is not built yet");
+    if (!rec.value("uuid", "").empty()) uuid = rec["uuid"].get<std::string>();
+  }
   const std::uint64_t newest = (*store)->last_committed_rp();
   if (st.rp_id == 0) st.rp_id = asked != 0 ? asked : newest;
   // Step 4: the images brought to the RP (refuses a pruned or unknown RP before writing).

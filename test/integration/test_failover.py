@@ -186,6 +186,8 @@ def main():
         ft.check(G.virsh("domstate", DR).strip() == "running", "(d) the domain is not running")
         images = {dev: os.path.join(gdir, "replica", dev + ".img") for dev in ("vda", "vdb")}
         image_md5 = {dev: md5_file(p) for dev, p in images.items()}
+        for dev in ("vda", "vdb"):  # the overlays' backing images hold exactly RP k
+            ft.check_eq(image_md5[dev], at_rp[k][dev], f"(d) replica image {dev} vs RP {k}")
         vm = Ctl(rec["chardevs"][g.ctl_path], rec["chardevs"][g.console_path])
         figures["boot_s"] = round(time.monotonic() - t_fo, 1)
         for dev in ("vda", "vdb"):
