@@ -176,6 +176,18 @@ Status Worker::take_one(std::unique_ptr<cbt::ChangeSource>& source) {
   so.disk_names = source->disk_names();
   so.stop = &stop_;
   so.progress = [this](std::uint64_t, std::uint64_t) { heartbeat_ms_.store(steady_now_ms()); };
+  // Loaded for every RP: certificates rotated in place are picked up without a restart.
+  if (!cfg.tls_cert.empty()) {
+    auto tls = transport::TlsConfig::load(transport::TlsConfig::Role::client,
+                                          {cfg.tls_cert, cfg.tls_key, cfg.tls_ca, ""});
+    if (!tls.is_ok()) {
+      Status s = tls.status().with_context("TLS material");
+      record(s, start_ns);
+      return s;
+    }
+    so.connection.tls = std::move(tls).value();
+    so.connection.tls_server_name = cfg.tls_server_name;
+  }
   auto rp = source::take_recovery_point(*source, so);
   record(rp, start_ns);
   return rp.status();

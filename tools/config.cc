@@ -84,7 +84,7 @@ Status parse_disks(const Checker& c, const toml::table& t, TargetConfig* tc) {
 
 Result<TargetConfig> parse_domain(const Checker& c, const toml::table& t) {
   FERRY_TRY(c.only_keys(t, {"name", "uri", "to", "interval_seconds", "quiesce", "group",
-                            "rpo_alert_seconds"}, "[[domain]]"));
+                            "rpo_alert_seconds", "tls_server_name"}, "[[domain]]"));
   TargetConfig tc;
   tc.kind = TargetKind::libvirt_domain;
   tc.line = Checker::line_of(t);
@@ -94,6 +94,7 @@ Result<TargetConfig> parse_domain(const Checker& c, const toml::table& t) {
   FERRY_TRY(endpoint_field(c, t, &tc.to));
   FERRY_TRY(schedule_fields(c, t, &tc));
   FERRY_TRY(c.boolean(t, "quiesce", &tc.quiesce));
+  FERRY_TRY(c.string(t, "tls_server_name", false, kMaxServerNameBytes, &tc.tls_server_name));
   tc.group = tc.domain;
   if (t.get("group") != nullptr) {
     FERRY_TRY(name_field(c, t, "group", false, &tc.group));
@@ -106,7 +107,7 @@ Result<TargetConfig> parse_domain(const Checker& c, const toml::table& t) {
 
 Result<TargetConfig> parse_qmp(const Checker& c, const toml::table& t) {
   FERRY_TRY(c.only_keys(t, {"socket", "disks", "to", "group", "interval_seconds",
-                            "rpo_alert_seconds"}, "[[qmp]]"));
+                            "rpo_alert_seconds", "tls_server_name"}, "[[qmp]]"));
   TargetConfig tc;
   tc.kind = TargetKind::qmp;
   tc.line = Checker::line_of(t);
@@ -115,6 +116,7 @@ Result<TargetConfig> parse_qmp(const Checker& c, const toml::table& t) {
   FERRY_TRY(endpoint_field(c, t, &tc.to));
   FERRY_TRY(name_field(c, t, "group", true, &tc.group));
   FERRY_TRY(schedule_fields(c, t, &tc));
+  FERRY_TRY(c.string(t, "tls_server_name", false, kMaxServerNameBytes, &tc.tls_server_name));
   return tc;
 }
 
@@ -153,8 +155,39 @@ Status check_unique(const Checker& c, const AgentConfig& cfg) {
   return Status::ok();
 }
 
+// tls_cert, tls_key, tls_ca: all three or none (the files themselves are checked when a
+// target connects, by TlsConfig::load, so a rotated file is read at the next RP).
+Status parse_tls(const Checker& c, const toml::table& root, AgentConfig* cfg) {
+  FERRY_TRY(absolute_path(c, root, "tls_cert", false, kMaxPathBytes, &cfg->tls_cert));
+  FERRY_TRY(absolute_path(c, root, "tls_key", false, kMaxPathBytes, &cfg->tls_key));
+  FERRY_TRY(absolute_path(c, root, "tls_ca", false, kMaxPathBytes, &cfg->tls_ca));
+  FERRY_TRY(c.string(root, "tls_server_name", false, kMaxServerNameBytes, &cfg->tls_server_name));
+  const int given = int(!cfg->tls_cert.empty()) + int(!cfg->tls_key.empty()) +
+                    int(!cfg->tls_ca.empty());
+  if (given != 0 && given != 3) {
+    const char* key = cfg->tls_cert.empty() ? "tls_cert" : cfg->tls_key.empty() ? "tls_key" : "tls_ca";
+    return c.error(Checker::line_of(root), key,
+                   "missing: tls_cert, tls_key and tls_ca go together (all three, or none for "
+                   "plaintext to a receiver on loopback)");
+  }
+  if (given == 0 && !cfg->tls_server_name.empty())
+    return c.error(Checker::line_of(*root.get("tls_server_name")), "tls_server_name",
+                   "given without tls_cert, tls_key and tls_ca");
+  for (TargetConfig& t : cfg->targets) {
+    if (given == 0 && !t.tls_server_name.empty())
+      return c.error(t.line, "tls_server_name", "given without tls_cert, tls_key and tls_ca at "
+                                                "the top level");
+    t.tls_cert = cfg->tls_cert;
+    t.tls_key = cfg->tls_key;
+    t.tls_ca = cfg->tls_ca;
+    if (t.tls_server_name.empty()) t.tls_server_name = cfg->tls_server_name;
+  }
+  return Status::ok();
+}
+
 Result<AgentConfig> check_root(const Checker& c, const toml::table& root) {
-  FERRY_TRY(c.only_keys(root, {"state_dir", "status_socket", "log_level", "domain", "qmp"},
+  FERRY_TRY(c.only_keys(root, {"state_dir", "status_socket", "log_level", "domain", "qmp",
+                               "tls_cert", "tls_key", "tls_ca", "tls_server_name"},
                         "the top level"));
   AgentConfig cfg;
   FERRY_TRY(absolute_path(c, root, "state_dir", false, kMaxPathBytes, &cfg.state_dir));
@@ -167,6 +200,7 @@ Result<AgentConfig> check_root(const Checker& c, const toml::table& root) {
   FERRY_TRY(parse_targets(c, root, "domain", &cfg));
   FERRY_TRY(parse_targets(c, root, "qmp", &cfg));
   FERRY_TRY(check_unique(c, cfg));
+  FERRY_TRY(parse_tls(c, root, &cfg));
   return cfg;
 }
 
@@ -178,7 +212,9 @@ const char* target_kind_name(TargetKind kind) {
 
 bool TargetConfig::same_source(const TargetConfig& o) const {
   return kind == o.kind && group == o.group && to == o.to && domain == o.domain &&
-         uri == o.uri && quiesce == o.quiesce && qmp_socket == o.qmp_socket && disks == o.disks;
+         uri == o.uri && quiesce == o.quiesce && qmp_socket == o.qmp_socket && disks == o.disks &&
+         tls_cert == o.tls_cert && tls_key == o.tls_key && tls_ca == o.tls_ca &&
+         tls_server_name == o.tls_server_name;
 }
 
 Status check_endpoint_syntax(std::string_view text) {

@@ -24,6 +24,7 @@ inline constexpr std::size_t kMaxNameBytes = 64;     // group, domain and disk n
 inline constexpr std::size_t kMaxPathBytes = 4096;   // state_dir
 inline constexpr std::size_t kMaxSocketPathBytes = 107;  // sun_path minus the NUL
 inline constexpr std::size_t kMaxUriBytes = 1024;
+inline constexpr std::size_t kMaxServerNameBytes = 253;  // a DNS name or an IP address
 inline constexpr std::int64_t kMaxIntervalSeconds = 7 * 24 * 3600;
 inline constexpr std::int64_t kMaxRpoAlertSeconds = 30 * 24 * 3600;
 
@@ -49,6 +50,11 @@ struct TargetConfig {
   // [[qmp]]
   std::string qmp_socket;
   std::vector<DiskSpec> disks;
+  // Mutual TLS (docs/security.md): the top level's tls_cert, tls_key and tls_ca (all or none;
+  // none: plaintext, for a receiver on this host's loopback), and the name the receiver's
+  // certificate must carry: the target's tls_server_name, else the top level's, else (empty)
+  // the host in `to`.
+  std::string tls_cert, tls_key, tls_ca, tls_server_name;
   std::uint32_t line = 0;  // where the target's table starts (for messages)
 
   // True when the two differ only in schedule fields (interval, RPO alert, line): the running
@@ -60,6 +66,7 @@ struct AgentConfig {
   std::string state_dir = "/var/lib/ferry";
   std::string status_socket = "/run/ferry/agent.sock";
   std::string log_level = "info";  // debug | info | warn | error
+  std::string tls_cert, tls_key, tls_ca, tls_server_name;  // copied into every target
   std::vector<TargetConfig> targets;
 };
 

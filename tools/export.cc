@@ -22,6 +22,7 @@
 
 #include "ferry/site/read_view.h"
 #include "ferry/transport/connection.h"
+#include "ferry/transport/tls.h"
 #include "tools.h"
 
 #ifndef FERRY_PLUGIN_INSTALL_DIR
@@ -90,6 +91,37 @@ Status check_socket_path(const std::string& path) {
   return Status::ok();
 }
 
+Status copy_file(const std::string& from, const std::string& to, mode_t mode) {
+  std::error_code ec;
+  std::filesystem::copy_file(from, to, std::filesystem::copy_options::overwrite_existing, ec);
+  if (ec) return Status::error(Errc::io, "copy " + from + " to " + to + ": " + ec.message());
+  if (::chmod(to.c_str(), mode) != 0) return Status::from_errno(errno, "chmod " + to);
+  return Status::ok();
+}
+
+// nbdkit (GnuTLS) reads its TLS files from one directory under fixed names; the copies live
+// in the export's private temporary directory (0700, removed when it stops). GnuTLS offers
+// TLS 1.2 unless told otherwise, and nbdkit 1.32 has no priority option: a GnuTLS system
+// priority file for nbdkit alone turns every version below 1.3 off, as Ferry's own
+// connections do.
+Status stage_tls(const TlsArgs& tls, const std::string& tmpdir, std::string* priority_file) {
+  const std::string dir = tmpdir + "/tls";
+  if (::mkdir(dir.c_str(), 0700) != 0) return Status::from_errno(errno, "mkdir " + dir);
+  FERRY_TRY(copy_file(tls.ca, dir + "/ca-cert.pem", 0644));
+  FERRY_TRY(copy_file(tls.cert, dir + "/server-cert.pem", 0644));
+  FERRY_TRY(copy_file(tls.key, dir + "/server-key.pem", 0600));
+  if (!tls.crl.empty()) FERRY_TRY(copy_file(tls.crl, dir + "/ca-crl.pem", 0644));
+  *priority_file = tmpdir + "/gnutls-tls13-only.conf";
+  const std::string text =
+      "[overrides]\ndisabled-version = tls1.2\ndisabled-version = tls1.1\n"
+      "disabled-version = tls1.0\ndisabled-version = dtls1.2\ndisabled-version = dtls1.0\n";
+  FILE* f = std::fopen(priority_file->c_str(), "w");
+  if (f == nullptr) return Status::from_errno(errno, "create " + *priority_file);
+  const bool ok = std::fputs(text.c_str(), f) >= 0;
+  if (std::fclose(f) != 0 || !ok) return Status::from_errno(errno, "write " + *priority_file);
+  return Status::ok();
+}
+
 std::string describe_exit(int wstatus) {
   if (WIFEXITED(wstatus)) return "exit status " + std::to_string(WEXITSTATUS(wstatus));
   if (WIFSIGNALED(wstatus)) return std::string("signal ") + ::strsignal(WTERMSIG(wstatus));
@@ -106,13 +138,20 @@ int cmd_export(const ExportArgs& a) {
   if (a.socket.empty()) {
     auto ep = transport::parse_endpoint(a.listen.empty() ? "127.0.0.1:10809" : a.listen);
     if (!ep.is_ok()) return usage_error("--listen: " + ep.status().to_string());
-    if (!is_loopback(ep->host))
+    if (!is_loopback(ep->host) && !a.tls.given())
       return usage_error("refusing to serve on " + ep->host +
-                         ": not a loopback address, and an export off this host needs TLS, "
-                         "which ferry export does not offer yet; use --listen 127.0.0.1:PORT "
-                         "or --socket PATH (and an SSH tunnel)");
+                         ": not a loopback address, and an export off this host needs mutual "
+                         "TLS: give --tls-cert, --tls-key and --tls-ca (docs/security.md), or "
+                         "use --listen 127.0.0.1:PORT or --socket PATH");
     host = ep->host;
     port = ep->port;
+  }
+  // The TLS material is checked as the receiver checks its own (key mode, key matching the
+  // certificate, the certificate valid and signed by the CA, the CRL readable) before
+  // anything serves; nbdkit (GnuTLS) then does the handshakes.
+  if (a.tls.given()) {
+    auto cfg = transport::TlsConfig::load(transport::TlsConfig::Role::server, a.tls.files());
+    if (!cfg.is_ok()) return usage_error("--tls-*: " + cfg.status().to_string());
   }
   // Opening the view is the check: group, RP and disk exist (errors name them). "latest" is
   // resolved here, so every connection of this export reads the same RP. The view stays open
@@ -151,13 +190,21 @@ int cmd_export(const ExportArgs& a) {
   std::vector<std::string> args = {nbdkit_env != nullptr && *nbdkit_env ? nbdkit_env : "nbdkit",
                                    "--foreground", "--exit-with-parent", "-P", pidfile};
   std::string uri;
+  const std::string scheme = a.tls.given() ? "nbds" : "nbd";
   if (!a.socket.empty()) {
     args.insert(args.end(), {"-U", a.socket});
-    uri = "nbd+unix:///?socket=" + a.socket;
+    uri = scheme + "+unix:///?socket=" + a.socket;
   } else {
     args.insert(args.end(), {"-i", host, "-p", std::to_string(port)});
-    uri = "nbd://" + (host.find(':') != std::string::npos ? "[" + host + "]" : host) + ":" +
-          std::to_string(port) + "/";
+    uri = scheme + "://" + (host.find(':') != std::string::npos ? "[" + host + "]" : host) +
+          ":" + std::to_string(port) + "/";
+  }
+  std::string gnutls_priority_file;
+  if (a.tls.given()) {
+    Status s = stage_tls(a.tls, tmpdir, &gnutls_priority_file);
+    if (!s.is_ok()) return usage_error(s.to_string());
+    args.insert(args.end(), {"--tls=require", "--tls-verify-peer",
+                             "--tls-certificates=" + tmpdir + "/tls"});
   }
   // --overlay: nbdkit's cow filter keeps writes in a throwaway overlay in front of the plugin
   // (which stays read-only); without it the export is read-only (-r).
@@ -187,6 +234,8 @@ int cmd_export(const ExportArgs& a) {
   if (child < 0) return usage_error(std::string("fork: ") + strerror(errno));
   if (child == 0) {
     ::sigprocmask(SIG_SETMASK, &old, nullptr);
+    if (!gnutls_priority_file.empty())
+      ::setenv("GNUTLS_SYSTEM_PRIORITY_FILE", gnutls_priority_file.c_str(), 1);
     std::vector<char*> argv;
     for (auto& s : args) argv.push_back(s.data());
     argv.push_back(nullptr);

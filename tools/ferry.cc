@@ -12,6 +12,7 @@
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <future>
+#include <mutex>
 #include <thread>
 
 #include "ferry/base/kill_point.h"
@@ -23,6 +24,7 @@
 #include "ferry/source/sender.h"
 #include "ferry/transport/connection.h"
 #include "ferry/transport/rules.h"
+#include "access.h"
 #include "agent.h"
 #include "failover.h"
 #include "receive_config.h"
@@ -93,7 +95,58 @@ struct ReceiveArgs {
   site::RetentionPolicy retention;  // the --keep-* flags; empty when none is given
   std::string config = kDefaultReceiveConfigPath;
   bool config_given = false;  // --config on the command line: the file must exist
+  TlsArgs tls;                // --tls-*: mutual TLS 1.3 and the access map
+  bool insecure_plaintext = false;
 };
+
+// What a SIGHUP replaces: the config (retention, access map, quotas). Read by the
+// connections' threads (authorize, quota) and swapped whole by the reload.
+class ConfigHolder {
+ public:
+  explicit ConfigHolder(ReceiveConfig c) : config_(std::make_shared<const ReceiveConfig>(std::move(c))) {}
+  std::shared_ptr<const ReceiveConfig> get() const {
+    std::lock_guard lock(mu_);
+    return config_;
+  }
+  void set(ReceiveConfig c) {
+    auto next = std::make_shared<const ReceiveConfig>(std::move(c));
+    std::lock_guard lock(mu_);
+    config_ = std::move(next);
+  }
+
+ private:
+  mutable std::mutex mu_;
+  std::shared_ptr<const ReceiveConfig> config_;
+};
+
+// The receiver's authorisation (docs/security.md): the access map of the config in force.
+Status authorize_peer(const ReceiveConfig& c, const transport::PeerIdentity* peer,
+                      const std::string& group, site::AccessRight right) {
+  if (peer == nullptr)  // a TLS server never admits one; refuse rather than assume
+    return Status::error(Errc::invalid_argument, "a peer without a verified identity may not " +
+                                                     std::string(site::access_right_name(right)) +
+                                                     " group '" + group + "'");
+  AccessDecision d = decide(c.access, identities_of(*peer), group,
+                            right == site::AccessRight::write ? Right::write : Right::manage);
+  if (d.allowed) return Status::ok();
+  return Status::error(Errc::invalid_argument, d.message);
+}
+
+void log_access(const ReceiveConfig& c, bool tls, const char* what) {
+  if (!tls) {
+    if (!c.access.empty())
+      spdlog::warn("access map {}: {} [[access]] entr{} not applied: plaintext connections carry "
+                   "no identity (rule A1; docs/security.md)", what, c.access.entries.size(),
+                   c.access.entries.size() == 1 ? "y" : "ies");
+    return;
+  }
+  if (c.access.empty())
+    spdlog::warn("access map {}: receive.toml has no [[access]] entry, so every peer is refused "
+                 "(rule A2; docs/security.md)", what);
+  else
+    spdlog::info("access map {}: {} identit{}", what, c.access.entries.size(),
+                 c.access.entries.size() == 1 ? "y" : "ies");
+}
 
 // The receiver's config file merged with the flags (receive_config.h has the precedence).
 // The default path is read only when it exists; a --config that names no file is an error.
@@ -105,30 +158,7 @@ Result<ReceiveConfig> receive_config(const ReceiveArgs& a) {
   return with_flags(std::move(file), a.retention);
 }
 
-// "16T", "16TiB", "500G", "1.5T", "4096": binary units (K = 1024). Error: what is wrong.
-Result<std::uint64_t> parse_size(const std::string& text) {
-  std::size_t used = 0;
-  double v = 0;
-  try {
-    v = std::stod(text, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  std::string unit = text.substr(used);
-  if (unit.size() > 1 && (unit.ends_with("iB") || unit.ends_with("B")))
-    unit = unit.substr(0, unit.size() - (unit.ends_with("iB") ? 2 : 1));
-  const std::string units = "KMGTPE";
-  std::size_t pos = unit.size() == 1 ? units.find(char(std::toupper(unit[0]))) : std::string::npos;
-  if (used == 0 || !(v >= 0) || (!unit.empty() && pos == std::string::npos))
-    return Status::error(Errc::invalid_argument,
-                         "'" + text + "' is not a size (a number with an optional K, M, G, T, "
-                         "P or E suffix, binary: 16T = 16 TiB)");
-  double bytes = v;
-  for (std::size_t i = 0; !unit.empty() && i <= pos; ++i) bytes *= 1024;
-  if (bytes >= 18446744073709551615.0)
-    return Status::error(Errc::invalid_argument, "'" + text + "' is larger than 16 EiB");
-  return static_cast<std::uint64_t>(bytes);
-}
+Result<std::uint64_t> parse_size(const std::string& text) { return parse_byte_size(text); }
 
 // The receiver's status document (ferry status --socket PATH; docs/operations.md).
 std::string receiver_status_json(const site::Receiver& r, const ReceiveArgs& a,
@@ -161,8 +191,31 @@ int cmd_receive(const ReceiveArgs& a, std::uint64_t max_disk_bytes) {
   init_logging("receive");
   auto ep = transport::parse_endpoint(a.listen, /*allow_port_zero=*/true);
   if (!ep.is_ok()) return fail("--listen", ep.status());
-  // Retention: receive.toml over the --keep-* flags over the built-in default, per group;
-  // SIGHUP reloads the file (a bad file is reported and the policy in force stays).
+  // Secure by default (docs/security.md): without TLS material only loopback, unless the
+  // operator says --insecure-plaintext, which is logged at every start.
+  const bool tls_on = a.tls.given();
+  if (!tls_on && !loopback_host(ep->host) && !a.insecure_plaintext) {
+    std::fprintf(stderr,
+                 "ferry receive: --listen %s is not a loopback address and no TLS material is "
+                 "given: give --tls-cert, --tls-key and --tls-ca (docs/security.md), or "
+                 "--insecure-plaintext to serve plaintext on the network\n",
+                 a.listen.c_str());
+    return kExitUsage;
+  }
+  if (tls_on && a.insecure_plaintext)
+    spdlog::warn("--insecure-plaintext is ignored: TLS material is given, every connection is "
+                 "mutual TLS");
+  if (!tls_on && a.insecure_plaintext)
+    spdlog::warn("--insecure-plaintext: listening on {} without TLS: any peer that reaches it may "
+                 "write or read any group, and the traffic is not encrypted", a.listen);
+  else if (!tls_on)
+    spdlog::info("no TLS material given: plaintext, on the loopback address {} only "
+                 "(docs/security.md)", ep->host);
+  auto tls = load_tls(a.tls, transport::TlsConfig::Role::server);
+  if (!tls.is_ok()) return fail("TLS material", tls.status());
+  // Retention, access map and quotas: receive.toml (over the --keep-* flags for retention);
+  // SIGHUP reloads the file and the TLS files (a bad one is reported and what is in force
+  // stays).
   auto config = receive_config(a);
   if (!config.is_ok()) return fail("config " + a.config, config.status());
   auto policies = [](std::shared_ptr<const ReceiveConfig> c) {
@@ -173,23 +226,47 @@ int cmd_receive(const ReceiveArgs& a, std::uint64_t max_disk_bytes) {
                  site::effective_retention(c.retention).describe(), c.groups.size());
   };
   log_policy(*config, "policy");
+  log_access(*config, tls_on, "loaded");
+  auto holder = std::make_shared<ConfigHolder>(*config);
   site::ReceiverOptions ro;
   ro.store.root = a.store;
   ro.max_disk_bytes = max_disk_bytes;
   ro.retention_for = policies(std::make_shared<const ReceiveConfig>(*config));
+  if (tls_on)  // A1: plaintext mode has no identities and no access map
+    ro.authorize = [holder](const transport::PeerIdentity* peer, const std::string& group,
+                            site::AccessRight right) {
+      return authorize_peer(*holder->get(), peer, group, right);
+    };
+  ro.quota_for = [holder](const std::string& group) { return holder->get()->quota_for(group); };
   // Before the receiver starts its threads: they must inherit the blocked signals.
   std::promise<void> stopped;
   std::atomic<site::Receiver*> running{nullptr};
+  std::atomic<transport::Server*> serving{nullptr};
   SignalWatcher signals([&stopped] { stopped.set_value(); }, [&] {
     auto next = receive_config(a);
     if (!next.is_ok()) {
-      spdlog::error("SIGHUP: config {} not reloaded: {}; the retention policy in force stays",
-                    a.config, next.status().to_string());
-      return;
+      spdlog::error("SIGHUP: config {} not reloaded: {}; the retention policy, access map and "
+                    "quotas in force stay", a.config, next.status().to_string());
+    } else {
+      // The access map and quotas are read through the holder, so they apply even to a
+      // reload that comes before the receiver is up; retention goes to the receiver.
+      if (site::Receiver* rr = running.load()) {
+        rr->set_retention(policies(std::make_shared<const ReceiveConfig>(*next)));
+        log_policy(*next, "reloaded (SIGHUP)");
+      }
+      log_access(*next, tls_on, "reloaded (SIGHUP)");
+      holder->set(std::move(next).value());
     }
-    if (site::Receiver* rr = running.load()) {
-      rr->set_retention(policies(std::make_shared<const ReceiveConfig>(*next)));
-      log_policy(*next, "reloaded (SIGHUP)");
+    if (!tls_on) return;
+    // New handshakes use the new certificates and CRL; connections in flight keep theirs.
+    auto next_tls = load_tls(a.tls, transport::TlsConfig::Role::server);
+    if (!next_tls.is_ok()) {
+      spdlog::error("SIGHUP: TLS material not reloaded: {}; the certificates in force stay",
+                    next_tls.status().to_string());
+    } else if (transport::Server* srv = serving.load()) {
+      srv->set_tls(std::move(next_tls).value());
+      spdlog::info("TLS material reloaded (SIGHUP): certificate {}, CA {}{}{}", a.tls.cert, a.tls.ca,
+                   a.tls.crl.empty() ? "" : ", CRL ", a.tls.crl);
     }
   });
   auto receiver = site::Receiver::create(ro);
@@ -209,9 +286,16 @@ int cmd_receive(const ReceiveArgs& a, std::uint64_t max_disk_bytes) {
     status = std::move(s).value();
   }
   transport::ServerOptions so;
+  so.connection.tls = *tls;
   auto server = transport::Server::listen(*ep, so, [r](transport::Connection& c) { r->serve(c); });
   if (!server.is_ok()) return fail("listen on " + a.listen, server.status());
-  spdlog::info("listening on {}:{} with store {}{}{}", ep->host, (*server)->port(), a.store,
+  serving.store(server->get());
+  struct UnsetServer {  // before the server goes: a late SIGHUP must not reach it
+    std::atomic<transport::Server*>& p;
+    ~UnsetServer() { p.store(nullptr); }
+  } unset_server{serving};
+  spdlog::info("listening on {}:{} with store {} ({}){}{}", ep->host, (*server)->port(), a.store,
+               tls_on ? "mutual TLS 1.3" : "plaintext",
                a.status_socket.empty() ? "" : ", status on ", a.status_socket);
   // systemd (Type=notify): ready once the listen socket is bound; a no-op without NOTIFY_SOCKET.
   sd_notifyf(0, "READY=1\nSTATUS=listening on %s:%u, store %s", ep->host.c_str(),
@@ -257,7 +341,16 @@ struct ReplicateArgs {
   std::uint32_t block_kib = 64;
   int zstd_level = transport::kDefaultZstdLevel;
   bool take_over = false;
+  TlsArgs tls;
 };
+
+// The sender's connection: mutual TLS when --tls-* are given (the receiver's certificate
+// must name --tls-server-name, default the host in --to), else plaintext.
+Status set_client_tls(const TlsArgs& a, source::SenderOptions* so) {
+  FERRY_ASSIGN_OR_RETURN(so->connection.tls, load_tls(a, transport::TlsConfig::Role::client));
+  so->connection.tls_server_name = a.server_name;
+  return Status::ok();
+}
 
 Result<std::vector<cbt::QmpDisk>> parse_disks(const std::vector<std::string>& specs) {
   std::vector<cbt::QmpDisk> out;
@@ -335,6 +428,7 @@ int cmd_replicate(const ReplicateArgs& a) {
   so.take_over = a.take_over;
   so.stop = &signals.stop;
   if (isatty(STDERR_FILENO)) so.progress = progress_printer();
+  if (Status s = set_client_tls(a.tls, &so); !s.is_ok()) return fail("TLS material", s);
 
   return run_recovery_points(**source, so, a.once, a.interval_seconds, signals);
 }
@@ -350,6 +444,7 @@ struct ProtectArgs {
   std::string uri = "qemu:///system";
   std::string state_dir;
   bool take_over = false;
+  TlsArgs tls;
 };
 
 int cmd_protect(const ProtectArgs& a) {
@@ -373,6 +468,7 @@ int cmd_protect(const ProtectArgs& a) {
   so.take_over = a.take_over;
   so.stop = &signals.stop;
   if (isatty(STDERR_FILENO)) so.progress = progress_printer();
+  if (Status s = set_client_tls(a.tls, &so); !s.is_ok()) return fail("TLS material", s);
   return run_recovery_points(**source, so, a.once, a.interval_seconds, signals);
 }
 
@@ -431,6 +527,63 @@ int cmd_points(const std::string& store, const std::string& group, bool json) {
               (unsigned long long)rep->base_before);
   print_points(*rep, false);
   print_points_tests(store, group);
+  return 0;
+}
+
+// `ferry points --to`: the same list from a running receiver, over the wire (points_request;
+// needs the manage right on the group when the receiver runs TLS).
+int cmd_points_remote(const std::string& to, const std::string& group, const TlsArgs& tls,
+                      bool json) {
+  const std::string what = "points of group '" + group + "' at " + to;
+  auto ep = transport::parse_endpoint(to);
+  if (!ep.is_ok()) return fail("--to", ep.status());
+  if (!transport::valid_store_name(group))
+    return fail("--group", Status::error(Errc::invalid_argument,
+                                         "'" + group + "' is not a valid group name (" +
+                                             transport::kStoreNameRule + ")"));
+  transport::ConnectionOptions co;
+  auto config = load_tls(tls, transport::TlsConfig::Role::client);
+  if (!config.is_ok()) return fail("TLS material", config.status());
+  co.tls = *config;
+  co.tls_server_name = tls.server_name;
+  auto conn = transport::Connection::connect(*ep, co);
+  if (!conn.is_ok()) return fail(what, conn.status());
+  if (Status s = (*conn)->send(transport::MsgType::points_request,
+                               transport::encode(transport::PointsRequest{group}));
+      !s.is_ok())
+    return fail(what, s);
+  auto f = (*conn)->receive(std::chrono::milliseconds(60000));
+  if (!f.is_ok()) return fail(what, f.status());
+  if (f->type == transport::MsgType::error) {
+    auto e = transport::decode_error(f->payload);
+    return fail(what, Status::error(Errc::external, "receiver refused the request: " +
+                                                        (e.is_ok() ? e->message : "?")));
+  }
+  if (f->type != transport::MsgType::points_reply)
+    return fail(what, Status::error(Errc::protocol, std::string("expected points_reply, got ") +
+                                                        transport::msg_type_name(f->type)));
+  auto r = transport::decode_points_reply(f->payload);
+  if (!r.is_ok()) return fail(what, r.status());
+  if (r->status != transport::WireStatus::ok)
+    return fail(what, Status::error(transport::errc_of(r->status),
+                                    std::string("receiver refused") +
+                                        (r->status == transport::WireStatus::forbidden
+                                             ? " (not authorised)" : "") + ": " + r->message));
+  if (json) {
+    nlohmann::json arr = nlohmann::json::array();
+    for (const auto& p : r->points)
+      arr.push_back({{"rp_id", p.rp_id}, {"created_unix_ns", p.created_unix_ns},
+                     {"committed_unix_ns", p.committed_unix_ns}, {"store_bytes", p.store_bytes}});
+    std::cout << arr.dump(2) << "\n";
+    return 0;
+  }
+  std::printf("group %s at %s: %zu recovery point(s)%s\n", group.c_str(), to.c_str(),
+              r->points.size(), r->truncated ? " (the newest; older ones left out)" : "");
+  std::printf("%-8s %-24s %14s\n", "RP", "CREATED (UTC)", "IN STORE");
+  for (const auto& p : r->points)
+    std::printf("%-8llu %-24s %14s\n", (unsigned long long)p.rp_id,
+                format_time_ns(p.created_unix_ns).c_str(),
+                p.store_bytes == 0 ? "(replica)" : human_bytes(p.store_bytes).c_str());
   return 0;
 }
 
@@ -511,6 +664,12 @@ int main(int argc, char** argv) {
                       "Serve each group's state on this unix socket (ferry status --socket)");
   RetentionFlags receive_retention;
   add_retention_flags(receive, receive_retention);
+  receive->add_option("--tls-cert", ra.tls.cert, "PEM certificate chain of this receiver (mutual TLS 1.3)");
+  receive->add_option("--tls-key", ra.tls.key, "PEM private key of --tls-cert (mode 0600 or stricter)");
+  receive->add_option("--tls-ca", ra.tls.ca, "PEM CA bundle that signs the sources' certificates");
+  receive->add_option("--tls-crl", ra.tls.crl, "PEM CRL(s) of that CA (reloaded on SIGHUP)");
+  receive->add_flag("--insecure-plaintext", ra.insecure_plaintext,
+                    "Allow --listen on a non-loopback address without TLS (logged at every start)");
   auto* receive_config_opt = receive->add_option(
       "--config", ra.config,
       "Receiver config (TOML: retention per group); the default path is read if it exists");
@@ -536,6 +695,11 @@ int main(int argc, char** argv) {
   rep->add_option("--zstd-level", pa.zstd_level,
                   "zstd level (default " + std::to_string(ferry::transport::kDefaultZstdLevel) + ")")
       ->check(CLI::Range(-7, 19));
+  rep->add_option("--tls-cert", pa.tls.cert, "PEM certificate chain of this source (mutual TLS 1.3)");
+  rep->add_option("--tls-key", pa.tls.key, "PEM private key of --tls-cert (mode 0600 or stricter)");
+  rep->add_option("--tls-ca", pa.tls.ca, "PEM CA bundle that signs the receiver's certificate");
+  rep->add_option("--tls-server-name", pa.tls.server_name,
+                  "Name the receiver's certificate must carry (DNS or IP; default: the host in --to)");
   rep->add_flag("--take-over", pa.take_over,
                 "Take the group over from the source that wrote it (another host, other "
                 "images): the next RP is a resync or full copy of every disk");
@@ -550,6 +714,11 @@ int main(int argc, char** argv) {
                                          "Take a recovery point every SECONDS")
                          ->check(CLI::PositiveNumber);
   p_once->excludes(p_interval);
+  protect->add_option("--tls-cert", pr.tls.cert, "PEM certificate chain of this source (mutual TLS 1.3)");
+  protect->add_option("--tls-key", pr.tls.key, "PEM private key of --tls-cert (mode 0600 or stricter)");
+  protect->add_option("--tls-ca", pr.tls.ca, "PEM CA bundle that signs the receiver's certificate");
+  protect->add_option("--tls-server-name", pr.tls.server_name,
+                  "Name the receiver's certificate must carry (DNS or IP; default: the host in --to)");
   protect->add_flag("--take-over", pr.take_over,
                     "Take the group over from the source that wrote it (another host, other "
                     "images): the next RP is a resync or full copy of every disk");
@@ -572,10 +741,20 @@ int main(int argc, char** argv) {
   std::string store, group, disk, out;
   bool json = false;
   std::string point;
+  std::string points_to;
+  TlsArgs points_tls;
   auto* points = app.add_subcommand("points", "List the committed recovery points of a group");
-  points->add_option("--store", store, "Store directory")->required();
+  auto* points_store = points->add_option("--store", store, "Store directory (local)");
+  auto* points_remote = points->add_option(
+      "--to", points_to, "Receiver ADDR:PORT: ask a running receiver (needs the manage right)");
+  points_store->excludes(points_remote);
   points->add_option("--group", group, "Group name")->required();
   points->add_flag("--json", json, "JSON output");
+  points->add_option("--tls-cert", points_tls.cert, "PEM certificate chain (with --to)");
+  points->add_option("--tls-key", points_tls.key, "PEM private key of --tls-cert");
+  points->add_option("--tls-ca", points_tls.ca, "PEM CA bundle that signs the receiver's certificate");
+  points->add_option("--tls-server-name", points_tls.server_name,
+                     "Name the receiver's certificate must carry (default: the host in --to)");
 
   bool dry_run = false;
   auto* prune = app.add_subcommand(
@@ -616,7 +795,11 @@ int main(int argc, char** argv) {
   exp->add_option("--disk", xa.disk, "Disk name")->required();
   exp->add_option("--socket", xa.socket, "Serve on this unix socket (nbd+unix:///?socket=PATH)");
   exp->add_option("--listen", xa.listen,
-                  "Serve on ADDR:PORT, loopback only until TLS (default 127.0.0.1:10809)");
+                  "Serve on ADDR:PORT (default 127.0.0.1:10809); off loopback only with --tls-*");
+  exp->add_option("--tls-cert", xa.tls.cert, "PEM certificate chain of this export (mutual TLS 1.3, nbds://)");
+  exp->add_option("--tls-key", xa.tls.key, "PEM private key of --tls-cert (mode 0600 or stricter)");
+  exp->add_option("--tls-ca", xa.tls.ca, "PEM CA bundle that signs the clients allowed to read");
+  exp->add_option("--tls-crl", xa.tls.crl, "PEM CRL of that CA (optional)");
   exp->add_flag("--overlay", xa.overlay,
                 "Writable: writes go to a throwaway overlay (nbdkit cow filter), never the store");
 
@@ -659,6 +842,23 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "ferry protect: one of --once or --interval SECONDS is required\n");
     return kExitUsage;
   }
+  // --tls-cert/--tls-key/--tls-ca: all three or none (exit 2 naming the missing ones).
+  for (auto [sub, tls] : {std::pair<CLI::App*, TlsArgs*>{receive, &ra.tls}, {rep, &pa.tls},
+                          {protect, &pr.tls}, {points, &points_tls}, {exp, &xa.tls}}) {
+    if (!sub->parsed()) continue;
+    if (ferry::Status s = check_tls_args(*tls); !s.is_ok()) {
+      std::fprintf(stderr, "ferry %s: %s\n", sub->get_name().c_str(), s.message().c_str());
+      return kExitUsage;
+    }
+  }
+  if (points->parsed() && points_store->count() == 0 && points_remote->count() == 0) {
+    std::fprintf(stderr, "ferry points: one of --store DIR or --to ADDR:PORT is required\n");
+    return kExitUsage;
+  }
+  if (points->parsed() && points_store->count() > 0 && points_tls.given()) {
+    std::fprintf(stderr, "ferry points: --tls-* go with --to, not --store\n");
+    return kExitUsage;
+  }
   if (receive->parsed()) {
     auto policy = receive_retention.policy();
     if (!policy.is_ok()) {
@@ -683,7 +883,9 @@ int main(int argc, char** argv) {
     if (agent->parsed()) return cmd_agent(config_path);
     if (status->parsed()) return cmd_status(status_socket, status_json);
     if (rep->parsed()) return cmd_replicate(pa);
-    if (points->parsed()) return cmd_points(store, group, json);
+    if (points->parsed())
+      return points_remote->count() > 0 ? cmd_points_remote(points_to, group, points_tls, json)
+                                        : cmd_points(store, group, json);
     if (prune->parsed()) {
       auto policy = prune_retention.policy();
       if (!policy.is_ok()) {

@@ -11,6 +11,7 @@
 #include "ferry/base/fd.h"
 #include "ferry/base/status.h"
 #include "ferry/base/units.h"
+#include "ferry/transport/tls.h"
 
 namespace ferry::tools {
 
@@ -50,14 +51,31 @@ class StatusSocket {
 // ferry export (export.cc): serves disk `disk` of `group` at RP `point` (0: the newest, fixed
 // at start) over NBD through nbdkit and Ferry's plugin, until SIGINT/SIGTERM: 0 on a clean
 // stop, 1 on bad arguments (before serving) or when nbdkit fails.
+// Mutual TLS material of a command (--tls-* flags) or an agent target (tls_* keys).
+struct TlsArgs {
+  std::string cert, key, ca, crl;  // crl: receivers and exports only
+  std::string server_name;         // sources only; empty: the host in --to
+  bool given() const { return !cert.empty() || !key.empty() || !ca.empty(); }
+  transport::TlsFiles files() const { return {cert, key, ca, crl}; }
+};
+
 struct ExportArgs {
   std::string store, group, disk;
   std::uint64_t point = 0;
   std::string socket;  // --socket PATH (nbdkit -U)
-  std::string listen;  // --listen ADDR:PORT, loopback only; default 127.0.0.1:10809
+  std::string listen;  // --listen ADDR:PORT; off loopback only with TLS; default 127.0.0.1:10809
   bool overlay = false;  // nbdkit's cow filter: writable, writes never reach the store
+  TlsArgs tls;           // nbdkit --tls=require --tls-verify-peer (docs/security.md)
 };
 int cmd_export(const ExportArgs& args);
+// The usage rule: --tls-cert, --tls-key and --tls-ca all three or none; --tls-crl and
+// --tls-server-name only with them. The message names the missing or stray flags.
+Status check_tls_args(const TlsArgs& a);
+// Loads and checks the files (TlsConfig::load); null when none is given (plaintext).
+Result<std::shared_ptr<const transport::TlsConfig>> load_tls(const TlsArgs& a,
+                                                             transport::TlsConfig::Role role);
+// 127.0.0.0/8, ::1 (and ::ffff:127.x) or "localhost": where a plaintext receiver may listen.
+bool loopback_host(const std::string& host);
 
 std::string default_state_dir();  // $FERRY_STATE_DIR or /var/lib/ferry
 std::string host_name();

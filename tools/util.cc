@@ -1,5 +1,7 @@
+#include <arpa/inet.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -9,6 +11,43 @@
 #include "tools.h"
 
 namespace ferry::tools {
+
+Status check_tls_args(const TlsArgs& a) {
+  std::string missing;
+  if (a.given()) {
+    if (a.cert.empty()) missing += " --tls-cert";
+    if (a.key.empty()) missing += " --tls-key";
+    if (a.ca.empty()) missing += " --tls-ca";
+    if (!missing.empty())
+      return Status::error(Errc::invalid_argument,
+                           "--tls-cert, --tls-key and --tls-ca go together; missing:" + missing);
+    return Status::ok();
+  }
+  if (!a.crl.empty())
+    return Status::error(Errc::invalid_argument, "--tls-crl needs --tls-cert, --tls-key and --tls-ca");
+  if (!a.server_name.empty())
+    return Status::error(Errc::invalid_argument,
+                         "--tls-server-name needs --tls-cert, --tls-key and --tls-ca");
+  return Status::ok();
+}
+
+Result<std::shared_ptr<const transport::TlsConfig>> load_tls(const TlsArgs& a,
+                                                             transport::TlsConfig::Role role) {
+  FERRY_ASSERT(check_tls_args(a).is_ok());
+  if (!a.given()) return std::shared_ptr<const transport::TlsConfig>();
+  return transport::TlsConfig::load(role, a.files());
+}
+
+bool loopback_host(const std::string& host) {
+  if (host == "localhost") return true;
+  unsigned char b[16];
+  if (inet_pton(AF_INET, host.c_str(), b) == 1) return b[0] == 127;
+  if (inet_pton(AF_INET6, host.c_str(), b) != 1) return false;
+  static const unsigned char kLoop6[16] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1};
+  static const unsigned char kMapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+  if (std::equal(b, b + 16, kLoop6)) return true;
+  return std::equal(b, b + 12, kMapped) && b[12] == 127;
+}
 
 std::string default_state_dir() {
   if (const char* e = std::getenv("FERRY_STATE_DIR"); e && *e) return e;

@@ -1,5 +1,7 @@
 #include "ferry/site/receiver.h"
 
+#include <sys/stat.h>
+
 #include <condition_variable>
 #include <filesystem>
 #include <map>
@@ -41,6 +43,33 @@ const char* group_state_name(GroupState s) {
     case GroupState::failed_over: return "failed_over";
   }
   return "?";
+}
+
+const char* access_right_name(AccessRight r) {
+  return r == AccessRight::write ? "write" : "manage";
+}
+
+Result<std::uint64_t> group_usage_bytes(const std::string& root, const std::string& group) {
+  FERRY_ASSERT(valid_store_name(group));
+  const std::filesystem::path dir = std::filesystem::path(root) / group;
+  std::error_code ec;
+  if (!std::filesystem::exists(dir, ec)) return std::uint64_t{0};
+  std::uint64_t bytes = 0;
+  std::size_t entries = 0;
+  auto it = std::filesystem::recursive_directory_iterator(
+      dir, std::filesystem::directory_options::skip_permission_denied, ec);
+  for (; !ec && it != std::filesystem::recursive_directory_iterator(); it.increment(ec)) {
+    if (++entries > kMaxUsageEntries)
+      return Status::error(Errc::internal, "group '" + group + "': more than " +
+                                               std::to_string(kMaxUsageEntries) +
+                                               " files in its store; usage not measured");
+    struct stat st {};
+    if (::lstat(it->path().c_str(), &st) != 0) continue;  // removed meanwhile (pruning)
+    if (S_ISREG(st.st_mode)) bytes += std::uint64_t(st.st_blocks) * 512;  // allocated: thin images
+  }
+  if (ec && ec != std::errc::no_such_file_or_directory)
+    return Status::from_errno(ec.value(), "measure the store of group '" + group + "'");
+  return bytes;
 }
 
 namespace {
@@ -394,6 +423,12 @@ class Session {
   void run() {
     auto hello = read_hello();
     if (!hello) return;
+    // Before slot() and ensure_open(): a refused peer creates no group, no directory, no
+    // journal byte (C7).
+    if (Status a = authorize(hello->group, AccessRight::write); !a.is_ok()) {
+      reply_refused(WireStatus::forbidden, a.message());
+      return;
+    }
     GroupSlot& slot = impl_.slot(hello->group);
     std::unique_lock<std::timed_mutex> lock(slot.busy, std::defer_lock);
     if (!lock.try_lock_for(impl_.options.group_wait)) {
@@ -441,6 +476,10 @@ class Session {
       log_receive_failure(f.status(), "before hello");
       return std::nullopt;
     }
+    if (f->type == MsgType::points_request) {
+      serve_points(f->payload);
+      return std::nullopt;
+    }
     if (f->type != MsgType::hello) {
       fail_early(std::string("expected hello, got ") + transport::msg_type_name(f->type));
       return std::nullopt;
@@ -472,6 +511,79 @@ class Session {
       return std::nullopt;
     }
     return std::move(h).value();
+  }
+
+  // The access map's verdict (ReceiverOptions::authorize); a refusal is logged here with the
+  // peer's full identity, and its message goes to the peer.
+  Status authorize(const std::string& group, AccessRight right) {
+    if (!impl_.options.authorize) return Status::ok();  // plaintext mode: no identities
+    const transport::PeerIdentity* id = conn_.peer_identity();
+    Status a = impl_.options.authorize(id, group, right);
+    if (!a.is_ok())
+      spdlog::warn("{}: {} of group '{}' refused: {} (peer {})", conn_.peer(),
+                   access_right_name(right), group, a.message(),
+                   id != nullptr ? id->to_string() : std::string("without a verified identity"));
+    return a;
+  }
+
+  // A management request (read-only): the kept RPs of a group, newest kMaxPointsPerReply, in
+  // one reply; then the connection ends. Needs the manage right; never opens or creates the
+  // group (explain_points reads the store without its lock).
+  void serve_points(std::string_view payload) {
+    auto q = transport::decode_points_request(payload);
+    if (!q.is_ok()) {
+      fail_early("bad points_request: " + q.status().message());
+      return;
+    }
+    transport::PointsReply r;
+    auto refuse = [&r](WireStatus st, const std::string& msg) {
+      r.status = st;
+      r.message = msg.substr(0, transport::kMaxMessageBytes);
+    };
+    if (!valid_store_name(q->group)) {
+      refuse(WireStatus::bad_request, "group name '" + q->group.substr(0, 64) + "' is not valid (" +
+                                          kStoreNameRule + ")");
+    } else if (Status a = authorize(q->group, AccessRight::manage); !a.is_ok()) {
+      refuse(WireStatus::forbidden, a.message());
+    } else {
+      auto rep = explain_points(impl_.options.store.root, q->group, unix_now_ns());
+      if (!rep.is_ok()) {
+        refuse(wire_status_of(rep.status()), "points of group '" + q->group + "': " +
+                                                 rep.status().message());
+      } else {
+        const auto& pts = rep->points;
+        const std::size_t skip = pts.size() > transport::kMaxPointsPerReply
+                                     ? pts.size() - transport::kMaxPointsPerReply : 0;
+        r.truncated = skip > 0;
+        for (std::size_t i = skip; i < pts.size(); ++i)
+          r.points.push_back({pts[i].info.rp_id, pts[i].info.created_unix_ns,
+                              pts[i].info.committed_unix_ns,
+                              pts[i].info.rp_id == rep->base_before ? 0 : pts[i].store_bytes});
+        spdlog::info("{}: points of group '{}' sent ({} RP(s))", conn_.peer(), q->group,
+                     r.points.size());
+      }
+    }
+    (void)conn_.send(MsgType::points_reply, transport::encode(r));
+    (void)conn_.flush();
+  }
+
+  // The quota (ReceiverOptions::quota_for): what the store takes plus what this RP may add
+  // (every disk written in full, the most an RP can journal) must stay within it. Checked
+  // before begin_rp, so a refused RP journals nothing.
+  Status check_quota(const RpBeginInfo& info) const {
+    const std::uint64_t quota = impl_.options.quota_for ? impl_.options.quota_for(hello_.group) : 0;
+    if (quota == 0) return Status::ok();
+    FERRY_ASSIGN_OR_RETURN(std::uint64_t used,
+                           group_usage_bytes(impl_.options.store.root, hello_.group));
+    std::uint64_t bound = 0;
+    for (const RpBeginInfo::Disk& d : info.disks)
+      bound = d.size_bytes > UINT64_MAX - bound ? UINT64_MAX : bound + d.size_bytes;
+    if (bound <= quota && used <= quota - bound) return Status::ok();
+    return Status::error(Errc::no_space,
+        fmt::format("group '{}' is over its quota: its store uses {} bytes and RP {} may add up "
+                    "to {} bytes (its disks' size), quota {} bytes (receive.toml: [group.{}] "
+                    "quota or [quota] default)", hello_.group, used, info.rp_id, bound, quota,
+                    hello_.group));
   }
 
   void log_receive_failure(const Status& s, const char* when) {
@@ -611,6 +723,7 @@ class Session {
                                          d.size_bytes, impl_.options.max_disk_bytes);
           !s.is_ok())
         return refuse_rp(b.rp_id, s);
+    if (Status s = check_quota(info); !s.is_ok()) return refuse_rp(b.rp_id, s);
     if (auto why = failover_refusal_for(impl_.options.store.root + "/" + hello_.group, hello_.group))
       return refuse_rp(b.rp_id, Status::error(Errc::invalid_argument, *why));
     // The disks were checked here and in hello (names, count, duplicates), so the store's

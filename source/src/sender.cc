@@ -686,7 +686,11 @@ Result<transport::HelloReply> handshake(transport::Connection& conn, const Sende
   FERRY_ASSIGN_OR_RETURN(transport::HelloReply reply, transport::decode_hello_reply(f.payload));
   if (reply.status != transport::WireStatus::ok) {
     Errc code = reply.status == transport::WireStatus::busy ? Errc::busy : Errc::protocol;
-    return Status::error(code, "receiver refused group '" + o.group + "': " + reply.message)
+    // Forbidden (its access map, docs/security.md) is no protocol error of ours: say so.
+    const bool forbidden = reply.status == transport::WireStatus::forbidden;
+    if (forbidden) code = Errc::external;
+    return Status::error(code, "receiver refused group '" + o.group + "'" +
+                                   (forbidden ? " (not authorised)" : "") + ": " + reply.message)
         .set_retryable(reply.status == transport::WireStatus::busy);
   }
   return reply;

@@ -29,6 +29,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -48,6 +49,15 @@ LONG = os.environ.get("FERRY_LONG", "") not in ("", "0")
 # (the sanitizers look at code paths, which the first rounds already take); its figures are
 # printed, not kept in results/ (they describe an instrumented build).
 SANITIZE = os.environ.get("FERRY_SANITIZE", "") not in ("", "0")
+# Mutual TLS 1.3 by default (issue 13): receivers and sources started through the harness use
+# a throwaway PKI (test/tls/make-certs, one CA per test, in its temp dir) and an access map
+# that lets the test's client (client-a) write and manage every group. FERRY_TLS=0 runs the
+# same tests in plaintext on loopback; a test that must stay plaintext (a proxy that parses
+# frames, a 0.1.0 source) says Env(..., tls=False).
+TLS_DEFAULT = os.environ.get("FERRY_TLS", "1") not in ("", "0")
+MAKE_CERTS = os.path.join(REPO, "test", "tls", "make-certs")
+TLS_CLIENT = "client-a"
+TLS_CLIENT_URI = "spiffe://ferry/source-a"
 
 
 class TestFailure(Exception):
@@ -714,7 +724,7 @@ class Receiver:
         restarts unless restart() is given others."""
         self.env, self.store, self.tag = env, store, tag
         self.extra_env = extra_env
-        self.args = [str(a) for a in (args or [])]
+        self.args = env.tls_receiver_args([str(a) for a in (args or [])], tag)
         os.makedirs(store, exist_ok=True)
         self.log_path = os.path.join(env.dir, f"{tag}.log")
         self.proc = None
@@ -766,7 +776,7 @@ class Receiver:
 
     def restart(self, same_port=True, extra_env=None, args=None):
         if args is not None:
-            self.args = [str(a) for a in args]
+            self.args = self.env.tls_receiver_args([str(a) for a in args], self.tag)
         self.start(self.port if same_port else None, extra_env=extra_env)
 
     def log_text(self):
@@ -786,8 +796,10 @@ class Result:
 class Env:
     """Temp dir, processes and mounts of one test; cleans all of it on exit."""
 
-    def __init__(self, name, need_qsd=True, need_ferry=True, seed=None):
+    def __init__(self, name, need_qsd=True, need_ferry=True, seed=None, tls=None):
         self.name = name
+        self.tls = TLS_DEFAULT if tls is None else tls
+        self._pki = None
         self.need_qsd, self.need_ferry = need_qsd, need_ferry
         env_seed = os.environ.get("FERRY_SEED")
         self.seed = int(env_seed) if env_seed else (seed if seed is not None
@@ -908,11 +920,114 @@ class Env:
     def workload(self, salt=0):
         return Workload(self.seed * 1000003 + salt)
 
+    # -- mutual TLS (on unless Env(tls=False) or FERRY_TLS=0) --
+
+    def pki(self):
+        """The test's throwaway PKI (test/tls/make-certs), made once per test in its dir."""
+        if self._pki is None:
+            d = os.path.join(self.dir, "pki")
+            if not os.path.exists(MAKE_CERTS):
+                raise TestFailure(f"{MAKE_CERTS} is missing (it comes with the TLS transport)")
+            t0 = time.monotonic()
+            r = subprocess.run(["bash", MAKE_CERTS, d], capture_output=True, timeout=120)
+            if r.returncode != 0:
+                raise TestFailure(f"make-certs failed ({r.returncode}):\n"
+                                  f"{r.stderr.decode(errors='replace')[-3000:]}")
+            log(f"pki: {d} ({time.monotonic() - t0:.1f}s)")
+            self._pki = d
+        return self._pki
+
+    def cert(self, name):
+        return os.path.join(self.pki(), name)
+
+    def tls_client_args(self, name=TLS_CLIENT, server_name=None):
+        """The --tls-* flags of a source (or ferry points --to); [] when TLS is off."""
+        if not self.tls:
+            return []
+        args = ["--tls-cert", self.cert(f"{name}.pem"), "--tls-key", self.cert(f"{name}.key"),
+                "--tls-ca", self.cert("ca.pem")]
+        if server_name:
+            args += ["--tls-server-name", server_name]
+        return args
+
+    def agent_tls_toml(self, name=TLS_CLIENT):
+        """The top-level tls_* keys of an agent config ("" when TLS is off)."""
+        if not self.tls:
+            return ""
+        return (f'tls_cert = "{self.cert(name + ".pem")}"\n'
+                f'tls_key = "{self.cert(name + ".key")}"\n'
+                f'tls_ca = "{self.cert("ca.pem")}"\n')
+
+    def access_toml(self, extra=""):
+        """An access map that lets the test's client write and manage every group."""
+        return (f"{extra.rstrip()}\n\n# ferrytest: the test's client (mutual TLS)\n"
+                f"[[access]]\nidentity = \"uri:{TLS_CLIENT_URI}\"\n"
+                f"write = [\"*\"]\nmanage = [\"*\"]\n")
+
+    def tls_receiver_args(self, args, tag="receiver"):
+        """args of `ferry receive` with TLS material and an access map added (a --config
+        the test gives is copied with the map appended unless it has [[access]] of its own);
+        unchanged when TLS is off or the test gives --tls-* itself."""
+        if not self.tls or "--tls-cert" in args or "--insecure-plaintext" in args:
+            return args
+        args = list(args)
+        extra = ""
+        if "--config" in args:
+            i = args.index("--config")
+            with open(args[i + 1]) as f:
+                extra = f.read()
+            if "[[access]]" in extra:
+                return args + self._tls_server_flags()
+            del args[i:i + 2]
+        cfg = os.path.join(self.dir, f"{tag}-receive.toml")
+        with open(cfg, "w") as f:
+            f.write(self.access_toml(extra))
+        return args + ["--config", cfg] + self._tls_server_flags()
+
+    def _tls_server_flags(self):
+        return ["--tls-cert", self.cert("server.pem"), "--tls-key", self.cert("server.key"),
+                "--tls-ca", self.cert("ca.pem")]
+
+    def connect(self, port, timeout=30, host="127.0.0.1", client=TLS_CLIENT):
+        """A client socket to a receiver: TLS 1.3 with the test's client certificate when TLS
+        is on (Python's ssl), plain TCP otherwise. Used by tests that speak the protocol."""
+        sock = socket.create_connection((host, port), timeout=timeout)
+        if not self.tls:
+            return sock
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.load_verify_locations(self.cert("ca.pem"))
+        ctx.load_cert_chain(self.cert(f"{client}.pem"), self.cert(f"{client}.key"))
+        return ctx.wrap_socket(sock, server_hostname=host)
+
+    def server_wrap(self, sock):
+        """The server side of an accepted connection, for tests that play a receiver by hand:
+        TLS 1.3 with the test's server certificate, a client certificate required (the
+        harness's CA); unchanged when TLS is off."""
+        if not self.tls:
+            return sock
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(self.cert("ca.pem"))
+        ctx.load_cert_chain(self.cert("server.pem"), self.cert("server.key"))
+        return ctx.wrap_socket(sock, server_side=True)
+
     # -- the CLI --
 
-    def run(self, args, timeout=300, check_rc=None, extra_env=None):
-        """Runs `ferry ARGS`; returns a Result. check_rc: the exit status required."""
-        argv = [self.ferry] + [str(a) for a in args]
+    def with_tls(self, args):
+        """Adds the client TLS flags to a source command (replicate, protect, points --to)."""
+        args = [str(a) for a in args]
+        if not self.tls or not args or "--tls-cert" in args:
+            return args
+        if args[0] in ("replicate", "protect") or (args[0] == "points" and "--to" in args):
+            return args + self.tls_client_args()
+        return args
+
+    def run(self, args, timeout=300, check_rc=None, extra_env=None, tls=True):
+        """Runs `ferry ARGS`; returns a Result. check_rc: the exit status required. Source
+        commands get the client TLS flags (with_tls) unless tls=False."""
+        argv = [self.ferry] + (self.with_tls(args) if tls else [str(a) for a in args])
         penv = dict(os.environ)
         penv["TMPDIR"] = self.dir
         penv.update(extra_env or {})
@@ -937,7 +1052,7 @@ class Env:
             state_dir = os.path.join(self.dir, f"state-{group}")
             os.makedirs(state_dir, exist_ok=True)
         args += ["--to", to, "--group", group, "--once", "--state-dir", state_dir]
-        return args
+        return self.with_tls(args)
 
     def replicate_once(self, qsd, to, group, disks=None, timeout=300, state_dir=None):
         """`ferry replicate --once`; returns the new RP id (printed on stdout)."""
@@ -1228,8 +1343,8 @@ def read_frames(sock, timeout=10):
             chunk = sock.recv(65536)
         except socket.timeout:
             break
-        except ConnectionResetError:
-            closed = True
+        except (ConnectionResetError, BrokenPipeError, ssl.SSLError):
+            closed = True  # over TLS, an abrupt close or an alert is a close too
             break
         if not chunk:
             closed = True

@@ -80,7 +80,8 @@ with ft.Env("agent") as env:
     status_sock = env.path("run", "agent.sock")
     state_dir = env.path("state", "x")[:-2]
     cfg_path = env.path("agent.toml")
-    head = f'state_dir = "{state_dir}"\nstatus_socket = "{status_sock}"\nlog_level = "info"\n\n'
+    head = (f'state_dir = "{state_dir}"\nstatus_socket = "{status_sock}"\nlog_level = "info"\n'
+            + env.agent_tls_toml() + "\n")
 
     def write_config(text):
         with open(cfg_path + ".tmp", "w") as f:

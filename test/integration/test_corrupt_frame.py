@@ -11,7 +11,9 @@ import ferrytest as ft
 
 GROUP = "cf"
 
-with ft.Env("corrupt-frame") as env:
+# Plaintext: CorruptingProxy parses Ferry frames to flip their bits, which TLS would hide
+# (and TLS's own integrity check would catch first). The proxy's targets stay plaintext on loopback.
+with ft.Env("corrupt-frame", tls=False) as env:
     wl = env.workload()
     qsd = env.qsd([ft.Disk("vda", 64 * ft.MiB, "qcow2")])
     vda = qsd.disks[0]

@@ -113,7 +113,7 @@ with ft.Env("disk-swap") as env:
         return mtype, body
 
     def hello_reply(features):
-        sock = socket.create_connection(("127.0.0.1", rx.port), timeout=20)
+        sock = env.connect(rx.port, timeout=20)
         hello = ft.encode_hello(GROUP, [("root", SIZE, 65536), ("data", SIZE, 65536)],
                                 features=features)
         sock.sendall(ft.encode_frame(ft.MSG["hello"], hello))

@@ -44,7 +44,8 @@ def start_receiver(env, store, extra_args, tag):
     port = ft.free_port()
     log_path = env.path(f"{tag}.log")
     proc = ft.Proc(env, tag, [env.ferry, "receive", "--listen", f"127.0.0.1:{port}",
-                              "--store", store] + extra_args, log_path)
+                              "--store", store] + env.tls_receiver_args(extra_args, tag),
+                   log_path)
     deadline = time.monotonic() + 20
     while not ft.pid_listens_on(proc.pid, port):
         ft.check(proc.alive(), f"{tag} exited at start:\n{ft.tail(log_path)}")

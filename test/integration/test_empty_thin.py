@@ -50,7 +50,7 @@ def raw_source(rx, group, size, features, zero_frames):
     """A hand-written source: hello (offering `features`), a full rp_begin of one disk of `size`
     bytes, zero frames [(offset, length)], rp_end. Returns (accepted features, rp_ack status,
     its message, the frames the receiver sent)."""
-    sock = socket.create_connection(("127.0.0.1", rx.port), timeout=30)
+    sock = env.connect(rx.port, timeout=30)
     sock.sendall(ft.encode_frame(ft.MSG["hello"], ft.encode_hello(group, [("vda", size, 65536)],
                                                                   features=features)))
     head = ft.CorruptingProxy._recv_exact(sock, ft.FRAME_HEADER.size)
@@ -83,7 +83,8 @@ class OldReceiver:
     """A receiver from before zero ranges, by hand: accepts no feature, takes one RP and
     acknowledges it; records the length of every zero frame."""
 
-    def __init__(self):
+    def __init__(self, env):
+        self.env = env
         self.srv = socket.create_server(("127.0.0.1", 0))
         self.port = self.srv.getsockname()[1]
         self.zero_lengths, self.error = [], None
@@ -100,6 +101,7 @@ class OldReceiver:
         try:
             conn, _ = self.srv.accept()
             conn.settimeout(60)
+            conn = self.env.server_wrap(conn)  # mutual TLS, as a real receiver
             mtype, _hello = self._read(conn)
             assert mtype == ft.MSG["hello"], mtype
             reply = struct.pack("<HHIQQH", 1, 0, 0, 0, 0, 0) + ft.str16("")
@@ -241,7 +243,7 @@ with ft.Env("empty-thin") as env:
 
     # An older receiver (no zero_ranges) never gets a zero frame longer than 4 MiB.
     q3 = env.qsd([ft.Disk("mid", 64 * ft.GiB, "qcow2")], tag="qsdold")
-    old_rx = OldReceiver()
+    old_rx = OldReceiver(env)
     env.run(env.replicate_args(q3, f"127.0.0.1:{old_rx.port}", "old-rx"), timeout=120, check_rc=0)
     old_rx.thread.join(10)
     ft.check(old_rx.error is None, f"the hand-written old receiver failed: {old_rx.error!r}")

@@ -7,6 +7,9 @@ plugin. A qcow2 disk is replicated for a few RPs (data, zeros written over data,
 - `nbdcopy` of the export to a file equals restore;
 - the export of RP 1 stays byte-identical while 3 newer RPs arrive in the same group;
 - `--point latest` serves the newest RP, and `--listen 127.0.0.1:PORT` serves over TCP;
+- with `--tls-*` the export is mutual TLS 1.3 (`nbds://`): a client of the CA copies it equal to
+  restore; no client certificate, another CA, a revoked certificate, plaintext and a TLS 1.2
+  client are refused; a key readable by others is refused before serving;
 - `--overlay`: a write through the export succeeds and reads back, yet the store's journal and
   the restore of that RP are unchanged;
 - bad arguments (unknown group, uncommitted RP, unknown disk, busy socket, a non-loopback
@@ -164,6 +167,67 @@ with ft.Env("export") as env:
          img[newest]])
     ft.check_eq(e3.terminate(), 0, "ferry export exit status on SIGTERM")
     ft.log(f"--point latest over TCP serves RP {newest}")
+
+    # Mutual TLS (nbds://): nbdkit (GnuTLS) with the export's certificate, TLS 1.3 only,
+    # clients holding a certificate of --tls-ca only.
+    def nbd_tls_dir(name, client=None, ca="ca.pem"):
+        """A libnbd tls-certificates directory: the CA, and a client's certificate and key."""
+        d = env.path("nbd-tls-" + name)
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        shutil.copy(env.cert(ca), os.path.join(d, "ca-cert.pem"))
+        if client:
+            shutil.copy(env.cert(f"{client}.pem"), os.path.join(d, "client-cert.pem"))
+            shutil.copy(env.cert(f"{client}.key"), os.path.join(d, "client-key.pem"))
+            os.chmod(os.path.join(d, "client-key.pem"), 0o600)
+        return d
+
+    tls_port = ft.free_port()
+    tls_args = ["--tls-cert", env.cert("server.pem"), "--tls-key", env.cert("server.key"),
+                "--tls-ca", env.cert("ca.pem"), "--tls-crl", env.cert("crl.pem")]
+    e5, _ = start_export(env, "export-tls", base + ["--point", newest, "--listen",
+                                                    f"127.0.0.1:{tls_port}"] + tls_args)
+    ft.check(f"nbds://127.0.0.1:{tls_port}/" in e5.log_text(),
+             f"the serving line names nbds://:\n{e5.log_text()}")
+
+    def tls_uri(d):
+        return f"nbds://127.0.0.1:{tls_port}/?tls-certificates={d}&tls-hostname=localhost"
+
+    good = nbd_tls_dir("admin", "client-admin")
+    out = env.path("tls-copy.img")
+    run(["nbdcopy", tls_uri(good), out])
+    diff = ft.first_difference(img[newest], out)
+    ft.check(not diff, f"nbdcopy over TLS differs from restore: {diff}")
+    refused = {
+        "no client certificate": tls_uri(nbd_tls_dir("nocert")),
+        "a certificate of another CA": tls_uri(nbd_tls_dir("other", "client-other")),
+        "a revoked certificate": tls_uri(nbd_tls_dir("revoked", "client-revoked")),
+        "plaintext": f"nbd://127.0.0.1:{tls_port}/",
+    }
+    for what, u in refused.items():
+        p = subprocess.run(["nbdinfo", "--size", u], capture_output=True, text=True, timeout=60)
+        ft.check(p.returncode != 0, f"{what}: the TLS export must refuse, got\n{p.stdout}{p.stderr}")
+    # A client offering TLS 1.2 at most (GnuTLS told so by a priority file of its own).
+    prio = env.path("gnutls-tls12-only.conf")
+    with open(prio, "w") as f:
+        f.write("[overrides]\ndisabled-version = tls1.3\n")
+    p = subprocess.run(["nbdinfo", "--size", tls_uri(good)], capture_output=True, text=True,
+                       timeout=60, env=dict(os.environ, GNUTLS_SYSTEM_PRIORITY_FILE=prio))
+    ft.check(p.returncode != 0, f"a TLS 1.2 client must be refused:\n{p.stdout}{p.stderr}")
+    ft.check_eq(e5.terminate(), 0, "ferry export --tls-* exit status on SIGTERM")
+    # A key readable by others is refused before anything serves, naming the file.
+    loose = env.path("loose.key")
+    shutil.copy(env.cert("server.key"), loose)
+    os.chmod(loose, 0o644)
+    r = env.run(["export"] + base + ["--point", newest, "--listen", f"127.0.0.1:{tls_port}",
+                                     "--tls-cert", env.cert("server.pem"), "--tls-key", loose,
+                                     "--tls-ca", env.cert("ca.pem")], timeout=30)
+    ft.check(r.rc == 1 and "loose.key" in r.err and "serving" not in r.out,
+             f"a key readable by others must be refused, naming it:\n{r}")
+    r = env.run(["export"] + base + ["--point", newest, "--socket", env.path("t.sock"),
+                                     "--tls-cert", env.cert("server.pem")], timeout=30)
+    ft.check(r.rc == 2 and "--tls-key" in r.err, f"half the TLS flags is a usage error:\n{r}")
+    ft.log("TLS export: a client of the CA reads it equal to restore; no certificate, another "
+           "CA, a revoked one, plaintext and TLS 1.2 refused; a loose key refused")
 
     # --overlay: writable, but nothing reaches the store.
     before = journal_digest(rx.store)

@@ -222,7 +222,8 @@ def main():
         g2.write("vda", [0, 1, n2 - 1], gen=1, seed=5)
         md5_2 = hashlib.md5(b"".join(g2.expected("vda", b) for b in range(n2))).hexdigest()
         p = ft.Proc(env, "protect2", [env.ferry, "protect", "--domain", DOMAIN2, "--to",
-                    rx.addr, "--state-dir", env.path("state2", "x")[:-2], "--interval", "1"],
+                    rx.addr, "--state-dir", env.path("state2", "x")[:-2], "--interval", "1"]
+                    + env.tls_client_args(),
                     env.path("protect2.log"))
         deadline = time.monotonic() + 120
         def count2():

@@ -214,7 +214,7 @@ def main():
         # it into the others, also across its own restart (it reads the newest from the store).
         before = max(pts)
         p = ft.Proc(env, "protect-interval", [env.ferry, "protect", "--domain", DOMAIN, "--to",
-                    rx.addr, "--state-dir", state, "--interval", "1"],
+                    rx.addr, "--state-dir", state, "--interval", "1"] + env.tls_client_args(),
                     env.path("protect-interval.log"))
 
         def wait_rps(n, what):

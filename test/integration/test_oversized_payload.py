@@ -62,7 +62,7 @@ def recv_frame(sock):
 with ft.Env("oversized-payload") as env:
     t0 = time.monotonic()
     rx = env.receiver()
-    sock = socket.create_connection(("127.0.0.1", rx.port), timeout=30)
+    sock = env.connect(rx.port, timeout=30)
     sock.sendall(ft.encode_frame(ft.MSG["hello"],
                                  ft.encode_hello(GROUP, [("vda", SIZE, 64 * ft.KiB)])))
     mtype, payload = recv_frame(sock)

@@ -247,7 +247,7 @@ def main():
             attempt += 1
             p = ft.Proc(env, f"protect-interval-{attempt}",
                         [env.ferry, "protect", "--domain", DOMAIN, "--to", rx.addr, "--state-dir",
-                         state, "--interval", "2"], env.path(f"protect-interval-{attempt}.log"))
+                         state, "--interval", "2"] + env.tls_client_args(), env.path(f"protect-interval-{attempt}.log"))
             deadline = time.monotonic() + 120
             # This run's capture (a leftover job of the previous kill may still hold the socket).
             while not (os.path.exists(nbd_sock) and "incremental from checkpoint" in p.log_text()):
@@ -341,7 +341,8 @@ def main():
         sock = env.path("run", "agent.sock")
         cfg = env.path("agent.toml")
         with open(cfg, "w") as f:
-            f.write(f'state_dir = "{state}"\nstatus_socket = "{sock}"\nlog_level = "info"\n\n'
+            f.write(f'state_dir = "{state}"\nstatus_socket = "{sock}"\nlog_level = "info"\n'
+                    + env.agent_tls_toml() + '\n'
                     f'[[domain]]\nname = "{DOMAIN}"\nto = "{rx.addr}"\n'
                     f'interval_seconds = 3600\n')
         lo = len(g.writes)

@@ -70,7 +70,7 @@ def start_receiver(env, rx, extra_env=None, may_die=False):
         f.write(f"--- crash_receiver: start, FERRY_KILL_AT={(extra_env or {}).get('FERRY_KILL_AT')} ---\n".encode())
     t0 = time.monotonic()
     proc = ft.Proc(env, rx.tag, [env.ferry, "receive", "--listen", f"127.0.0.1:{rx.port}",
-                                 "--store", rx.store, "--keep-last", str(KEEP)],
+                                 "--store", rx.store, "--keep-last", str(KEEP)] + rx.args,
                    rx.log_path, extra_env=extra_env)
     while not ft.pid_listens_on(proc.pid, rx.port):
         if not proc.alive():

@@ -236,3 +236,35 @@ TEST_CASE("load_agent_config names a missing file", "[config]") {
   REQUIRE_FALSE(r.is_ok());
   CHECK(r.status().message().find("/nonexistent/ferry/agent.toml") != std::string::npos);
 }
+
+TEST_CASE("tls_cert, tls_key, tls_ca: all three or none, copied into every target", "[config]") {
+  const std::string target = "[[qmp]]\nsocket = \"/run/q.qmp\"\ndisks = [\"n=vda\"]\n"
+                             "to = \"replica.example:7000\"\ngroup = \"g\"\ninterval_seconds = 60\n";
+  auto ok = ferry::tools::parse_agent_config(
+      "tls_cert = \"/etc/ferry/s.pem\"\ntls_key = \"/etc/ferry/s.key\"\ntls_ca = \"/etc/ferry/ca.pem\"\n"
+      "tls_server_name = \"replica.example\"\n" + target +
+      "tls_server_name = \"other.example\"\n", "agent.toml");
+  INFO(ok.status().to_string());
+  REQUIRE(ok.is_ok());
+  REQUIRE(ok->targets.size() == 1);
+  CHECK(ok->targets[0].tls_cert == "/etc/ferry/s.pem");
+  CHECK(ok->targets[0].tls_key == "/etc/ferry/s.key");
+  CHECK(ok->targets[0].tls_ca == "/etc/ferry/ca.pem");
+  CHECK(ok->targets[0].tls_server_name == "other.example");
+  auto plain = ferry::tools::parse_agent_config(target, "agent.toml");
+  REQUIRE(plain.is_ok());
+  CHECK(plain->targets[0].tls_cert.empty());
+
+  auto half = ferry::tools::parse_agent_config("tls_cert = \"/etc/ferry/s.pem\"\n" + target,
+                                               "agent.toml");
+  REQUIRE_FALSE(half.is_ok());
+  CHECK_THAT(half.status().message(), Catch::Contains("tls_key"));
+  CHECK_THAT(half.status().message(), Catch::Contains("go together"));
+  auto rel = ferry::tools::parse_agent_config(
+      "tls_cert = \"s.pem\"\ntls_key = \"/s.key\"\ntls_ca = \"/ca.pem\"\n" + target, "agent.toml");
+  REQUIRE_FALSE(rel.is_ok());
+  CHECK_THAT(rel.status().message(), Catch::Contains("agent.toml:1: tls_cert: must be an absolute path"));
+  auto stray = ferry::tools::parse_agent_config(target + "tls_server_name = \"x\"\n", "agent.toml");
+  REQUIRE_FALSE(stray.is_ok());
+  CHECK_THAT(stray.status().message(), Catch::Contains("tls_server_name"));
+}

@@ -125,7 +125,7 @@ TEST_CASE("unknown keys and tables are refused", "[receive-config]") {
   check_error("[retention]\nkeep-monthly = 3\n", "receive.toml:2: keep-monthly", "unknown key");
   check_error("[groups.a.retention]\nkeep-last = 3\n", "receive.toml:1: groups", "unknown key");
   check_error("[group.a]\nkeep-last = 3\n", "receive.toml:2: keep-last",
-              "unknown key in [group.a] (allowed: retention)");
+              "unknown key in [group.a] (allowed: retention, quota)");
   check_error("[group.a.retention]\nkeep-last = 3\nkeep_daily = 1\n",
               "receive.toml:3: keep_daily", "unknown key in [group.a.retention]");
   check_error("[group.a.retention.x]\n", "receive.toml:1: x", "unknown key");

@@ -83,7 +83,15 @@ int main(int argc, char** argv) {
             write(dir, "hash_request", MsgType::hash_request,
                   encode(HashRequest{0, 65536, 64ull << 20, 64ull << 20})) &&
             write(dir, "hash_list", MsgType::hash_list,
-                  encode(HashList{0, 65536, 64ull << 20, {{1, 2}, {3, 4}, {5, 6}}}));
+                  encode(HashList{0, 65536, 64ull << 20, {{1, 2}, {3, 4}, {5, 6}}})) &&
+            write(dir, "points_request", MsgType::points_request,
+                  encode(PointsRequest{"web01"})) &&
+            write(dir, "points_reply", MsgType::points_reply,
+                  encode(PointsReply{WireStatus::ok, "", true, {{1, 2, 3, 0}, {4, 5, 6, 4096}}})) &&
+            write(dir, "points_reply_forbidden", MsgType::points_reply,
+                  encode(PointsReply{WireStatus::forbidden, "may not manage", false, {}})) &&
+            write(dir, "hello_reply_forbidden", MsgType::hello_reply,
+                  encode(HelloReply{.status = WireStatus::forbidden, .message = "no"}));
   if (!ok) std::perror(dir.c_str());
   return ok ? 0 : 1;
 }

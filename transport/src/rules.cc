@@ -48,6 +48,8 @@ Errc errc_of(WireStatus s) {
     case WireStatus::io_error: return Errc::io;
     case WireStatus::corrupt: return Errc::corrupt;
     case WireStatus::busy: return Errc::busy;
+    // forbidden (the access map said no) has no Errc of its own: external, never retried,
+    // with the receiver's message naming the identity and the group.
     default: return Errc::external;
   }
 }

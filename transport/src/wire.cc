@@ -21,6 +21,8 @@ static_assert(kMaxDisksPerGroup <= 0xffff, "disk counts are u16");
 static_assert(kHashListFixedBytes + std::size_t(kMaxHashesPerList) * kHashBytes <= kMaxPayloadBytes,
               "the largest hash_list must fit one frame");
 static_assert(kMaxHashRequestBytes % kMaxBlockBytes == 0);
+static_assert(10 + kMaxMessageBytes + kMaxPointsPerReply * kPointBytes <= kMaxPayloadBytes,
+              "the largest points_reply must fit one frame");
 static_assert(kMaxZeroRangeBytes % kMaxBlockBytes == 0 && kMaxZeroRangeBytes > kMaxBlockBytes &&
               kMaxZeroRangeBytes == 0xffc00000u);
 
@@ -31,7 +33,7 @@ Status protocol_error(std::string message) {
   return Status::error(Errc::protocol, std::move(message));
 }
 
-bool wire_status_known(std::uint16_t v) { return v <= static_cast<std::uint16_t>(WireStatus::internal); }
+bool wire_status_known(std::uint16_t v) { return v <= static_cast<std::uint16_t>(WireStatus::forbidden); }
 
 // Reads one message field by field. The first failure is kept with the name of the field
 // that caused it; later reads return zeros, so decoders read straight through and check once.
@@ -160,8 +162,8 @@ bool msg_type_known(std::uint16_t t) {
   if (t >= static_cast<std::uint16_t>(MsgType::hello) &&
       t <= static_cast<std::uint16_t>(MsgType::error))
     return true;
-  return t == static_cast<std::uint16_t>(MsgType::hash_request) ||
-         t == static_cast<std::uint16_t>(MsgType::hash_list);
+  return t >= static_cast<std::uint16_t>(MsgType::hash_request) &&
+         t <= static_cast<std::uint16_t>(MsgType::points_reply);
 }
 
 const char* msg_type_name(MsgType t) {
@@ -175,6 +177,8 @@ const char* msg_type_name(MsgType t) {
     case MsgType::error: return "error";
     case MsgType::hash_request: return "hash_request";
     case MsgType::hash_list: return "hash_list";
+    case MsgType::points_request: return "points_request";
+    case MsgType::points_reply: return "points_reply";
   }
   return "unknown";
 }
@@ -666,6 +670,75 @@ Result<HashList> decode_hash_list(std::string_view payload) {
   for (std::uint32_t i = 0; i < count; ++i) {
     m.hashes[i].lo = r.u64("hashes");
     m.hashes[i].hi = r.u64("hashes");
+  }
+  return finish(r, std::move(m));
+}
+
+// --- points_request, points_reply (management) -------------------------------------------
+
+std::string encode(const PointsRequest& m) {
+  FERRY_ASSERT(!m.group.empty() && m.group.size() <= kMaxNameBytes);
+  std::string out;
+  ByteWriter w(out);
+  w.str16(m.group);
+  return out;
+}
+
+Result<PointsRequest> decode_points_request(std::string_view payload) {
+  FieldReader r("points_request", payload);
+  PointsRequest m;
+  m.group = r.str("group", kMaxNameBytes, true);
+  return finish(r, std::move(m));
+}
+
+// status u16, flags u16 (bit 0: truncated), message str16, count u32, then count x 32 bytes.
+std::string encode(const PointsReply& m) {
+  FERRY_ASSERT(m.message.size() <= kMaxMessageBytes && m.points.size() <= kMaxPointsPerReply);
+  FERRY_ASSERT(m.status == WireStatus::ok || m.points.empty());
+  std::string out;
+  out.reserve(10 + m.message.size() + m.points.size() * kPointBytes);
+  ByteWriter w(out);
+  w.u16(static_cast<std::uint16_t>(m.status));
+  w.u16(m.truncated ? 1 : 0);
+  w.str16(m.message);
+  w.u32(static_cast<std::uint32_t>(m.points.size()));
+  for (const PointInfo& p : m.points) {
+    w.u64(p.rp_id);
+    w.u64(p.created_unix_ns);
+    w.u64(p.committed_unix_ns);
+    w.u64(p.store_bytes);
+  }
+  return out;
+}
+
+Result<PointsReply> decode_points_reply(std::string_view payload) {
+  FieldReader r("points_reply", payload);
+  PointsReply m;
+  m.status = read_wire_status(r, "status");
+  std::uint16_t flags = r.u16("flags");
+  m.message = r.str("message", kMaxMessageBytes, false);
+  std::uint32_t count = r.u32("count");
+  if (r.ok() && (flags & ~1u) != 0) r.fail("flags", fmt::format("unknown bits 0x{:04x}", flags & ~1u));
+  m.truncated = (flags & 1u) != 0;
+  if (r.ok() && count > kMaxPointsPerReply)
+    r.fail("count", fmt::format("{}, limit {}", count, kMaxPointsPerReply));
+  if (r.ok() && m.status != WireStatus::ok && count != 0)
+    r.fail("count", fmt::format("{} points with status {}", count, static_cast<int>(m.status)));
+  // The size is checked against count before the list is allocated.
+  if (r.ok() && r.remaining() != std::size_t(count) * kPointBytes)
+    r.fail("points", fmt::format("{} bytes for {} points of {} bytes", r.remaining(), count,
+                                 kPointBytes));
+  if (!r.ok()) return r.finish();
+  m.points.resize(count);
+  for (std::uint32_t i = 0; i < count; ++i) {
+    PointInfo& p = m.points[i];
+    p.rp_id = r.u64("points.rp_id");
+    p.created_unix_ns = r.u64("points.created_unix_ns");
+    p.committed_unix_ns = r.u64("points.committed_unix_ns");
+    p.store_bytes = r.u64("points.store_bytes");
+    if (r.ok() && (p.rp_id == 0 || (i > 0 && p.rp_id <= m.points[i - 1].rp_id)))
+      r.fail("points", fmt::format("points[{}].rp_id {} is zero or not after the one before", i,
+                                   p.rp_id));
   }
   return finish(r, std::move(m));
 }

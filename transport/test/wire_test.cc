@@ -5,6 +5,7 @@
 #include <string>
 
 #include "ferry/base/bytes.h"
+#include "ferry/transport/rules.h"
 #include "ferry/transport/wire.h"
 
 using namespace ferry;
@@ -218,7 +219,7 @@ TEST_CASE("disk counts are bounded and disks unique") {
 
 TEST_CASE("unknown enum values and reserved bits are rejected") {
   std::string p = encode(sample_reply());
-  put_u16(p, 2, 9);
+  put_u16(p, 2, 10);  // 9 is forbidden, the last known status
   expect_rejected(decode_hello_reply(p), "hello_reply.status");
   p = encode(RpAck{1, WireStatus::ok, ""});
   put_u16(p, 8, 0xffff);
@@ -461,7 +462,9 @@ TEST_CASE("group ids are xxh3-64 of the name") {
   CHECK_FALSE(msg_type_known(9));
   CHECK(msg_type_known(10));
   CHECK(msg_type_known(11));
-  CHECK_FALSE(msg_type_known(12));
+  CHECK(msg_type_known(12));  // points_request, points_reply
+  CHECK(msg_type_known(13));
+  CHECK_FALSE(msg_type_known(14));
   CHECK(std::string(msg_type_name(MsgType::hash_list)) == "hash_list");
 }
 
@@ -636,6 +639,69 @@ TEST_CASE("disk identities: only behind the feature and the flag") {
   b.flags = 1u << 5;
   expect_rejected(decode_rp_begin(encode(b)), "rp_begin.flags");
   CHECK(kFeatureZeroRanges != kFeatureDiskIdentity);  // one bit each
+}
+
+TEST_CASE("forbidden: a status of its own, known to this build, never retried") {
+  HelloReply r;
+  r.status = WireStatus::forbidden;
+  r.message = "identity uri:spiffe://ferry/source-a may not write group 'B'";
+  CHECK(static_cast<int>(WireStatus::forbidden) == 9);
+  CHECK(decode_hello_reply(encode(r)).value() == r);
+  CHECK_FALSE(wire_status_retryable(WireStatus::forbidden));
+  CHECK(errc_of(WireStatus::forbidden) == Errc::external);
+  // What a previous release does with it: its decoder knows statuses up to 8 and fails with
+  // a protocol error naming the field, so its source stops cleanly (test "unknown enum values").
+}
+
+TEST_CASE("points_request and points_reply: round trips, bounds, checked before allocation") {
+  PointsRequest q{"web01"};
+  CHECK(decode_points_request(encode(q)).value() == q);
+  CHECK(encode(q).size() == 2 + 5);
+  expect_rejected(decode_points_request(encode(PointsRequest{std::string(kMaxNameBytes, 'g')}) + "x"),
+                  "points_request.payload");
+  std::string empty_group = "\0\0";
+  expect_rejected(decode_points_request(empty_group), "points_request.group");
+
+  PointsReply r;
+  r.points = {{1, 10, 11, 0}, {2, 20, 21, 4096}, {5, 50, 51, 8192}};
+  std::string p = encode(r);
+  CHECK(p.size() == 10 + 3 * kPointBytes);  // status, flags, message length, count
+  CHECK(decode_points_reply(p).value() == r);
+  for (std::size_t cut = 0; cut < p.size(); ++cut)
+    CHECK(decode_points_reply(std::string_view(p).substr(0, cut)).status().code() == Errc::protocol);
+  expect_rejected(decode_points_reply(p + "x"), "points_reply.points");
+  std::string bad = p;
+  put_u16(bad, 2, 2);  // unknown flag bit
+  expect_rejected(decode_points_reply(bad), "points_reply.flags");
+  bad = p;
+  put_u16(bad, 0, 10);
+  expect_rejected(decode_points_reply(bad), "points_reply.status");
+  // A count past the bound fails before anything is allocated.
+  bad = p;
+  bad[6] = '\xff';
+  bad[7] = '\xff';
+  expect_rejected(decode_points_reply(bad), "points_reply.count");
+  // RP ids move forward.
+  r.points[2].rp_id = 2;
+  expect_rejected(decode_points_reply(encode(r)), "points_reply.points");
+
+  PointsReply no;
+  no.status = WireStatus::forbidden;
+  no.message = "identity uri:spiffe://ferry/source-a may not manage group 'web01'";
+  CHECK(decode_points_reply(encode(no)).value() == no);
+
+  PointsReply full;
+  full.truncated = true;
+  for (std::uint64_t i = 1; i <= kMaxPointsPerReply; ++i) full.points.push_back({i, i, i, i});
+  full.message = std::string(kMaxMessageBytes, 'm');
+  full.status = WireStatus::ok;
+  std::string big = encode(full);
+  CHECK(big.size() <= kMaxPayloadBytes);
+  CHECK(decode_points_reply(big).value() == full);
+  CHECK(msg_type_known(static_cast<std::uint16_t>(MsgType::points_request)));
+  CHECK(msg_type_known(static_cast<std::uint16_t>(MsgType::points_reply)));
+  CHECK_FALSE(msg_type_known(14));
+  CHECK(std::string(msg_type_name(MsgType::points_reply)) == "points_reply");
 }
 
 // kRpFlagVmConfig (feature vm_config): u32 length + the domain XML after the disks and

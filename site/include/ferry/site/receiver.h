@@ -23,6 +23,15 @@
 // commit or background pass after the same back-off; a commit during it does not retry
 // (each retry rewrites the whole replica, R19). status() shows each group's
 // state.
+//
+// Authorisation (docs/security.md): with ReceiverOptions::authorize set, the peer's right to
+// the group is checked right after its first frame is decoded (hello: write; points_request:
+// manage) and before any slot, directory or journal byte of the group exists; a refusal is a
+// hello_reply (or points_reply) with WireStatus::forbidden and a message naming the identity
+// and the group, logged at warning. A group's quota (quota_for) is checked at rp_begin, before
+// anything of the RP is journalled: its store's bytes (images + journal, allocated) plus the
+// RP's bound (the sum of its disks' sizes) must not pass the quota, else the RP is refused
+// with no_space naming the group, its usage and its quota.
 #pragma once
 
 #include <chrono>
@@ -37,6 +46,9 @@
 #include "ferry/transport/connection.h"
 
 namespace ferry::site {
+
+enum class AccessRight : std::uint8_t { write = 0, manage = 1 };
+const char* access_right_name(AccessRight r);  // "write" / "manage"
 
 struct ReceiverOptions {
   StoreOptions store;  // store.root is the --store directory
@@ -55,7 +67,21 @@ struct ReceiverOptions {
   // Retention per group (ferry receive: receive.toml over the --keep-* flags); null: every
   // group uses store.retention. Called with the receiver's lock held: keep it cheap.
   std::function<RetentionPolicy(const std::string& group)> retention_for;
+  // May this peer (its verified identity; null on a plaintext connection) have `right` on
+  // `group`? ok, or the refusal, whose message names the identity and the group (it is sent
+  // to the peer). Null: no authorisation (plaintext mode, docs/security.md). Called on the
+  // connection's thread, without the receiver's lock; a reload swaps what it reads.
+  std::function<Status(const transport::PeerIdentity* peer, const std::string& group,
+                       AccessRight right)>
+      authorize;
+  // The group's quota in bytes (images + journal); 0 or null: none. Called at each rp_begin.
+  std::function<std::uint64_t(const std::string& group)> quota_for;
 };
+
+// The bytes a group's store takes on disk (allocated blocks of its images and journal),
+// counting at most kMaxUsageEntries files. Read-only; for quotas.
+inline constexpr std::size_t kMaxUsageEntries = 1u << 20;
+Result<std::uint64_t> group_usage_bytes(const std::string& root, const std::string& group);
 
 enum class GroupState : std::uint8_t {
   ok = 0,

@@ -68,7 +68,8 @@ class Connection {
   // As send(), but takes the payload by value, so a caller that moves it in saves the copy
   // (DATA frames: the engine encodes a payload once and hands it over).
   virtual Status send_owned(MsgType type, std::string payload) { return send(type, payload); }
-  // Blocks until every queued frame was handed to the kernel (or the connection failed).
+  // Blocks until every queued frame was handed to the kernel (ok, even if the connection
+  // failed after that) or the connection failed first.
   virtual Status flush() = 0;
   // Next frame; Errc::timeout after `timeout`, Errc::disconnected on orderly close,
   // Errc::protocol on a bad frame.

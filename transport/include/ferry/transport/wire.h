@@ -48,6 +48,10 @@ enum class MsgType : std::uint16_t {
   // 8 and 9 are kept for the planned resume of an interrupted RP (rp_resume).
   hash_request = 10,  // source -> receiver: digests of a range of a resync disk, please
   hash_list = 11,     // receiver -> source: xxh3-128 digests of consecutive blocks
+  // Management (read-only), instead of hello as a connection's first frame: needs the
+  // `manage` right on the group (docs/security.md). One request, one reply, then close.
+  points_request = 12,  // client -> receiver: the kept RPs of a group, please
+  points_reply = 13,    // receiver -> client: status, message, the RPs (newest last)
 };
 bool msg_type_known(std::uint16_t t);
 const char* msg_type_name(MsgType t);
@@ -63,6 +67,10 @@ enum class WireStatus : std::uint16_t {
   corrupt = 6,       // a frame failed its checks (C3); resend
   busy = 7,          // another source is sending to this group
   internal = 8,
+  // The peer's verified identity may not do this to this group (the receiver's access map,
+  // docs/security.md). Not retryable. A source older than this status fails to decode the
+  // hello_reply ("unknown status 9") and stops: clean, if less clear.
+  forbidden = 9,
 };
 
 struct FrameHeader {
@@ -254,6 +262,33 @@ struct HashList {
   friend bool operator==(const HashList&, const HashList&) = default;
 };
 
+// Management: the kept RPs of a group (`ferry points --to`). The reply is bounded: at most
+// kMaxPointsPerReply RPs (the newest; `truncated` says some older ones were left out), so
+// it always fits one frame.
+inline constexpr std::size_t kMaxPointsPerReply = 4096;
+inline constexpr std::size_t kPointBytes = 32;  // rp_id, created, committed, store_bytes
+
+struct PointsRequest {
+  std::string group;
+  friend bool operator==(const PointsRequest&, const PointsRequest&) = default;
+};
+
+struct PointInfo {
+  std::uint64_t rp_id = 0;
+  std::uint64_t created_unix_ns = 0;
+  std::uint64_t committed_unix_ns = 0;
+  std::uint64_t store_bytes = 0;  // its records in the journal (0: the RP the images hold)
+  friend bool operator==(const PointInfo&, const PointInfo&) = default;
+};
+
+struct PointsReply {
+  WireStatus status = WireStatus::ok;
+  std::string message;  // why not (status != ok); empty otherwise
+  bool truncated = false;
+  std::vector<PointInfo> points;  // oldest first; empty unless status is ok
+  friend bool operator==(const PointsReply&, const PointsReply&) = default;
+};
+
 std::uint64_t group_id_of(std::string_view group);
 
 // Encoders return the payload (not the frame). Decoders reject trailing bytes, unknown enum
@@ -274,6 +309,8 @@ std::string encode(const RpAck&);
 std::string encode(const ErrorMsg&);
 std::string encode(const HashRequest&);
 std::string encode(const HashList&);
+std::string encode(const PointsRequest&);
+std::string encode(const PointsReply&);
 Result<Hello> decode_hello(std::string_view payload);
 Result<HelloReply> decode_hello_reply(std::string_view payload);
 Result<RpBegin> decode_rp_begin(std::string_view payload);
@@ -287,5 +324,8 @@ Result<ErrorMsg> decode_error(std::string_view payload);
 Result<HashRequest> decode_hash_request(std::string_view payload);
 // Checks count against kMaxHashesPerList and the payload size before allocating the list.
 Result<HashList> decode_hash_list(std::string_view payload);
+Result<PointsRequest> decode_points_request(std::string_view payload);
+// Checks count against kMaxPointsPerReply and the payload size before allocating the list.
+Result<PointsReply> decode_points_reply(std::string_view payload);
 
 }  // namespace ferry::transport
