@@ -7,6 +7,7 @@
 // after each thing created, so `--stop` (also after a crash of either command) finds and
 // removes all of it; each step of the stop is idempotent and the record goes last.
 #include "failover.h"
+#include "failover_real.h"
 
 #include <fcntl.h>
 #include <libvirt/libvirt.h>
@@ -31,6 +32,7 @@
 #include <thread>
 
 #include "ferry/base/status.h"
+#include "ferry/site/failover_state.h"
 #include "ferry/site/store.h"
 #include "ferry/site/vm_config.h"
 #include "tools.h"
@@ -673,6 +675,7 @@ void annotate_points_json(const std::string& store, const std::string& group, js
   const Paths p(store, group);
   const auto results = load_results(p);
   auto running = load_running(p);
+  auto fo = site::read_failover_state(store + "/" + group);
   for (auto& pt : points) {
     const std::uint64_t rp = pt.value("rp_id", std::uint64_t{0});
     pt["vm_config"] = by_rp.count(rp) ? by_rp[rp] : json(nullptr);
@@ -681,11 +684,19 @@ void annotate_points_json(const std::string& store, const std::string& group, js
       if (r.value("rp_id", std::uint64_t{0}) == rp) tests.push_back(r);
     pt["tests"] = tests;
     pt["test_running"] = running.is_ok() && running->value("rp_id", std::uint64_t{0}) == rp;
+    pt["failed_over"] = fo.is_ok() && fo->has_value() && (*fo)->rp_id == rp;
   }
 }
 
 void print_points_tests(const std::string& store, const std::string& group) {
   const Paths p(store, group);
+  // The group's role: protecting (nothing printed, as before) or failed over.
+  if (auto fo = site::read_failover_state(store + "/" + group); fo.is_ok() && fo->has_value())
+    std::printf("group %s: failed over at RP %llu since %s%s; it accepts no RPs until failback\n",
+                group.c_str(), (unsigned long long)(*fo)->rp_id,
+                format_time_ns((*fo)->since_unix_ns).c_str(),
+                (*fo)->domain.empty() ? " (the failover has not finished: run it again)"
+                                      : (" (domain " + (*fo)->domain + ")").c_str());
   for (const auto& r : load_results(p))
     std::printf("RP %llu tested %s for %.1f s (domain %s, %s, boot %s)\n",
                 (unsigned long long)r.value("rp_id", std::uint64_t{0}),
@@ -710,8 +721,25 @@ std::function<bool(int&)> add_failover_commands(CLI::App& app, const CLI::Valida
   vmc->add_option("--point", vc->point, "Recovery point id, or latest")->check(point_rule)
       ->capture_default_str();
 
-  auto* fo = app.add_subcommand("failover", "Fail over to the recovery site");
-  fo->require_subcommand(1);
+  auto* fo = app.add_subcommand(
+      "failover", "Fail over to the recovery site: stop the group, start its VM from an RP "
+                  "(failover_real.h); `failover test` boots a throwaway copy instead");
+  fo->require_subcommand(0, 1);
+  auto r = std::make_shared<FailoverArgs>();
+  // Not ->required(): `ferry failover test ...` parses its own options (checked below).
+  fo->add_option("--store", r->store, "Store directory");
+  fo->add_option("--group", r->group, "Group name");
+  fo->add_option("--point", r->point, "Recovery point id, or latest (newer RPs are given up)")
+      ->check(point_rule)->capture_default_str();
+  fo->add_option("--uri", r->uri, "libvirt connection URI")->capture_default_str();
+  fo->add_option("--name-suffix", r->name_suffix, "The domain is <vm><suffix> (default: <vm>)");
+  fo->add_option("--network-map", r->network_map,
+                 "SRC=DST: connect the NICs on network (or bridge) SRC to DST here; unmapped "
+                 "NICs are removed");
+  fo->add_option("--domain-xml", r->domain_xml, "Use this libvirt XML instead of the RP's");
+  fo->add_option("--lock-timeout", r->lock_timeout_s,
+                 "Seconds to wait for a receiver session to release the group")
+      ->capture_default_str();
   auto* t = fo->add_subcommand(
       "test", "Boot a recovery point as a throwaway libvirt domain while replication goes on");
   t->add_option("--store", a->store, "Store directory")->required();
@@ -730,13 +758,22 @@ std::function<bool(int&)> add_failover_commands(CLI::App& app, const CLI::Valida
               "Destroy the running test domain, stop its exports, remove its overlays");
   t->add_option("--boot-result", a->boot_result, "With --stop: what the test showed")
       ->check(CLI::IsMember({"ok", "failed"}));
-  return [vmc, t, a, vc](int& rc) {
+  return [vmc, t, a, vc, fo, r](int& rc) {
     if (vmc->parsed()) {
       rc = cmd_vm_config(vc->store, vc->group, vc->point);
       return true;
     }
     if (t->parsed()) {
       rc = cmd_failover_test(*a);
+      return true;
+    }
+    if (fo->parsed()) {
+      if (r->store.empty() || r->group.empty()) {
+        std::fprintf(stderr, "ferry failover: --store and --group are required\n");
+        rc = 1;
+      } else {
+        rc = cmd_failover(*r);
+      }
       return true;
     }
     return false;

@@ -141,8 +141,15 @@ Status rewrite_disks(xmlXPathContextPtr ctx, xmlNodePtr devices, const VmXmlRewr
     set_attr(source, "file", it->second.overlay);
     xmlAddPrevSibling(target, source);
     xmlNodePtr chain = xmlNewNode(nullptr, X("backingStore"));
-    set_attr(chain, "type", "network");
     xmlAddPrevSibling(target, chain);
+    if (!it->second.backing_file.empty()) {
+      set_attr(chain, "type", "file");
+      set_attr(add_child(chain, "format"), "type", "raw");
+      set_attr(add_child(chain, "source"), "file", it->second.backing_file);
+      add_child(chain, "backingStore");
+      continue;
+    }
+    set_attr(chain, "type", "network");
     set_attr(add_child(chain, "format"), "type", "raw");
     xmlNodePtr nsrc = add_child(chain, "source");
     set_attr(nsrc, "protocol", "nbd");
@@ -292,9 +299,12 @@ Result<VmXmlResult> rewrite_vm_xml(const std::string& source_xml, const VmXmlRew
   rewrite_nics(ctx.get(), devices, r, out);
   rewrite_chardevs(ctx.get(), devices, r, out);
   remove_host_bound(ctx.get(), root, devices, out);
+  bool real = false;  // failover proper: the overlays back onto the replica images
+  for (const auto& [dev, d] : r.disks) real |= !d.backing_file.empty();
   set_text(add_child(root, "description"),
-           "Ferry test failover of " + out.source_name + " (throwaway overlays; ferry failover "
-           "test --stop removes it)");
+           real ? "Ferry failover of " + out.source_name + " (overlays over the replica images)"
+                : "Ferry test failover of " + out.source_name +
+                      " (throwaway overlays; ferry failover test --stop removes it)");
 
   xmlChar* mem = nullptr;
   int len = 0;

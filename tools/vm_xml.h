@@ -17,9 +17,12 @@ struct VmXmlRewrite {
   // Disk target (vda, ...) -> the qcow2 overlay it runs on, and the NBD unix socket its
   // backing export serves. Every disk of the RP must have an entry; a <disk device='disk'>
   // of the XML without one is dropped (not replicated) and reported.
+  // The backing is the NBD export on nbd_socket (test failover) or, when backing_file is
+  // set, that raw file (failover: the replica image, read-only from then on).
   struct Disk {
     std::string overlay;
     std::string nbd_socket;
+    std::string backing_file;
   };
   std::map<std::string, Disk> disks;
   // Source network (or bridge) name -> the one to use here; unmapped NICs are removed.

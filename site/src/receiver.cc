@@ -18,6 +18,7 @@
 #include "ferry/transport/codec.h"
 #include "ferry/transport/rules.h"
 #include "ferry/transport/wire.h"
+#include "ferry/site/failover_state.h"
 #include "ferry/site/vm_config.h"
 
 namespace ferry::site {
@@ -39,6 +40,7 @@ const char* group_state_name(GroupState s) {
     case GroupState::ok: return "ok";
     case GroupState::failing: return "failing";
     case GroupState::apply_pending: return "apply_pending";
+    case GroupState::failed_over: return "failed_over";
   }
   return "?";
 }
@@ -355,6 +357,17 @@ struct Receiver::Impl {
     return Status::ok();
   }
 
+  // A group failed over (failover_state.h) is refused, and its store closed so that `ferry
+  // failover` can take the group lock. The caller holds g.busy.
+  std::optional<std::string> failover_refusal(GroupSlot& g, const std::string& group) {
+    auto why = failover_refusal_for(options.store.root + "/" + group, group);
+    if (why && g.store) {
+      g.store.reset();
+      spdlog::info("group '{}': {}; its store is closed", group, *why);
+    }
+    return why;
+  }
+
   // Re-opens failed groups whose back-off has run out, so a group recovers without waiting
   // for its source (a group that failed at start-up or after an acknowledged RP), and retries
   // pending applies likewise (R19).
@@ -363,15 +376,23 @@ struct Receiver::Impl {
     while (!stopping) {
       wake.wait_for(lock, std::chrono::milliseconds(250));
       if (stopping) return;
-      std::vector<std::pair<std::string, GroupSlot*>> due;
+      std::vector<std::pair<std::string, GroupSlot*>> due, failed_over_groups;
       const auto now = Clock::now();
       for (auto& [name, g] : groups) {
         const Health& h = g->health;
+        if (failed_over(options.store.root + "/" + name)) {
+          failed_over_groups.emplace_back(name, g.get());
+          continue;
+        }
         if ((h.must_reopen && now >= h.next_reopen) ||
             (h.apply.pending() && now >= h.apply.next_retry))
           due.emplace_back(name, g.get());
       }
       lock.unlock();
+      for (auto& [name, g] : failed_over_groups) {
+        std::unique_lock<std::timed_mutex> busy(g->busy, std::try_to_lock);
+        if (busy.owns_lock()) (void)failover_refusal(*g, name);
+      }
       for (auto& [name, g] : due) {
         std::unique_lock<std::timed_mutex> busy(g->busy, std::try_to_lock);
         if (!busy.owns_lock()) continue;  // a session serves it and re-opens it itself
@@ -412,6 +433,10 @@ class Session {
     std::unique_lock<std::timed_mutex> lock(slot.busy, std::defer_lock);
     if (!lock.try_lock_for(impl_.options.group_wait)) {
       reply_refused(WireStatus::busy, "group '" + hello->group + "' is being served to another source");
+      return;
+    }
+    if (auto why = impl_.failover_refusal(slot, hello->group)) {
+      reply_refused(WireStatus::bad_request, *why);
       return;
     }
     if (Status open = impl_.ensure_open(slot, hello->group, /*create=*/true); !open.is_ok()) {
@@ -699,6 +724,8 @@ class Session {
           !s.is_ok())
         return refuse_rp(b.rp_id, s);
     if (Status s = check_quota(info); !s.is_ok()) return refuse_rp(b.rp_id, s);
+    if (auto why = failover_refusal_for(impl_.options.store.root + "/" + hello_.group, hello_.group))
+      return refuse_rp(b.rp_id, Status::error(Errc::invalid_argument, *why));
     // The disks were checked here and in hello (names, count, duplicates), so the store's
     // only refusal by rule is C5 (diverged); anything else is the store failing.
     if (Status s = store_->begin_rp(info); !s.is_ok()) {
@@ -1055,6 +1082,10 @@ std::vector<GroupStatus> Receiver::status() const {
         st.next_reopen_in_ms = static_cast<std::uint64_t>(
             std::chrono::duration_cast<std::chrono::milliseconds>(h.apply.next_retry - now)
                 .count());
+    }
+    if (auto why = failover_refusal_for(impl_->options.store.root + "/" + name, name)) {
+      st.state = GroupState::failed_over;
+      st.cause = *why;
     }
     // Layout 2: the images hold the oldest kept RP, so applied < committed is the normal
     // state, not a pending apply.

@@ -29,6 +29,7 @@
 #include "rewrite.h"
 #include "pins.h"
 #include "ferry/site/retention.h"
+#include "ferry/site/failover_state.h"
 
 namespace ferry::site {
 namespace {
@@ -339,6 +340,9 @@ class StoreImpl final : public GroupStore {
 
   Status begin_rp(const RpBeginInfo& rp) override {
     FERRY_TRY(failed_);
+    // The receiver refuses first (with the same text); this is the store's own guard.
+    if (auto why = failover_refusal_for(paths_.group_dir, group_))
+      return Status::error(Errc::invalid_argument, *why);
     FERRY_TRY(check_begin(rp));
     if (open_) abort_rp();
     FERRY_TRY(failed_);
@@ -419,6 +423,8 @@ class StoreImpl final : public GroupStore {
   // (apply_error) and the next call retries.
   Status apply_committed() override {
     FERRY_TRY(failed_);
+    // Failed over: the images back the running VM's overlays; retention is off.
+    if (failed_over(paths_.group_dir)) return Status::ok();
     Status s = retain(opt_.retention, clock_now(), false).status();
     if (!s.is_ok()) {
       apply_error_ = std::move(s).with_context("group " + group_ + ": retention could not "
@@ -433,11 +439,58 @@ class StoreImpl final : public GroupStore {
 
   Status apply_error() const override { return apply_error_; }
 
+  // Failover (failover_state.h): the images brought forward to `rp_id` by the store's own
+  // compaction (cost: the journal bytes of the RPs up to it). RPs above it stay in the
+  // journal, untouched. Idempotent: a crash anywhere leaves either the intent (redone by this
+  // call or by open's recovery, R5) or the new base.
+  Status fail_over_to(std::uint64_t rp_id) override {
+    FERRY_TRY(failed_);
+    FERRY_ASSERT(failed_over(paths_.group_dir));  // the marker first: no retention after this
+    const std::string g = "group '" + group_ + "'";
+    if (rp_id == 0 || rp_id > chain_.newest())
+      return Status::error(Errc::not_found, g + ": RP " + std::to_string(rp_id) +
+                                                " is not committed (newest: " +
+                                                std::to_string(chain_.newest()) + ")");
+    // A compaction left pending (R19, or a failover cut short) is finished first.
+    if (chain_.catalog.target_rp != 0 && chain_.catalog.target_rp <= rp_id)
+      FERRY_TRY(compact(chain_.catalog.target_rp));
+    if (rp_id == chain_.catalog.base_rp) return Status::ok();  // done already
+    // A pending compaction past rp_id means retention dropped it (the images may hold part
+    // of the newer RPs already).
+    if (rp_id < chain_.catalog.base_rp || chain_.catalog.is_pruned(rp_id) ||
+        chain_.catalog.target_rp > rp_id)
+      return Status::error(Errc::not_found, g + ": RP " + std::to_string(rp_id) +
+                                                " was pruned (see ferry points)");
+    bool known = false;
+    for (const auto& r : chain_.rps) known |= r.info.rp_id == rp_id;
+    if (!known)
+      return Status::error(Errc::not_found, g + ": RP " + std::to_string(rp_id) + " is unknown");
+    {
+      FERRY_ASSIGN_OR_RETURN(auto gate, ReaderGate::exclusive(paths_.group_dir));
+      FERRY_ASSIGN_OR_RETURN(auto pins, live_pins(paths_.group_dir));
+      for (const auto& p : pins)
+        if (p.rp_id < rp_id)
+          return Status::error(Errc::busy, g + ": a reader (an export or restore) holds RP " +
+                                               std::to_string(p.rp_id) +
+                                               ", older than RP " + std::to_string(rp_id) +
+                                               "; stop it and run ferry failover again");
+      Catalog next = chain_.catalog;
+      next.target_rp = rp_id;
+      FERRY_TRY(write_catalog(next));
+      chain_.catalog = std::move(next);
+    }
+    FERRY_KILL_POINT("failover.after_intent");
+    return compact(rp_id);
+  }
+
   void set_retention(const RetentionPolicy& policy) override { opt_.retention = policy; }
 
   Result<PruneReport> prune(const RetentionPolicy& policy, std::uint64_t now_unix_ns,
                             bool dry_run) override {
     FERRY_TRY(failed_);
+    if (!dry_run)
+      if (auto why = failover_refusal_for(paths_.group_dir, group_))
+        return Status::error(Errc::busy, *why + "; retention is off while failed over");
     auto r = retain(policy, now_unix_ns, dry_run);
     if (!dry_run) apply_error_ = r.is_ok() ? Status::ok() : r.status();
     return r;

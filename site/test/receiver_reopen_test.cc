@@ -5,6 +5,7 @@
 #include <fstream>
 #include <thread>
 
+#include "ferry/site/failover_state.h"
 #include "ferry/site/faulty_storage.h"
 #include "ferry/site/receiver.h"
 #include "store_test_util.h"
@@ -154,4 +155,33 @@ TEST_CASE("a group whose compaction fails at start-up stays open, apply pending,
   const auto model = t::model_of(rps);
   CHECK(t::slurp(image) == model.at(2).at("c"));
   CHECK(t::slurp(root + "/g2/replica/a.img") == model.at(2).at("a"));
+}
+
+TEST_CASE("a failed-over group: the receiver closes its store and shows the state") {
+  TempDir dir;
+  const std::string root = dir.path() + "/store";
+  {
+    auto store = GroupStore::open(StoreOptions{.root = root}, "g3", /*create=*/true);
+    REQUIRE(store.is_ok());
+  }
+  ReceiverOptions o;
+  o.store.root = root;
+  auto r = Receiver::create(o);
+  REQUIRE(r.is_ok());
+  CHECK(status_of(**r, "g3").state == GroupState::ok);
+  // The receiver holds the group open: ferry failover cannot take the lock yet.
+  CHECK(GroupStore::open(StoreOptions{.root = root}, "g3", false).status().code() == Errc::busy);
+  FailoverState st;
+  st.rp_id = 7;
+  st.since_unix_ns = 1'796'000'000'000'000'000ull;
+  REQUIRE(write_failover_state(root + "/g3", st).is_ok());
+  // Within its background pass (250 ms) the receiver lets go of the group.
+  REQUIRE(wait_until(
+      [&] { return GroupStore::open(StoreOptions{.root = root}, "g3", false).is_ok(); }, 3s));
+  const GroupStatus s = status_of(**r, "g3");
+  CHECK(s.state == GroupState::failed_over);
+  CHECK(s.cause ==
+        "group 'g3' was failed over at RP 7 on 2026-11-30T00:53Z (ferry failover); it accepts "
+        "no RPs until failback");
+  CHECK(std::string(group_state_name(s.state)) == "failed_over");
 }

@@ -253,3 +253,28 @@ TEST_CASE("vm xml: bad input is refused with what is wrong") {
   REQUIRE(r.is_ok());
   CHECK(Parsed(r->xml).str("/domain/uuid") == o.uuid);
 }
+
+TEST_CASE("vm xml: failover overlays backed by the replica images (raw files)") {
+  VmXmlRewrite o = opts();
+  o.name_suffix = "";
+  for (const char* dev : {"vda", "vdb"})
+    o.disks[dev] = {std::string("/store/g/failover/") + dev + ".qcow2", "",
+                    std::string("/store/g/replica/") + dev + ".img"};
+  auto r = rewrite_vm_xml(kSource, o);
+  REQUIRE(r.is_ok());
+  CHECK(r->name == "web-01");
+  Parsed x(r->xml);
+  for (const char* dev : {"vda", "vdb"}) {
+    const std::string d = std::string("/domain/devices/disk[target/@dev='") + dev + "']";
+    CHECK(x.str((d + "/driver/@type").c_str()) == "qcow2");
+    CHECK(x.str((d + "/source/@file").c_str()) ==
+          std::string("/store/g/failover/") + dev + ".qcow2");
+    CHECK(x.str((d + "/backingStore/@type").c_str()) == "file");
+    CHECK(x.str((d + "/backingStore/format/@type").c_str()) == "raw");
+    CHECK(x.str((d + "/backingStore/source/@file").c_str()) ==
+          std::string("/store/g/replica/") + dev + ".img");
+    CHECK(x.count((d + "/backingStore/source/host").c_str()) == 0);
+    CHECK(x.count((d + "/backingStore/backingStore").c_str()) == 1);  // end of the chain
+  }
+  CHECK(x.str("/domain/description").find("Ferry failover of web-01") == 0);
+}

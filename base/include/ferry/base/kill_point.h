@@ -12,7 +12,7 @@
 
 namespace ferry {
 
-inline constexpr std::array<std::string_view, 29> kKillPoints = {
+inline constexpr std::array<std::string_view, 36> kKillPoints = {
     // receiver, in the order one RP passes them
     "receiver.frame_received",
     "journal.before_append",
@@ -43,6 +43,16 @@ inline constexpr std::array<std::string_view, 29> kKillPoints = {
     "rewrite.mid_write",
     "rewrite.before_switch",
     "rewrite.after_switch",
+    // ferry failover (docs/failover.md): the marker written, the compaction's intent
+    // written (then apply.* and prune.after_base), the images at the RP, an overlay made,
+    // the record saying it is defining, the domain defined, started
+    "failover.after_marker",
+    "failover.after_intent",
+    "failover.after_compact",
+    "failover.after_overlay",
+    "failover.before_define",
+    "failover.after_define",
+    "failover.after_start",
     // source
     "source.after_transaction",
     "source.mid_send",

@@ -89,6 +89,9 @@ enum class GroupState : std::uint8_t {
   // A compaction of the replica images failed and is retried (R19; RPs are still accepted):
   // the cause says why.
   apply_pending = 2,
+  // `ferry failover` ran (failover_state.h): RPs are refused until failback; the cause says
+  // at which RP and when.
+  failed_over = 3,
 };
 const char* group_state_name(GroupState s);
 

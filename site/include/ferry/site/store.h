@@ -130,6 +130,12 @@ class GroupStore {
                                     bool dry_run) = 0;
   virtual void set_retention(const RetentionPolicy& policy) = 0;
 
+  // Failover (failover_state.h; the marker must exist first, which turns retention off):
+  // compacts the replica images forward to committed RP `rp_id`, so they hold it and can
+  // back a VM's overlays. Errors: not_found naming the RP (not committed, pruned, unknown),
+  // busy when a reader pins an older RP. Idempotent; RPs above rp_id stay in the journal.
+  virtual Status fail_over_to(std::uint64_t rp_id) = 0;
+
   // Resync (C4): the xxh3-128 digests of `block_count` consecutive blocks of `disk` at
   // last_committed_rp(), starting at offset_bytes (a multiple of block_bytes, a power of two
   // <= 4 MiB). The last block of the disk may be short: its digest covers only the bytes up
