@@ -393,6 +393,8 @@ void Core::close_with_error(WireStatus status, const std::string& message) {
   if (queued.is_ok()) queued = wait_flushed(deadline);
   if (!queued.is_ok())
     spdlog::info("transport: error frame to {} not delivered: {}", peer_, queued.to_string());
+  else
+    linger(deadline);  // so that a reset does not destroy the error frame before it is read
   fail(Status::error(Errc::disconnected,
                      fmt::format("connection to {} closed after sending error: {}", peer_,
                                  msg.message)));

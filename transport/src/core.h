@@ -204,10 +204,21 @@ class Core final : public Connection, public std::enable_shared_from_this<Core> 
   // Ends the connection: the first failure is what send/receive report from now on; the
   // socket is closed on the I/O thread.
   void fail(Status why);
-  // Flushes for at most `timeout`, then closes (a Server handler returned).
+  // Flushes for at most `timeout`, then closes (a Server handler returned), lingering first.
   void finish(milliseconds timeout) {
-    (void)wait_flushed(deadline_after(timeout));
+    const Clock::time_point deadline = deadline_after(timeout);
+    if (wait_flushed(deadline).is_ok()) linger(deadline);
     close();
+  }
+  // A lingering close: reads and drops what the peer still sends until it closes (or the
+  // deadline). Closing a socket with unread bytes sends a reset, and a reset can destroy our
+  // last frame (an RP's refusal, an error) in the peer's receive buffer before the peer reads
+  // it: a source streams an RP's data frames without waiting for the refusal of its rp_begin.
+  void linger(Clock::time_point deadline) {
+    while (Clock::now() < deadline) {
+      auto left = std::chrono::duration_cast<milliseconds>(deadline - Clock::now());
+      if (left.count() <= 0 || !receive(left).is_ok()) return;  // closed, failed or timed out
+    }
   }
   // On the I/O thread: TLS sends close_notify first (best effort, bounded by close_timeout:
   // it waits for the peer's close_notify or the timer); plaintext closes at once.

@@ -75,7 +75,9 @@ class Connection {
   // Errc::protocol on a bad frame.
   virtual Result<Frame> receive(std::chrono::milliseconds timeout) = 0;
   // Sends an error frame (best effort, bounded by ConnectionOptions::close_timeout) and
-  // closes. `message` is cut to kMaxMessageBytes.
+  // closes, reading and dropping what the peer still sends until it closes or that time is
+  // up (so that closing with unread bytes does not reset the connection before the peer read
+  // the error). `message` is cut to kMaxMessageBytes.
   virtual void close_with_error(WireStatus status, const std::string& message) = 0;
   // Closes at once; frames still queued are dropped (call flush() first to keep them).
   // receive() then fails with Errc::disconnected once the frames already read are taken.
@@ -101,7 +103,8 @@ struct ServerOptions {
 };
 
 // Accepts connections and runs `handler` for each on a thread of its own; when the handler
-// returns, frames it queued are flushed (bounded by close_timeout) and the connection is closed. A handler must return soon after stop() was called
+// returns, frames it queued are flushed and what the peer still sends is read and dropped
+// until it closes (together bounded by close_timeout), then the connection is closed. A handler must return soon after stop() was called
 // (receive() then fails with Errc::cancelled).
 class Server {
  public:
