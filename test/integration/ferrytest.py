@@ -52,8 +52,8 @@ SANITIZE = os.environ.get("FERRY_SANITIZE", "") not in ("", "0")
 # Mutual TLS 1.3 by default (issue 13): receivers and sources started through the harness use
 # a throwaway PKI (test/tls/make-certs, one CA per test, in its temp dir) and an access map
 # that lets the test's client (client-a) write and manage every group. FERRY_TLS=0 runs the
-# same tests in plaintext on loopback; a test that must stay plaintext (a proxy that parses
-# frames, a 0.1.0 source) says Env(..., tls=False).
+# same tests in plaintext on loopback; a test that must stay plaintext (a 0.1.0 source) says
+# Env(..., tls=False). A proxy that parses frames sits between two TLS legs (TlsLegs).
 TLS_DEFAULT = os.environ.get("FERRY_TLS", "1") not in ("", "0")
 MAKE_CERTS = os.path.join(REPO, "test", "tls", "make-certs")
 TLS_CLIENT = "client-a"
@@ -1180,6 +1180,63 @@ def write_result(name, figure, **fields):
     except OSError as e:
         log(f"cannot write result to {d}: {e}")
     print(f"RESULT {line}", flush=True)
+
+
+class TlsLegs:
+    """Mutual TLS 1.3 on both legs around a plaintext frame proxy on loopback, for the tests
+    whose proxies parse and change Ferry frames (which TLS hides):
+
+        source --TLS--> [front: socat, receiver's certificate] --> proxy
+               --> [back: socat, client-a's certificate] --TLS--> receiver
+
+    The source verifies the front as it verifies a receiver (IP SAN 127.0.0.1); the receiver
+    sees client-a's verified identity (the test's access map lets it write). `back_port` is
+    where the proxy connects; `front(proxy_port)` starts the front and returns its address."""
+
+    def __init__(self, env, receiver_port):
+        if shutil.which("socat") is None:
+            raise TestFailure("socat is missing (scripts/install-deps installs it)")
+        self.env = env
+        self.back_port = free_port()
+        self._back = None
+        self._front = None
+        self.retarget(receiver_port)
+
+    def _tls_opts(self, cert, key):
+        return (f"cert={self.env.cert(cert)},key={self.env.cert(key)},"
+                f"cafile={self.env.cert('ca.pem')},verify=1,openssl-min-proto-version=TLS1.3")
+
+    def _wait_listening(self, port, proc):
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            check(proc.alive(), f"socat exited:\n{tail(proc.log_path)}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise TestFailure(f"socat not listening on {port}:\n{tail(proc.log_path)}")
+
+    def retarget(self, receiver_port):
+        """(Re)starts the back leg towards a receiver on `receiver_port` (after a restart)."""
+        if self._back is not None:
+            self._back.kill9()
+        self._back = Proc(self.env, "tls-back", [
+            "socat", f"TCP-LISTEN:{self.back_port},bind=127.0.0.1,reuseaddr,fork",
+            f"OPENSSL:127.0.0.1:{receiver_port},{self._tls_opts(TLS_CLIENT + '.pem', TLS_CLIENT + '.key')},"
+            "commonname=localhost"], self.env.path("tls-back.log"))
+        self._wait_listening(self.back_port, self._back)
+
+    def front(self, proxy_port):
+        if self._front is not None:  # one front at a time: the previous proxy is gone
+            self._front.kill9()
+        port = free_port()
+        self._front = Proc(self.env, "tls-front", [
+            "socat", f"OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,"
+            f"{self._tls_opts('server.pem', 'server.key')}",
+            f"TCP:127.0.0.1:{proxy_port}"], self.env.path("tls-front.log"))
+        self._wait_listening(port, self._front)
+        return f"127.0.0.1:{port}"
 
 
 class CorruptingProxy:

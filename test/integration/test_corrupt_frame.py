@@ -11,14 +11,17 @@ import ferrytest as ft
 
 GROUP = "cf"
 
-# Plaintext: CorruptingProxy parses Ferry frames to flip their bits, which TLS would hide
-# (and TLS's own integrity check would catch first). The proxy's targets stay plaintext on loopback.
-with ft.Env("corrupt-frame", tls=False) as env:
+# Mutual TLS on both legs (ft.TlsLegs): the proxy sits between a TLS terminator and a TLS
+# originator, where the frames are visible, so it corrupts what a bug or a bad disk would
+# (TLS's own integrity check would catch a flip on the wire first).
+with ft.Env("corrupt-frame") as env:
     wl = env.workload()
     qsd = env.qsd([ft.Disk("vda", 64 * ft.MiB, "qcow2")])
     vda = qsd.disks[0]
     rx = env.receiver()
-    proxy = ft.CorruptingProxy(env, rx.port)
+    legs = ft.TlsLegs(env, rx.port)
+    proxy = ft.CorruptingProxy(env, legs.back_port)
+    front = legs.front(proxy.port)
     hist = ft.History(env, rx.store, GROUP)
     flips = 0
 
@@ -30,7 +33,7 @@ with ft.Env("corrupt-frame", tls=False) as env:
 
         proxy.corrupt = True
         flipped0 = proxy.flipped
-        r = env.run(env.replicate_args(qsd, proxy.addr, GROUP), timeout=180)
+        r = env.run(env.replicate_args(qsd, front, GROUP), timeout=180)
         ft.check(proxy.flipped > flipped0, f"{round_}: the proxy found no DATA frame to corrupt "
                                            f"({proxy.data_frames} DATA frames seen)")
         ft.log(f"{round_}: flipped {proxy.flips[-1]}; replicate exited {r.rc}")
@@ -47,7 +50,7 @@ with ft.Env("corrupt-frame", tls=False) as env:
         flips += proxy.flipped - flipped0
 
         proxy.corrupt = False
-        rp = env.replicate_once(qsd, proxy.addr, GROUP)
+        rp = env.replicate_once(qsd, front, GROUP)
         hist.record(rp, snaps)
         p = hist.verify(rps=[rp], what=f"({round_}, after the corrupted attempt) ")[rp]
         ft.check_eq(p["disks"][0]["full"], round_ == "full", f"{round_}: full flag")

@@ -99,11 +99,13 @@ def read_bytes(result):
     return int(m[-1])
 
 
-# Plaintext: the relay parses Ferry frames to cut the connection at one of them.
-with ft.Env("lost-ack", tls=False) as env:
+# Mutual TLS on both legs (ft.TlsLegs): the relay sits where the frames are visible and cuts
+# the connection at one of them; the TLS legs carry the cut to both ends.
+with ft.Env("lost-ack") as env:
     wl = env.workload()
     qsd = env.qsd([ft.Disk("vda", 64 * ft.MiB, "qcow2"), ft.Disk("vdb", 32 * ft.MiB, "raw")])
     rx = env.receiver()
+    legs = ft.TlsLegs(env, rx.port)
     hist = ft.History(env, rx.store, GROUP)
 
     def writes(n):
@@ -115,9 +117,10 @@ with ft.Env("lost-ack", tls=False) as env:
 
     def cut_rp(label, cut_dir, cut_type):
         """One --once through a relay that cuts at the given frame; it must fail."""
-        relay = CuttingRelay(env, rx.port, cut_dir, cut_type)
+        relay = CuttingRelay(env, legs.back_port, cut_dir, cut_type)
+        front = legs.front(relay.port)
         snaps = hist.snapshot_all(qsd, label)
-        r = env.run(env.replicate_args(qsd, relay.addr, GROUP), timeout=120)
+        r = env.run(env.replicate_args(qsd, front, GROUP), timeout=120)
         ft.check(relay.cut.is_set(), f"{label}: the relay never saw the frame to cut:\n{r}")
         ft.check(r.rc != 0, f"{label}: replicate succeeded although its ack was cut:\n{r}")
         relay.close()

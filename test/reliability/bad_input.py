@@ -243,16 +243,21 @@ def flip(path, offset, rng):
         os.pwrite(f.fileno(), bytes([b[0] ^ (1 << rng.randrange(8))]), offset)
 
 
-# Plaintext: the proxy parses Ferry frames (bit flips, truncation, splices, replays), which
-# TLS hides by design; TLS's own record MAC would reject the flips before Ferry's checks.
-with ft.Env(TEST, tls=False) as env:
+# The proxy parses Ferry frames (bit flips, truncation, splices, replays), which TLS hides by
+# design (its record MAC would reject a flip on the wire before Ferry's checks): so it sits
+# between two TLS legs (below), as a bug or a bad disk inside either end would.
+with ft.Env(TEST) as env:
     rng = env.rng
     t_start = time.monotonic()
     qsd = env.qsd([ft.Disk("vda", SIZE, "qcow2")])
     disks = {"vda": (0, SIZE)}
     wr, cat = oracle.Writer(env.seed, disks), oracle.Catalog(env.seed, disks)
     rx = env.receiver()
-    proxy = MutatingProxy(env, rx.port, rng)
+    # Mutual TLS on both legs (ft.TlsLegs): the proxy mutates frames where they are visible,
+    # between a TLS terminator and a TLS originator; the receiver sees a verified identity.
+    legs = ft.TlsLegs(env, rx.port)
+    proxy = MutatingProxy(env, legs.back_port, rng)
+    front = legs.front(proxy.port)
     replica = {"vda": os.path.join(rx.store, GROUP, "replica", "vda.img")}
     acked = []
     stats = {"frames_corrupted": 0, "frames_detected": 0, "frames_committed": 0,
@@ -290,7 +295,7 @@ with ft.Env(TEST, tls=False) as env:
         write_spread()
         state = cat.mark(wr, what)
         proxy.case = None
-        rp = env.replicate_once(qsd, proxy.addr, GROUP, timeout=120)
+        rp = env.replicate_once(qsd, front, GROUP, timeout=120)
         cat.bind(state, rp)
         acked.append(rp)
         outs = env.restore(rx.store, GROUP, rp, "vda")
@@ -304,7 +309,7 @@ with ft.Env(TEST, tls=False) as env:
     # Another group's stream, for splicing (its frames name group bi2).
     write_spread()
     proxy.case = None
-    env.replicate_once(qsd, proxy.addr, OTHER, timeout=120)
+    env.replicate_once(qsd, front, OTHER, timeout=120)
     other_frames = data_frames(proxy.last_capture)
     ft.check(other_frames, "no DATA frame captured from the other group")
     clean_run("base")
@@ -322,7 +327,7 @@ with ft.Env(TEST, tls=False) as env:
             proxy.target = rng.randint(1, 2)
             proxy.inject = rng.choice(other_frames if case.startswith("splice") else old_frames)
             n0 = len(proxy.mutated)
-            r = env.run(env.replicate_args(qsd, proxy.addr, GROUP), timeout=180)
+            r = env.run(env.replicate_args(qsd, front, GROUP), timeout=180)
             ft.check(len(proxy.mutated) > n0, f"{case}: the proxy did not get to damage a frame")
             detail = proxy.mutated[-1][1]
             stats["frames_corrupted"] += 1
@@ -489,7 +494,7 @@ with ft.Env(TEST, tls=False) as env:
     shutil.rmtree(gdir)
     shutil.copytree(pristine, gdir)
     rx.restart()
-    proxy.upstream_port = rx.port
+    legs.retarget(rx.port)
     clean_run("after the journal cases")
     qsd.stop()
     rx.stop()
