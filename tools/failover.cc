@@ -8,6 +8,7 @@
 // removes all of it; each step of the stop is idempotent and the record goes last.
 #include "failover.h"
 #include "failover_real.h"
+#include "failover_util.h"
 
 #include <fcntl.h>
 #include <libvirt/libvirt.h>
@@ -41,6 +42,7 @@
 namespace ferry::tools {
 namespace {
 
+using namespace failover_util;
 namespace fs = std::filesystem;
 using nlohmann::json;
 using Clock = std::chrono::steady_clock;
@@ -56,44 +58,6 @@ int fail(const std::string& msg) {
   return 1;
 }
 
-std::uint64_t now_unix_ns() {
-  return static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
-                                        std::chrono::system_clock::now().time_since_epoch())
-                                        .count());
-}
-
-// --- libvirt: RAII owners, errors mapped once ---------------------------------------------
-// (cbt/src/libvirt_api.h has the same owners, private to cbt/.)
-struct ConnClose {
-  void operator()(virConnectPtr c) const { virConnectClose(c); }
-};
-struct DomainFree {
-  void operator()(virDomainPtr d) const { virDomainFree(d); }
-};
-using Conn = std::unique_ptr<virConnect, ConnClose>;
-using Domain = std::unique_ptr<virDomain, DomainFree>;
-
-Status libvirt_error(const std::string& what) {
-  const char* m = virGetLastErrorMessage();
-  Status s = Status::error(Errc::external, what + ": " + (m ? m : "unknown libvirt error"));
-  virResetLastError();
-  return s;
-}
-
-void quiet_libvirt() {
-  virSetErrorFunc(nullptr, [](void*, virErrorPtr) {});
-}
-
-Result<Conn> connect_libvirt(const std::string& uri) {
-  quiet_libvirt();
-  Conn c(virConnectOpen(uri.c_str()));
-  if (!c) {
-    Status s = libvirt_error("libvirtd not reachable at " + uri);
-    return Status::error(Errc::disconnected, s.message());
-  }
-  return c;
-}
-
 // --- files ----------------------------------------------------------------------------------
 struct Paths {
   std::string tests, running, results;
@@ -102,43 +66,6 @@ struct Paths {
         running(tests + "/running.json"),
         results(tests + "/results.jsonl") {}
 };
-
-Result<std::string> read_file_bounded(const std::string& path, std::size_t max_bytes) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) return Status::from_errno(errno, "open " + path);
-  f.seekg(0, std::ios::end);
-  const auto size = static_cast<std::size_t>(f.tellg());
-  if (size > max_bytes)
-    return Status::error(Errc::invalid_argument, path + " is " + std::to_string(size) +
-                                                     " bytes, more than " +
-                                                     std::to_string(max_bytes));
-  f.seekg(0);
-  std::string s(size, '\0');
-  f.read(s.data(), static_cast<std::streamsize>(size));
-  if (!f) return Status::from_errno(errno ? errno : EIO, "read " + path);
-  return s;
-}
-
-Status fsync_path(const std::string& path, int flags) {
-  UniqueFd fd(::open(path.c_str(), flags | O_CLOEXEC));
-  if (!fd.valid()) return Status::from_errno(errno, "open " + path);
-  if (::fsync(fd.get()) != 0) return Status::from_errno(errno, "fsync " + path);
-  return Status::ok();
-}
-
-// tmp + fsync + rename + fsync dir: a crash leaves the old record or the new one.
-Status write_atomic(const std::string& path, const std::string& text) {
-  const std::string tmp = path + ".tmp";
-  {
-    UniqueFd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
-    if (!fd.valid()) return Status::from_errno(errno, "create " + tmp);
-    if (::write(fd.get(), text.data(), text.size()) != static_cast<ssize_t>(text.size()))
-      return Status::from_errno(errno ? errno : EIO, "write " + tmp);
-    if (::fsync(fd.get()) != 0) return Status::from_errno(errno, "fsync " + tmp);
-  }
-  if (::rename(tmp.c_str(), path.c_str()) != 0) return Status::from_errno(errno, "rename " + tmp);
-  return fsync_path(fs::path(path).parent_path().string(), O_RDONLY | O_DIRECTORY);
-}
 
 Status append_line(const std::string& path, const std::string& line) {
   UniqueFd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644));
@@ -163,21 +90,6 @@ std::string sha256_hex(const std::string& s) {
   return out;
 }
 
-Result<std::string> random_uuid() {
-  unsigned char b[16];
-  UniqueFd fd(::open("/dev/urandom", O_RDONLY | O_CLOEXEC));
-  if (!fd.valid() || ::read(fd.get(), b, sizeof b) != static_cast<ssize_t>(sizeof b))
-    return Status::from_errno(errno ? errno : EIO, "read /dev/urandom");
-  b[6] = static_cast<unsigned char>((b[6] & 0x0f) | 0x40);  // version 4
-  b[8] = static_cast<unsigned char>((b[8] & 0x3f) | 0x80);  // variant 1
-  char out[37];
-  std::snprintf(out, sizeof out,
-                "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", b[0],
-                b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13],
-                b[14], b[15]);
-  return std::string(out);
-}
-
 // --- processes ------------------------------------------------------------------------------
 // A pid alone can be reused: the record keeps the process's start time (field 22 of
 // /proc/PID/stat) with it, and only a process with both is signalled.
@@ -195,34 +107,6 @@ std::uint64_t process_start_ticks(pid_t pid) {
 
 bool same_process(pid_t pid, std::uint64_t start_ticks) {
   return pid > 0 && start_ticks != 0 && process_start_ticks(pid) == start_ticks;
-}
-
-// Runs argv to completion; its stdout and stderr come back in `output`.
-Result<int> run_command(const std::vector<std::string>& argv, std::string& output) {
-  int pipefd[2];
-  if (::pipe2(pipefd, O_CLOEXEC) != 0) return Status::from_errno(errno, "pipe");
-  const pid_t pid = ::fork();
-  if (pid < 0) return Status::from_errno(errno, "fork");
-  if (pid == 0) {
-    ::dup2(pipefd[1], 1);
-    ::dup2(pipefd[1], 2);
-    std::vector<char*> args;
-    for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-    args.push_back(nullptr);
-    ::execvp(args[0], args.data());
-    std::fprintf(stderr, "cannot run %s: %s\n", args[0], std::strerror(errno));
-    ::_exit(127);
-  }
-  ::close(pipefd[1]);
-  char buf[4096];
-  ssize_t n;
-  while ((n = ::read(pipefd[0], buf, sizeof buf)) > 0)
-    if (output.size() < 64 * 1024) output.append(buf, static_cast<std::size_t>(n));
-  ::close(pipefd[0]);
-  int st = 0;
-  while (::waitpid(pid, &st, 0) < 0 && errno == EINTR) {
-  }
-  return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + (WIFSIGNALED(st) ? WTERMSIG(st) : 0);
 }
 
 // Starts argv as a daemon of its own (a new session, output to log_path): it outlives this
@@ -351,20 +235,6 @@ Status tear_down(virConnectPtr conn, json& rec, json& result) {
 // --- start ---------------------------------------------------------------------------------
 
 std::uint64_t parse_point_arg(const std::string& p) { return p == "latest" ? 0 : std::stoull(p); }
-
-Result<std::map<std::string, std::string>> parse_network_map(const std::vector<std::string>& v) {
-  std::map<std::string, std::string> m;
-  for (const auto& s : v) {
-    const auto eq = s.find('=');
-    if (eq == std::string::npos || eq == 0 || eq + 1 == s.size())
-      return Status::error(Errc::invalid_argument,
-                           "--network-map '" + s + "': expected SRC=DST (network or bridge names)");
-    if (!m.emplace(s.substr(0, eq), s.substr(eq + 1)).second)
-      return Status::error(Errc::invalid_argument,
-                           "--network-map names '" + s.substr(0, eq) + "' twice");
-  }
-  return m;
-}
 
 // Waits until the export serves (it prints a line once nbdkit is ready) or fails.
 Status wait_export_ready(pid_t pid, std::uint64_t ticks, const std::string& log,
@@ -610,7 +480,7 @@ int stop_test(const FailoverTestArgs& a) {
       return fail(s.to_string());
   if (::unlink(p.running.c_str()) != 0 && errno != ENOENT)
     return fail("remove " + p.running + ": " + std::strerror(errno));
-  (void)fsync_path(p.tests, O_RDONLY | O_DIRECTORY);
+  (void)fsync_dir(p.tests);
   std::printf("test failover of group %s stopped: domain %s %s, RP %llu tested for %.1f s; "
               "exports stopped, overlays removed\n",
               a.group.c_str(), result["domain"].get<std::string>().c_str(),
