@@ -509,3 +509,52 @@ TEST_CASE("throughput of one connection on loopback", "[.perf]") {
   WARN("throughput with " << kFrameBytes / 1024 << " KiB frames: "
                           << (kFrames * kFrameBytes / seconds / 1e6) << " MB/s");
 }
+
+// flush() answers "did my frames reach the kernel": yes, even when the peer read them and
+// closed before flush() looked (a --once source closes right after reading its ack).
+TEST_CASE("flush succeeds once its frames were sent, even if the peer closed since",
+          "[connection]") {
+  Outcomes out;
+  auto server = listen_local([&](Connection& c) {
+    if (!c.send(MsgType::rp_ack, "the last frame").is_ok()) return out.add(Status::error(Errc::internal, "send"));
+    Result<Frame> f = c.receive(10s);  // the peer's close
+    if (f.is_ok()) return out.add(Status::error(Errc::internal, "unexpected frame"));
+    out.add(c.flush());
+  });
+  auto client = connect_local(server->port());
+  Result<Frame> f = client->receive(10s);
+  REQUIRE(f.is_ok());
+  client->close();
+  std::vector<Status> got = out.wait_for(1);
+  INFO(got[0].to_string());
+  CHECK(got[0].is_ok());
+}
+
+// A handler's last frame (a refusal) reaches a peer that is still streaming frames when the
+// handler returns: the server reads and drops them until the peer closes (a lingering
+// close), instead of closing with unread bytes, whose reset would end the peer's connection
+// before it read the refusal.
+TEST_CASE("a handler's last frame reaches a peer still sending when the handler returns",
+          "[connection]") {
+  int delivered = 0;
+  const int rounds = 20;
+  for (int round = 0; round < rounds; ++round) {
+    auto server = listen_local([&](Connection& c) {
+      (void)c.receive(10s);
+      (void)c.send(MsgType::error, "refused");
+    });
+    auto client = connect_local(server->port());
+    std::atomic<bool> stop{false};
+    const std::string big(256u << 10, 'x');
+    std::thread sender([&] {
+      while (!stop.load() && client->send(MsgType::data, big).is_ok()) {
+      }
+    });
+    Result<Frame> f = client->receive(10s);
+    stop.store(true);
+    client->close();
+    sender.join();
+    if (f.is_ok() && f->type == MsgType::error && f->payload == "refused") ++delivered;
+  }
+  CHECK(delivered == rounds);
+}
