@@ -554,15 +554,34 @@ std::string encode(const RpAck& m) {
   w.u64(m.rp_id);
   w.u16(static_cast<std::uint16_t>(m.status));
   w.str16(m.message);
+  if (m.times) {
+    FERRY_ASSERT(m.status == WireStatus::ok);
+    w.u16(kRpTimesVersion);
+    w.u16(kRpTimesBytes);
+    w.u64(m.times->receive_us);
+    w.u64(m.times->durable_us);
+  }
   return out;
 }
 
-Result<RpAck> decode_rp_ack(std::string_view payload) {
+Result<RpAck> decode_rp_ack(std::string_view payload, std::uint32_t features) {
   FieldReader r("rp_ack", payload);
   RpAck m;
   m.rp_id = r.u64("rp_id");
   m.status = read_wire_status(r, "status");
   m.message = r.str("message", kMaxMessageBytes, false);
+  if (r.ok() && (features & kFeatureRpTimes) != 0 && m.status == WireStatus::ok && r.remaining() > 0) {
+    const std::uint16_t version = r.u16("times.version");
+    const std::uint16_t length = r.u16("times.length");
+    if (r.ok() && version != kRpTimesVersion)
+      r.fail("times.version", fmt::format("{} is not {}", version, kRpTimesVersion));
+    else if (r.ok() && length != kRpTimesBytes)
+      r.fail("times.length", fmt::format("{} is not {}", length, kRpTimesBytes));
+    RpTimes t;
+    t.receive_us = r.u64("times.receive_us");
+    t.durable_us = r.u64("times.durable_us");
+    m.times = t;
+  }
   return finish(r, std::move(m));
 }
 
