@@ -27,6 +27,7 @@
 #include "access.h"
 #include "agent.h"
 #include "failover.h"
+#include "metrics.h"
 #include "receive_config.h"
 #include "retention_flags.h"
 #include "tools.h"
@@ -97,6 +98,7 @@ struct ReceiveArgs {
   bool config_given = false;  // --config on the command line: the file must exist
   TlsArgs tls;                // --tls-*: mutual TLS 1.3 and the access map
   bool insecure_plaintext = false;
+  std::string metrics;        // --metrics ADDR:PORT (over receive.toml's metrics)
 };
 
 // What a SIGHUP replaces: the config (retention, access map, quotas). Read by the
@@ -238,6 +240,16 @@ int cmd_receive(const ReceiveArgs& a, std::uint64_t max_disk_bytes) {
       return authorize_peer(*holder->get(), peer, group, right);
     };
   ro.quota_for = [holder](const std::string& group) { return holder->get()->quota_for(group); };
+  // Metrics: the hooks count into the registry; the gauges read the receiver at each scrape.
+  const std::string metrics_at = a.metrics.empty() ? config->metrics : a.metrics;
+  metrics::Registry registry;
+  ReceiverMetrics receiver_metrics(registry, a.store);
+  if (!metrics_at.empty()) {
+    ro.on_rp_committed = [&receiver_metrics](const site::RpReceived& r) { receiver_metrics.rp_committed(r); };
+    ro.on_rp_refused = [&receiver_metrics](const std::string& g, const Status& why) {
+      receiver_metrics.rp_refused(g, why);
+    };
+  }
   // Before the receiver starts its threads: they must inherit the blocked signals.
   std::promise<void> stopped;
   std::atomic<site::Receiver*> running{nullptr};
@@ -277,6 +289,14 @@ int cmd_receive(const ReceiveArgs& a, std::uint64_t max_disk_bytes) {
     ~Unset() { p.store(nullptr); }
   } unset{running};
   site::Receiver* r = receiver->get();
+  receiver_metrics.attach(r);
+  std::unique_ptr<metrics::HttpServer> metrics_server;  // stopped before the receiver goes
+  if (!metrics_at.empty()) {
+    auto m = serve_metrics(metrics_at, registry);
+    if (!m.is_ok()) return fail("metrics", m.status());
+    metrics_server = std::move(m).value();
+    spdlog::info("metrics on http://{}/metrics (port {})", metrics_at, metrics_server->port());
+  }
   std::unique_ptr<StatusSocket> status;
   if (!a.status_socket.empty()) {
     auto s = StatusSocket::create(a.status_socket, [r, &a, max_disk_bytes] {
@@ -342,6 +362,8 @@ struct ReplicateArgs {
   int zstd_level = transport::kDefaultZstdLevel;
   bool take_over = false;
   TlsArgs tls;
+  std::string metrics;       // --metrics ADDR:PORT (with --interval)
+  double rpo_alert_seconds = 0;  // --rpo-alert; 0: 3 x interval
 };
 
 // The sender's connection: mutual TLS when --tls-* are given (the receiver's certificate
@@ -371,8 +393,14 @@ Result<std::vector<cbt::QmpDisk>> parse_disks(const std::vector<std::string>& sp
 
 // --once: one RP, its id on stdout. Otherwise an RP every interval (from the start of the
 // previous one) until SIGTERM; a failed RP is logged and retried at the next tick.
+// With --metrics each RP is recorded into the registry served there, and an RPO over
+// --rpo-alert is logged with the stage that made it late.
+struct Watch {
+  std::string metrics;
+  double rpo_alert_seconds = 0;
+};
 int run_recovery_points(cbt::ChangeSource& source, source::SenderOptions& so, bool once,
-                        double interval_seconds, SignalWatcher& signals) {
+                        double interval_seconds, SignalWatcher& signals, const Watch& watch) {
   if (once) {
     auto rp = source::take_recovery_point(source, so);
     if (so.progress) std::fprintf(stderr, "\n");
@@ -383,15 +411,31 @@ int run_recovery_points(cbt::ChangeSource& source, source::SenderOptions& so, bo
   }
   using namespace std::chrono;
   const auto period = duration_cast<milliseconds>(duration<double>(interval_seconds));
+  metrics::Registry registry;
+  SourceMetrics sm(registry);
+  sm.target(so.group, watch.rpo_alert_seconds > 0 ? watch.rpo_alert_seconds : 3 * interval_seconds);
+  std::unique_ptr<metrics::HttpServer> metrics_server;
+  if (!watch.metrics.empty()) {
+    auto m = serve_metrics(watch.metrics, registry);
+    if (!m.is_ok()) return fail("metrics", m.status());
+    metrics_server = std::move(m).value();
+    spdlog::info("metrics on http://{}/metrics", watch.metrics);
+  }
   while (!signals.stop.load()) {
     auto t0 = steady_clock::now();
-    auto rp = source::take_recovery_point(source, so);
+    source::SenderOptions rso = so;
+    instrument(sm, rso);
+    auto rp = source::take_recovery_point(source, rso);
     if (so.progress) std::fprintf(stderr, "\n");
-    if (rp.is_ok())
+    if (rp.is_ok()) {
+      sm.rp_done(so.group, *rp, rp->created_unix_ns);
       spdlog::info("{}", source::describe(*rp));
-    else
+    } else {
+      sm.rp_failed(so.group, rp.status());
       spdlog::error("recovery point of group '{}' failed (retrying in {:.1f} s): {}", so.group,
                     interval_seconds, rp.status().to_string());
+    }
+    if (std::string alert = sm.alert(so.group); !alert.empty()) spdlog::warn("group '{}': {}", so.group, alert);
     while (!signals.stop.load() && steady_clock::now() - t0 < period)
       std::this_thread::sleep_for(milliseconds(50));
   }
@@ -430,7 +474,8 @@ int cmd_replicate(const ReplicateArgs& a) {
   if (isatty(STDERR_FILENO)) so.progress = progress_printer();
   if (Status s = set_client_tls(a.tls, &so); !s.is_ok()) return fail("TLS material", s);
 
-  return run_recovery_points(**source, so, a.once, a.interval_seconds, signals);
+  return run_recovery_points(**source, so, a.once, a.interval_seconds, signals,
+                             {a.metrics, a.rpo_alert_seconds});
 }
 
 // ---- protect -----------------------------------------------------------------------------------
@@ -445,6 +490,8 @@ struct ProtectArgs {
   std::string state_dir;
   bool take_over = false;
   TlsArgs tls;
+  std::string metrics;
+  double rpo_alert_seconds = 0;
 };
 
 int cmd_protect(const ProtectArgs& a) {
@@ -469,7 +516,8 @@ int cmd_protect(const ProtectArgs& a) {
   so.stop = &signals.stop;
   if (isatty(STDERR_FILENO)) so.progress = progress_printer();
   if (Status s = set_client_tls(a.tls, &so); !s.is_ok()) return fail("TLS material", s);
-  return run_recovery_points(**source, so, a.once, a.interval_seconds, signals);
+  return run_recovery_points(**source, so, a.once, a.interval_seconds, signals,
+                             {a.metrics, a.rpo_alert_seconds});
 }
 
 // ---- points / restore ------------------------------------------------------------------------
@@ -638,7 +686,10 @@ std::uint64_t parse_point(const std::string& point) {
 
 int cmd_restore(const std::string& store, const std::string& group, const std::string& point,
                 const std::string& disk, const std::string& out) {
-  Status s = site::restore_point(store, group, parse_point(point), disk, out);
+  // On a terminal: bytes done of the disk's size, the rate and the ETA.
+  const auto progress = isatty(STDERR_FILENO) ? progress_printer() : nullptr;
+  Status s = site::restore_point(store, group, parse_point(point), disk, out, progress);
+  if (progress) std::fprintf(stderr, "\n");
   if (!s.is_ok()) return fail("restore of disk '" + disk + "' at RP " + point, s);
   return 0;
 }
@@ -662,6 +713,8 @@ int main(int argc, char** argv) {
                       "default: whatever the store's file system can hold");
   receive->add_option("--status-socket", ra.status_socket,
                       "Serve each group's state on this unix socket (ferry status --socket)");
+  receive->add_option("--metrics", ra.metrics,
+                      "Serve Prometheus metrics at http://ADDR:PORT/metrics (over receive.toml's metrics)");
   RetentionFlags receive_retention;
   add_retention_flags(receive, receive_retention);
   receive->add_option("--tls-cert", ra.tls.cert, "PEM certificate chain of this receiver (mutual TLS 1.3)");
@@ -687,6 +740,11 @@ int main(int argc, char** argv) {
                                    "Take a recovery point every SECONDS")
                        ->check(CLI::PositiveNumber);
   once->excludes(interval);
+  rep->add_option("--metrics", pa.metrics, "With --interval: Prometheus metrics at http://ADDR:PORT/metrics")
+      ->needs(interval);
+  rep->add_option("--rpo-alert", pa.rpo_alert_seconds,
+                  "With --interval: warn naming the late stage when the RPO passes SECONDS (default 3 x interval)")
+      ->check(CLI::PositiveNumber)->needs(interval);
   rep->add_option("--nbd-socket", pa.nbd_socket,
                   "Unix socket of an NBD server already running in QEMU");
   rep->add_option("--state-dir", pa.state_dir, "Scratch and state directory")
@@ -714,6 +772,11 @@ int main(int argc, char** argv) {
                                          "Take a recovery point every SECONDS")
                          ->check(CLI::PositiveNumber);
   p_once->excludes(p_interval);
+  protect->add_option("--metrics", pr.metrics, "With --interval: Prometheus metrics at http://ADDR:PORT/metrics")
+      ->needs(p_interval);
+  protect->add_option("--rpo-alert", pr.rpo_alert_seconds,
+                      "With --interval: warn naming the late stage when the RPO passes SECONDS (default 3 x interval)")
+      ->check(CLI::PositiveNumber)->needs(p_interval);
   protect->add_option("--tls-cert", pr.tls.cert, "PEM certificate chain of this source (mutual TLS 1.3)");
   protect->add_option("--tls-key", pr.tls.key, "PEM private key of --tls-cert (mode 0600 or stricter)");
   protect->add_option("--tls-ca", pr.tls.ca, "PEM CA bundle that signs the receiver's certificate");
