@@ -530,6 +530,15 @@ std::string encode(const RpEnd& m) {
   w.u64(m.rp_id);
   w.u64(m.frame_count);
   w.u64(m.logical_bytes);
+  if (m.times) {
+    w.u16(kRpTimesVersion);
+    w.u16(kSourceTimesBytes);
+    w.u64(m.times->slot_us);
+    w.u64(m.times->capture_us);
+    w.u64(m.times->read_us);
+    w.u64(m.times->hash_compress_us);
+    w.u64(m.times->send_us);
+  }
   return out;
 }
 
@@ -544,6 +553,21 @@ Result<RpEnd> decode_rp_end(std::string_view payload, std::uint32_t features) {
   if (r.ok() && m.logical_bytes / max_frame > m.frame_count)
     r.fail("logical_bytes", fmt::format("{} cannot come from {} frames of at most {} bytes",
                                         m.logical_bytes, m.frame_count, max_frame));
+  if (r.ok() && (features & kFeatureRpTimes) != 0 && r.remaining() > 0) {
+    const std::uint16_t version = r.u16("times.version");
+    const std::uint16_t length = r.u16("times.length");
+    if (r.ok() && version != kRpTimesVersion)
+      r.fail("times.version", fmt::format("{} is not {}", version, kRpTimesVersion));
+    else if (r.ok() && length != kSourceTimesBytes)
+      r.fail("times.length", fmt::format("{} is not {}", length, kSourceTimesBytes));
+    SourceTimes t;
+    t.slot_us = r.u64("times.slot_us");
+    t.capture_us = r.u64("times.capture_us");
+    t.read_us = r.u64("times.read_us");
+    t.hash_compress_us = r.u64("times.hash_compress_us");
+    t.send_us = r.u64("times.send_us");
+    m.times = t;
+  }
   return finish(r, m);
 }
 

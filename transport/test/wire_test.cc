@@ -759,3 +759,16 @@ TEST_CASE("rp_ack's times extension: only with kFeatureRpTimes, only on an ok ac
   std::string refusal = encode(RpAck{7, WireStatus::busy, "x"}) + p.substr(12);
   CHECK_FALSE(decode_rp_ack(refusal, kFeatureRpTimes).is_ok());
 }
+
+TEST_CASE("rp_end's times extension: the source's stages, only with kFeatureRpTimes") {
+  RpEnd e{9, 3, 3 << 16, SourceTimes{1, 2, 3, 4, 5}};
+  const std::string p = encode(e);
+  CHECK(p.size() == 24 + 4 + 40);
+  CHECK(decode_rp_end(p, kFeatureRpTimes).value() == e);
+  CHECK_FALSE(decode_rp_end(p).is_ok());  // an older receiver never gets it
+  CHECK_FALSE(decode_rp_end(encode(RpEnd{9, 3, 3 << 16}), kFeatureRpTimes)->times.has_value());
+  std::string bad = p;
+  bad[24] = 3;
+  CHECK(decode_rp_end(bad, kFeatureRpTimes).status().message().find("times.version") != std::string::npos);
+  CHECK_FALSE(decode_rp_end(p.substr(0, p.size() - 1), kFeatureRpTimes).is_ok());
+}

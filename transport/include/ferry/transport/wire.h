@@ -219,10 +219,19 @@ struct DataFrame {
   friend bool operator==(const DataFrame&, const DataFrame&) = default;
 };
 
+// The source's stages of an RP up to its rp_end (rp_end extension version 1, with
+// kFeatureRpTimes), in microseconds: the receiver keeps them with the RP.
+inline constexpr std::uint16_t kSourceTimesBytes = 40;
+struct SourceTimes {
+  std::uint64_t slot_us = 0, capture_us = 0, read_us = 0, hash_compress_us = 0, send_us = 0;
+  friend bool operator==(const SourceTimes&, const SourceTimes&) = default;
+};
+
 struct RpEnd {
   std::uint64_t rp_id = 0;
   std::uint64_t frame_count = 0;     // DATA frames sent in the RP
   std::uint64_t logical_bytes = 0;   // sum of length_bytes over them
+  std::optional<SourceTimes> times;  // with kFeatureRpTimes accepted, optional
   friend bool operator==(const RpEnd&, const RpEnd&) = default;
 };
 
