@@ -567,6 +567,7 @@ int cmd_points(const std::string& store, const std::string& group, bool json) {
     nlohmann::json arr = nlohmann::json::array();
     for (const auto& p : rep->points) arr.push_back(point_json(p));
     annotate_points_json(store, group, arr);  // VM config and test failovers (failover.cc)
+    annotate_points_stages(store, group, arr);  // explainable RPO (metrics_receiver.cc)
     std::cout << arr.dump(2) << "\n";
     return 0;
   }

@@ -10,6 +10,8 @@
 #include <mutex>
 #include <string>
 
+#include <nlohmann/json_fwd.hpp>
+
 #include "ferry/base/status.h"
 #include "ferry/metrics/http_server.h"
 #include "ferry/metrics/registry.h"
@@ -90,6 +92,11 @@ namespace ferry::source {
 struct SenderOptions;
 }
 namespace ferry::tools {
+// `ferry points --json`: adds to each RP of `points` its "stages" (seconds) from the group's
+// rp-times side file (site/rp_times.h): "source" (slot, capture, read, hash_compress, send as
+// of rp_end) and "receiver" (receive, durable, ack, apply). RPs without a record get none.
+void annotate_points_stages(const std::string& store, const std::string& group, nlohmann::json& points);
+
 // Wires `m` into one RP's sender options: the receiver's state from the hello and the
 // progress (a progress callback already set still runs).
 void instrument(SourceMetrics& m, source::SenderOptions& so);

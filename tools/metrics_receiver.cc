@@ -2,8 +2,10 @@
 // scrape time from Receiver::status() and the store's read-only views (the same ones
 // `ferry points` uses: safe while the receiver runs, no group lock).
 #include <chrono>
+#include <nlohmann/json.hpp>
 
 #include "ferry/site/receiver.h"
+#include "ferry/site/rp_times.h"
 #include "ferry/site/store.h"
 #include "metrics.h"
 
@@ -112,6 +114,24 @@ void ReceiverMetrics::collect(metrics::Registry& r) {
       r.set("ferry_last_rp_timestamp_seconds", l, double(newest_unix_ns) / 1e9);
       r.set("ferry_rpo_seconds", l, double(now - std::min(now, newest_unix_ns)) / 1e9);
     }
+  }
+}
+
+void annotate_points_stages(const std::string& store, const std::string& group, nlohmann::json& points) {
+  auto times = site::read_rp_times(store, group);
+  if (!times.is_ok()) return;  // monitoring data: the listing stands without it
+  auto s = [](std::uint64_t us) { return double(us) / 1e6; };
+  for (nlohmann::json& p : points) {
+    auto it = times->find(p.value("rp_id", std::uint64_t(0)));
+    if (it == times->end()) continue;
+    const site::RpTimesRecord& r = it->second;
+    nlohmann::json stages{{"receiver", {{"receive", s(r.receive_us)}, {"durable", s(r.durable_us)},
+                                        {"ack", s(r.ack_us)}, {"apply", s(r.apply_us)}}}};
+    if (r.source)
+      stages["source"] = {{"slot", s(r.source->slot_us)}, {"capture", s(r.source->capture_us)},
+                          {"read", s(r.source->read_us)}, {"hash_compress", s(r.source->hash_compress_us)},
+                          {"send", s(r.source->send_us)}};
+    p["stages"] = std::move(stages);
   }
 }
 

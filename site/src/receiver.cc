@@ -1,4 +1,5 @@
 #include "ferry/site/receiver.h"
+#include "ferry/site/rp_times.h"
 
 #include <sys/stat.h>
 
@@ -966,8 +967,28 @@ class Session {
                        "applying RP " + std::to_string(e.rp_id) + " to the replica failed");
     }
     seen.apply_seconds = seconds_since(t_step);
+    seen.source_times = e.times;
+    keep_rp_times(seen);
     if (impl_.options.on_rp_committed) impl_.options.on_rp_committed(seen);
     return acked;
+  }
+
+  // The RP's stages, kept with it in the group's side file (rp_times.h): monitoring data, so
+  // a failure is logged and changes nothing else.
+  void keep_rp_times(const RpReceived& r) {
+    auto us = [](double s) { return std::uint64_t(s * 1e6); };
+    RpTimesRecord rec;
+    rec.rp_id = r.rp_id;
+    if (r.source_times)
+      rec.source = RpTimesRecord::Source{r.source_times->slot_us, r.source_times->capture_us,
+                                         r.source_times->read_us, r.source_times->hash_compress_us,
+                                         r.source_times->send_us};
+    rec.receive_us = us(r.receive_seconds);
+    rec.durable_us = us(r.durable_seconds);
+    rec.ack_us = us(r.ack_seconds);
+    rec.apply_us = us(r.apply_seconds);
+    if (Status s = append_rp_times(impl_.options.store.root, r.group, rec); !s.is_ok())
+      spdlog::warn("group '{}': RP {}'s stage times not kept: {}", r.group, r.rp_id, s.to_string());
   }
 
   // An RP committed: the episode (if any) ends with one "storage resumed" line.

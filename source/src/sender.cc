@@ -864,18 +864,6 @@ Result<bool> check_identities(const SenderOptions& o, const transport::HelloRepl
 }
 
 // Runs everything between capture and acknowledgement; the caller finishes the capture.
-// Splits the pipelined transfer's wall time by the stage that held it (RpStats: send, then
-// hash and compress, the rest read); the flush after rp_end is the link's too.
-void attribute_transfer(RpStats& stats, double send_channel_seconds, double hash_compress_seconds,
-                        double flush_seconds) {
-  const double wall = stats.transfer_seconds;
-  stats.send_seconds = std::min(wall, send_channel_seconds);
-  stats.hash_compress_seconds = std::min(wall - stats.send_seconds, hash_compress_seconds);
-  stats.read_seconds = wall - stats.send_seconds - stats.hash_compress_seconds;
-  stats.send_seconds += flush_seconds;
-  FERRY_ASSERT(stats.read_seconds >= 0 && stats.hash_compress_seconds >= 0);
-}
-
 Result<transport::RpAck> send_capture(transport::Connection& conn, const SenderOptions& o,
                                       const transport::HelloReply& reply,
                                       cbt::ChangeSource& source, cbt::Capture& cap,
@@ -993,11 +981,17 @@ Result<transport::RpAck> send_capture(transport::Connection& conn, const SenderO
   stats.transfer_seconds = seconds_since(t_transfer);
 
   auto t_commit = Clock::now();
+  attribute_transfer(stats, sink.send_seconds(), workers->hash_compress_seconds());
   transport::RpEnd end{cap.rp_id, sink.frames(), sink.logical_bytes()};
+  if ((reply.features & transport::kFeatureRpTimes) != 0) {  // kept with the RP by the receiver
+    auto us = [](double s) { return std::uint64_t(s * 1e6); };
+    end.times = transport::SourceTimes{us(stats.slot_seconds), us(stats.capture_seconds),
+                                       us(stats.read_seconds), us(stats.hash_compress_seconds),
+                                       us(stats.send_seconds)};
+  }
   FERRY_TRY(conn.send(MsgType::rp_end, transport::encode(end)));
   FERRY_TRY(conn.flush());
-  const double flush_seconds = seconds_since(t_commit);
-  attribute_transfer(stats, sink.send_seconds(), workers->hash_compress_seconds(), flush_seconds);
+  stats.send_seconds += seconds_since(t_commit);  // the flush: the link's too
   const auto t_durable = Clock::now();
   FERRY_ASSIGN_OR_RETURN(transport::RpAck ack,
                          wait_for_ack(conn, cap.rp_id, o.ack_timeout, reply.features));
@@ -1090,6 +1084,14 @@ std::string describe(const RpStats& s) {
       s.rp_id, s.base_rp, s.disks.size(), mb, data / 1e6, zero / 1e6, read, s.wire_bytes / 1e6,
       s.total_seconds, s.total_seconds > 0 ? mb / s.total_seconds : 0.0, s.capture_seconds,
       s.transfer_seconds, s.commit_seconds, s.finish_seconds, resync, s.wire_bytes);
+}
+
+void attribute_transfer(RpStats& stats, double send_channel_seconds, double hash_compress_seconds) {
+  const double wall = stats.transfer_seconds;
+  FERRY_ASSERT(wall >= 0 && send_channel_seconds >= 0 && hash_compress_seconds >= 0);
+  stats.send_seconds = std::min(wall, send_channel_seconds);
+  stats.hash_compress_seconds = std::min(wall - stats.send_seconds, hash_compress_seconds);
+  stats.read_seconds = wall - stats.send_seconds - stats.hash_compress_seconds;
 }
 
 }  // namespace ferry::source

@@ -8,7 +8,8 @@
     capture, read, hash_compress, send, durable, finish; receiver: receive, durable, ack,
     apply), and byte counters with the right values: the source's changed bytes equal the
     receiver's stored bytes and the sum of the disks' changed_bytes that `ferry points --json`
-    lists; the source's RP count and the receiver's equal the RPs listed.
+    lists; the source's RP count and the receiver's equal the RPs listed; `ferry points --json`
+    shows each RP's stages (source: slot..send; receiver: receive, durable, ack, apply).
 (b) `promtool check metrics` accepts both endpoints' output.
 (c) Bad HTTP input to both endpoints: unknown path 404, POST 405 naming GET, a 64 KiB header
     431, and 20 slow clients holding connections (half a request line, then nothing): the
@@ -17,6 +18,10 @@
 (d) An RP through a rate-limited link (test/netfault/relay.py with a byte rate) exceeds its
     RPO threshold (--rpo-alert 2): replicate logs the alert, and it names the send stage and
     the link ("send ... MB/s, link-bound").
+(e) `ferry agent` (metrics = in agent.toml) with a target behind the same relay: `ferry
+    status` prints the alert naming the send stage (exit 3), promtool accepts the agent's
+    /metrics, and after an agent restart the RPO is known from the receiver's hello before the
+    first new RP is acknowledged.
 """
 
 import json
@@ -26,6 +31,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -147,6 +153,13 @@ def scrape_and_check(env, prom, rx, qsd, wl, vda):
     qsd.sync()
     last = wait_committed(rx, newest_committed(rx) + 2, timeout=30)
     pts = env.points(rx.store, GROUP)
+    # Explainable RPO, kept with each RP at the receiver: the source's stages (rp_end) and its own.
+    for p in pts:
+        st = p.get("stages")
+        ft.check(st is not None and sorted(st.get("source", {})) ==
+                 sorted(["slot", "capture", "read", "hash_compress", "send"]) and
+                 sorted(st.get("receiver", {})) == sorted(["receive", "durable", "ack", "apply"]),
+                 f"ferry points --json: RP {p['rp_id']} stages {st}")
     changed = sum(d["changed_bytes"] for p in pts for d in p["disks"])
     ft.check(changed > 8 * ft.MiB, f"the run changed {changed} bytes: too few to judge")
     prom.wait(f'sum(ferry_changed_bytes_total{{job="source",{g}}})', lambda v: v == changed,
@@ -250,6 +263,86 @@ def rate_limited_rpo(env, rx, qsd, wl, vda):
     ft.log(f"(d) rate-limited link ({rate / 1e6:.1f} MB/s): {alert}")
 
 
+def agent_alert_and_restart(env, rx, qsd, wl, vda):
+    """(e) `ferry agent` with `metrics =` and a target behind the 1 MB/s relay: `ferry status`
+    prints the alert naming the send stage; promtool accepts the agent's /metrics; after a
+    restart the RPO is known (from the hello) before the first new RP is acknowledged."""
+    relay_port = ft.free_port()
+    relay = ft.Proc(env, "relay-agent", [sys.executable, RELAY, f"127.0.0.1:{relay_port}", rx.addr,
+                                          "0", "0", "2", "300", "1000000"], env.path("relay-agent.log"),
+                    stdout=subprocess.PIPE)
+    ft.check(relay.p.stdout.readline().strip() == b"ready", "relay not ready")
+    metrics_port = ft.free_port()
+    sock = env.path("run", "agent.sock")
+    os.makedirs(os.path.dirname(sock), exist_ok=True)
+    cfg = env.path("agent.toml")
+    disks = ", ".join(f'"{d}"' for d in qsd.specs)
+    with open(cfg, "w") as f:
+        f.write(f'state_dir = "{env.path("agent-state")}"\nstatus_socket = "{sock}"\n'
+                f'metrics = "127.0.0.1:{metrics_port}"\n' + env.agent_tls_toml() + "\n"
+                f'[[qmp]]\nsocket = "{qsd.qmp_path}"\ndisks = [{disks}]\nto = "127.0.0.1:{relay_port}"\n'
+                f'group = "{GROUP}"\ninterval_seconds = 1\nrpo_alert_seconds = 2\n')
+    wl.random_writes(qsd, vda, 64, min_len=64 * ft.KiB, max_len=128 * ft.KiB)
+    qsd.sync()
+
+    def start():
+        return ft.Proc(env, "agent", [env.ferry, "agent", "--config", cfg], env.path("agent.log"))
+
+    # A writer keeps every RP at a few MiB, so every RP takes seconds on the 1 MB/s link and
+    # the RPO stays over 2 s.
+    stop_writer = threading.Event()
+
+    def writer():
+        while not stop_writer.is_set():
+            wl.random_writes(qsd, vda, 8, min_len=64 * ft.KiB, max_len=128 * ft.KiB)
+            qsd.sync()
+            stop_writer.wait(0.5)
+
+    w = threading.Thread(target=writer, daemon=True)
+    w.start()
+    agent = start()
+    deadline = time.monotonic() + 60
+    while True:
+        r = env.run(["status", "--socket", sock], timeout=30)
+        m = re.search(rf"{GROUP}: (RPO [0-9.]+ s > 2\.0 s: (slot|capture|read|hash_compress|send|durable|finish) .*)", r.out)
+        if m:
+            alert = m.group(1)
+            break
+        ft.check(agent.alive(), f"agent exited:\n{ft.tail(agent.log_path)}")
+        ft.check(time.monotonic() < deadline, f"no RPO alert from ferry status in 60 s:\n{r}")
+        time.sleep(0.5)
+    ft.check(re.search(r"^RPO [0-9.]+ s > 2\.0 s: send [0-9.]+ s at [0-9.]+ MB/s, link-bound$", alert)
+             is not None, f"ferry status's alert must name the send stage: {alert}")
+    ft.check_eq(r.rc, 3, "ferry status exit with the RPO over its threshold")
+    status, text = http_get(f"http://127.0.0.1:{metrics_port}/metrics")
+    p = subprocess.run(["promtool", "check", "metrics"], input=text.encode(), capture_output=True,
+                       timeout=60)
+    ft.check(p.returncode == 0, f"promtool on the agent: {p.stdout.decode()}{p.stderr.decode()}")
+    ft.check(re.search(rf'^ferry_rpo_exceeded{{group="{GROUP}"}} 1$', text, re.M) is not None,
+             "ferry_rpo_exceeded on the agent")
+    stop_writer.set()
+    w.join()
+    ft.check_eq(agent.terminate(timeout=60), 0, "agent exit on SIGTERM")
+    # Restart with changes to send: the RPO comes from the receiver before the first new ack.
+    wl.random_writes(qsd, vda, 48, min_len=64 * ft.KiB, max_len=128 * ft.KiB)
+    qsd.sync()
+    agent = start()
+    deadline = time.monotonic() + 30
+    while True:
+        r = env.run(["status", "--socket", sock, "--json"], timeout=30)
+        t = json.loads(r.out)["targets"][0] if r.rc in (0, 3) and r.out.strip() else {}
+        if t.get("rpo_seconds") is not None:
+            ft.check_eq(t.get("rps_ok"), 0, "an RP acknowledged before the RPO was known")
+            break
+        ft.check(agent.alive(), f"agent exited:\n{ft.tail(agent.log_path)}")
+        ft.check(time.monotonic() < deadline, f"no RPO after a restart in 30 s: {t}")
+        time.sleep(0.2)
+    agent.terminate(timeout=60)
+    relay.terminate(timeout=10)
+    ft.log(f"(e) agent: ferry status says '{alert}'; promtool accepts its /metrics; after a "
+           f"restart RPO {t['rpo_seconds']:.1f} s before its first RP (from the receiver)")
+
+
 def main():
     for tool in ("prometheus", "promtool"):
         if shutil.which(tool) is None:
@@ -278,6 +371,7 @@ def main():
         ft.check(rc == 0, f"replicate --interval exited {rc} on SIGTERM")
         prom.proc.terminate(timeout=20)
         rate_limited_rpo(env, rx, qsd, wl, vda)
+        agent_alert_and_restart(env, rx, qsd, wl, vda)
         rx.stop()
 
 

@@ -53,3 +53,24 @@ TEST_CASE("within the threshold: no alert; a failed RP or none yet: said so") {
   none.running_seconds = 65;
   CHECK(rpo_alert(none) == "RPO unknown > 60 s: the first RP is running for 65 s");
 }
+
+TEST_CASE("attribute_transfer: send first, then hash_compress, the rest read; they add up") {
+  ferry::source::RpStats s;
+  s.transfer_seconds = 10;
+  ferry::source::attribute_transfer(s, 7, 2);
+  CHECK(s.send_seconds == 7);
+  CHECK(s.hash_compress_seconds == 2);
+  CHECK(s.read_seconds == 1);
+  // A send channel blocked the whole time leaves nothing to the others.
+  ferry::source::attribute_transfer(s, 12, 5);
+  CHECK(s.send_seconds == 10);
+  CHECK(s.hash_compress_seconds == 0);
+  CHECK(s.read_seconds == 0);
+  // Workers busier than what is left are cut to it.
+  ferry::source::attribute_transfer(s, 4, 9);
+  CHECK(s.send_seconds == 4);
+  CHECK(s.hash_compress_seconds == 6);
+  CHECK(s.read_seconds == 0);
+  ferry::source::attribute_transfer(s, 0, 0);
+  CHECK(s.read_seconds == 10);
+}

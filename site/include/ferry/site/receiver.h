@@ -38,6 +38,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -62,6 +63,7 @@ struct RpReceived {
   double ack_seconds = 0;           // the acknowledgement sent and flushed
   double apply_seconds = 0;         // the apply/retention pass after it
   bool acknowledged = false;        // the acknowledgement's flush succeeded
+  std::optional<transport::SourceTimes> source_times;  // from rp_end (feature rp_times)
 };
 
 struct ReceiverOptions {

@@ -104,4 +104,9 @@ Result<RpStats> take_recovery_point(cbt::ChangeSource& source, const SenderOptio
 
 std::string describe(const RpStats& stats);  // a short human summary
 
+// Splits a pipelined transfer's wall time (stats.transfer_seconds) by the stage that held it:
+// send = the send channel's blocked time (at most the wall time), hash_compress = the
+// workers' busy time per worker (at most what is left), read = the rest. Pure.
+void attribute_transfer(RpStats& stats, double send_channel_seconds, double hash_compress_seconds);
+
 }  // namespace ferry::source
