@@ -32,6 +32,7 @@
 #include "ferry/base/fd.h"
 #include "ferry/base/log.h"
 #include "ferry/source/sender.h"
+#include "metrics.h"
 #include "tools.h"
 
 namespace ferry::tools {
@@ -67,14 +68,17 @@ struct TargetStatus {
   std::uint64_t rps_ok = 0;
   std::uint64_t rps_failed = 0;
   std::uint64_t started_unix_ns = 0;
+  std::vector<Stage> last_stages;      // of the last acknowledged RP (explainable RPO)
+  std::uint64_t progress_done_bytes = 0, progress_total_bytes = 0;  // the RP running
 };
 
 class Worker {
  public:
   using OnRp = std::function<void(const std::string& line)>;
-  Worker(TargetConfig cfg, std::string state_dir, OnRp on_rp)
-      : cfg_(std::move(cfg)), state_dir_(std::move(state_dir)), on_rp_(std::move(on_rp)) {
+  Worker(TargetConfig cfg, std::string state_dir, OnRp on_rp, SourceMetrics& sm)
+      : cfg_(std::move(cfg)), state_dir_(std::move(state_dir)), on_rp_(std::move(on_rp)), sm_(sm) {
     st_.started_unix_ns = unix_now_ns();
+    sm_.target(cfg_.group, double(cfg_.rpo_alert_seconds));
     heartbeat_ms_.store(steady_now_ms());
     thread_ = std::thread([this] { run(); });
   }
@@ -104,6 +108,7 @@ class Worker {
     cfg_.interval_seconds = c.interval_seconds;
     cfg_.rpo_alert_seconds = c.rpo_alert_seconds;
     cfg_.line = c.line;
+    sm_.target(cfg_.group, double(cfg_.rpo_alert_seconds));
     cv_.notify_all();
   }
   bool live(std::int64_t now_ms) const { return now_ms - heartbeat_ms_.load() < kStuckAfterMs; }
@@ -117,12 +122,14 @@ class Worker {
   void run();
   Status take_one(std::unique_ptr<cbt::ChangeSource>& source);
   void record(const Result<source::RpStats>& rp, std::uint64_t start_ns);
+  void instrument_worker(source::SenderOptions& so);
 
   mutable std::mutex mu_;
   std::condition_variable cv_;
   TargetConfig cfg_;
   const std::string state_dir_;
   const OnRp on_rp_;
+  SourceMetrics& sm_;
   std::atomic<bool> stop_{false};
   std::atomic<std::int64_t> heartbeat_ms_{0};
   TargetStatus st_;
@@ -175,7 +182,13 @@ Status Worker::take_one(std::unique_ptr<cbt::ChangeSource>& source) {
   so.source_name = target_source_name(cfg);
   so.disk_names = source->disk_names();
   so.stop = &stop_;
-  so.progress = [this](std::uint64_t, std::uint64_t) { heartbeat_ms_.store(steady_now_ms()); };
+  so.progress = [this](std::uint64_t done, std::uint64_t total) {
+    heartbeat_ms_.store(steady_now_ms());
+    std::lock_guard lk(mu_);
+    st_.progress_done_bytes = done;
+    st_.progress_total_bytes = total;
+  };
+  instrument_worker(so);
   // Loaded for every RP: certificates rotated in place are picked up without a restart.
   if (!cfg.tls_cert.empty()) {
     auto tls = transport::TlsConfig::load(transport::TlsConfig::Role::client,
@@ -193,12 +206,32 @@ Status Worker::take_one(std::unique_ptr<cbt::ChangeSource>& source) {
   return rp.status();
 }
 
+// Metrics and the RPO across restarts: the receiver's last committed RP (from the hello)
+// dates the RPO until this agent's first RP is acknowledged.
+void Worker::instrument_worker(source::SenderOptions& so) {
+  instrument(sm_, so);
+  so.on_receiver_state = [this, inner = so.on_receiver_state](std::uint64_t rp, std::uint64_t ns) {
+    inner(rp, ns);
+    std::lock_guard lk(mu_);
+    if (st_.last_rp_id == 0 && rp != 0) {
+      st_.last_rp_id = rp;
+      st_.last_rp_unix_ns = ns;
+    }
+  };
+}
+
 void Worker::record(const Result<source::RpStats>& rp, std::uint64_t start_ns) {
   const std::uint64_t now_ns = unix_now_ns();
   std::string line;
+  if (rp.is_ok())
+    sm_.rp_done(cfg_.group, *rp, rp->created_unix_ns);
+  else
+    sm_.rp_failed(cfg_.group, rp.status());
   {
     std::lock_guard lk(mu_);
+    st_.progress_done_bytes = st_.progress_total_bytes = 0;
     if (rp.is_ok()) {
+      st_.last_stages = rp_stages(*rp);
       st_.state = "idle";
       st_.last_rp_id = rp->rp_id;
       const auto total_ns = static_cast<std::uint64_t>(rp->total_seconds * 1e9);
@@ -256,6 +289,13 @@ nlohmann::json Worker::status_json(std::uint64_t now_ns) const {
     j["rpo_seconds"] = nullptr;
     j["rpo_exceeded"] = double(now_ns - std::min(now_ns, st_.started_unix_ns)) / 1e9 > alert;
   }
+  // Explainable RPO: the last RP's stages, and when over the threshold the line naming the
+  // stage that made it late.
+  nlohmann::json stages = nlohmann::json::object();
+  for (const Stage& s : st_.last_stages) stages[s.name] = s.seconds;
+  j["last_rp_stages"] = std::move(stages);
+  j["rpo_alert"] = sm_.alert(cfg_.group);
+  j["progress"] = {{"done_bytes", st_.progress_done_bytes}, {"total_bytes", st_.progress_total_bytes}};
   return j;
 }
 
@@ -279,8 +319,11 @@ class Agent {
 
   const std::string config_path_;
   AgentConfig cfg_;  // state_dir and status_socket are fixed for the agent's life
+  metrics::Registry registry_;      // outlives the workers that record into it
+  SourceMetrics source_metrics_{registry_};
   mutable std::mutex mu_;  // guards workers_
   std::map<std::string, std::unique_ptr<Worker>> workers_;  // by group
+  std::unique_ptr<metrics::HttpServer> metrics_server_;  // goes first: it reads the above
   std::unique_ptr<StatusSocket> status_;
   std::atomic<std::int64_t> main_beat_ms_{steady_now_ms()};
   const std::uint64_t started_unix_ns_ = unix_now_ns();
@@ -289,8 +332,8 @@ class Agent {
 void Agent::start_worker(const TargetConfig& t) {
   spdlog::info("target {} ({} {}): every {} s to {}", t.group, target_kind_name(t.kind),
                t.kind == TargetKind::qmp ? t.qmp_socket : t.domain, t.interval_seconds, t.to);
-  workers_[t.group] = std::make_unique<Worker>(t, cfg_.state_dir,
-                                               [this](const std::string& l) { notify_status(l); });
+  workers_[t.group] = std::make_unique<Worker>(
+      t, cfg_.state_dir, [this](const std::string& l) { notify_status(l); }, source_metrics_);
 }
 
 Status Agent::start() {
@@ -298,6 +341,12 @@ Status Agent::start() {
   auto server = StatusSocket::create(cfg_.status_socket, [this] { return render_status(); });
   if (!server.is_ok()) return server.status().with_context("status socket");
   status_ = std::move(*server);
+  if (!cfg_.metrics.empty()) {  // fixed for the agent's life, like the status socket
+    auto m = serve_metrics(cfg_.metrics, registry_);
+    if (!m.is_ok()) return m.status();
+    metrics_server_ = std::move(m).value();
+    spdlog::info("metrics on http://{}/metrics", cfg_.metrics);
+  }
   std::lock_guard lk(mu_);
   for (const auto& t : cfg_.targets) start_worker(t);
   return Status::ok();
@@ -325,8 +374,9 @@ void Agent::reload() {
                   next.status().to_string());
     return;
   }
-  if (next->state_dir != cfg_.state_dir || next->status_socket != cfg_.status_socket)
-    spdlog::warn("state_dir and status_socket changes take effect at the next start");
+  if (next->state_dir != cfg_.state_dir || next->status_socket != cfg_.status_socket ||
+      next->metrics != cfg_.metrics)
+    spdlog::warn("state_dir, status_socket and metrics changes take effect at the next start");
   spdlog::set_level(spdlog::level::from_str(next->log_level));
   std::map<std::string, const TargetConfig*> wanted;
   for (const auto& t : next->targets) wanted[t.group] = &t;

@@ -66,6 +66,7 @@ struct AgentConfig {
   std::string state_dir = "/var/lib/ferry";
   std::string status_socket = "/run/ferry/agent.sock";
   std::string log_level = "info";  // debug | info | warn | error
+  std::string metrics;             // ADDR:PORT of /metrics (Prometheus); empty: none
   std::string tls_cert, tls_key, tls_ca, tls_server_name;  // copied into every target
   std::vector<TargetConfig> targets;
 };

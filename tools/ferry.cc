@@ -27,6 +27,7 @@
 #include "access.h"
 #include "agent.h"
 #include "failover.h"
+#include "metrics.h"
 #include "receive_config.h"
 #include "retention_flags.h"
 #include "tools.h"
@@ -36,11 +37,6 @@ namespace {
 
 constexpr int kExitFailure = 1;
 constexpr int kExitUsage = 2;
-
-int fail(const std::string& what, const Status& s) {
-  std::fprintf(stderr, "ferry: %s: %s\n", what.c_str(), s.to_string().c_str());
-  return kExitFailure;
-}
 
 // Blocks SIGTERM/SIGINT/SIGHUP in every thread and turns them into a flag set by a thread of
 // its own, so that workers never run signal handlers. Must be created before other threads.
@@ -97,6 +93,7 @@ struct ReceiveArgs {
   bool config_given = false;  // --config on the command line: the file must exist
   TlsArgs tls;                // --tls-*: mutual TLS 1.3 and the access map
   bool insecure_plaintext = false;
+  std::string metrics;        // --metrics ADDR:PORT (over receive.toml's metrics)
 };
 
 // What a SIGHUP replaces: the config (retention, access map, quotas). Read by the
@@ -238,6 +235,16 @@ int cmd_receive(const ReceiveArgs& a, std::uint64_t max_disk_bytes) {
       return authorize_peer(*holder->get(), peer, group, right);
     };
   ro.quota_for = [holder](const std::string& group) { return holder->get()->quota_for(group); };
+  // Metrics: the hooks count into the registry; the gauges read the receiver at each scrape.
+  const std::string metrics_at = a.metrics.empty() ? config->metrics : a.metrics;
+  metrics::Registry registry;
+  ReceiverMetrics receiver_metrics(registry, a.store);
+  if (!metrics_at.empty()) {
+    ro.on_rp_committed = [&receiver_metrics](const site::RpReceived& r) { receiver_metrics.rp_committed(r); };
+    ro.on_rp_refused = [&receiver_metrics](const std::string& g, const Status& why) {
+      receiver_metrics.rp_refused(g, why);
+    };
+  }
   // Before the receiver starts its threads: they must inherit the blocked signals.
   std::promise<void> stopped;
   std::atomic<site::Receiver*> running{nullptr};
@@ -277,6 +284,14 @@ int cmd_receive(const ReceiveArgs& a, std::uint64_t max_disk_bytes) {
     ~Unset() { p.store(nullptr); }
   } unset{running};
   site::Receiver* r = receiver->get();
+  receiver_metrics.attach(r);
+  std::unique_ptr<metrics::HttpServer> metrics_server;  // stopped before the receiver goes
+  if (!metrics_at.empty()) {
+    auto m = serve_metrics(metrics_at, registry);
+    if (!m.is_ok()) return fail("metrics", m.status());
+    metrics_server = std::move(m).value();
+    spdlog::info("metrics on http://{}/metrics (port {})", metrics_at, metrics_server->port());
+  }
   std::unique_ptr<StatusSocket> status;
   if (!a.status_socket.empty()) {
     auto s = StatusSocket::create(a.status_socket, [r, &a, max_disk_bytes] {
@@ -342,6 +357,8 @@ struct ReplicateArgs {
   int zstd_level = transport::kDefaultZstdLevel;
   bool take_over = false;
   TlsArgs tls;
+  std::string metrics;       // --metrics ADDR:PORT (with --interval)
+  double rpo_alert_seconds = 0;  // --rpo-alert; 0: 3 x interval
 };
 
 // The sender's connection: mutual TLS when --tls-* are given (the receiver's certificate
@@ -371,8 +388,14 @@ Result<std::vector<cbt::QmpDisk>> parse_disks(const std::vector<std::string>& sp
 
 // --once: one RP, its id on stdout. Otherwise an RP every interval (from the start of the
 // previous one) until SIGTERM; a failed RP is logged and retried at the next tick.
+// With --metrics each RP is recorded into the registry served there, and an RPO over
+// --rpo-alert is logged with the stage that made it late.
+struct Watch {
+  std::string metrics;
+  double rpo_alert_seconds = 0;
+};
 int run_recovery_points(cbt::ChangeSource& source, source::SenderOptions& so, bool once,
-                        double interval_seconds, SignalWatcher& signals) {
+                        double interval_seconds, SignalWatcher& signals, const Watch& watch) {
   if (once) {
     auto rp = source::take_recovery_point(source, so);
     if (so.progress) std::fprintf(stderr, "\n");
@@ -383,15 +406,31 @@ int run_recovery_points(cbt::ChangeSource& source, source::SenderOptions& so, bo
   }
   using namespace std::chrono;
   const auto period = duration_cast<milliseconds>(duration<double>(interval_seconds));
+  metrics::Registry registry;
+  SourceMetrics sm(registry);
+  sm.target(so.group, watch.rpo_alert_seconds > 0 ? watch.rpo_alert_seconds : 3 * interval_seconds);
+  std::unique_ptr<metrics::HttpServer> metrics_server;
+  if (!watch.metrics.empty()) {
+    auto m = serve_metrics(watch.metrics, registry);
+    if (!m.is_ok()) return fail("metrics", m.status());
+    metrics_server = std::move(m).value();
+    spdlog::info("metrics on http://{}/metrics", watch.metrics);
+  }
   while (!signals.stop.load()) {
     auto t0 = steady_clock::now();
-    auto rp = source::take_recovery_point(source, so);
+    source::SenderOptions rso = so;
+    instrument(sm, rso);
+    auto rp = source::take_recovery_point(source, rso);
     if (so.progress) std::fprintf(stderr, "\n");
-    if (rp.is_ok())
+    if (rp.is_ok()) {
+      sm.rp_done(so.group, *rp, rp->created_unix_ns);
       spdlog::info("{}", source::describe(*rp));
-    else
+    } else {
+      sm.rp_failed(so.group, rp.status());
       spdlog::error("recovery point of group '{}' failed (retrying in {:.1f} s): {}", so.group,
                     interval_seconds, rp.status().to_string());
+    }
+    if (std::string alert = sm.alert(so.group); !alert.empty()) spdlog::warn("group '{}': {}", so.group, alert);
     while (!signals.stop.load() && steady_clock::now() - t0 < period)
       std::this_thread::sleep_for(milliseconds(50));
   }
@@ -430,7 +469,8 @@ int cmd_replicate(const ReplicateArgs& a) {
   if (isatty(STDERR_FILENO)) so.progress = progress_printer();
   if (Status s = set_client_tls(a.tls, &so); !s.is_ok()) return fail("TLS material", s);
 
-  return run_recovery_points(**source, so, a.once, a.interval_seconds, signals);
+  return run_recovery_points(**source, so, a.once, a.interval_seconds, signals,
+                             {a.metrics, a.rpo_alert_seconds});
 }
 
 // ---- protect -----------------------------------------------------------------------------------
@@ -445,6 +485,8 @@ struct ProtectArgs {
   std::string state_dir;
   bool take_over = false;
   TlsArgs tls;
+  std::string metrics;
+  double rpo_alert_seconds = 0;
 };
 
 int cmd_protect(const ProtectArgs& a) {
@@ -469,178 +511,8 @@ int cmd_protect(const ProtectArgs& a) {
   so.stop = &signals.stop;
   if (isatty(STDERR_FILENO)) so.progress = progress_printer();
   if (Status s = set_client_tls(a.tls, &so); !s.is_ok()) return fail("TLS material", s);
-  return run_recovery_points(**source, so, a.once, a.interval_seconds, signals);
-}
-
-// ---- points / restore ------------------------------------------------------------------------
-nlohmann::json point_json(const site::PrunePoint& p) {
-  const site::RpInfo& i = p.info;
-  nlohmann::json disks = nlohmann::json::array();
-  for (const auto& d : i.disks)
-    disks.push_back({{"name", d.name}, {"size_bytes", d.size_bytes}, {"full", d.full},
-                     {"changed_bytes", d.changed_bytes}, {"zero_bytes", d.zero_bytes},
-                     {"stored_bytes", d.stored_bytes},
-                     {"mode", d.full ? "full" : d.resync ? "resync" : "incremental"},
-                     {"identity", d.identity == Hash128{} ? "" : d.identity.hex()}});
-  return {{"rp_id", i.rp_id}, {"base_rp", i.base_rp}, {"created_unix_ns", i.created_unix_ns},
-          {"committed_unix_ns", i.committed_unix_ns}, {"app_consistent", (i.flags & 1u) != 0},
-          {"store_bytes", p.store_bytes}, {"keep", p.keep},
-          {"rule", site::keep_rule_name(p.rule)}, {"pinned", p.pinned}, {"disks", disks}};
-}
-
-// One line per RP: when it was taken, its bytes in the store, the rule that keeps it (or
-// "prune" when the policy would drop it at the next pass) and whether a reader pins it.
-void print_points(const site::PruneReport& rep, bool decided) {
-  std::printf("%-8s %-24s %-6s %12s %14s  %-12s %s\n", "RP", "CREATED (UTC)", "DISKS",
-              "CHANGED", "IN STORE", decided ? "VERDICT" : "KEPT BY", "PINNED");
-  for (const auto& p : rep.points) {
-    std::uint64_t changed = 0;
-    for (const auto& d : p.info.disks) changed += d.changed_bytes;
-    const std::string rule = p.keep ? site::keep_rule_name(p.rule)
-                                    : std::string(decided ? "remove" : "prune next");
-    std::printf("%-8llu %-24s %-6zu %12s %14s  %-12s %s\n", (unsigned long long)p.info.rp_id,
-                format_time_ns(p.info.created_unix_ns).c_str(), p.info.disks.size(),
-                human_bytes(changed).c_str(),
-                p.info.rp_id == rep.base_before ? "(replica)" : human_bytes(p.store_bytes).c_str(),
-                rule.c_str(), p.pinned ? "yes" : "no");
-  }
-}
-
-std::uint64_t wall_now_ns() {
-  return static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
-                                        std::chrono::system_clock::now().time_since_epoch())
-                                        .count());
-}
-
-int cmd_points(const std::string& store, const std::string& group, bool json) {
-  auto rep = site::explain_points(store, group, wall_now_ns());
-  if (!rep.is_ok()) return fail("points of group '" + group + "'", rep.status());
-  if (json) {
-    nlohmann::json arr = nlohmann::json::array();
-    for (const auto& p : rep->points) arr.push_back(point_json(p));
-    annotate_points_json(store, group, arr);  // VM config and test failovers (failover.cc)
-    std::cout << arr.dump(2) << "\n";
-    return 0;
-  }
-  std::printf("group %s: %zu recovery point(s); retention %s; the replica images hold RP %llu\n",
-              group.c_str(), rep->points.size(), rep->policy.describe().c_str(),
-              (unsigned long long)rep->base_before);
-  print_points(*rep, false);
-  print_points_tests(store, group);
-  return 0;
-}
-
-// `ferry points --to`: the same list from a running receiver, over the wire (points_request;
-// needs the manage right on the group when the receiver runs TLS).
-int cmd_points_remote(const std::string& to, const std::string& group, const TlsArgs& tls,
-                      bool json) {
-  const std::string what = "points of group '" + group + "' at " + to;
-  auto ep = transport::parse_endpoint(to);
-  if (!ep.is_ok()) return fail("--to", ep.status());
-  if (!transport::valid_store_name(group))
-    return fail("--group", Status::error(Errc::invalid_argument,
-                                         "'" + group + "' is not a valid group name (" +
-                                             transport::kStoreNameRule + ")"));
-  transport::ConnectionOptions co;
-  auto config = load_tls(tls, transport::TlsConfig::Role::client);
-  if (!config.is_ok()) return fail("TLS material", config.status());
-  co.tls = *config;
-  co.tls_server_name = tls.server_name;
-  auto conn = transport::Connection::connect(*ep, co);
-  if (!conn.is_ok()) return fail(what, conn.status());
-  if (Status s = (*conn)->send(transport::MsgType::points_request,
-                               transport::encode(transport::PointsRequest{group}));
-      !s.is_ok())
-    return fail(what, s);
-  auto f = (*conn)->receive(std::chrono::milliseconds(60000));
-  if (!f.is_ok()) return fail(what, f.status());
-  if (f->type == transport::MsgType::error) {
-    auto e = transport::decode_error(f->payload);
-    return fail(what, Status::error(Errc::external, "receiver refused the request: " +
-                                                        (e.is_ok() ? e->message : "?")));
-  }
-  if (f->type != transport::MsgType::points_reply)
-    return fail(what, Status::error(Errc::protocol, std::string("expected points_reply, got ") +
-                                                        transport::msg_type_name(f->type)));
-  auto r = transport::decode_points_reply(f->payload);
-  if (!r.is_ok()) return fail(what, r.status());
-  if (r->status != transport::WireStatus::ok)
-    return fail(what, Status::error(transport::errc_of(r->status),
-                                    std::string("receiver refused") +
-                                        (r->status == transport::WireStatus::forbidden
-                                             ? " (not authorised)" : "") + ": " + r->message));
-  if (json) {
-    nlohmann::json arr = nlohmann::json::array();
-    for (const auto& p : r->points)
-      arr.push_back({{"rp_id", p.rp_id}, {"created_unix_ns", p.created_unix_ns},
-                     {"committed_unix_ns", p.committed_unix_ns}, {"store_bytes", p.store_bytes}});
-    std::cout << arr.dump(2) << "\n";
-    return 0;
-  }
-  std::printf("group %s at %s: %zu recovery point(s)%s\n", group.c_str(), to.c_str(),
-              r->points.size(), r->truncated ? " (the newest; older ones left out)" : "");
-  std::printf("%-8s %-24s %14s\n", "RP", "CREATED (UTC)", "IN STORE");
-  for (const auto& p : r->points)
-    std::printf("%-8llu %-24s %14s\n", (unsigned long long)p.rp_id,
-                format_time_ns(p.created_unix_ns).c_str(),
-                p.store_bytes == 0 ? "(replica)" : human_bytes(p.store_bytes).c_str());
-  return 0;
-}
-
-// `ferry prune`: retention by hand. It takes the group's lock, so it refuses a group a
-// running receiver holds (the receiver prunes by its own policy after every commit).
-int cmd_prune(const std::string& store, const std::string& group, const site::RetentionPolicy& policy,
-              bool dry_run, bool json) {
-  site::StoreOptions so;
-  so.root = store;
-  auto st = site::GroupStore::open(so, group, /*create=*/false);
-  if (!st.is_ok()) {
-    if (st.status().code() == Errc::busy)
-      return fail("prune of group '" + group + "'",
-                  Status::error(Errc::busy, st.status().message() +
-                                                ": a running receiver holds it and prunes it by "
-                                                "its own policy; stop it, or change its policy "
-                                                "(receive.toml, SIGHUP)"));
-    return fail("prune of group '" + group + "'", st.status());
-  }
-  auto rep = (*st)->prune(policy, wall_now_ns(), dry_run);
-  if (!rep.is_ok()) return fail("prune of group '" + group + "'", rep.status());
-  if (json) {
-    nlohmann::json arr = nlohmann::json::array();
-    for (const auto& p : rep->points) arr.push_back(point_json(p));
-    nlohmann::json doc{{"group", group}, {"dry_run", dry_run},
-                       {"policy", rep->policy.describe()}, {"removed", rep->removed},
-                       {"removed_bytes", rep->removed_bytes},
-                       {"compacted_bytes", rep->compacted_bytes},
-                       {"rewritten_bytes", rep->rewritten_bytes},
-                       {"replica_rp_before", rep->base_before},
-                       {"replica_rp_after", rep->base_after}, {"points", arr}};
-    std::cout << doc.dump(2) << "\n";
-    return 0;
-  }
-  std::printf("group %s: retention %s%s\n", group.c_str(), rep->policy.describe().c_str(),
-              dry_run ? " (dry run: nothing removed)" : "");
-  print_points(*rep, true);
-  std::printf("%s %llu RP(s), %s of journal; %zu kept%s\n", dry_run ? "would remove" : "removed",
-              (unsigned long long)rep->removed, human_bytes(rep->removed_bytes).c_str(),
-              rep->points.size() - static_cast<std::size_t>(rep->removed),
-              dry_run ? "" : (", replica images now at RP " + std::to_string(rep->base_after)).c_str());
-  if (rep->rewritten_bytes != 0)
-    std::printf("journal rewritten: the kept RPs now take %s (the RPs pruned between them are "
-                "gone)\n", human_bytes(rep->rewritten_bytes).c_str());
-  return 0;
-}
-
-// --point N or latest (0 for the read view); CLI11 has already refused anything else.
-std::uint64_t parse_point(const std::string& point) {
-  return point == "latest" ? 0 : std::stoull(point);
-}
-
-int cmd_restore(const std::string& store, const std::string& group, const std::string& point,
-                const std::string& disk, const std::string& out) {
-  Status s = site::restore_point(store, group, parse_point(point), disk, out);
-  if (!s.is_ok()) return fail("restore of disk '" + disk + "' at RP " + point, s);
-  return 0;
+  return run_recovery_points(**source, so, a.once, a.interval_seconds, signals,
+                             {a.metrics, a.rpo_alert_seconds});
 }
 
 }  // namespace
@@ -662,6 +534,8 @@ int main(int argc, char** argv) {
                       "default: whatever the store's file system can hold");
   receive->add_option("--status-socket", ra.status_socket,
                       "Serve each group's state on this unix socket (ferry status --socket)");
+  receive->add_option("--metrics", ra.metrics,
+                      "Serve Prometheus metrics at http://ADDR:PORT/metrics (over receive.toml's metrics)");
   RetentionFlags receive_retention;
   add_retention_flags(receive, receive_retention);
   receive->add_option("--tls-cert", ra.tls.cert, "PEM certificate chain of this receiver (mutual TLS 1.3)");
@@ -687,6 +561,11 @@ int main(int argc, char** argv) {
                                    "Take a recovery point every SECONDS")
                        ->check(CLI::PositiveNumber);
   once->excludes(interval);
+  rep->add_option("--metrics", pa.metrics, "With --interval: Prometheus metrics at http://ADDR:PORT/metrics")
+      ->needs(interval);
+  rep->add_option("--rpo-alert", pa.rpo_alert_seconds,
+                  "With --interval: warn naming the late stage when the RPO passes SECONDS (default 3 x interval)")
+      ->check(CLI::PositiveNumber)->needs(interval);
   rep->add_option("--nbd-socket", pa.nbd_socket,
                   "Unix socket of an NBD server already running in QEMU");
   rep->add_option("--state-dir", pa.state_dir, "Scratch and state directory")
@@ -714,6 +593,11 @@ int main(int argc, char** argv) {
                                          "Take a recovery point every SECONDS")
                          ->check(CLI::PositiveNumber);
   p_once->excludes(p_interval);
+  protect->add_option("--metrics", pr.metrics, "With --interval: Prometheus metrics at http://ADDR:PORT/metrics")
+      ->needs(p_interval);
+  protect->add_option("--rpo-alert", pr.rpo_alert_seconds,
+                      "With --interval: warn naming the late stage when the RPO passes SECONDS (default 3 x interval)")
+      ->check(CLI::PositiveNumber)->needs(p_interval);
   protect->add_option("--tls-cert", pr.tls.cert, "PEM certificate chain of this source (mutual TLS 1.3)");
   protect->add_option("--tls-key", pr.tls.key, "PEM private key of --tls-cert (mode 0600 or stricter)");
   protect->add_option("--tls-ca", pr.tls.ca, "PEM CA bundle that signs the receiver's certificate");

@@ -51,6 +51,7 @@ struct ReceiveConfig {
   AccessMap access;                                     // [[access]]
   std::uint64_t default_quota_bytes = 0;                // [quota] default; 0: none
   std::map<std::string, std::uint64_t> quotas;          // [group.NAME] quota (0: none)
+  std::string metrics;  // metrics = "ADDR:PORT": /metrics (Prometheus); --metrics wins; fixed at start
 
   // The effective policy of a group (rules 1, 2 and 4 above; 3 once with_flags ran): never
   // empty, ready for site::decide_retention.

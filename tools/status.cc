@@ -85,6 +85,17 @@ void print_table(const nlohmann::json& targets) {
                 human_bytes(t.value("sent_bytes", 0ull)).c_str(),
                 t.value("last_error", "").c_str());
   }
+  // Explainable RPO: for each target over its threshold, the stage that made it late; and
+  // a running first (full) RP's progress.
+  for (const auto& t : targets) {
+    if (const std::string alert = t.value("rpo_alert", ""); !alert.empty())
+      std::printf("%s: %s\n", t.value("name", "?").c_str(), alert.c_str());
+    const auto& p = t.contains("progress") ? t["progress"] : nlohmann::json();
+    if (p.is_object() && p.value("total_bytes", 0ull) > 0)
+      std::printf("%s: RP in progress: %s of %s\n", t.value("name", "?").c_str(),
+                  human_bytes(p.value("done_bytes", 0ull)).c_str(),
+                  human_bytes(p.value("total_bytes", 0ull)).c_str());
+  }
 }
 
 // A receiver's groups (ferry receive --status-socket).

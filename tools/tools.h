@@ -11,6 +11,7 @@
 #include "ferry/base/fd.h"
 #include "ferry/base/status.h"
 #include "ferry/base/units.h"
+#include "ferry/site/retention.h"
 #include "ferry/transport/tls.h"
 
 namespace ferry::tools {
@@ -76,6 +77,19 @@ Result<std::shared_ptr<const transport::TlsConfig>> load_tls(const TlsArgs& a,
                                                              transport::TlsConfig::Role role);
 // 127.0.0.0/8, ::1 (and ::ffff:127.x) or "localhost": where a plaintext receiver may listen.
 bool loopback_host(const std::string& host);
+
+// "ferry: WHAT: STATUS" on stderr; returns 1 (the exit status of a failure).
+int fail(const std::string& what, const Status& s);
+
+// ferry points / prune / restore (points_cmds.cc).
+int cmd_points(const std::string& store, const std::string& group, bool json);
+int cmd_points_remote(const std::string& to, const std::string& group, const TlsArgs& tls, bool json);
+int cmd_prune(const std::string& store, const std::string& group, const site::RetentionPolicy& policy,
+              bool dry_run, bool json);
+int cmd_restore(const std::string& store, const std::string& group, const std::string& point,
+                const std::string& disk, const std::string& out);
+// --point N or latest (0 for the read view); CLI11 has already refused anything else.
+std::uint64_t parse_point(const std::string& point);
 
 std::string default_state_dir();  // $FERRY_STATE_DIR or /var/lib/ferry
 std::string host_name();

@@ -69,6 +69,11 @@ std::string format_time_ns(std::uint64_t ns) {
   return buf;
 }
 
+int fail(const std::string& what, const Status& s) {
+  std::fprintf(stderr, "ferry: %s: %s\n", what.c_str(), s.to_string().c_str());
+  return 1;
+}
+
 std::function<void(std::uint64_t, std::uint64_t)> progress_printer() {
   auto start = std::make_shared<std::chrono::steady_clock::time_point>(std::chrono::steady_clock::now());
   return [start](std::uint64_t done, std::uint64_t total) {

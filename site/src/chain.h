@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -98,8 +99,10 @@ Result<std::unique_ptr<ReadView>> view_owning(std::shared_ptr<Storage> st, const
                                               std::uint64_t rp_id, const std::string& disk);
 
 // Writes the image of `view` to out_path (a file: truncated, sparse).
+// `progress`, if set: (bytes gone through, size) after each 64 MiB and at the end.
+using CopyProgress = std::function<void(std::uint64_t, std::uint64_t)>;
 Status write_image(const std::shared_ptr<Storage>& st, ReadView& view,
-                   const std::string& out_path);
+                   const std::string& out_path, const CopyProgress& progress = {});
 
 // Brings the replica image of one disk from the base to RP `rp` (one step of a compaction):
 // truncates (a full copy resets the disk), writes its data records and punches its zero

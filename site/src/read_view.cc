@@ -541,7 +541,15 @@ Status zero_device_range(int fd, std::uint64_t offset, std::uint64_t len, const 
 
 // Restore onto a block device: never truncated, checked to be large enough, every byte of the
 // disk written (data) or zeroed, so nothing stale is left in the disk's range.
-Status write_device(ReadView& view, const std::string& path) {
+// Progress of a copy: every kProgressBytes of the disk and at its end.
+constexpr std::uint64_t kProgressBytes = 64ull << 20;
+void report(const CopyProgress& progress, std::uint64_t done, std::uint64_t size, std::uint64_t* next) {
+  if (!progress || (done < *next && done < size)) return;
+  progress(done, size);
+  *next = done + kProgressBytes;
+}
+
+Status write_device(ReadView& view, const std::string& path, const CopyProgress& progress) {
   UniqueFd fd(::open(path.c_str(), O_WRONLY | O_CLOEXEC | O_EXCL));
   if (!fd.valid())
     return Status::from_errno(errno, "open block device " + path +
@@ -559,12 +567,14 @@ Status write_device(ReadView& view, const std::string& path) {
                              std::to_string(size) + " bytes");
   std::string buf(kCopySliceBytes, '\0');
   const std::string zeros(1u << 20, '\0');
+  std::uint64_t next_report = 0;
   for (std::uint64_t lo = 0; lo < size; lo += ReadView::kWindowBytes) {
     FERRY_ASSIGN_OR_RETURN(auto extents,
                            view.extents(lo, std::min(size - lo, ReadView::kWindowBytes)));
     for (const auto& e : extents) {
       if (e.zero) {
         FERRY_TRY(zero_device_range(fd.get(), e.offset_bytes, e.length_bytes, path, zeros));
+        report(progress, e.offset_bytes + e.length_bytes, size, &next_report);
         continue;
       }
       for (std::uint64_t at = e.offset_bytes; at < e.offset_bytes + e.length_bytes;) {
@@ -573,6 +583,7 @@ Status write_device(ReadView& view, const std::string& path) {
         FERRY_TRY(view.pread(buf.data(), n, at));
         FERRY_TRY(write_all(fd.get(), buf.data(), n, at, path));
         at += n;
+        report(progress, at, size, &next_report);
       }
     }
   }
@@ -602,23 +613,28 @@ Result<std::unique_ptr<ReadView>> view_owning(std::shared_ptr<Storage> st, const
 
 // Writes the disk image of `view` to out_path: sparse, zero ranges skipped.
 Status write_image(const std::shared_ptr<Storage>& st, ReadView& view,
-                   const std::string& out_path) {
+                   const std::string& out_path, const CopyProgress& progress) {
   const std::uint64_t size = view.size_bytes();
   FERRY_ASSIGN_OR_RETURN(auto out, st->open(out_path, OpenFlags{.create = true}));
   FERRY_TRY(out->truncate(0));
   FERRY_TRY(out->truncate(size));
   std::string buf(kCopySliceBytes, '\0');
+  std::uint64_t next_report = 0;
   for (std::uint64_t lo = 0; lo < size; lo += ReadView::kWindowBytes) {
     FERRY_ASSIGN_OR_RETURN(auto extents,
                            view.extents(lo, std::min(size - lo, ReadView::kWindowBytes)));
     for (const auto& e : extents) {
-      if (e.zero) continue;
+      if (e.zero) {
+        report(progress, e.offset_bytes + e.length_bytes, size, &next_report);
+        continue;
+      }
       for (std::uint64_t at = e.offset_bytes; at < e.offset_bytes + e.length_bytes;) {
         const std::size_t n = static_cast<std::size_t>(
             std::min<std::uint64_t>(kCopySliceBytes, e.offset_bytes + e.length_bytes - at));
         FERRY_TRY(view.pread(buf.data(), n, at));
         FERRY_TRY(write_nonzero(*out, buf.data(), n, at));
         at += n;
+        report(progress, at, size, &next_report);
       }
     }
   }
@@ -683,12 +699,13 @@ Result<std::vector<RpInfo>> list_points(const std::string& root, const std::stri
 }
 
 Status restore_point(const std::string& root, const std::string& group, std::uint64_t rp_id,
-                     const std::string& disk, const std::string& out_path) {
+                     const std::string& disk, const std::string& out_path,
+                     const std::function<void(std::uint64_t, std::uint64_t)>& progress) {
   FERRY_ASSIGN_OR_RETURN(auto view, ReadView::open(root, group, rp_id, disk));
   struct stat sb {};
   if (::stat(out_path.c_str(), &sb) == 0 && S_ISBLK(sb.st_mode))
-    return write_device(*view, out_path);
-  return write_image(real_storage(), *view, out_path);
+    return write_device(*view, out_path, progress);
+  return write_image(real_storage(), *view, out_path, progress);
 }
 
 Result<std::unique_ptr<ReadView>> ReadView::open(const std::string& store_root,

@@ -1,4 +1,5 @@
 #include "ferry/site/receiver.h"
+#include "ferry/site/rp_times.h"
 
 #include <sys/stat.h>
 
@@ -671,6 +672,7 @@ class Session {
   Status send_refusal(std::uint64_t rp_id, const Status& why) {
     if (rp_open_) store_->abort_rp();
     rp_open_ = false;
+    if (impl_.options.on_rp_refused) impl_.options.on_rp_refused(hello_.group, why);
     transport::RpAck ack{rp_id, wire_status_of(why), why.message().substr(0, transport::kMaxMessageBytes)};
     (void)conn_.send(MsgType::rp_ack, transport::encode(ack));
     (void)conn_.flush();
@@ -737,6 +739,7 @@ class Session {
     next_seq_ = 0;
     logical_bytes_ = 0;
     t_begin_ = std::chrono::steady_clock::now();
+    wire_at_begin_ = conn_.bytes_received();
     return Status::ok();
   }
 
@@ -910,6 +913,9 @@ class Session {
           "rp_end totals do not match what arrived: " + std::to_string(e.frame_count) +
           " frames / " + std::to_string(e.logical_bytes) + " bytes announced, " +
           std::to_string(next_seq_) + " / " + std::to_string(logical_bytes_) + " received"));
+    RpReceived seen{hello_.group, e.rp_id, e.frame_count, e.logical_bytes,
+                    conn_.bytes_received() - wire_at_begin_, seconds_since(t_begin_)};
+    auto t_step = std::chrono::steady_clock::now();
     auto info = store_->commit_rp(e.rp_id, e.frame_count, e.logical_bytes);
     if (!info.is_ok()) {
       // The totals were checked above; the store's own check (protocol) is a refusal, any
@@ -923,10 +929,18 @@ class Session {
     // The RP is committed whatever happens to the acknowledgement: a source that closes as
     // soon as it has read the ack can make flush() fail. Apply it all the same, so the replica
     // is never older than an acknowledged RP, then report the connection's state.
-    Status acked = conn_.send(MsgType::rp_ack,
-                              transport::encode(transport::RpAck{e.rp_id, WireStatus::ok, ""}));
+    seen.durable_seconds = seconds_since(t_step);
+    t_step = std::chrono::steady_clock::now();
+    transport::RpAck ok_ack{e.rp_id, WireStatus::ok, ""};
+    if ((features_ & transport::kFeatureRpTimes) != 0)
+      ok_ack.times = transport::RpTimes{std::uint64_t(seen.receive_seconds * 1e6),
+                                        std::uint64_t(seen.durable_seconds * 1e6)};
+    Status acked = conn_.send(MsgType::rp_ack, transport::encode(ok_ack));
     if (acked.is_ok()) acked = conn_.flush();
     FERRY_KILL_POINT("receiver.after_ack");
+    seen.ack_seconds = seconds_since(t_step);
+    seen.acknowledged = acked.is_ok();
+    t_step = std::chrono::steady_clock::now();
     double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_begin_).count();
     spdlog::info("group '{}': RP {} committed{} ({} frames, {:.1f} MB, {:.2f} s{})", hello_.group,
                  e.rp_id, acked.is_ok() ? " and acknowledged" : ", acknowledgement not confirmed",
@@ -952,7 +966,29 @@ class Session {
       impl_.note_apply(*slot_, hello_.group, *store_,
                        "applying RP " + std::to_string(e.rp_id) + " to the replica failed");
     }
+    seen.apply_seconds = seconds_since(t_step);
+    seen.source_times = e.times;
+    keep_rp_times(seen);
+    if (impl_.options.on_rp_committed) impl_.options.on_rp_committed(seen);
     return acked;
+  }
+
+  // The RP's stages, kept with it in the group's side file (rp_times.h): monitoring data, so
+  // a failure is logged and changes nothing else.
+  void keep_rp_times(const RpReceived& r) {
+    auto us = [](double s) { return std::uint64_t(s * 1e6); };
+    RpTimesRecord rec;
+    rec.rp_id = r.rp_id;
+    if (r.source_times)
+      rec.source = RpTimesRecord::Source{r.source_times->slot_us, r.source_times->capture_us,
+                                         r.source_times->read_us, r.source_times->hash_compress_us,
+                                         r.source_times->send_us};
+    rec.receive_us = us(r.receive_seconds);
+    rec.durable_us = us(r.durable_seconds);
+    rec.ack_us = us(r.ack_seconds);
+    rec.apply_us = us(r.apply_seconds);
+    if (Status s = append_rp_times(impl_.options.store.root, r.group, rec); !s.is_ok())
+      spdlog::warn("group '{}': RP {}'s stage times not kept: {}", r.group, r.rp_id, s.to_string());
   }
 
   // An RP committed: the episode (if any) ends with one "storage resumed" line.
@@ -992,6 +1028,11 @@ class Session {
   std::optional<Decompressor> decompressor_;
   std::string decoded_;
   std::chrono::steady_clock::time_point t_begin_;
+  std::uint64_t wire_at_begin_ = 0;  // conn_.bytes_received() at rp_begin
+
+  static double seconds_since(std::chrono::steady_clock::time_point t) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+  }
 };
 
 }  // namespace

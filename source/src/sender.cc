@@ -72,7 +72,16 @@ class FrameSink {
     std::lock_guard lock(mu_);
     frame.seq = next_seq_++;
     logical_bytes_ += frame.length_bytes;
-    return conn_.send_owned(MsgType::data, transport::encode_data(frame, payload));
+    std::string encoded = transport::encode_data(frame, payload);
+    const auto t = Clock::now();
+    Status s = conn_.send_owned(MsgType::data, std::move(encoded));
+    send_ns_ += std::uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t).count());
+    return s;
+  }
+  // Time spent handing frames to the connection (blocked while its queue is full).
+  double send_seconds() const {
+    std::lock_guard lock(mu_);
+    return double(send_ns_) / 1e9;
   }
   std::uint64_t frames() const {
     std::lock_guard lock(mu_);
@@ -90,6 +99,7 @@ class FrameSink {
   mutable std::mutex mu_;
   std::uint64_t next_seq_ = 0;
   std::uint64_t logical_bytes_ = 0;
+  std::uint64_t send_ns_ = 0;
 };
 
 // Fixed pool of read buffers, one block each, in one mapping: the bound on bytes read and not
@@ -234,7 +244,9 @@ class WorkerPool {
         job = queue_.front();
         queue_.pop_front();
       }
+      const auto t = Clock::now();
       Status s = error_seen() ? Status::ok() : process(index, job);
+      busy_ns_ += std::uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t).count());
       buffers_.give_back(job.buf);
       std::lock_guard lock(mu_);
       if (!s.is_ok() && error_.is_ok()) error_ = s;
@@ -283,8 +295,21 @@ class WorkerPool {
     }
     st.frames += 1;
     FERRY_KILL_POINT("source.mid_send");
-    return sink_.send(f, payload);
+    const auto t = Clock::now();
+    Status sent = sink_.send(f, payload);
+    sink_ns_ += std::uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t).count());
+    return sent;
   }
+
+ public:
+  // The workers' busy time outside the send channel, divided by their number: the wall time
+  // hashing and compressing held the transfer (explainable RPO).
+  double hash_compress_seconds() const {
+    const std::uint64_t busy = busy_ns_.load(), sink = sink_ns_.load();
+    return threads_.empty() ? 0 : double(busy > sink ? busy - sink : 0) / 1e9 / double(threads_.size());
+  }
+
+ private:
 
   FrameSink& sink_;
   BufferPool& buffers_;
@@ -298,6 +323,7 @@ class WorkerPool {
   std::size_t pending_ = 0;
   bool stopping_ = false;
   Status error_;
+  std::atomic<std::uint64_t> busy_ns_{0}, sink_ns_{0};
 };
 
 bool stop_requested(const SenderOptions& o) {
@@ -618,11 +644,21 @@ class DiskStreamer {
         return s;
       }
       at = run_end;
-      done_bytes_ += len;
-      if (o_.progress && (done_bytes_ & ((64u << 20) - 1)) < len) o_.progress(done_bytes_, 0);
+      note_done(len);
     }
     return Status::ok();
   }
+
+  // Progress (SenderOptions::progress): every 64 MiB of the disk gone through.
+  void note_done(std::uint64_t len) {
+    done_bytes_ += len;
+    if (o_.progress && (done_bytes_ & ((64u << 20) - 1)) < len) o_.progress(done_bytes_, 0);
+  }
+
+ public:
+  std::uint64_t done_bytes() const { return done_bytes_; }
+
+ private:
 
   // The extents of [begin, end) sent, in chunks so memory stays bounded; an extent reaching
   // past `end` (a granule wider than a block) is cut there, the rest is another range's.
@@ -637,6 +673,7 @@ class DiskStreamer {
         e.length_bytes = std::min(e.length_bytes, end - e.offset_bytes);
         totals_.extent_bytes += e.length_bytes;
         FERRY_TRY(e.zero ? send_zero(disk_index, e) : read_data(reader, disk_index, e));
+        if (e.zero) note_done(e.length_bytes);
       }
     }
     return Status::ok();
@@ -671,7 +708,8 @@ Result<transport::HelloReply> handshake(transport::Connection& conn, const Sende
   hello.group = o.group;
   hello.source_name = o.source_name;
   hello.features = transport::kFeatureHashList | transport::kFeatureZeroRanges |
-                   transport::kFeatureDiskIdentity | transport::kFeatureVmConfig;
+                   transport::kFeatureDiskIdentity | transport::kFeatureVmConfig |
+                   transport::kFeatureRpTimes;
   for (const auto& n : o.disk_names) hello.disks.push_back({n, 0, o.block_bytes});
   FERRY_TRY(conn.send(MsgType::hello, transport::encode(hello)));
   FERRY_ASSIGN_OR_RETURN(transport::Frame f, conn.receive(std::chrono::milliseconds(60000)));
@@ -697,7 +735,7 @@ Result<transport::HelloReply> handshake(transport::Connection& conn, const Sende
 }
 
 Result<transport::RpAck> wait_for_ack(transport::Connection& conn, std::uint64_t rp_id,
-                                      std::chrono::milliseconds timeout) {
+                                      std::chrono::milliseconds timeout, std::uint32_t features) {
   FERRY_ASSIGN_OR_RETURN(transport::Frame f, conn.receive(timeout));
   if (f.type == MsgType::error) {
     auto e = transport::decode_error(f.payload);
@@ -706,7 +744,7 @@ Result<transport::RpAck> wait_for_ack(transport::Connection& conn, std::uint64_t
   if (f.type != MsgType::rp_ack)
     return Status::error(Errc::protocol,
                          std::string("expected rp_ack, got ") + transport::msg_type_name(f.type));
-  FERRY_ASSIGN_OR_RETURN(transport::RpAck ack, transport::decode_rp_ack(f.payload));
+  FERRY_ASSIGN_OR_RETURN(transport::RpAck ack, transport::decode_rp_ack(f.payload, features));
   if (ack.rp_id != rp_id)
     return Status::error(Errc::protocol, "rp_ack for RP " + std::to_string(ack.rp_id) +
                                              ", expected " + std::to_string(rp_id));
@@ -892,15 +930,27 @@ Result<transport::RpAck> send_capture(transport::Connection& conn, const SenderO
                                            : transport::kMaxBlockBytes;
   auto t_transfer = Clock::now();
   Status streamed;
+  // Progress over the whole RP: the disks' sizes are its total when every disk goes in full
+  // (the first RP); an incremental's changed bytes are not known ahead (total 0).
+  std::uint64_t progress_base = 0, progress_total = 0;
+  for (const DiskStats& d : stats.disks)
+    progress_total = d.mode == transport::DiskMode::full && progress_total != UINT64_MAX
+                         ? progress_total + d.size_bytes : UINT64_MAX;
+  if (progress_total == UINT64_MAX) progress_total = 0;
+  SenderOptions po = o;
+  if (o.progress)
+    po.progress = [&](std::uint64_t done, std::uint64_t) { o.progress(progress_base + done, progress_total); };
   for (std::size_t i = 0; i < cap.disks.size() && streamed.is_ok(); ++i) {
-    DiskStreamer ds(o, sink, *workers, buffers, disk_stats, stats.disks[i], max_zero_bytes);
+    DiskStreamer ds(po, sink, *workers, buffers, disk_stats, stats.disks[i], max_zero_bytes);
     const auto index = static_cast<std::uint16_t>(i);
     streamed = stats.disks[i].mode == transport::DiskMode::resync
                    ? ds.resync(conn, index, cap.disks[i])
                    : ds.stream(index, cap.disks[i], tracked_end[i]);
     if (!streamed.is_ok())
       streamed = std::move(streamed).with_context("disk '" + cap.disks[i].name + "'");
+    progress_base += ds.done_bytes();
   }
+  if (o.progress && streamed.is_ok()) o.progress(progress_base, progress_total);
   Status drained = workers->drain();
   workers->shutdown();
   if (streamed.is_ok()) streamed = drained;
@@ -931,10 +981,28 @@ Result<transport::RpAck> send_capture(transport::Connection& conn, const SenderO
   stats.transfer_seconds = seconds_since(t_transfer);
 
   auto t_commit = Clock::now();
+  attribute_transfer(stats, sink.send_seconds(), workers->hash_compress_seconds());
   transport::RpEnd end{cap.rp_id, sink.frames(), sink.logical_bytes()};
+  if ((reply.features & transport::kFeatureRpTimes) != 0) {  // kept with the RP by the receiver
+    auto us = [](double s) { return std::uint64_t(s * 1e6); };
+    end.times = transport::SourceTimes{us(stats.slot_seconds), us(stats.capture_seconds),
+                                       us(stats.read_seconds), us(stats.hash_compress_seconds),
+                                       us(stats.send_seconds)};
+  }
   FERRY_TRY(conn.send(MsgType::rp_end, transport::encode(end)));
   FERRY_TRY(conn.flush());
-  FERRY_ASSIGN_OR_RETURN(transport::RpAck ack, wait_for_ack(conn, cap.rp_id, o.ack_timeout));
+  stats.send_seconds += seconds_since(t_commit);  // the flush: the link's too
+  const auto t_durable = Clock::now();
+  FERRY_ASSIGN_OR_RETURN(transport::RpAck ack,
+                         wait_for_ack(conn, cap.rp_id, o.ack_timeout, reply.features));
+  stats.durable_seconds = seconds_since(t_durable);
+  // The receiver's word (kFeatureRpTimes): the wait for the ack was its commit plus the bytes
+  // still in the kernels' buffers and on the link, which are the send stage's.
+  if (ack.times) {
+    const double durable = std::min(stats.durable_seconds, double(ack.times->durable_us) / 1e6);
+    stats.send_seconds += stats.durable_seconds - durable;
+    stats.durable_seconds = durable;
+  }
   stats.commit_seconds = seconds_since(t_commit);
   stats.total_seconds = seconds_since(t0);
   if (ack.status != transport::WireStatus::ok)
@@ -953,14 +1021,19 @@ Result<RpStats> take_recovery_point(cbt::ChangeSource& source, const SenderOptio
   const double cpu0 = process_cpu_seconds();
   FERRY_ASSIGN_OR_RETURN(auto conn, transport::Connection::connect(o.to, o.connection));
   FERRY_ASSIGN_OR_RETURN(transport::HelloReply reply, handshake(*conn, o));
+  if (o.on_receiver_state) o.on_receiver_state(reply.last_committed_rp, reply.last_committed_unix_ns);
 
   RpStats stats;
+  stats.slot_seconds = seconds_since(t0);
   stats.base_rp = reply.last_committed_rp;
   stats.rp_id = reply.last_committed_rp + 1;
   std::vector<std::string> held;
   for (const auto& d : reply.disks) held.push_back(d.name);
 
   auto t_capture = Clock::now();
+  stats.created_unix_ns = std::uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                            std::chrono::system_clock::now().time_since_epoch())
+                                            .count());
   FERRY_ASSIGN_OR_RETURN(cbt::Capture cap, source.capture(stats.base_rp, stats.rp_id, held));
   stats.capture_seconds = seconds_since(t_capture);
   const std::uint64_t wire0 = conn->bytes_sent();
@@ -1011,6 +1084,14 @@ std::string describe(const RpStats& s) {
       s.rp_id, s.base_rp, s.disks.size(), mb, data / 1e6, zero / 1e6, read, s.wire_bytes / 1e6,
       s.total_seconds, s.total_seconds > 0 ? mb / s.total_seconds : 0.0, s.capture_seconds,
       s.transfer_seconds, s.commit_seconds, s.finish_seconds, resync, s.wire_bytes);
+}
+
+void attribute_transfer(RpStats& stats, double send_channel_seconds, double hash_compress_seconds) {
+  const double wall = stats.transfer_seconds;
+  FERRY_ASSERT(wall >= 0 && send_channel_seconds >= 0 && hash_compress_seconds >= 0);
+  stats.send_seconds = std::min(wall, send_channel_seconds);
+  stats.hash_compress_seconds = std::min(wall - stats.send_seconds, hash_compress_seconds);
+  stats.read_seconds = wall - stats.send_seconds - stats.hash_compress_seconds;
 }
 
 }  // namespace ferry::source

@@ -48,6 +48,7 @@ std::string emit(const AgentConfig& cfg) {
   out += "state_dir = " + quoted(cfg.state_dir) + "\n";
   out += "status_socket = " + quoted(cfg.status_socket) + "\n";
   out += "log_level = " + quoted(cfg.log_level) + "\n";
+  if (!cfg.metrics.empty()) out += "metrics = " + quoted(cfg.metrics) + "\n";
   for (const TargetConfig& tc : cfg.targets) {
     if (tc.kind == TargetKind::libvirt_domain) {
       out += "[[domain]]\nname = " + quoted(tc.domain) + "\nuri = " + quoted(tc.uri) +
@@ -67,7 +68,7 @@ std::string emit(const AgentConfig& cfg) {
 
 bool same(const AgentConfig& a, const AgentConfig& b) {
   if (a.state_dir != b.state_dir || a.status_socket != b.status_socket ||
-      a.log_level != b.log_level || a.targets.size() != b.targets.size())
+      a.log_level != b.log_level || a.metrics != b.metrics || a.targets.size() != b.targets.size())
     return false;
   for (std::size_t i = 0; i < a.targets.size(); ++i) {
     const TargetConfig& x = a.targets[i];

@@ -268,3 +268,12 @@ TEST_CASE("tls_cert, tls_key, tls_ca: all three or none, copied into every targe
   REQUIRE_FALSE(stray.is_ok());
   CHECK_THAT(stray.status().message(), Catch::Contains("tls_server_name"));
 }
+
+TEST_CASE("metrics: an ADDR:PORT, absent by default", "[config]") {
+  auto r = parse_agent_config("metrics = \"127.0.0.1:9464\"\n", "agent.toml");
+  REQUIRE(r.is_ok());
+  CHECK(r->metrics == "127.0.0.1:9464");
+  CHECK(parse_agent_config("", "agent.toml")->metrics.empty());
+  check_error("metrics = \"127.0.0.1\"\n", "agent.toml:1: metrics", "HOST:PORT");
+  check_error("metrics = 9464\n", "agent.toml:1: metrics", "string");
+}

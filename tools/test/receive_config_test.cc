@@ -235,3 +235,11 @@ TEST_CASE("2000 random mutations of a good file never throw", "[receive-config]"
   }
   CHECK(accepted > 0);  // some mutations stay valid (60 of 2000 with the default seed)
 }
+
+TEST_CASE("metrics: a string at the top level, absent by default", "[receive-config]") {
+  auto r = parse_receive_config("metrics = \"127.0.0.1:9465\"\n", "receive.toml");
+  REQUIRE(r.is_ok());
+  CHECK(r->metrics == "127.0.0.1:9465");
+  CHECK(parse_receive_config("", "receive.toml")->metrics.empty());
+  CHECK_FALSE(parse_receive_config("metrics = 1\n", "receive.toml").is_ok());
+}

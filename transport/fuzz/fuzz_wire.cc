@@ -28,7 +28,9 @@ void decode_all(std::string_view payload) {
   check_round_trip(decode_data(payload, kFeatureZeroRanges), payload);
   check_round_trip(decode_rp_end(payload), payload);
   check_round_trip(decode_rp_end(payload, kFeatureZeroRanges), payload);
+  check_round_trip(decode_rp_end(payload, kFeatureZeroRanges | kFeatureRpTimes), payload);
   check_round_trip(decode_rp_ack(payload), payload);
+  check_round_trip(decode_rp_ack(payload, kFeatureRpTimes), payload);
   check_round_trip(decode_error(payload), payload);
   check_round_trip(decode_hash_request(payload), payload);
   check_round_trip(decode_hash_list(payload), payload);

@@ -79,6 +79,10 @@ int main(int argc, char** argv) {
             write(dir, "data_zstd", MsgType::data, encode(packed)) &&
             write(dir, "rp_end", MsgType::rp_end, encode(RpEnd{8, 3, 3 * 65536})) &&
             write(dir, "rp_ack", MsgType::rp_ack, encode(RpAck{8, WireStatus::diverged, "base"})) &&
+            write(dir, "rp_end_times", MsgType::rp_end,
+                  encode(RpEnd{9, 3, 3 << 16, SourceTimes{1000, 2000, 3000, 4000, 5000}})) &&
+            write(dir, "rp_ack_times", MsgType::rp_ack,
+                  encode(RpAck{9, WireStatus::ok, "", RpTimes{1500000, 20000}})) &&
             write(dir, "error", MsgType::error, encode(ErrorMsg{WireStatus::busy, "busy"})) &&
             write(dir, "hash_request", MsgType::hash_request,
                   encode(HashRequest{0, 65536, 64ull << 20, 64ull << 20})) &&

@@ -530,6 +530,15 @@ std::string encode(const RpEnd& m) {
   w.u64(m.rp_id);
   w.u64(m.frame_count);
   w.u64(m.logical_bytes);
+  if (m.times) {
+    w.u16(kRpTimesVersion);
+    w.u16(kSourceTimesBytes);
+    w.u64(m.times->slot_us);
+    w.u64(m.times->capture_us);
+    w.u64(m.times->read_us);
+    w.u64(m.times->hash_compress_us);
+    w.u64(m.times->send_us);
+  }
   return out;
 }
 
@@ -544,6 +553,21 @@ Result<RpEnd> decode_rp_end(std::string_view payload, std::uint32_t features) {
   if (r.ok() && m.logical_bytes / max_frame > m.frame_count)
     r.fail("logical_bytes", fmt::format("{} cannot come from {} frames of at most {} bytes",
                                         m.logical_bytes, m.frame_count, max_frame));
+  if (r.ok() && (features & kFeatureRpTimes) != 0 && r.remaining() > 0) {
+    const std::uint16_t version = r.u16("times.version");
+    const std::uint16_t length = r.u16("times.length");
+    if (r.ok() && version != kRpTimesVersion)
+      r.fail("times.version", fmt::format("{} is not {}", version, kRpTimesVersion));
+    else if (r.ok() && length != kSourceTimesBytes)
+      r.fail("times.length", fmt::format("{} is not {}", length, kSourceTimesBytes));
+    SourceTimes t;
+    t.slot_us = r.u64("times.slot_us");
+    t.capture_us = r.u64("times.capture_us");
+    t.read_us = r.u64("times.read_us");
+    t.hash_compress_us = r.u64("times.hash_compress_us");
+    t.send_us = r.u64("times.send_us");
+    m.times = t;
+  }
   return finish(r, m);
 }
 
@@ -554,15 +578,34 @@ std::string encode(const RpAck& m) {
   w.u64(m.rp_id);
   w.u16(static_cast<std::uint16_t>(m.status));
   w.str16(m.message);
+  if (m.times) {
+    FERRY_ASSERT(m.status == WireStatus::ok);
+    w.u16(kRpTimesVersion);
+    w.u16(kRpTimesBytes);
+    w.u64(m.times->receive_us);
+    w.u64(m.times->durable_us);
+  }
   return out;
 }
 
-Result<RpAck> decode_rp_ack(std::string_view payload) {
+Result<RpAck> decode_rp_ack(std::string_view payload, std::uint32_t features) {
   FieldReader r("rp_ack", payload);
   RpAck m;
   m.rp_id = r.u64("rp_id");
   m.status = read_wire_status(r, "status");
   m.message = r.str("message", kMaxMessageBytes, false);
+  if (r.ok() && (features & kFeatureRpTimes) != 0 && m.status == WireStatus::ok && r.remaining() > 0) {
+    const std::uint16_t version = r.u16("times.version");
+    const std::uint16_t length = r.u16("times.length");
+    if (r.ok() && version != kRpTimesVersion)
+      r.fail("times.version", fmt::format("{} is not {}", version, kRpTimesVersion));
+    else if (r.ok() && length != kRpTimesBytes)
+      r.fail("times.length", fmt::format("{} is not {}", length, kRpTimesBytes));
+    RpTimes t;
+    t.receive_us = r.u64("times.receive_us");
+    t.durable_us = r.u64("times.durable_us");
+    m.times = t;
+  }
   return finish(r, std::move(m));
 }
 

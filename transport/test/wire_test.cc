@@ -735,3 +735,40 @@ TEST_CASE("rp_begin carries the VM's definition with kRpFlagVmConfig") {
   CHECK(encode(b).size() <= kMaxPayloadBytes);
   CHECK(decode_rp_begin(encode(b)).value().vm_config.size() == kMaxVmConfigBytes);
 }
+
+TEST_CASE("rp_ack's times extension: only with kFeatureRpTimes, only on an ok ack, version 1") {
+  RpAck a{7, WireStatus::ok, "", RpTimes{1'500'000, 20'000}};
+  const std::string p = encode(a);
+  CHECK(p.size() == 12 + 4 + 16);
+  CHECK(decode_rp_ack(p, kFeatureRpTimes).value() == a);
+  // An older source (no feature) never gets it; were it to, the trailing bytes are refused.
+  auto old = decode_rp_ack(p);
+  REQUIRE_FALSE(old.is_ok());
+  CHECK(old.status().message().find("trailing") != std::string::npos);
+  // Without the extension an ok ack decodes with the feature too (an older receiver).
+  CHECK_FALSE(decode_rp_ack(encode(RpAck{7, WireStatus::ok, ""}), kFeatureRpTimes)->times.has_value());
+  // A wrong version or length, or a cut extension, is named.
+  std::string bad = p;
+  bad[12] = 2;
+  CHECK(decode_rp_ack(bad, kFeatureRpTimes).status().message().find("times.version") != std::string::npos);
+  bad = p;
+  bad[14] = 15;
+  CHECK(decode_rp_ack(bad, kFeatureRpTimes).status().message().find("times.length") != std::string::npos);
+  CHECK_FALSE(decode_rp_ack(p.substr(0, p.size() - 3), kFeatureRpTimes).is_ok());
+  // A refusal with bytes after its message is refused even with the feature.
+  std::string refusal = encode(RpAck{7, WireStatus::busy, "x"}) + p.substr(12);
+  CHECK_FALSE(decode_rp_ack(refusal, kFeatureRpTimes).is_ok());
+}
+
+TEST_CASE("rp_end's times extension: the source's stages, only with kFeatureRpTimes") {
+  RpEnd e{9, 3, 3 << 16, SourceTimes{1, 2, 3, 4, 5}};
+  const std::string p = encode(e);
+  CHECK(p.size() == 24 + 4 + 40);
+  CHECK(decode_rp_end(p, kFeatureRpTimes).value() == e);
+  CHECK_FALSE(decode_rp_end(p).is_ok());  // an older receiver never gets it
+  CHECK_FALSE(decode_rp_end(encode(RpEnd{9, 3, 3 << 16}), kFeatureRpTimes)->times.has_value());
+  std::string bad = p;
+  bad[24] = 3;
+  CHECK(decode_rp_end(bad, kFeatureRpTimes).status().message().find("times.version") != std::string::npos);
+  CHECK_FALSE(decode_rp_end(p.substr(0, p.size() - 1), kFeatureRpTimes).is_ok());
+}

@@ -38,6 +38,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -49,6 +50,21 @@ namespace ferry::site {
 
 enum class AccessRight : std::uint8_t { write = 0, manage = 1 };
 const char* access_right_name(AccessRight r);  // "write" / "manage"
+
+// One committed RP as the receiver saw it: its own stages (explainable RPO).
+struct RpReceived {
+  std::string group;
+  std::uint64_t rp_id = 0;
+  std::uint64_t frames = 0;
+  std::uint64_t logical_bytes = 0;  // the disks' bytes the RP carries (data and zero)
+  std::uint64_t wire_bytes = 0;     // frame bytes read for it, rp_begin to rp_end
+  double receive_seconds = 0;       // rp_begin until rp_end arrived
+  double durable_seconds = 0;       // rp_end until the commit was durable
+  double ack_seconds = 0;           // the acknowledgement sent and flushed
+  double apply_seconds = 0;         // the apply/retention pass after it
+  bool acknowledged = false;        // the acknowledgement's flush succeeded
+  std::optional<transport::SourceTimes> source_times;  // from rp_end (feature rp_times)
+};
 
 struct ReceiverOptions {
   StoreOptions store;  // store.root is the --store directory
@@ -76,7 +92,12 @@ struct ReceiverOptions {
       authorize;
   // The group's quota in bytes (images + journal); 0 or null: none. Called at each rp_begin.
   std::function<std::uint64_t(const std::string& group)> quota_for;
+  // Monitoring (ferry receive --metrics): called on the session's thread after each RP is
+  // committed, and after each refused RP with the reason. Null: nothing. Keep them cheap.
+  std::function<void(const RpReceived&)> on_rp_committed;
+  std::function<void(const std::string& group, const Status& why)> on_rp_refused;
 };
+
 
 // The bytes a group's store takes on disk (allocated blocks of its images and journal),
 // counting at most kMaxUsageEntries files. Read-only; for quotas.

@@ -179,7 +179,9 @@ Result<PruneReport> explain_points(const std::string& root, const std::string& g
 // Writes disk `disk` at RP `rp_id` (0: the newest) through the ReadView (read_view.h) to
 // out_path: a file (truncated to the disk's size, sparse) or a block device (never truncated;
 // refused when smaller than the disk; zero ranges zeroed, BLKZEROOUT where it works).
+// `progress` (optional) is called now and then with (bytes of the disk gone through, its size).
 Status restore_point(const std::string& root, const std::string& group, std::uint64_t rp_id,
-                     const std::string& disk, const std::string& out_path);
+                     const std::string& disk, const std::string& out_path,
+                     const std::function<void(std::uint64_t, std::uint64_t)>& progress = {});
 
 }  // namespace ferry::site

@@ -40,8 +40,12 @@ struct SenderOptions {
   transport::ConnectionOptions connection;
   // Opens the reader of a captured view; defaults to cbt::open_nbd_reader.
   std::function<Result<std::unique_ptr<cbt::BlockReader>>(const cbt::DiskView&)> open_reader;
-  // Called now and then with (bytes done, bytes total) of the RP, for a progress line.
+  // Called now and then with (bytes done, bytes total) of the RP, for a progress line: the
+  // bytes of the disks' ranges gone through (read or found zero) out of the disks' sizes.
   std::function<void(std::uint64_t, std::uint64_t)> progress;
+  // Called after the handshake with the receiver's last committed RP and its time (0: none),
+  // so that a restarted agent knows its RPO before its first RP completes.
+  std::function<void(std::uint64_t rp_id, std::uint64_t unix_ns)> on_receiver_state;
   // Take the group over from the source that wrote it (`--take-over`): the receiver's rule
   // C5.source is lifted and every disk is sent as a resync or a full copy.
   bool take_over = false;
@@ -74,6 +78,17 @@ struct RpStats {
   std::uint64_t wire_bytes = 0;  // every byte sent on the connection for this RP
   // Resync traffic: hash_request frames sent plus hash_list frames received (0 without resync).
   std::uint64_t hash_bytes = 0;
+  // Where the RP's time went (explainable RPO, docs/operations.md): the stages in order. The
+  // transfer is pipelined, so its wall time is attributed: send is the time the one send
+  // channel spent handing frames to a full connection (the link's backpressure) plus the
+  // final flush; hash_compress the workers' busy time divided by their number; read the rest
+  // (waiting for reads and extent queries). They add up to transfer_seconds + the flush.
+  double slot_seconds = 0;           // connect + hello: waiting for the group's slot
+  double read_seconds = 0;
+  double hash_compress_seconds = 0;
+  double send_seconds = 0;
+  double durable_seconds = 0;        // rp_end flushed until the acknowledgement arrived
+  std::uint64_t created_unix_ns = 0; // the capture's start: the RP's point in time (upper bound)
   double capture_seconds = 0;    // bitmap transaction + fleecing + exports
   double transfer_seconds = 0;   // extents, reads, compression, sending
   double commit_seconds = 0;     // from rp_end until the acknowledgement
@@ -88,5 +103,10 @@ struct RpStats {
 Result<RpStats> take_recovery_point(cbt::ChangeSource& source, const SenderOptions& options);
 
 std::string describe(const RpStats& stats);  // a short human summary
+
+// Splits a pipelined transfer's wall time (stats.transfer_seconds) by the stage that held it:
+// send = the send channel's blocked time (at most the wall time), hash_compress = the
+// workers' busy time per worker (at most what is left), read = the rest. Pure.
+void attribute_transfer(RpStats& stats, double send_channel_seconds, double hash_compress_seconds);
 
 }  // namespace ferry::source

@@ -15,6 +15,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -123,8 +124,11 @@ inline constexpr std::uint32_t kFeatureZeroRanges = 1u << 2;
 inline constexpr std::uint32_t kFeatureDiskIdentity = 1u << 3;  // identities, take-over
 // rp_begin may carry the VM's definition (libvirt domain XML): kRpFlagVmConfig.
 inline constexpr std::uint32_t kFeatureVmConfig = 1u << 4;
-inline constexpr std::uint32_t kKnownFeatures =
-    kFeatureHashList | kFeatureZeroRanges | kFeatureDiskIdentity | kFeatureVmConfig;
+// An ok rp_ack carries the receiver's stage times (RpTimes; explainable RPO).
+inline constexpr std::uint32_t kFeatureRpTimes = 1u << 5;
+inline constexpr std::uint32_t kKnownFeatures = kFeatureHashList | kFeatureZeroRanges |
+                                                kFeatureDiskIdentity | kFeatureVmConfig |
+                                                kFeatureRpTimes;
 // The largest VM definition an rp_begin carries: a domain XML is a few KiB; this leaves room
 // for many disks and NICs, and keeps the receiver's largest begin record (names, identities
 // and this) within the 256 KiB the state file allows the base RP's (site/src/vm_config.cc).
@@ -215,17 +219,38 @@ struct DataFrame {
   friend bool operator==(const DataFrame&, const DataFrame&) = default;
 };
 
+// The source's stages of an RP up to its rp_end (rp_end extension version 1, with
+// kFeatureRpTimes), in microseconds: the receiver keeps them with the RP.
+inline constexpr std::uint16_t kSourceTimesBytes = 40;
+struct SourceTimes {
+  std::uint64_t slot_us = 0, capture_us = 0, read_us = 0, hash_compress_us = 0, send_us = 0;
+  friend bool operator==(const SourceTimes&, const SourceTimes&) = default;
+};
+
 struct RpEnd {
   std::uint64_t rp_id = 0;
   std::uint64_t frame_count = 0;     // DATA frames sent in the RP
   std::uint64_t logical_bytes = 0;   // sum of length_bytes over them
+  std::optional<SourceTimes> times;  // with kFeatureRpTimes accepted, optional
   friend bool operator==(const RpEnd&, const RpEnd&) = default;
+};
+
+// The receiver's side of an RP's time (docs/wire-protocol.md, rp_ack extension version 1):
+// from rp_begin until rp_end arrived, and from rp_end until the commit was durable.
+inline constexpr std::uint16_t kRpTimesVersion = 1;
+inline constexpr std::uint16_t kRpTimesBytes = 16;  // the fields after version and length
+struct RpTimes {
+  std::uint64_t receive_us = 0;
+  std::uint64_t durable_us = 0;
+  friend bool operator==(const RpTimes&, const RpTimes&) = default;
 };
 
 struct RpAck {
   std::uint64_t rp_id = 0;
   WireStatus status = WireStatus::ok;
   std::string message;
+  // With kFeatureRpTimes accepted, an ok rp_ack carries them (never a refusal).
+  std::optional<RpTimes> times;
   friend bool operator==(const RpAck&, const RpAck&) = default;
 };
 
@@ -319,7 +344,9 @@ Result<RpBegin> decode_rp_begin(std::string_view payload);
 // frame_count x kMaxBlockBytes; with it, by frame_count x kMaxZeroRangeBytes.
 Result<DataFrame> decode_data(std::string_view payload, std::uint32_t features = 0);
 Result<RpEnd> decode_rp_end(std::string_view payload, std::uint32_t features = 0);
-Result<RpAck> decode_rp_ack(std::string_view payload);
+// `features`: those accepted on the connection; with kFeatureRpTimes an ok rp_ack may carry
+// the times extension (and nothing else may follow the message).
+Result<RpAck> decode_rp_ack(std::string_view payload, std::uint32_t features = 0);
 Result<ErrorMsg> decode_error(std::string_view payload);
 Result<HashRequest> decode_hash_request(std::string_view payload);
 // Checks count against kMaxHashesPerList and the payload size before allocating the list.
