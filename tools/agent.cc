@@ -32,6 +32,7 @@
 #include "ferry/base/fd.h"
 #include "ferry/base/log.h"
 #include "ferry/source/sender.h"
+#include "ferry/source/sender_events.h"
 #include "tools.h"
 
 namespace ferry::tools {
@@ -126,6 +127,7 @@ class Worker {
   std::atomic<bool> stop_{false};
   std::atomic<std::int64_t> heartbeat_ms_{0};
   TargetStatus st_;
+  std::unique_ptr<events::EventLog> events_;  // the group's event log; the worker's thread only
   std::thread thread_;  // last: starts after everything above is built
 };
 
@@ -188,7 +190,8 @@ Status Worker::take_one(std::unique_ptr<cbt::ChangeSource>& source) {
     so.connection.tls = std::move(tls).value();
     so.connection.tls_server_name = cfg.tls_server_name;
   }
-  auto rp = source::take_recovery_point(*source, so);
+  if (!events_) events_ = source::open_source_events(state_dir_, so.group);
+  auto rp = source::take_recovery_point_with_events(*source, so, events_.get());
   record(rp, start_ns);
   return rp.status();
 }

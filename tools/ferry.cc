@@ -9,6 +9,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <future>
@@ -22,10 +23,12 @@
 #include "ferry/site/receiver.h"
 #include "ferry/site/store.h"
 #include "ferry/source/sender.h"
+#include "ferry/source/sender_events.h"
 #include "ferry/transport/connection.h"
 #include "ferry/transport/rules.h"
 #include "access.h"
 #include "agent.h"
+#include "events_cmd.h"
 #include "failover.h"
 #include "receive_config.h"
 #include "retention_flags.h"
@@ -231,6 +234,12 @@ int cmd_receive(const ReceiveArgs& a, std::uint64_t max_disk_bytes) {
   site::ReceiverOptions ro;
   ro.store.root = a.store;
   ro.max_disk_bytes = max_disk_bytes;
+  // Test-only (docs/operations.md, `ferry doctor`): the clock the probe reports is shifted.
+  if (const char* off = std::getenv("FERRY_TEST_CLOCK_OFFSET_MS"); off && *off) {
+    ro.test_clock_offset_ms = std::strtoll(off, nullptr, 10);
+    spdlog::warn("FERRY_TEST_CLOCK_OFFSET_MS={}: the probe reports a shifted clock (test-only)",
+                 ro.test_clock_offset_ms);
+  }
   ro.retention_for = policies(std::make_shared<const ReceiveConfig>(*config));
   if (tls_on)  // A1: plaintext mode has no identities and no access map
     ro.authorize = [holder](const transport::PeerIdentity* peer, const std::string& group,
@@ -372,9 +381,11 @@ Result<std::vector<cbt::QmpDisk>> parse_disks(const std::vector<std::string>& sp
 // --once: one RP, its id on stdout. Otherwise an RP every interval (from the start of the
 // previous one) until SIGTERM; a failed RP is logged and retried at the next tick.
 int run_recovery_points(cbt::ChangeSource& source, source::SenderOptions& so, bool once,
-                        double interval_seconds, SignalWatcher& signals) {
+                        double interval_seconds, SignalWatcher& signals,
+                        const std::string& state_dir) {
+  const auto events = source::open_source_events(state_dir, so.group);
   if (once) {
-    auto rp = source::take_recovery_point(source, so);
+    auto rp = source::take_recovery_point_with_events(source, so, events.get());
     if (so.progress) std::fprintf(stderr, "\n");
     if (!rp.is_ok()) return fail("recovery point of group '" + so.group + "'", rp.status());
     spdlog::info("{}", source::describe(*rp));
@@ -385,7 +396,7 @@ int run_recovery_points(cbt::ChangeSource& source, source::SenderOptions& so, bo
   const auto period = duration_cast<milliseconds>(duration<double>(interval_seconds));
   while (!signals.stop.load()) {
     auto t0 = steady_clock::now();
-    auto rp = source::take_recovery_point(source, so);
+    auto rp = source::take_recovery_point_with_events(source, so, events.get());
     if (so.progress) std::fprintf(stderr, "\n");
     if (rp.is_ok())
       spdlog::info("{}", source::describe(*rp));
@@ -430,7 +441,8 @@ int cmd_replicate(const ReplicateArgs& a) {
   if (isatty(STDERR_FILENO)) so.progress = progress_printer();
   if (Status s = set_client_tls(a.tls, &so); !s.is_ok()) return fail("TLS material", s);
 
-  return run_recovery_points(**source, so, a.once, a.interval_seconds, signals);
+  return run_recovery_points(**source, so, a.once, a.interval_seconds, signals,
+                             a.state_dir.empty() ? default_state_dir() : a.state_dir);
 }
 
 // ---- protect -----------------------------------------------------------------------------------
@@ -469,7 +481,8 @@ int cmd_protect(const ProtectArgs& a) {
   so.stop = &signals.stop;
   if (isatty(STDERR_FILENO)) so.progress = progress_printer();
   if (Status s = set_client_tls(a.tls, &so); !s.is_ok()) return fail("TLS material", s);
-  return run_recovery_points(**source, so, a.once, a.interval_seconds, signals);
+  return run_recovery_points(**source, so, a.once, a.interval_seconds, signals,
+                             a.state_dir.empty() ? default_state_dir() : a.state_dir);
 }
 
 // ---- points / restore ------------------------------------------------------------------------
@@ -804,6 +817,7 @@ int main(int argc, char** argv) {
                 "Writable: writes go to a throwaway overlay (nbdkit cow filter), never the store");
 
   auto run_failover = add_failover_commands(app, point_rule);  // vm-config, failover test
+  auto run_events = add_events_commands(app);  // events, doctor
 
   DemoArgs da;
   auto* demo = app.add_subcommand("demo", "Live replication demo on this machine (qemu-storage-daemon)");
@@ -901,6 +915,7 @@ int main(int argc, char** argv) {
     }
     if (demo->parsed()) return run_demo(da, argv[0]);
     if (int rc = 0; run_failover(rc)) return rc;
+    if (int rc = 0; run_events(rc)) return rc;
     if (kp->parsed()) {
       for (auto k : ferry::kKillPoints) std::printf("%.*s\n", int(k.size()), k.data());
       return 0;

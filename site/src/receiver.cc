@@ -11,6 +11,8 @@
 #include <vector>
 
 #include "capacity.h"
+#include "receiver_events.h"
+#include "receiver_probe.h"
 #include "ferry/base/fd.h"
 #include "ferry/base/hash.h"
 #include "ferry/base/kill_point.h"
@@ -148,6 +150,7 @@ std::string seconds_text(Clock::duration d) {
 
 struct Receiver::Impl {
   ReceiverOptions options;
+  std::unique_ptr<ReceiverEvents> events;  // the groups' event logs (receiver_events.h)
   mutable std::mutex mu;
   std::map<std::string, std::unique_ptr<GroupSlot>> groups;  // slots are never removed
   CapacityProbe capacity;
@@ -480,6 +483,10 @@ class Session {
       serve_points(f->payload);
       return std::nullopt;
     }
+    if (f->type == MsgType::probe) {
+      serve_probe(conn_, f->payload, impl_.options.test_clock_offset_ms);
+      return std::nullopt;
+    }
     if (f->type != MsgType::hello) {
       fail_early(std::string("expected hello, got ") + transport::msg_type_name(f->type));
       return std::nullopt;
@@ -650,6 +657,7 @@ class Session {
   Status refuse_rp(std::uint64_t rp_id, const Status& why) {
     spdlog::error("{}: group '{}': RP {} refused: {}", conn_.peer(), hello_.group, rp_id,
                   why.to_string());
+    impl_.events->rp_refused(hello_.group, rp_id, why);
     return send_refusal(rp_id, why);
   }
 
@@ -658,6 +666,7 @@ class Session {
   // dropped at the end of the session and re-opened after the back-off (Impl::note_failure).
   Status storage_failure(std::uint64_t rp_id, const Status& why) {
     storage_failed_ = true;
+    impl_.events->error(hello_.group, rp_id, "store", why);
     impl_.note_failure(*slot_, hello_.group, FailedStep::rp, why,
                        "RP " + std::to_string(rp_id) + " not committed, the store failed");
     return send_refusal(rp_id, why);
@@ -737,6 +746,7 @@ class Session {
     next_seq_ = 0;
     logical_bytes_ = 0;
     t_begin_ = std::chrono::steady_clock::now();
+    impl_.events->rp_started(hello_.group, info, conn_.peer());
     return Status::ok();
   }
 
@@ -934,6 +944,8 @@ class Session {
                  hash_bytes_sent_ ? fmt::format("; resync: {:.2f} MB of digests sent",
                                                 hash_bytes_sent_ / 1e6)
                                   : std::string());
+    impl_.events->rp_committed(hello_.group, *info, e.frame_count, e.logical_bytes, secs,
+                               acked.is_ok());
     // Applying is not needed for durability (the journal has it). A failed apply leaves the
     // store open with the apply pending (R19): later RPs are still committed, and the apply
     // is retried by the first commit after the back-off and by the re-opener; status shows it
@@ -942,8 +954,7 @@ class Session {
     if (impl_.apply_retry_waits(*slot_)) {
       spdlog::debug("group '{}': RP {} not applied: the apply is retried after its back-off",
                     hello_.group, e.rp_id);
-    } else if (Status s = store_->apply_committed();
-               !s.is_ok() && store_->apply_error().is_ok()) {
+    } else if (Status s = apply_and_report(); !s.is_ok() && store_->apply_error().is_ok()) {
       storage_failed_ = true;
       impl_.note_failure(*slot_, hello_.group, FailedStep::apply, s,
                          "applying RP " + std::to_string(e.rp_id) +
@@ -953,6 +964,15 @@ class Session {
                        "applying RP " + std::to_string(e.rp_id) + " to the replica failed");
     }
     return acked;
+  }
+
+  // apply_committed() with its events: rp_applied and the RPs retention pruned, or the error.
+  Status apply_and_report() {
+    const auto before = ReceiverEvents::point_ids(*store_);
+    const std::uint64_t base_before = store_->last_applied_rp();
+    Status s = store_->apply_committed();
+    impl_.events->applied(hello_.group, before, base_before, *store_, s);
+    return s;
   }
 
   // An RP committed: the episode (if any) ends with one "storage resumed" line.
@@ -1005,6 +1025,7 @@ Result<std::unique_ptr<Receiver>> Receiver::create(const ReceiverOptions& option
   FERRY_TRY(make_dirs(options.store.root));
   auto impl = std::make_unique<Impl>();
   impl->options = options;
+  impl->events = std::make_unique<ReceiverEvents>(options.store.root);
   impl->retention_for = options.retention_for;
   // Recover every group now, not at its source's next hello: after a crash the replicas are
   // brought back to one committed RP (torn tail cut, committed RPs re-applied) at start-up.

@@ -76,6 +76,9 @@ struct ReceiverOptions {
       authorize;
   // The group's quota in bytes (images + journal); 0 or null: none. Called at each rp_begin.
   std::function<std::uint64_t(const std::string& group)> quota_for;
+  // Test-only: shifts the clock the probe reports (`ferry doctor`'s clock check), set by
+  // `ferry receive` from FERRY_TEST_CLOCK_OFFSET_MS. Nothing else reads it.
+  std::int64_t test_clock_offset_ms = 0;
 };
 
 // The bytes a group's store takes on disk (allocated blocks of its images and journal),
