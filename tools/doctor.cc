@@ -191,13 +191,13 @@ void check_store(const DoctorArgs& a, std::vector<CheckResult>& out) {
     if (!a.group.empty() && g != a.group) continue;
     site::StoreCheck c = site::check_group_store(a.store, g);
     if (!c.problem.is_ok())
-      problems += (problems.empty() ? "" : "; ") + ("group '" + g + "': " + c.problem.message());
+      problems += (problems.empty() ? "" : "; ") + ("group '" + g + "': " + c.problem.to_string());
     for (const std::string& n : c.notes) notes += (notes.empty() ? " (" : "; ") + g + ": " + n;
     // One full RP of every disk (a resync or a first copy can write that much) plus the
     // RPs retention will still add before keep-last is reached, at their mean size.
     std::uint64_t grow = 0;
-    if (c.policy.keep_last && c.points > 1 && *c.policy.keep_last > c.points)
-      grow = c.store_bytes / (c.points - 1) * (*c.policy.keep_last - c.points);
+    if (c.policy.keep_last && *c.policy.keep_last > c.points)
+      grow = c.mean_rp_bytes * (*c.policy.keep_last - c.points);
     need += c.newest_disk_bytes + grow;
   }
   if (!notes.empty()) notes += ")";

@@ -8,6 +8,7 @@
 #include <filesystem>
 
 #include "doctor.h"
+#include "ferry/site/store.h"
 #include "tools.h"
 
 namespace ferry::tools {
@@ -82,6 +83,18 @@ void emit_store_event(const std::string& store, events::Event e) {
     return;
   }
   (*log)->emit(std::move(e));
+}
+
+void emit_prune_events(const std::string& store, const std::string& group,
+                       const site::PruneReport& report) {
+  for (const site::PrunePoint& p : report.points)
+    if (!p.keep)
+      emit_store_event(store, {.group = group, .kind = "rp_pruned", .rp = p.info.rp_id,
+                               .message = "RP " + std::to_string(p.info.rp_id) + " of group '" +
+                                          group + "' pruned by ferry prune (" +
+                                          report.policy.describe() + ")",
+                               .fields = {{"by", std::string("ferry prune")},
+                                          {"policy", report.policy.describe()}}});
 }
 
 std::function<bool(int& rc)> add_events_commands(CLI::App& app) {

@@ -12,6 +12,10 @@ namespace CLI {
 class App;
 }  // namespace CLI
 
+namespace ferry::site {
+struct PruneReport;
+}  // namespace ferry::site
+
 namespace ferry::tools {
 
 // Registers `events` and `doctor` on `app`; the returned function runs the one that was
@@ -21,5 +25,8 @@ std::function<bool(int& rc)> add_events_commands(CLI::App& app);
 // For the receive-side tools that act on a group without the receiver (prune, export,
 // failover): appends one event to the group's log in the store; never fails the caller.
 void emit_store_event(const std::string& store, events::Event e);
+// `ferry prune`: one rp_pruned per RP it removed.
+void emit_prune_events(const std::string& store, const std::string& group,
+                       const site::PruneReport& report);
 
 }  // namespace ferry::tools

@@ -618,6 +618,7 @@ int cmd_prune(const std::string& store, const std::string& group, const site::Re
   }
   auto rep = (*st)->prune(policy, wall_now_ns(), dry_run);
   if (!rep.is_ok()) return fail("prune of group '" + group + "'", rep.status());
+  if (!dry_run) emit_prune_events(store, group, *rep);
   if (json) {
     nlohmann::json arr = nlohmann::json::array();
     for (const auto& p : rep->points) arr.push_back(point_json(p));

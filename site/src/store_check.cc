@@ -52,6 +52,8 @@ StoreCheck check_group_store(const std::string& root, const std::string& group) 
   c.points = rep->points.size();
   c.policy = rep->policy;
   for (const PrunePoint& p : rep->points) c.store_bytes += p.store_bytes;
+  if (rep->points.size() > 1)
+    c.mean_rp_bytes = (c.store_bytes - rep->points.front().store_bytes) / (rep->points.size() - 1);
   if (!rep->points.empty())
     for (const RpDiskInfo& d : rep->points.back().info.disks) c.newest_disk_bytes += d.size_bytes;
   ReaderGate gate;

@@ -21,6 +21,7 @@ struct StoreCheck {
   std::uint64_t points = 0;         // RPs offered
   std::uint64_t store_bytes = 0;    // journal bytes of the offered RPs above the base
   std::uint64_t newest_disk_bytes = 0;  // sum of the newest RP's disk sizes (one full RP)
+  std::uint64_t mean_rp_bytes = 0;  // journal bytes per RP, the oldest (often full) left out
   RetentionPolicy policy;           // the effective policy of the last pruning
 };
 
