@@ -74,7 +74,7 @@ def define_domain(name, disk_path, fmt):
 with ft.Env("doctor") as env:
     # --- a healthy setup: a store on a small tmpfs, one group with two RPs ---
     store = env.path("store", "x")[:-2]
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128m", "tmpfs", store], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", store], check=True)
     env.on_cleanup(lambda: subprocess.run(["umount", "-l", store]))
     wl = env.workload()
     qsd = env.qsd([ft.Disk("vda", 32 * ft.MiB, "qcow2")])
@@ -109,6 +109,30 @@ with ft.Env("doctor") as env:
     expect(healthy, "receiver", "ok", "mutual TLS" if env.tls else "plaintext")
     r = env.run(["doctor"] + base, timeout=120, tls=False)
     ft.check(r.rc == 0 and "all well" in r.out, f"text output of a healthy setup:\n{r}")
+
+    # --- a running guest: Ferry's checkpoints and the disks' bitmaps, then metadata deleted ---
+    fixture = G.fixture_dir() if have_libvirt else None
+    if fixture is None:
+        ft.log("no libvirtd or guest fixture: the checkpoints check is not exercised")
+    else:
+        ggroup = "docvm"
+        g = G.Guest(env.path("guest", "x")[:-2], f"{DOMAIN}-vm", [G.Disk("vda", size_mib=16)])
+        env.on_cleanup(g.destroy)
+        g.start(fixture)
+        ft.log(f"guest {g.name} up in {g.boot_s:.1f}s")
+        g.write("vda", [0, 5, 9], gen=1)
+        r = env.run(["protect", "--domain", g.name, "--to", rx.addr, "--group", ggroup,
+                     "--once", "--state-dir", state], timeout=300)
+        ft.check(r.rc == 0, f"protect --once:\n{r}")
+        gbase = ["--to", rx.addr, "--store", store, "--group", ggroup, "--domain", g.name] + tls
+        checks = doctor(env, gbase, 0)
+        expect(checks, "checkpoints", "ok", f"group '{ggroup}'")
+        expect(checks, "nbd", "ok", "nbd-server-start")
+        G.virsh("checkpoint-delete", g.name, f"ferry.{ggroup}.1", "--metadata")
+        checks = doctor(env, gbase, 1)
+        expect(checks, "checkpoints", "fail", f"ferry.{ggroup}.1", "no checkpoint metadata", "L4")
+        ft.check_eq(failing(checks), ["checkpoints"], "only checkpoints fails")
+        g.destroy()
 
     # --- libvirtd unreachable: a socket nobody listens on (the shared libvirtd keeps running) ---
     bogus = f"qemu+unix:///system?socket={env.dir}/no-libvirtd.sock"
