@@ -1,5 +1,7 @@
 #include "ferry/events/event_log.h"
 
+#include "flusher.h"
+
 #include <fcntl.h>
 #include <sys/file.h>
 #include <sys/stat.h>
@@ -191,17 +193,12 @@ Result<std::unique_ptr<EventLog>> EventLog::open(const EventLogOptions& options)
     std::lock_guard lock(log->mu_);
     FERRY_TRY(log->reopen_if_rotated());
   }
-  log->flusher_ = std::thread([raw = log.get()] { raw->flusher(); });
+  Flusher::instance().add(log.get());
   return log;
 }
 
 EventLog::~EventLog() {
-  {
-    std::lock_guard lock(mu_);
-    stopping_ = true;
-  }
-  cv_.notify_all();
-  if (flusher_.joinable()) flusher_.join();
+  Flusher::instance().remove(this);
   if (fd_.valid() && dirty_) (void)::fdatasync(fd_.get());
 }
 
@@ -263,7 +260,7 @@ void EventLog::emit(Event e) {
     std::lock_guard lock(mu_);
     s = append(line);
   }
-  cv_.notify_all();
+  Flusher::instance().wake();
   if (!s.is_ok()) {
     const std::uint64_t n = ++write_failures_;
     spdlog::warn("event {} of group '{}' not written to the event log ({} failure(s) so far): {}",
@@ -280,31 +277,19 @@ void EventLog::emit(Event e) {
 }
 
 Status EventLog::sync() {
-  std::lock_guard lock(mu_);
-  if (!fd_.valid() || !dirty_) return Status::ok();
-  dirty_ = false;
-  if (::fdatasync(fd_.get()) != 0) return Status::from_errno(errno, "fdatasync the event log");
-  return Status::ok();
-}
-
-void EventLog::flusher() {
-  std::unique_lock lock(mu_);
-  while (!stopping_) {
-    cv_.wait(lock, [&] { return stopping_ || dirty_; });
-    if (stopping_) break;
-    // Batch: whatever arrives within sync_interval shares one fdatasync.
-    cv_.wait_for(lock, options_.sync_interval, [&] { return stopping_; });
-    if (!fd_.valid() || !dirty_) continue;
+  UniqueFd dup;
+  {
+    std::lock_guard lock(mu_);
+    if (!fd_.valid() || !dirty_) return Status::ok();
     dirty_ = false;
     // The sync runs on a duplicate without the lock, so emit() never waits for it.
-    UniqueFd dup(::dup(fd_.get()));
-    lock.unlock();
-    if (!dup.valid() || ::fdatasync(dup.get()) != 0) {
-      ++write_failures_;
-      spdlog::warn("event log {}: fdatasync failed: {}", options_.dir, std::strerror(errno));
-    }
-    lock.lock();
+    dup.reset(::dup(fd_.get()));
   }
+  if (!dup.valid() || ::fdatasync(dup.get()) != 0) {
+    ++write_failures_;
+    return Status::from_errno(errno, "fdatasync the event log in " + options_.dir);
+  }
+  return Status::ok();
 }
 
 Result<ReadResult> read_events(const std::string& dir, std::int64_t since_us) {

@@ -179,3 +179,31 @@ TEST_CASE("--since takes RFC 3339 times and relative ages") {
     CHECK(r.status().code() == Errc::invalid_argument);
   }
 }
+
+TEST_CASE("many open logs share one flusher thread; closing a written log is safe") {
+  auto threads = [] {
+    std::size_t n = 0;
+    for (const auto& e : std::filesystem::directory_iterator("/proc/self/task")) n += !e.path().empty();
+    return n;
+  };
+  TempDir d;
+  {  // start the flusher once
+    auto first = EventLog::open({.dir = d.path + "/first", .journald = false});
+    REQUIRE(first.is_ok());
+    (*first)->emit(make(1));
+  }
+  const std::size_t before = threads();
+  std::vector<std::unique_ptr<EventLog>> logs;
+  for (int i = 0; i < 50; ++i) {
+    auto log = EventLog::open({.dir = d.path + "/g" + std::to_string(i), .journald = false});
+    REQUIRE(log.is_ok());
+    (*log)->emit(make(std::uint64_t(i) + 1));
+    logs.push_back(std::move(log).value());
+  }
+  CHECK(threads() == before);
+  logs.clear();  // closed while the flusher may be about to sync them
+  auto r = read_events(d.path + "/g49", 0);
+  REQUIRE(r.is_ok());
+  REQUIRE(r->events.size() == 1);
+  CHECK(r->events[0].rp == 50);
+}

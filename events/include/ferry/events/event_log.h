@@ -9,10 +9,10 @@
 // events.lock orders their appends and rotations.
 //
 // Durability rule (docs/operations.md): each event is written with one write() at once, so
-// it survives the death of the process; fdatasync is batched: a flusher thread syncs the
-// file at most once per sync_interval when something was written, and rotation and close
-// sync. The RP path never waits for an event's fsync; a power cut may lose the events of the
-// last sync_interval, never an RP. A line torn by a crash is skipped by readers with a note,
+// it survives the death of the process; fdatasync is batched: one flusher thread per process
+// (for every log it has open) syncs each written file kSyncInterval after a write, and
+// rotation and close sync. The RP path never waits for an event's fsync; a power cut may lose
+// the events of the last kSyncInterval, never an RP. A line torn by a crash is skipped by readers with a note,
 // and the writer starts its next event on a fresh line.
 //
 // Emitting never fails the caller: an event that cannot be written (or sent to journald) is
@@ -24,12 +24,10 @@
 
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cstdint>
 #include <memory>
 #include <mutex>
 #include <string>
-#include <thread>
 #include <utility>
 #include <variant>
 #include <vector>
@@ -45,6 +43,7 @@ inline constexpr std::uint64_t kDefaultMaxFileBytes = 4ull << 20;
 inline constexpr std::uint64_t kMinMaxFileBytes = 4096;
 // A reader reads at most this many bytes per file (a log is bounded; a huge file is not ours).
 inline constexpr std::uint64_t kMaxReadBytes = 256ull << 20;
+inline constexpr std::chrono::milliseconds kSyncInterval{1000};
 
 enum class Priority : std::uint8_t { error = 3, warning = 4, notice = 5, info = 6 };
 
@@ -75,7 +74,6 @@ std::string format_time_us(std::int64_t unix_us);
 struct EventLogOptions {
   std::string dir;  // created if missing
   std::uint64_t max_file_bytes = kDefaultMaxFileBytes;
-  std::chrono::milliseconds sync_interval{1000};
   bool journald = true;
 };
 
@@ -88,7 +86,8 @@ class EventLog {
 
   // Appends the event (and sends it to journald). Never fails; thread-safe.
   void emit(Event e);
-  // fdatasync of what was written so far (the flusher does this on its own).
+  // fdatasync of what was written so far (the flusher does this on its own); emit() does not
+  // wait for it.
   Status sync();
 
   std::uint64_t write_failures() const { return write_failures_.load(); }
@@ -100,14 +99,11 @@ class EventLog {
   Status append(const std::string& line);
   Status reopen_if_rotated();
   Status rotate();
-  void flusher();
 
   EventLogOptions options_;
   std::mutex mu_;
   UniqueFd fd_, lock_fd_;
-  bool dirty_ = false, stopping_ = false;
-  std::condition_variable cv_;
-  std::thread flusher_;
+  bool dirty_ = false;
   std::atomic<std::uint64_t> write_failures_{0}, journald_failures_{0};
 };
 
