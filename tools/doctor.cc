@@ -283,8 +283,16 @@ int cmd_doctor(DoctorArgs a) {
   checks.push_back(check_tls(a, a.to.empty() && !a.store.empty() ? transport::TlsConfig::Role::server
                                                                   : transport::TlsConfig::Role::client));
   check_store(a, checks);
-  std::size_t failures = 0;
-  for (const CheckResult& c : checks) failures += c.status == CheckStatus::fail;
+  std::size_t failures = 0, skipped = 0;
+  for (const CheckResult& c : checks) {
+    failures += c.status == CheckStatus::fail;
+    skipped += c.status == CheckStatus::skip;
+  }
+  if (skipped == checks.size()) {
+    std::fprintf(stderr, "ferry doctor: nothing to check: give --domain, --to, --store, --tls-* "
+                         "or --config\n");
+    return 2;
+  }
   if (a.json) {
     nlohmann::json out = {{"ok", failures == 0}, {"checks", nlohmann::json::array()}};
     for (const CheckResult& c : checks)

@@ -109,6 +109,8 @@ with ft.Env("doctor") as env:
     expect(healthy, "receiver", "ok", "mutual TLS" if env.tls else "plaintext")
     r = env.run(["doctor"] + base, timeout=120, tls=False)
     ft.check(r.rc == 0 and "all well" in r.out, f"text output of a healthy setup:\n{r}")
+    r = env.run(["doctor", "--group", GROUP], timeout=60, tls=False)
+    ft.check(r.rc == 2 and "nothing to check" in r.err, f"nothing given is a usage error:\n{r}")
 
     # --- a running guest: Ferry's checkpoints and the disks' bitmaps, then metadata deleted ---
     fixture = G.fixture_dir() if have_libvirt else None

@@ -176,6 +176,29 @@ with ft.Env("events") as env:
     ft.check(len(errors) == 1 and "max-disk-bytes" in errors[0]["fields"]["cause"],
              f"source error event: {errors}")
 
+    # --- an export (when nbdkit is here) and `ferry prune` write to the receiver's log too ---
+    if shutil.which("nbdkit"):
+        sock = env.path("export.sock")
+        p = ft.Proc(env, "export", [env.ferry, "export", "--store", rx.store, "--group", GROUP,
+                                    "--point", "latest", "--disk", "vda", "--socket", sock],
+                    env.path("export.log"))
+        t0 = time.monotonic()
+        while "serving" not in p.log_text():
+            ft.check(p.alive() and time.monotonic() - t0 < 10, f"export:\n{p.log_text()}")
+            time.sleep(0.02)
+        p.terminate()
+        exported = [e for e in events(env, store_args)[0] if e["kind"] == "rp_exported"]
+        ft.check(len(exported) == 1 and exported[0]["rp"] == 5 and exported[0]["disk"] == "vda"
+                 and sock in exported[0]["fields"]["uri"], f"rp_exported: {exported}")
+    else:
+        ft.log("nbdkit not installed: rp_exported not exercised")
+    rx.stop()
+    r = env.run(["prune", "--store", rx.store, "--group", GROUP, "--keep-last", "1"], timeout=60)
+    ft.check(r.rc == 0, f"ferry prune:\n{r}")
+    by_hand = [e for e in events(env, store_args)[0]
+               if e["kind"] == "rp_pruned" and e["fields"]["by"] == "ferry prune"]
+    ft.check_eq([e["rp"] for e in by_hand], [4], "RPs pruned by ferry prune --keep-last 1")
+
     # --- journald: the same events, by FERRY_GROUP ---
     if journald is not None:
         deadline = time.monotonic() + 10
