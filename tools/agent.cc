@@ -73,8 +73,11 @@ struct TargetStatus {
 class Worker {
  public:
   using OnRp = std::function<void(const std::string& line)>;
-  Worker(TargetConfig cfg, std::string state_dir, OnRp on_rp)
-      : cfg_(std::move(cfg)), state_dir_(std::move(state_dir)), on_rp_(std::move(on_rp)) {
+  Worker(TargetConfig cfg, std::string state_dir, std::int64_t event_log_bytes, OnRp on_rp)
+      : cfg_(std::move(cfg)),
+        state_dir_(std::move(state_dir)),
+        event_log_bytes_(event_log_bytes),
+        on_rp_(std::move(on_rp)) {
     st_.started_unix_ns = unix_now_ns();
     heartbeat_ms_.store(steady_now_ms());
     thread_ = std::thread([this] { run(); });
@@ -123,6 +126,7 @@ class Worker {
   std::condition_variable cv_;
   TargetConfig cfg_;
   const std::string state_dir_;
+  const std::int64_t event_log_bytes_;
   const OnRp on_rp_;
   std::atomic<bool> stop_{false};
   std::atomic<std::int64_t> heartbeat_ms_{0};
@@ -190,7 +194,8 @@ Status Worker::take_one(std::unique_ptr<cbt::ChangeSource>& source) {
     so.connection.tls = std::move(tls).value();
     so.connection.tls_server_name = cfg.tls_server_name;
   }
-  if (!events_) events_ = source::open_source_events(state_dir_, so.group);
+  if (!events_)
+    events_ = source::open_source_events(state_dir_, so.group, std::uint64_t(event_log_bytes_));
   auto rp = source::take_recovery_point_with_events(*source, so, events_.get());
   record(rp, start_ns);
   return rp.status();
@@ -292,7 +297,7 @@ class Agent {
 void Agent::start_worker(const TargetConfig& t) {
   spdlog::info("target {} ({} {}): every {} s to {}", t.group, target_kind_name(t.kind),
                t.kind == TargetKind::qmp ? t.qmp_socket : t.domain, t.interval_seconds, t.to);
-  workers_[t.group] = std::make_unique<Worker>(t, cfg_.state_dir,
+  workers_[t.group] = std::make_unique<Worker>(t, cfg_.state_dir, cfg_.event_log_bytes,
                                                [this](const std::string& l) { notify_status(l); });
 }
 

@@ -187,12 +187,15 @@ Status parse_tls(const Checker& c, const toml::table& root, AgentConfig* cfg) {
 
 Result<AgentConfig> check_root(const Checker& c, const toml::table& root) {
   FERRY_TRY(c.only_keys(root, {"state_dir", "status_socket", "log_level", "domain", "qmp",
-                               "tls_cert", "tls_key", "tls_ca", "tls_server_name"},
+                               "tls_cert", "tls_key", "tls_ca", "tls_server_name",
+                               "event_log_bytes"},
                         "the top level"));
   AgentConfig cfg;
   FERRY_TRY(absolute_path(c, root, "state_dir", false, kMaxPathBytes, &cfg.state_dir));
   FERRY_TRY(absolute_path(c, root, "status_socket", false, kMaxSocketPathBytes, &cfg.status_socket));
   FERRY_TRY(c.string(root, "log_level", false, 16, &cfg.log_level));
+  FERRY_TRY(c.integer(root, "event_log_bytes", false, kMinEventLogBytes, kMaxEventLogBytes,
+                      &cfg.event_log_bytes));
   static const char* const kLevels[] = {"debug", "info", "warn", "error"};
   if (std::find(std::begin(kLevels), std::end(kLevels), cfg.log_level) == std::end(kLevels))
     return c.error(Checker::line_of(*root.get("log_level")), "log_level",

@@ -100,6 +100,7 @@ struct ReceiveArgs {
   bool config_given = false;  // --config on the command line: the file must exist
   TlsArgs tls;                // --tls-*: mutual TLS 1.3 and the access map
   bool insecure_plaintext = false;
+  std::uint64_t event_log_bytes = events::kDefaultMaxFileBytes;
 };
 
 // What a SIGHUP replaces: the config (retention, access map, quotas). Read by the
@@ -234,6 +235,7 @@ int cmd_receive(const ReceiveArgs& a, std::uint64_t max_disk_bytes) {
   site::ReceiverOptions ro;
   ro.store.root = a.store;
   ro.max_disk_bytes = max_disk_bytes;
+  ro.event_log_bytes = a.event_log_bytes;
   // Test-only (docs/operations.md, `ferry doctor`): the clock the probe reports is shifted.
   if (const char* off = std::getenv("FERRY_TEST_CLOCK_OFFSET_MS"); off && *off) {
     ro.test_clock_offset_ms = std::strtoll(off, nullptr, 10);
@@ -351,6 +353,7 @@ struct ReplicateArgs {
   int zstd_level = transport::kDefaultZstdLevel;
   bool take_over = false;
   TlsArgs tls;
+  std::uint64_t event_log_bytes = events::kDefaultMaxFileBytes;
 };
 
 // The sender's connection: mutual TLS when --tls-* are given (the receiver's certificate
@@ -382,8 +385,8 @@ Result<std::vector<cbt::QmpDisk>> parse_disks(const std::vector<std::string>& sp
 // previous one) until SIGTERM; a failed RP is logged and retried at the next tick.
 int run_recovery_points(cbt::ChangeSource& source, source::SenderOptions& so, bool once,
                         double interval_seconds, SignalWatcher& signals,
-                        const std::string& state_dir) {
-  const auto events = source::open_source_events(state_dir, so.group);
+                        const std::string& state_dir, std::uint64_t event_log_bytes) {
+  const auto events = source::open_source_events(state_dir, so.group, event_log_bytes);
   if (once) {
     auto rp = source::take_recovery_point_with_events(source, so, events.get());
     if (so.progress) std::fprintf(stderr, "\n");
@@ -442,7 +445,8 @@ int cmd_replicate(const ReplicateArgs& a) {
   if (Status s = set_client_tls(a.tls, &so); !s.is_ok()) return fail("TLS material", s);
 
   return run_recovery_points(**source, so, a.once, a.interval_seconds, signals,
-                             a.state_dir.empty() ? default_state_dir() : a.state_dir);
+                             a.state_dir.empty() ? default_state_dir() : a.state_dir,
+                             a.event_log_bytes);
 }
 
 // ---- protect -----------------------------------------------------------------------------------
@@ -457,6 +461,7 @@ struct ProtectArgs {
   std::string state_dir;
   bool take_over = false;
   TlsArgs tls;
+  std::uint64_t event_log_bytes = events::kDefaultMaxFileBytes;
 };
 
 int cmd_protect(const ProtectArgs& a) {
@@ -482,7 +487,8 @@ int cmd_protect(const ProtectArgs& a) {
   if (isatty(STDERR_FILENO)) so.progress = progress_printer();
   if (Status s = set_client_tls(a.tls, &so); !s.is_ok()) return fail("TLS material", s);
   return run_recovery_points(**source, so, a.once, a.interval_seconds, signals,
-                             a.state_dir.empty() ? default_state_dir() : a.state_dir);
+                             a.state_dir.empty() ? default_state_dir() : a.state_dir,
+                             a.event_log_bytes);
 }
 
 // ---- points / restore ------------------------------------------------------------------------
@@ -684,6 +690,10 @@ int main(int argc, char** argv) {
   receive->add_option("--tls-crl", ra.tls.crl, "PEM CRL(s) of that CA (reloaded on SIGHUP)");
   receive->add_flag("--insecure-plaintext", ra.insecure_plaintext,
                     "Allow --listen on a non-loopback address without TLS (logged at every start)");
+  const auto event_log_range = CLI::Range(ferry::events::kMinMaxFileBytes, std::uint64_t(1) << 30);
+  const std::string event_log_help =
+      "Bytes per event log file (two per group: docs/operations.md; default 4 MiB)";
+  receive->add_option("--event-log-bytes", ra.event_log_bytes, event_log_help)->check(event_log_range);
   auto* receive_config_opt = receive->add_option(
       "--config", ra.config,
       "Receiver config (TOML: retention per group); the default path is read if it exists");
@@ -714,6 +724,7 @@ int main(int argc, char** argv) {
   rep->add_option("--tls-ca", pa.tls.ca, "PEM CA bundle that signs the receiver's certificate");
   rep->add_option("--tls-server-name", pa.tls.server_name,
                   "Name the receiver's certificate must carry (DNS or IP; default: the host in --to)");
+  rep->add_option("--event-log-bytes", pa.event_log_bytes, event_log_help)->check(event_log_range);
   rep->add_flag("--take-over", pa.take_over,
                 "Take the group over from the source that wrote it (another host, other "
                 "images): the next RP is a resync or full copy of every disk");
@@ -733,6 +744,7 @@ int main(int argc, char** argv) {
   protect->add_option("--tls-ca", pr.tls.ca, "PEM CA bundle that signs the receiver's certificate");
   protect->add_option("--tls-server-name", pr.tls.server_name,
                   "Name the receiver's certificate must carry (DNS or IP; default: the host in --to)");
+  protect->add_option("--event-log-bytes", pr.event_log_bytes, event_log_help)->check(event_log_range);
   protect->add_flag("--take-over", pr.take_over,
                     "Take the group over from the source that wrote it (another host, other "
                     "images): the next RP is a resync or full copy of every disk");

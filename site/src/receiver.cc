@@ -1025,7 +1025,7 @@ Result<std::unique_ptr<Receiver>> Receiver::create(const ReceiverOptions& option
   FERRY_TRY(make_dirs(options.store.root));
   auto impl = std::make_unique<Impl>();
   impl->options = options;
-  impl->events = std::make_unique<ReceiverEvents>(options.store.root);
+  impl->events = std::make_unique<ReceiverEvents>(options.store.root, options.event_log_bytes);
   impl->retention_for = options.retention_for;
   // Recover every group now, not at its source's next hello: after a crash the replicas are
   // brought back to one committed RP (torn tail cut, committed RPs re-applied) at start-up.

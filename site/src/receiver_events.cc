@@ -19,7 +19,8 @@ events::EventLog* ReceiverEvents::log_for(const std::string& group) {
   // A group that has no directory yet (a refused peer) gets no log: nothing of it is created.
   std::error_code ec;
   if (!std::filesystem::is_directory(root_ + "/" + group, ec)) return nullptr;
-  auto log = events::EventLog::open({.dir = events::receiver_events_dir(root_, group)});
+  auto log = events::EventLog::open({.dir = events::receiver_events_dir(root_, group),
+                                     .max_file_bytes = max_file_bytes_});
   if (!log.is_ok()) {
     spdlog::warn("group '{}': event log not opened (events go to the log only): {}", group,
                  log.status().to_string());

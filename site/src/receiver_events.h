@@ -19,7 +19,9 @@ class GroupStore;
 
 class ReceiverEvents {
  public:
-  explicit ReceiverEvents(std::string store_root) : root_(std::move(store_root)) {}
+  ReceiverEvents(std::string store_root, std::uint64_t max_file_bytes)
+      : root_(std::move(store_root)),
+        max_file_bytes_(max_file_bytes ? max_file_bytes : events::kDefaultMaxFileBytes) {}
 
   void rp_started(const std::string& group, const RpBeginInfo& rp, const std::string& peer);
   void rp_refused(const std::string& group, std::uint64_t rp_id, const Status& why);
@@ -37,6 +39,7 @@ class ReceiverEvents {
   events::EventLog* log_for(const std::string& group);
 
   std::string root_;
+  std::uint64_t max_file_bytes_;
   std::mutex mu_;
   std::map<std::string, std::unique_ptr<events::EventLog>> logs_;
 };

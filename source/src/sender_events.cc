@@ -25,8 +25,10 @@ bool lost(cbt::FullReason r) {
 }  // namespace
 
 std::unique_ptr<events::EventLog> open_source_events(const std::string& state_dir,
-                                                     const std::string& group) {
-  auto log = events::EventLog::open({.dir = events::source_events_dir(state_dir, group)});
+                                                     const std::string& group,
+                                                     std::uint64_t max_file_bytes) {
+  auto log = events::EventLog::open({.dir = events::source_events_dir(state_dir, group),
+                                     .max_file_bytes = max_file_bytes});
   if (log.is_ok()) return std::move(log).value();
   spdlog::warn("group '{}': event log not opened (events go to this log only): {}", group,
                log.status().to_string());

@@ -199,6 +199,19 @@ with ft.Env("events") as env:
                if e["kind"] == "rp_pruned" and e["fields"]["by"] == "ferry prune"]
     ft.check_eq([e["rp"] for e in by_hand], [4], "RPs pruned by ferry prune --keep-last 1")
 
+    # --- --event-log-bytes bounds the receiver's two files ---
+    rx.restart(args=["--keep-last", "2", "--event-log-bytes", "4096"])
+    for _ in range(5):
+        last = rp()
+    cur = os.path.join(rx.store, GROUP, "events", "events.jsonl")
+    prev = os.path.join(rx.store, GROUP, "events", "events.1.jsonl")
+    ft.check(os.path.exists(prev), "rotated to events.1.jsonl")
+    for p in (cur, prev):
+        ft.check(os.path.getsize(p) <= 4096, f"{p}: {os.path.getsize(p)} bytes > 4096")
+    bounded, r = events(env, store_args)
+    ft.check(r.err == "" and ("rp_committed", last) in kinds(bounded),
+             f"the bounded log reads clean and holds the newest RP: {kinds(bounded)}\n{r}")
+
     # --- journald: the same events, by FERRY_GROUP ---
     if journald is not None:
         deadline = time.monotonic() + 10

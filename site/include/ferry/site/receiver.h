@@ -79,6 +79,8 @@ struct ReceiverOptions {
   // Test-only: shifts the clock the probe reports (`ferry doctor`'s clock check), set by
   // `ferry receive` from FERRY_TEST_CLOCK_OFFSET_MS. Nothing else reads it.
   std::int64_t test_clock_offset_ms = 0;
+  // Each of a group's two event log files (<store>/<group>/events/); 0: the default.
+  std::uint64_t event_log_bytes = 0;
 };
 
 // The bytes a group's store takes on disk (allocated blocks of its images and journal),

@@ -13,8 +13,10 @@ Result<RpStats> take_recovery_point_with_events(cbt::ChangeSource& source,
                                                 const SenderOptions& options,
                                                 events::EventLog* log);
 
-// The source's log for a group: <state_dir>/<group>/events; null (logged) when it cannot open.
-std::unique_ptr<events::EventLog> open_source_events(const std::string& state_dir,
-                                                     const std::string& group);
+// The source's log for a group: <state_dir>/<group>/events, files of at most max_file_bytes;
+// null (logged) when it cannot open.
+std::unique_ptr<events::EventLog> open_source_events(
+    const std::string& state_dir, const std::string& group,
+    std::uint64_t max_file_bytes = events::kDefaultMaxFileBytes);
 
 }  // namespace ferry::source
