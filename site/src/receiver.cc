@@ -221,7 +221,7 @@ struct Receiver::Impl {
                     const std::string& what) {
     FERRY_ASSERT(!why.is_ok());
     const std::string text = why.to_string();
-    std::lock_guard lock(mu);
+    std::unique_lock lock(mu);
     Health& h = g.health;
     const bool same_cause = h.failing() && why.code() == h.code;
     if (!h.failing()) {
@@ -246,6 +246,8 @@ struct Receiver::Impl {
     h.step = step;
     h.last_error = what + ": " + text;
     FERRY_ASSERT(h.failing() && h.failures > 0);
+    lock.unlock();
+    if (!same_cause) events->error(group, 0, what, why);  // once per cause, like the log
   }
 
   // After a successful open: the store is usable again. Ends an episode whose cause the
@@ -666,7 +668,6 @@ class Session {
   // dropped at the end of the session and re-opened after the back-off (Impl::note_failure).
   Status storage_failure(std::uint64_t rp_id, const Status& why) {
     storage_failed_ = true;
-    impl_.events->error(hello_.group, rp_id, "store", why);
     impl_.note_failure(*slot_, hello_.group, FailedStep::rp, why,
                        "RP " + std::to_string(rp_id) + " not committed, the store failed");
     return send_refusal(rp_id, why);

@@ -83,7 +83,7 @@ void ReceiverEvents::applied(const std::string& group, const std::vector<std::ui
   const std::uint64_t rp = store.last_committed_rp();
   if (!apply.is_ok() || !store.apply_error().is_ok()) {
     const Status& why = apply.is_ok() ? store.apply_error() : apply;
-    error(group, rp, "apply", why);
+    error(group, rp, "applying RP " + std::to_string(rp) + " to the replica failed", why);
     return;
   }
   emit({.group = group, .kind = "rp_applied", .rp = rp,
@@ -97,8 +97,8 @@ void ReceiverEvents::applied(const std::string& group, const std::vector<std::ui
 void ReceiverEvents::error(const std::string& group, std::uint64_t rp_id, const std::string& what,
                            const Status& why) {
   emit({.group = group, .kind = "error", .rp = rp_id, .priority = Priority::error,
-        .message = "group '" + group + "': " + what + " failed: " + why.message(),
-        .fields = {{"step", what}, {"code", std::string(errc_name(why.code()))},
+        .message = "group '" + group + "': " + what + ": " + why.message(),
+        .fields = {{"what", what}, {"code", std::string(errc_name(why.code()))},
                    {"cause", why.message()},
                    {"data_lost", std::int64_t(why.data_lost() ? 1 : 0)}}});
 }

@@ -31,6 +31,7 @@ class ReceiverEvents {
   static std::vector<std::uint64_t> point_ids(const GroupStore& store);
   void applied(const std::string& group, const std::vector<std::uint64_t>& before,
                std::uint64_t base_before, const GroupStore& store, const Status& apply);
+  // `what` says what failed ("recovery at start-up failed"); `why` is the cause.
   void error(const std::string& group, std::uint64_t rp_id, const std::string& what,
              const Status& why);
   void emit(events::Event e);

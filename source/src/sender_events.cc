@@ -67,7 +67,7 @@ Result<RpStats> take_recovery_point_with_events(cbt::ChangeSource& source,
     const Status& why = rp.status();
     log->emit({.group = group, .kind = "error", .rp = started_rp, .priority = Priority::error,
                .message = "group '" + group + "': recovery point failed: " + why.message(),
-               .fields = {{"step", std::string("rp")},
+               .fields = {{"what", std::string("recovery point failed")},
                           {"code", std::string(errc_name(why.code()))},
                           {"cause", why.message()},
                           {"retryable", std::int64_t(why.retryable() ? 1 : 0)}}});

@@ -212,6 +212,27 @@ with ft.Env("events") as env:
     ft.check(r.err == "" and ("rp_committed", last) in kinds(bounded),
              f"the bounded log reads clean and holds the newest RP: {kinds(bounded)}\n{r}")
 
+    # --- a store that cannot be recovered at start-up: an error event with the cause ---
+    rx.stop()
+    jdir = os.path.join(rx.store, GROUP, "journal")
+    os.rename(jdir, jdir + ".aside")
+    open(jdir, "w").close()
+    rx.restart()
+    deadline = time.monotonic() + 20
+    while True:
+        errs = [e for e in events(env, store_args)[0] if e["kind"] == "error"]
+        if errs or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    ft.check(len(errs) == 1 and "recovery at start-up failed" in errs[0]["fields"]["what"] and
+             errs[0]["fields"]["cause"] and errs[0]["priority"] == 3,
+             f"one error event for the failed recovery: {errs}")
+    rx.stop()
+    os.unlink(jdir)
+    os.rename(jdir + ".aside", jdir)
+    rx.restart()
+    ft.check_eq(rp(), last + 1, "RP after the store was repaired")
+
     # --- journald: the same events, by FERRY_GROUP ---
     if journald is not None:
         deadline = time.monotonic() + 10
@@ -227,7 +248,7 @@ with ft.Env("events") as env:
         for want in [("rp_started", "1", None), ("rp_committed", "3", None),
                      ("rp_applied", "3", None), ("rp_pruned", "1", None),
                      ("bitmap_lost", "4", "vda"), ("bitmap_healed", "4", "vda"),
-                     ("rp_refused", "6", None), ("error", "6", None)]:
+                     ("rp_refused", "6", None), ("error", "6", None), ("error", None, None)]:
             ft.check(want in evs, f"journald has {want}: {evs}")
         e = next(x for x in entries if x.get("FERRY_EVENT") == "rp_refused")
         ft.check(e["PRIORITY"] == "3" and "refused" in e["MESSAGE"] and
