@@ -12,8 +12,11 @@
 #include <cmath>
 #include <cstdio>
 #include <memory>
+#include <optional>
 
 #include "config.h"
+#include "ferry/site/receiver.h"
+#include "receive_config.h"
 #include "ferry/site/store_check.h"
 #include "ferry/transport/codec.h"
 #include "ferry/transport/connection.h"
@@ -185,11 +188,31 @@ void check_store(const DoctorArgs& a, std::vector<CheckResult>& out) {
     out.push_back(skipped("store-space", "store not readable"));
     return;
   }
+  std::optional<ReceiveConfig> rc;
+  if (!a.receive_config.empty()) {
+    auto loaded = load_receive_config(a.receive_config);
+    if (!loaded.is_ok()) {
+      out.push_back(failed("store", loaded.status().message(), "fix --receive-config"));
+      out.push_back(skipped("store-space", "receive config unreadable"));
+      return;
+    }
+    rc = std::move(loaded).value();
+  }
   std::uint64_t need = 0;
-  std::string problems, notes;
+  std::string problems, notes, over_quota;
   for (const std::string& g : *groups) {
     if (!a.group.empty() && g != a.group) continue;
     site::StoreCheck c = site::check_group_store(a.store, g);
+    if (rc) c.policy = rc->for_group(g);  // what the receiver applies next, not what it did
+    if (const std::uint64_t quota = rc ? rc->quota_for(g) : 0; quota != 0) {
+      // The receiver refuses an RP once usage plus the RP's bound (its disks' sizes) passes.
+      auto used = site::group_usage_bytes(a.store, g);
+      if (used.is_ok() && *used + c.newest_disk_bytes > quota)
+        over_quota += (over_quota.empty() ? "" : "; ") +
+                      ("group '" + g + "' uses " + human_bytes(*used) + " of its quota " +
+                       human_bytes(quota) + ", and a full RP of its disks may add " +
+                       human_bytes(c.newest_disk_bytes));
+    }
     if (!c.problem.is_ok())
       problems += (problems.empty() ? "" : "; ") + ("group '" + g + "': " + c.problem.to_string());
     for (const std::string& n : c.notes) notes += (notes.empty() ? " (" : "; ") + g + ": " + n;
@@ -227,6 +250,10 @@ void check_store(const DoctorArgs& a, std::vector<CheckResult>& out) {
     out.push_back(failed("store-space", d,
                          "grow or free the store's file system, or keep fewer RPs "
                          "(receive.toml keep-last / keep-within) and run ferry prune"));
+  else if (!over_quota.empty())
+    out.push_back(failed("store-space", over_quota + " (RPs that would pass the quota are refused)",
+                         "raise the group's quota in receive.toml ([group.NAME] quota) and "
+                         "SIGHUP the receiver, or keep fewer RPs"));
   else
     out.push_back(ok("store-space", d));
 }
@@ -326,6 +353,8 @@ std::function<bool(int& rc)> add_doctor_command(CLI::App& app) {
                                          "receiver and TLS material");
   doc->add_option("--to", a->to, "Receiver ADDR:PORT to probe");
   doc->add_option("--store", a->store, "Receiver store directory (on the receiver's host)");
+  doc->add_option("--receive-config", a->receive_config,
+                  "Receiver config (receive.toml): each group's retention and quota");
   doc->add_option("--tls-cert", a->tls.cert, "PEM certificate chain (mutual TLS 1.3)");
   doc->add_option("--tls-key", a->tls.key, "PEM private key of --tls-cert");
   doc->add_option("--tls-ca", a->tls.ca, "PEM CA bundle");

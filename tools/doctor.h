@@ -26,6 +26,7 @@ struct CheckResult {
 
 struct DoctorArgs {
   std::string domain, group, uri, config, to, store;
+  std::string receive_config;  // receive.toml: each group's retention and quota
   TlsArgs tls;
   bool json = false;
   // The largest clock difference between source and receiver that passes (beyond half the

@@ -12,7 +12,8 @@ Faults, each checked by `--json` (name, status, detail, fix) and the exit status
   clock               the receiver restarted with FERRY_TEST_CLOCK_OFFSET_MS=5000 (test-only)
   tls                 test/tls/make-certs' expired client certificate; a certificate that
                       expires in 10 days (signed here by the test CA)
-  store-space         the tmpfs filled until less than one full copy of the disk is free
+  store-space         the tmpfs filled until less than one full copy of the disk is free; a
+                      group quota (--receive-config) the next full RP would pass
   store               a byte of a committed RP's journal record flipped (R2)
 With a guest (test/guest, TCG) the checkpoints check is run too: ok after `ferry protect
 --once`, then failing once the checkpoint metadata is deleted behind Ferry's back; skipped
@@ -203,6 +204,17 @@ with ft.Env("doctor") as env:
     ft.check_eq(failing(checks), ["store-space"], "only store-space fails")
     os.unlink(filler)
     doctor(env, base, 0)
+
+    # --- a group's quota (receive.toml) that the next full RP would pass ---
+    rcfg = env.path("doctor-receive.toml")
+    with open(rcfg, "w") as f:
+        f.write(f'[group.{GROUP}]\nquota = "20M"\n')
+    checks = doctor(env, base + ["--receive-config", rcfg], 1)
+    expect(checks, "store-space", "fail", "quota", GROUP, "receive.toml")
+    ft.check_eq(failing(checks), ["store-space"], "only store-space fails over the quota")
+    with open(rcfg, "w") as f:
+        f.write(f'[group.{GROUP}]\nquota = "1G"\n')
+    doctor(env, base + ["--receive-config", rcfg], 0)
 
     # --- a corrupt journal: one byte of RP 1's records flipped, RP 2's commit after it ---
     rx.stop()
