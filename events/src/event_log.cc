@@ -244,10 +244,17 @@ Status EventLog::append(const std::string& line) {
   if (::fstat(fd_.get(), &st) != 0) return Status::from_errno(errno, "stat the event log");
   if (st.st_size > 0 && std::uint64_t(st.st_size) + line.size() > options_.max_file_bytes)
     FERRY_TRY(rotate());
+  // After a short write the next event starts on a line of its own (readers skip the torn one).
+  if (torn_) {
+    if (::write(fd_.get(), "\n", 1) != 1)
+      return Status::from_errno(errno, "end a torn line of the event log in " + options_.dir);
+    torn_ = false;
+  }
   const ssize_t n = ::write(fd_.get(), line.data(), line.size());
   if (n < 0) return Status::from_errno(errno, "write the event log in " + options_.dir);
   dirty_ = true;
-  if (std::size_t(n) != line.size())  // ENOSPC part way: the reader skips the torn line
+  torn_ = std::size_t(n) != line.size();
+  if (torn_)  // ENOSPC or a file size limit part way
     return Status::error(Errc::no_space, "short write to the event log in " + options_.dir);
   return Status::ok();
 }
@@ -341,7 +348,8 @@ Result<std::int64_t> parse_since(std::string_view text, std::int64_t now_us) {
   if (text.empty()) return Status::error(Errc::invalid_argument, "--since is empty");
   const char unit = text.back();
   const std::string_view digits = text.substr(0, text.size() - 1);
-  const bool relative = !digits.empty() && digits.size() <= 9 &&
+  // At most 6 digits: 999999 days in microseconds still fits an int64.
+  const bool relative = !digits.empty() && digits.size() <= 6 &&
                         digits.find_first_not_of("0123456789") == std::string_view::npos;
   if (relative) {
     std::int64_t mult = 0;

@@ -1,6 +1,8 @@
 // The event log: bounds and rotation, the torn line, --since parsing, the line format.
 #include <catch2/catch.hpp>
+#include <sys/resource.h>
 #include <sys/stat.h>
+#include <csignal>
 #include <unistd.h>
 
 #include <filesystem>
@@ -172,7 +174,7 @@ TEST_CASE("--since takes RFC 3339 times and relative ages") {
   CHECK(parse_since("2025-12-08T03:50:00+01:00", now).value() == now);
   CHECK(parse_since("2025-12-08t02:50:00z", now).value() == now);
   for (const char* bad : {"", "10", "m", "10x", "yesterday", "2025-12-08", "2025-13-08T00:00:00Z",
-                          "2025-12-08T02:50:00", "2025-12-08T02:50:00Zjunk", "-5m"}) {
+                          "2025-12-08T02:50:00", "2025-12-08T02:50:00Zjunk", "-5m", "9999999d"}) {
     INFO(bad);
     auto r = parse_since(bad, now);
     REQUIRE(!r.is_ok());
@@ -206,4 +208,31 @@ TEST_CASE("many open logs share one flusher thread; closing a written log is saf
   REQUIRE(r.is_ok());
   REQUIRE(r->events.size() == 1);
   CHECK(r->events[0].rp == 50);
+}
+
+TEST_CASE("a short write (file size limit) is counted, and the next event starts a new line") {
+  TempDir d;
+  auto log = EventLog::open({.dir = d.path, .journald = false});
+  REQUIRE(log.is_ok());
+  (*log)->emit(make(1));
+  const std::uint64_t size = file_size(d.path + "/events.jsonl");
+  std::signal(SIGXFSZ, SIG_IGN);
+  rlimit old{};
+  REQUIRE(::getrlimit(RLIMIT_FSIZE, &old) == 0);
+  rlimit small = old;
+  small.rlim_cur = size + 40;  // the next line is cut after 40 bytes
+  REQUIRE(::setrlimit(RLIMIT_FSIZE, &small) == 0);
+  (*log)->emit(make(2));
+  REQUIRE(::setrlimit(RLIMIT_FSIZE, &old) == 0);
+  std::signal(SIGXFSZ, SIG_DFL);
+  CHECK((*log)->write_failures() == 1);
+  CHECK(file_size(d.path + "/events.jsonl") == size + 40);
+  (*log)->emit(make(3));
+  auto r = read_events(d.path, 0);
+  REQUIRE(r.is_ok());
+  REQUIRE(r->events.size() == 2);
+  CHECK(r->events[0].rp == 1);
+  CHECK(r->events[1].rp == 3);
+  REQUIRE(r->notes.size() == 1);
+  CHECK(r->notes[0].find("line 2") != std::string::npos);
 }

@@ -104,6 +104,7 @@ class EventLog {
   std::mutex mu_;
   UniqueFd fd_, lock_fd_;
   bool dirty_ = false;
+  bool torn_ = false;  // the last write was short: the next one starts with a newline
   std::atomic<std::uint64_t> write_failures_{0}, journald_failures_{0};
 };
 
@@ -119,7 +120,7 @@ struct ReadResult {
 Result<ReadResult> read_events(const std::string& dir, std::int64_t since_us);
 
 // --since: RFC 3339 ("2026-12-08T02:50:00Z", fraction and +hh:mm offsets allowed) or a
-// relative age ("90s", "10m", "2h", "3d") before now_us.
+// relative age ("90s", "10m", "2h", "3d"; at most 6 digits) before now_us.
 Result<std::int64_t> parse_since(std::string_view text, std::int64_t now_us);
 
 std::int64_t unix_now_us();
