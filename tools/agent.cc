@@ -33,6 +33,7 @@
 #include "ferry/base/log.h"
 #include "ferry/source/sender.h"
 #include "metrics.h"
+#include "ferry/source/sender_events.h"
 #include "tools.h"
 
 namespace ferry::tools {
@@ -75,8 +76,13 @@ struct TargetStatus {
 class Worker {
  public:
   using OnRp = std::function<void(const std::string& line)>;
-  Worker(TargetConfig cfg, std::string state_dir, OnRp on_rp, SourceMetrics& sm)
-      : cfg_(std::move(cfg)), state_dir_(std::move(state_dir)), on_rp_(std::move(on_rp)), sm_(sm) {
+  Worker(TargetConfig cfg, std::string state_dir, std::int64_t event_log_bytes, OnRp on_rp,
+         SourceMetrics& sm)
+      : cfg_(std::move(cfg)),
+        state_dir_(std::move(state_dir)),
+        event_log_bytes_(event_log_bytes),
+        on_rp_(std::move(on_rp)),
+        sm_(sm) {
     st_.started_unix_ns = unix_now_ns();
     sm_.target(cfg_.group, double(cfg_.rpo_alert_seconds));
     heartbeat_ms_.store(steady_now_ms());
@@ -128,11 +134,13 @@ class Worker {
   std::condition_variable cv_;
   TargetConfig cfg_;
   const std::string state_dir_;
+  const std::int64_t event_log_bytes_;
   const OnRp on_rp_;
   SourceMetrics& sm_;
   std::atomic<bool> stop_{false};
   std::atomic<std::int64_t> heartbeat_ms_{0};
   TargetStatus st_;
+  std::unique_ptr<events::EventLog> events_;  // the group's event log; the worker's thread only
   std::thread thread_;  // last: starts after everything above is built
 };
 
@@ -201,7 +209,9 @@ Status Worker::take_one(std::unique_ptr<cbt::ChangeSource>& source) {
     so.connection.tls = std::move(tls).value();
     so.connection.tls_server_name = cfg.tls_server_name;
   }
-  auto rp = source::take_recovery_point(*source, so);
+  if (!events_)
+    events_ = source::open_source_events(state_dir_, so.group, std::uint64_t(event_log_bytes_));
+  auto rp = source::take_recovery_point_with_events(*source, so, events_.get());
   record(rp, start_ns);
   return rp.status();
 }
@@ -333,7 +343,8 @@ void Agent::start_worker(const TargetConfig& t) {
   spdlog::info("target {} ({} {}): every {} s to {}", t.group, target_kind_name(t.kind),
                t.kind == TargetKind::qmp ? t.qmp_socket : t.domain, t.interval_seconds, t.to);
   workers_[t.group] = std::make_unique<Worker>(
-      t, cfg_.state_dir, [this](const std::string& l) { notify_status(l); }, source_metrics_);
+      t, cfg_.state_dir, cfg_.event_log_bytes, [this](const std::string& l) { notify_status(l); },
+      source_metrics_);
 }
 
 Status Agent::start() {

@@ -187,7 +187,8 @@ Status parse_tls(const Checker& c, const toml::table& root, AgentConfig* cfg) {
 
 Result<AgentConfig> check_root(const Checker& c, const toml::table& root) {
   FERRY_TRY(c.only_keys(root, {"state_dir", "status_socket", "log_level", "domain", "qmp",
-                               "tls_cert", "tls_key", "tls_ca", "tls_server_name", "metrics"},
+                               "tls_cert", "tls_key", "tls_ca", "tls_server_name", "metrics",
+                               "event_log_bytes"},
                         "the top level"));
   AgentConfig cfg;
   FERRY_TRY(absolute_path(c, root, "state_dir", false, kMaxPathBytes, &cfg.state_dir));
@@ -197,6 +198,8 @@ Result<AgentConfig> check_root(const Checker& c, const toml::table& root) {
   if (!cfg.metrics.empty())
     if (Status s = check_endpoint_syntax(cfg.metrics); !s.is_ok())
       return c.error(Checker::line_of(*root.get("metrics")), "metrics", s.message());
+  FERRY_TRY(c.integer(root, "event_log_bytes", false, kMinEventLogBytes, kMaxEventLogBytes,
+                      &cfg.event_log_bytes));
   static const char* const kLevels[] = {"debug", "info", "warn", "error"};
   if (std::find(std::begin(kLevels), std::end(kLevels), cfg.log_level) == std::end(kLevels))
     return c.error(Checker::line_of(*root.get("log_level")), "log_level",

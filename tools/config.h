@@ -27,6 +27,9 @@ inline constexpr std::size_t kMaxUriBytes = 1024;
 inline constexpr std::size_t kMaxServerNameBytes = 253;  // a DNS name or an IP address
 inline constexpr std::int64_t kMaxIntervalSeconds = 7 * 24 * 3600;
 inline constexpr std::int64_t kMaxRpoAlertSeconds = 30 * 24 * 3600;
+// event_log_bytes: each of a group's two event log files (events/event_log.h).
+inline constexpr std::int64_t kMinEventLogBytes = 4096, kMaxEventLogBytes = 1ll << 30;
+inline constexpr std::int64_t kDefaultEventLogBytes = 4ll << 20;
 
 enum class TargetKind : std::uint8_t { libvirt_domain, qmp };
 const char* target_kind_name(TargetKind kind);  // "domain" / "qmp"
@@ -68,6 +71,7 @@ struct AgentConfig {
   std::string log_level = "info";  // debug | info | warn | error
   std::string metrics;             // ADDR:PORT of /metrics (Prometheus); empty: none
   std::string tls_cert, tls_key, tls_ca, tls_server_name;  // copied into every target
+  std::int64_t event_log_bytes = kDefaultEventLogBytes;    // per group, per file
   std::vector<TargetConfig> targets;
 };
 

@@ -20,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include "events_cmd.h"
 #include "ferry/site/read_view.h"
 #include "ferry/transport/connection.h"
 #include "ferry/transport/tls.h"
@@ -258,6 +259,10 @@ int cmd_export(const ExportArgs& a) {
                   (unsigned long long)size, a.overlay ? ", writable overlay" : ", read-only",
                   uri.c_str());
       std::fflush(stdout);
+      emit_store_event(a.store, {.group = a.group, .kind = "rp_exported", .rp = rp, .disk = a.disk,
+                                 .message = "RP " + std::to_string(rp) + " of group '" + a.group +
+                                            "': disk " + a.disk + " exported on " + uri,
+                                 .fields = {{"uri", uri}, {"overlay", std::int64_t(a.overlay)}}});
     }
     if (!ready && !stopping && std::chrono::steady_clock::now() > deadline) {
       std::fprintf(stderr, "ferry export: nbdkit was not ready within %lld s; stopping it\n",

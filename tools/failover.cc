@@ -6,6 +6,7 @@
 // The run is recorded in <store>/<group>/tests/running.json before anything is created and
 // after each thing created, so `--stop` (also after a crash of either command) finds and
 // removes all of it; each step of the stop is idempotent and the record goes last.
+#include "events_cmd.h"
 #include "failover.h"
 #include "failover_real.h"
 #include "failover_util.h"
@@ -415,6 +416,12 @@ int start_test(const FailoverTestArgs& a) {
     }
     return fail(s.message());
   }
+  emit_store_event(a.store, {.group = a.group, .kind = "test_failover_started", .rp = cfg->rp_id,
+                             .priority = events::Priority::notice,
+                             .message = "test failover of group '" + a.group + "' at RP " +
+                                        std::to_string(cfg->rp_id) + ": domain " + named->name +
+                                        " started",
+                             .fields = {{"domain", named->name}}});
   std::printf("test failover of %s at RP %llu: domain %s (uuid %s) started at %s\n",
               named->source_name.c_str(), (unsigned long long)cfg->rp_id, named->name.c_str(),
               uuid->c_str(), a.uri.c_str());
@@ -481,6 +488,11 @@ int stop_test(const FailoverTestArgs& a) {
   if (::unlink(p.running.c_str()) != 0 && errno != ENOENT)
     return fail("remove " + p.running + ": " + std::strerror(errno));
   (void)fsync_dir(p.tests);
+  emit_store_event(a.store, {.group = a.group, .kind = "test_failover_stopped",
+                             .rp = result["rp_id"].get<std::uint64_t>(),
+                             .message = "test failover of group '" + a.group + "' stopped",
+                             .fields = {{"domain", result["domain"].get<std::string>()},
+                                        {"boot_result", a.boot_result}}});
   std::printf("test failover of group %s stopped: domain %s %s, RP %llu tested for %.1f s; "
               "exports stopped, overlays removed\n",
               a.group.c_str(), result["domain"].get<std::string>().c_str(),

@@ -13,6 +13,7 @@
 //      made again);
 //   6. the domain defined (looked up by the UUID the record keeps) and started.
 // The record <group>/failover/record.json says how far it got.
+#include "events_cmd.h"
 #include "failover_real.h"
 #include "failover_util.h"
 
@@ -330,6 +331,13 @@ int cmd_failover(const FailoverArgs& a) try {
   if (Status s = save_record(p, rec); !s.is_ok()) return fail(s.to_string());
 
   const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+  emit_store_event(a.store, {.group = a.group, .kind = "failover", .rp = st.rp_id,
+                             .priority = events::Priority::warning,
+                             .message = "failover of group '" + a.group + "' at RP " +
+                                        std::to_string(st.rp_id) + ": domain " + x->name +
+                                        " started; the group accepts no RPs until failback",
+                             .fields = {{"domain", x->name},
+                                        {"duration_ms", std::int64_t(secs * 1000)}}});
   std::printf("failover of %s (group %s) at RP %llu: domain %s (uuid %s) started at %s in %.2f s%s\n",
               x->source_name.c_str(), a.group.c_str(), (unsigned long long)st.rp_id,
               x->name.c_str(), uuid.c_str(), a.uri.c_str(), secs,

@@ -9,6 +9,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <future>
@@ -22,10 +23,12 @@
 #include "ferry/site/receiver.h"
 #include "ferry/site/store.h"
 #include "ferry/source/sender.h"
+#include "ferry/source/sender_events.h"
 #include "ferry/transport/connection.h"
 #include "ferry/transport/rules.h"
 #include "access.h"
 #include "agent.h"
+#include "events_cmd.h"
 #include "failover.h"
 #include "metrics.h"
 #include "receive_config.h"
@@ -94,6 +97,7 @@ struct ReceiveArgs {
   TlsArgs tls;                // --tls-*: mutual TLS 1.3 and the access map
   bool insecure_plaintext = false;
   std::string metrics;        // --metrics ADDR:PORT (over receive.toml's metrics)
+  std::uint64_t event_log_bytes = events::kDefaultMaxFileBytes;
 };
 
 // What a SIGHUP replaces: the config (retention, access map, quotas). Read by the
@@ -228,6 +232,13 @@ int cmd_receive(const ReceiveArgs& a, std::uint64_t max_disk_bytes) {
   site::ReceiverOptions ro;
   ro.store.root = a.store;
   ro.max_disk_bytes = max_disk_bytes;
+  ro.event_log_bytes = a.event_log_bytes;
+  // Test-only (docs/operations.md, `ferry doctor`): the clock the probe reports is shifted.
+  if (const char* off = std::getenv("FERRY_TEST_CLOCK_OFFSET_MS"); off && *off) {
+    ro.test_clock_offset_ms = std::strtoll(off, nullptr, 10);
+    spdlog::warn("FERRY_TEST_CLOCK_OFFSET_MS={}: the probe reports a shifted clock (test-only)",
+                 ro.test_clock_offset_ms);
+  }
   ro.retention_for = policies(std::make_shared<const ReceiveConfig>(*config));
   if (tls_on)  // A1: plaintext mode has no identities and no access map
     ro.authorize = [holder](const transport::PeerIdentity* peer, const std::string& group,
@@ -359,6 +370,7 @@ struct ReplicateArgs {
   TlsArgs tls;
   std::string metrics;       // --metrics ADDR:PORT (with --interval)
   double rpo_alert_seconds = 0;  // --rpo-alert; 0: 3 x interval
+  std::uint64_t event_log_bytes = events::kDefaultMaxFileBytes;
 };
 
 // The sender's connection: mutual TLS when --tls-* are given (the receiver's certificate
@@ -390,14 +402,18 @@ Result<std::vector<cbt::QmpDisk>> parse_disks(const std::vector<std::string>& sp
 // previous one) until SIGTERM; a failed RP is logged and retried at the next tick.
 // With --metrics each RP is recorded into the registry served there, and an RPO over
 // --rpo-alert is logged with the stage that made it late.
+// The event log of the group (under the state dir) records each RP on the source's side.
 struct Watch {
   std::string metrics;
   double rpo_alert_seconds = 0;
+  std::string state_dir;
+  std::uint64_t event_log_bytes = events::kDefaultMaxFileBytes;
 };
 int run_recovery_points(cbt::ChangeSource& source, source::SenderOptions& so, bool once,
                         double interval_seconds, SignalWatcher& signals, const Watch& watch) {
+  const auto events = source::open_source_events(watch.state_dir, so.group, watch.event_log_bytes);
   if (once) {
-    auto rp = source::take_recovery_point(source, so);
+    auto rp = source::take_recovery_point_with_events(source, so, events.get());
     if (so.progress) std::fprintf(stderr, "\n");
     if (!rp.is_ok()) return fail("recovery point of group '" + so.group + "'", rp.status());
     spdlog::info("{}", source::describe(*rp));
@@ -420,7 +436,7 @@ int run_recovery_points(cbt::ChangeSource& source, source::SenderOptions& so, bo
     auto t0 = steady_clock::now();
     source::SenderOptions rso = so;
     instrument(sm, rso);
-    auto rp = source::take_recovery_point(source, rso);
+    auto rp = source::take_recovery_point_with_events(source, rso, events.get());
     if (so.progress) std::fprintf(stderr, "\n");
     if (rp.is_ok()) {
       sm.rp_done(so.group, *rp, rp->created_unix_ns);
@@ -470,7 +486,9 @@ int cmd_replicate(const ReplicateArgs& a) {
   if (Status s = set_client_tls(a.tls, &so); !s.is_ok()) return fail("TLS material", s);
 
   return run_recovery_points(**source, so, a.once, a.interval_seconds, signals,
-                             {a.metrics, a.rpo_alert_seconds});
+                             {a.metrics, a.rpo_alert_seconds,
+                              a.state_dir.empty() ? default_state_dir() : a.state_dir,
+                              a.event_log_bytes});
 }
 
 // ---- protect -----------------------------------------------------------------------------------
@@ -487,6 +505,7 @@ struct ProtectArgs {
   TlsArgs tls;
   std::string metrics;
   double rpo_alert_seconds = 0;
+  std::uint64_t event_log_bytes = events::kDefaultMaxFileBytes;
 };
 
 int cmd_protect(const ProtectArgs& a) {
@@ -512,7 +531,9 @@ int cmd_protect(const ProtectArgs& a) {
   if (isatty(STDERR_FILENO)) so.progress = progress_printer();
   if (Status s = set_client_tls(a.tls, &so); !s.is_ok()) return fail("TLS material", s);
   return run_recovery_points(**source, so, a.once, a.interval_seconds, signals,
-                             {a.metrics, a.rpo_alert_seconds});
+                             {a.metrics, a.rpo_alert_seconds,
+                              a.state_dir.empty() ? default_state_dir() : a.state_dir,
+                              a.event_log_bytes});
 }
 
 }  // namespace
@@ -544,6 +565,10 @@ int main(int argc, char** argv) {
   receive->add_option("--tls-crl", ra.tls.crl, "PEM CRL(s) of that CA (reloaded on SIGHUP)");
   receive->add_flag("--insecure-plaintext", ra.insecure_plaintext,
                     "Allow --listen on a non-loopback address without TLS (logged at every start)");
+  const auto event_log_range = CLI::Range(ferry::events::kMinMaxFileBytes, std::uint64_t(1) << 30);
+  const std::string event_log_help =
+      "Bytes per event log file (two per group: docs/operations.md; default 4 MiB)";
+  receive->add_option("--event-log-bytes", ra.event_log_bytes, event_log_help)->check(event_log_range);
   auto* receive_config_opt = receive->add_option(
       "--config", ra.config,
       "Receiver config (TOML: retention per group); the default path is read if it exists");
@@ -579,6 +604,7 @@ int main(int argc, char** argv) {
   rep->add_option("--tls-ca", pa.tls.ca, "PEM CA bundle that signs the receiver's certificate");
   rep->add_option("--tls-server-name", pa.tls.server_name,
                   "Name the receiver's certificate must carry (DNS or IP; default: the host in --to)");
+  rep->add_option("--event-log-bytes", pa.event_log_bytes, event_log_help)->check(event_log_range);
   rep->add_flag("--take-over", pa.take_over,
                 "Take the group over from the source that wrote it (another host, other "
                 "images): the next RP is a resync or full copy of every disk");
@@ -603,6 +629,7 @@ int main(int argc, char** argv) {
   protect->add_option("--tls-ca", pr.tls.ca, "PEM CA bundle that signs the receiver's certificate");
   protect->add_option("--tls-server-name", pr.tls.server_name,
                   "Name the receiver's certificate must carry (DNS or IP; default: the host in --to)");
+  protect->add_option("--event-log-bytes", pr.event_log_bytes, event_log_help)->check(event_log_range);
   protect->add_flag("--take-over", pr.take_over,
                     "Take the group over from the source that wrote it (another host, other "
                     "images): the next RP is a resync or full copy of every disk");
@@ -688,6 +715,7 @@ int main(int argc, char** argv) {
                 "Writable: writes go to a throwaway overlay (nbdkit cow filter), never the store");
 
   auto run_failover = add_failover_commands(app, point_rule);  // vm-config, failover test
+  auto run_events = add_events_commands(app);  // events, doctor
 
   DemoArgs da;
   auto* demo = app.add_subcommand("demo", "Live replication demo on this machine (qemu-storage-daemon)");
@@ -785,6 +813,7 @@ int main(int argc, char** argv) {
     }
     if (demo->parsed()) return run_demo(da, argv[0]);
     if (int rc = 0; run_failover(rc)) return rc;
+    if (int rc = 0; run_events(rc)) return rc;
     if (kp->parsed()) {
       for (auto k : ferry::kKillPoints) std::printf("%.*s\n", int(k.size()), k.data());
       return 0;

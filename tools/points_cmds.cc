@@ -6,6 +6,7 @@
 #include <iostream>
 #include <nlohmann/json.hpp>
 
+#include "events_cmd.h"
 #include "failover.h"
 #include "ferry/site/retention.h"
 #include "ferry/site/store.h"
@@ -154,6 +155,7 @@ int cmd_prune(const std::string& store, const std::string& group, const site::Re
   }
   auto rep = (*st)->prune(policy, wall_now_ns(), dry_run);
   if (!rep.is_ok()) return fail("prune of group '" + group + "'", rep.status());
+  if (!dry_run) emit_prune_events(store, group, *rep);
   if (json) {
     nlohmann::json arr = nlohmann::json::array();
     for (const auto& p : rep->points) arr.push_back(point_json(p));

@@ -12,6 +12,8 @@
 #include <vector>
 
 #include "capacity.h"
+#include "receiver_events.h"
+#include "receiver_probe.h"
 #include "ferry/base/fd.h"
 #include "ferry/base/hash.h"
 #include "ferry/base/kill_point.h"
@@ -149,6 +151,7 @@ std::string seconds_text(Clock::duration d) {
 
 struct Receiver::Impl {
   ReceiverOptions options;
+  std::unique_ptr<ReceiverEvents> events;  // the groups' event logs (receiver_events.h)
   mutable std::mutex mu;
   std::map<std::string, std::unique_ptr<GroupSlot>> groups;  // slots are never removed
   CapacityProbe capacity;
@@ -219,7 +222,7 @@ struct Receiver::Impl {
                     const std::string& what) {
     FERRY_ASSERT(!why.is_ok());
     const std::string text = why.to_string();
-    std::lock_guard lock(mu);
+    std::unique_lock lock(mu);
     Health& h = g.health;
     const bool same_cause = h.failing() && why.code() == h.code;
     if (!h.failing()) {
@@ -244,6 +247,8 @@ struct Receiver::Impl {
     h.step = step;
     h.last_error = what + ": " + text;
     FERRY_ASSERT(h.failing() && h.failures > 0);
+    lock.unlock();
+    if (!same_cause) events->error(group, 0, what, why);  // once per cause, like the log
   }
 
   // After a successful open: the store is usable again. Ends an episode whose cause the
@@ -481,6 +486,10 @@ class Session {
       serve_points(f->payload);
       return std::nullopt;
     }
+    if (f->type == MsgType::probe) {
+      serve_probe(conn_, f->payload, impl_.options.test_clock_offset_ms);
+      return std::nullopt;
+    }
     if (f->type != MsgType::hello) {
       fail_early(std::string("expected hello, got ") + transport::msg_type_name(f->type));
       return std::nullopt;
@@ -651,6 +660,7 @@ class Session {
   Status refuse_rp(std::uint64_t rp_id, const Status& why) {
     spdlog::error("{}: group '{}': RP {} refused: {}", conn_.peer(), hello_.group, rp_id,
                   why.to_string());
+    impl_.events->rp_refused(hello_.group, rp_id, why);
     return send_refusal(rp_id, why);
   }
 
@@ -740,6 +750,7 @@ class Session {
     logical_bytes_ = 0;
     t_begin_ = std::chrono::steady_clock::now();
     wire_at_begin_ = conn_.bytes_received();
+    impl_.events->rp_started(hello_.group, info, conn_.peer());
     return Status::ok();
   }
 
@@ -948,6 +959,8 @@ class Session {
                  hash_bytes_sent_ ? fmt::format("; resync: {:.2f} MB of digests sent",
                                                 hash_bytes_sent_ / 1e6)
                                   : std::string());
+    impl_.events->rp_committed(hello_.group, *info, e.frame_count, e.logical_bytes, secs,
+                               acked.is_ok());
     // Applying is not needed for durability (the journal has it). A failed apply leaves the
     // store open with the apply pending (R19): later RPs are still committed, and the apply
     // is retried by the first commit after the back-off and by the re-opener; status shows it
@@ -956,8 +969,7 @@ class Session {
     if (impl_.apply_retry_waits(*slot_)) {
       spdlog::debug("group '{}': RP {} not applied: the apply is retried after its back-off",
                     hello_.group, e.rp_id);
-    } else if (Status s = store_->apply_committed();
-               !s.is_ok() && store_->apply_error().is_ok()) {
+    } else if (Status s = apply_and_report(); !s.is_ok() && store_->apply_error().is_ok()) {
       storage_failed_ = true;
       impl_.note_failure(*slot_, hello_.group, FailedStep::apply, s,
                          "applying RP " + std::to_string(e.rp_id) +
@@ -989,6 +1001,15 @@ class Session {
     rec.apply_us = us(r.apply_seconds);
     if (Status s = append_rp_times(impl_.options.store.root, r.group, rec); !s.is_ok())
       spdlog::warn("group '{}': RP {}'s stage times not kept: {}", r.group, r.rp_id, s.to_string());
+  }
+
+  // apply_committed() with its events: rp_applied and the RPs retention pruned, or the error.
+  Status apply_and_report() {
+    const auto before = ReceiverEvents::point_ids(*store_);
+    const std::uint64_t base_before = store_->last_applied_rp();
+    Status s = store_->apply_committed();
+    impl_.events->applied(hello_.group, before, base_before, *store_, s);
+    return s;
   }
 
   // An RP committed: the episode (if any) ends with one "storage resumed" line.
@@ -1046,6 +1067,7 @@ Result<std::unique_ptr<Receiver>> Receiver::create(const ReceiverOptions& option
   FERRY_TRY(make_dirs(options.store.root));
   auto impl = std::make_unique<Impl>();
   impl->options = options;
+  impl->events = std::make_unique<ReceiverEvents>(options.store.root, options.event_log_bytes);
   impl->retention_for = options.retention_for;
   // Recover every group now, not at its source's next hello: after a crash the replicas are
   // brought back to one committed RP (torn tail cut, committed RPs re-applied) at start-up.

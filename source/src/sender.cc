@@ -913,6 +913,7 @@ Result<transport::RpAck> send_capture(transport::Connection& conn, const SenderO
     d.mode = mode;
     stats.disks.push_back(d);
   }
+  if (o.on_started) o.on_started(stats);
   FERRY_TRY(conn.send(MsgType::rp_begin, transport::encode(begin)));
 
   FrameSink sink(conn, transport::group_id_of(o.group), cap.rp_id);

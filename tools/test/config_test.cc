@@ -84,7 +84,16 @@ TEST_CASE("defaults of the global keys", "[config]") {
   CHECK(r->state_dir == "/var/lib/ferry");
   CHECK(r->status_socket == "/run/ferry/agent.sock");
   CHECK(r->log_level == "info");
+  CHECK(r->event_log_bytes == ferry::tools::kDefaultEventLogBytes);
   CHECK(r->targets.empty());
+}
+
+TEST_CASE("event_log_bytes: bytes per event log file, bounded", "[config]") {
+  auto r = parse_agent_config("event_log_bytes = 65536\n", "agent.toml");
+  REQUIRE(r.is_ok());
+  CHECK(r->event_log_bytes == 65536);
+  check_error("event_log_bytes = 100\n", "agent.toml:1: event_log_bytes", "");
+  check_error("event_log_bytes = \"4M\"\n", "agent.toml:1: event_log_bytes", "");
 }
 
 TEST_CASE("syntax errors name the line and column", "[config]") {

@@ -36,6 +36,8 @@ void decode_all(std::string_view payload) {
   check_round_trip(decode_hash_list(payload), payload);
   check_round_trip(decode_points_request(payload), payload);
   check_round_trip(decode_points_reply(payload), payload);
+  check_round_trip(decode_probe(payload), payload);
+  check_round_trip(decode_probe_reply(payload), payload);
 }
 
 }  // namespace

@@ -95,7 +95,10 @@ int main(int argc, char** argv) {
             write(dir, "points_reply_forbidden", MsgType::points_reply,
                   encode(PointsReply{WireStatus::forbidden, "may not manage", false, {}})) &&
             write(dir, "hello_reply_forbidden", MsgType::hello_reply,
-                  encode(HelloReply{.status = WireStatus::forbidden, .message = "no"}));
+                  encode(HelloReply{.status = WireStatus::forbidden, .message = "no"})) &&
+            write(dir, "probe", MsgType::probe, encode(Probe{})) &&
+            write(dir, "probe_reply", MsgType::probe_reply,
+                  encode(ProbeReply{kProtocolVersion, WireStatus::ok, 1765162200000000000ull, ""}));
   if (!ok) std::perror(dir.c_str());
   return ok ? 0 : 1;
 }

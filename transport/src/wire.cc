@@ -163,7 +163,7 @@ bool msg_type_known(std::uint16_t t) {
       t <= static_cast<std::uint16_t>(MsgType::error))
     return true;
   return t >= static_cast<std::uint16_t>(MsgType::hash_request) &&
-         t <= static_cast<std::uint16_t>(MsgType::points_reply);
+         t <= static_cast<std::uint16_t>(MsgType::probe_reply);
 }
 
 const char* msg_type_name(MsgType t) {
@@ -179,6 +179,8 @@ const char* msg_type_name(MsgType t) {
     case MsgType::hash_list: return "hash_list";
     case MsgType::points_request: return "points_request";
     case MsgType::points_reply: return "points_reply";
+    case MsgType::probe: return "probe";
+    case MsgType::probe_reply: return "probe_reply";
   }
   return "unknown";
 }
@@ -783,6 +785,44 @@ Result<PointsReply> decode_points_reply(std::string_view payload) {
       r.fail("points", fmt::format("points[{}].rp_id {} is zero or not after the one before", i,
                                    p.rp_id));
   }
+  return finish(r, std::move(m));
+}
+
+// --- probe, probe_reply (ferry doctor) ---------------------------------------------------
+
+std::string encode(const Probe& m) {
+  std::string out;
+  ByteWriter w(out);
+  w.u16(m.version);
+  return out;
+}
+
+Result<Probe> decode_probe(std::string_view payload) {
+  FieldReader r("probe", payload);
+  Probe m;
+  m.version = r.u16("version");
+  return finish(r, std::move(m));
+}
+
+// version u16, status u16, receiver_unix_ns u64, message str16.
+std::string encode(const ProbeReply& m) {
+  FERRY_ASSERT(m.message.size() <= kMaxMessageBytes);
+  std::string out;
+  ByteWriter w(out);
+  w.u16(m.version);
+  w.u16(static_cast<std::uint16_t>(m.status));
+  w.u64(m.receiver_unix_ns);
+  w.str16(m.message);
+  return out;
+}
+
+Result<ProbeReply> decode_probe_reply(std::string_view payload) {
+  FieldReader r("probe_reply", payload);
+  ProbeReply m;
+  m.version = r.u16("version");
+  m.status = read_wire_status(r, "status");
+  m.receiver_unix_ns = r.u64("receiver_unix_ns");
+  m.message = r.str("message", kMaxMessageBytes, false);
   return finish(r, std::move(m));
 }
 

@@ -464,7 +464,9 @@ TEST_CASE("group ids are xxh3-64 of the name") {
   CHECK(msg_type_known(11));
   CHECK(msg_type_known(12));  // points_request, points_reply
   CHECK(msg_type_known(13));
-  CHECK_FALSE(msg_type_known(14));
+  CHECK(msg_type_known(14));  // probe, probe_reply
+  CHECK(msg_type_known(15));
+  CHECK_FALSE(msg_type_known(16));
   CHECK(std::string(msg_type_name(MsgType::hash_list)) == "hash_list");
 }
 
@@ -700,7 +702,7 @@ TEST_CASE("points_request and points_reply: round trips, bounds, checked before 
   CHECK(decode_points_reply(big).value() == full);
   CHECK(msg_type_known(static_cast<std::uint16_t>(MsgType::points_request)));
   CHECK(msg_type_known(static_cast<std::uint16_t>(MsgType::points_reply)));
-  CHECK_FALSE(msg_type_known(14));
+  CHECK_FALSE(msg_type_known(16));
   CHECK(std::string(msg_type_name(MsgType::points_reply)) == "points_reply");
 }
 
@@ -771,4 +773,19 @@ TEST_CASE("rp_end's times extension: the source's stages, only with kFeatureRpTi
   bad[24] = 3;
   CHECK(decode_rp_end(bad, kFeatureRpTimes).status().message().find("times.version") != std::string::npos);
   CHECK_FALSE(decode_rp_end(p.substr(0, p.size() - 1), kFeatureRpTimes).is_ok());
+}
+
+TEST_CASE("probe and probe_reply: round trips, bounds") {
+  const Probe p{kProtocolVersion};
+  CHECK(decode_probe(encode(p)).value() == p);
+  expect_rejected(decode_probe(encode(p) + "x"), "probe");
+  const ProbeReply r{kProtocolVersion, WireStatus::ok, 1'765'162'200'000'000'000ull, ""};
+  CHECK(decode_probe_reply(encode(r)).value() == r);
+  const ProbeReply busy{kProtocolVersion, WireStatus::busy, 0, std::string(kMaxMessageBytes, 'm')};
+  CHECK(decode_probe_reply(encode(busy)).value() == busy);
+  std::string long_message = encode(ProbeReply{}).substr(0, 12);
+  long_message += std::string("\x01\x04", 2) + std::string(kMaxMessageBytes + 1, 'm');
+  expect_rejected(decode_probe_reply(long_message), "message");
+  expect_rejected(decode_probe_reply(encode(r).substr(0, 5)), "probe_reply");
+  CHECK(std::string(msg_type_name(MsgType::probe_reply)) == "probe_reply");
 }

@@ -96,8 +96,12 @@ struct ReceiverOptions {
   // committed, and after each refused RP with the reason. Null: nothing. Keep them cheap.
   std::function<void(const RpReceived&)> on_rp_committed;
   std::function<void(const std::string& group, const Status& why)> on_rp_refused;
+  // Test-only: shifts the clock the probe reports (`ferry doctor`'s clock check), set by
+  // `ferry receive` from FERRY_TEST_CLOCK_OFFSET_MS. Nothing else reads it.
+  std::int64_t test_clock_offset_ms = 0;
+  // Each of a group's two event log files (<store>/<group>/events/); 0: the default.
+  std::uint64_t event_log_bytes = 0;
 };
-
 
 // The bytes a group's store takes on disk (allocated blocks of its images and journal),
 // counting at most kMaxUsageEntries files. Read-only; for quotas.

@@ -26,6 +26,8 @@ namespace ferry::source {
 // (transport::block_bytes_valid, the owner of the rule) of at least 4 KiB.
 inline constexpr std::uint32_t kMinSendBlockBytes = 4096;
 
+struct RpStats;
+
 struct SenderOptions {
   transport::Endpoint to;
   std::string group;
@@ -46,6 +48,9 @@ struct SenderOptions {
   // Called after the handshake with the receiver's last committed RP and its time (0: none),
   // so that a restarted agent knows its RPO before its first RP completes.
   std::function<void(std::uint64_t rp_id, std::uint64_t unix_ns)> on_receiver_state;
+  // Called once the RP's disks and their modes are known, before rp_begin is sent (the
+  // event log's rp_started and bitmap_lost: sender_events.h).
+  std::function<void(const RpStats&)> on_started;
   // Take the group over from the source that wrote it (`--take-over`): the receiver's rule
   // C5.source is lifted and every disk is sent as a resync or a full copy.
   bool take_over = false;

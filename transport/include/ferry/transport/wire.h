@@ -53,6 +53,10 @@ enum class MsgType : std::uint16_t {
   // `manage` right on the group (docs/security.md). One request, one reply, then close.
   points_request = 12,  // client -> receiver: the kept RPs of a group, please
   points_reply = 13,    // receiver -> client: status, message, the RPs (newest last)
+  // Health check (`ferry doctor`), instead of hello as a connection's first frame: no group,
+  // no right needed, nothing created. One request, one reply, then close.
+  probe = 14,        // client -> receiver: the client's protocol version
+  probe_reply = 15,  // receiver -> client: its version and its clock
 };
 bool msg_type_known(std::uint16_t t);
 const char* msg_type_name(MsgType t);
@@ -314,6 +318,20 @@ struct PointsReply {
   friend bool operator==(const PointsReply&, const PointsReply&) = default;
 };
 
+// `ferry doctor`'s exchange: the receiver's protocol version and its clock, read when the
+// reply is built (the client halves the round trip to estimate the offset).
+struct Probe {
+  std::uint16_t version = kProtocolVersion;
+  friend bool operator==(const Probe&, const Probe&) = default;
+};
+struct ProbeReply {
+  std::uint16_t version = kProtocolVersion;
+  WireStatus status = WireStatus::ok;
+  std::uint64_t receiver_unix_ns = 0;
+  std::string message;  // why not (status != ok); empty otherwise
+  friend bool operator==(const ProbeReply&, const ProbeReply&) = default;
+};
+
 std::uint64_t group_id_of(std::string_view group);
 
 // Encoders return the payload (not the frame). Decoders reject trailing bytes, unknown enum
@@ -336,6 +354,8 @@ std::string encode(const HashRequest&);
 std::string encode(const HashList&);
 std::string encode(const PointsRequest&);
 std::string encode(const PointsReply&);
+std::string encode(const Probe&);
+std::string encode(const ProbeReply&);
 Result<Hello> decode_hello(std::string_view payload);
 Result<HelloReply> decode_hello_reply(std::string_view payload);
 Result<RpBegin> decode_rp_begin(std::string_view payload);
@@ -354,5 +374,7 @@ Result<HashList> decode_hash_list(std::string_view payload);
 Result<PointsRequest> decode_points_request(std::string_view payload);
 // Checks count against kMaxPointsPerReply and the payload size before allocating the list.
 Result<PointsReply> decode_points_reply(std::string_view payload);
+Result<Probe> decode_probe(std::string_view payload);
+Result<ProbeReply> decode_probe_reply(std::string_view payload);
 
 }  // namespace ferry::transport
