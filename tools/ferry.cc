@@ -26,6 +26,7 @@
 #include "ferry/transport/rules.h"
 #include "access.h"
 #include "agent.h"
+#include "failback.h"
 #include "failover.h"
 #include "receive_config.h"
 #include "retention_flags.h"
@@ -519,6 +520,7 @@ int cmd_points(const std::string& store, const std::string& group, bool json) {
     nlohmann::json arr = nlohmann::json::array();
     for (const auto& p : rep->points) arr.push_back(point_json(p));
     annotate_points_json(store, group, arr);  // VM config and test failovers (failover.cc)
+    annotate_role_json(store, group, arr);    // the group's role (failback.cc)
     std::cout << arr.dump(2) << "\n";
     return 0;
   }
@@ -527,6 +529,7 @@ int cmd_points(const std::string& store, const std::string& group, bool json) {
               (unsigned long long)rep->base_before);
   print_points(*rep, false);
   print_points_tests(store, group);
+  print_group_role(store, group);
   return 0;
 }
 
@@ -804,6 +807,7 @@ int main(int argc, char** argv) {
                 "Writable: writes go to a throwaway overlay (nbdkit cow filter), never the store");
 
   auto run_failover = add_failover_commands(app, point_rule);  // vm-config, failover test
+  auto run_failback = add_failback_commands(app);               // seed, failback
 
   DemoArgs da;
   auto* demo = app.add_subcommand("demo", "Live replication demo on this machine (qemu-storage-daemon)");
@@ -901,6 +905,7 @@ int main(int argc, char** argv) {
     }
     if (demo->parsed()) return run_demo(da, argv[0]);
     if (int rc = 0; run_failover(rc)) return rc;
+    if (int rc = 0; run_failback(rc)) return rc;
     if (kp->parsed()) {
       for (auto k : ferry::kKillPoints) std::printf("%.*s\n", int(k.size()), k.data());
       return 0;
