@@ -14,8 +14,9 @@ receiver (store MAIN) on this machine.
   (e) errors, each exit 1 naming the problem, nothing changed: failback of a group not
       failed over, failback --complete of a store that was not seeded, libvirtd down, a VM
       that does not shut down in time (no --force);
-  (f) the DR VM writes more and powers off; `ferry failback` at DR, SIGKILL at kill points in
-      turn, then again: the DR store holds the final state as one new base RP;
+  (f) the DR VM writes more; `ferry failback --force` pauses it when it does not shut down in
+      time (killed there, the VM resumed); it powers off; `ferry failback` at DR, SIGKILL at
+      kill points in turn, then again: the DR store holds the final state as one new base RP;
   (g) `ferry failback --complete` at MAIN, SIGKILL at kill points in turn, then again: the
       original domain runs, its guest's own digests equal the DR VM's at the final RP;
   (h) protection in the original direction resumes as a resync that ships ~0 data blocks;
@@ -210,6 +211,12 @@ def main():
 
         # ---- (f) the DR half, SIGKILL at kill points, then again -----------------------------------
         dr_write("vda", groups(50, 1), 11, 11)
+        # --force pauses a VM that does not shut down in time (killed right after: the record
+        # stays, the VM paused); resumed, it is then shut down from inside as planned.
+        r = failback_dr("--force", "--shutdown-timeout", "2", kill="failback.after_shutdown")
+        ft.check(r.rc == -9, f"(f) --force: kill point did not fire:\n{r}")
+        ft.check("paused" in G.virsh("domstate", DR), "(f) --force did not pause the VM")
+        G.virsh("resume", DR)
         vm.sock.sendall(b"off\n")  # the planned shutdown: the guest powers off
         vm.close()
         deadline = time.monotonic() + 120
