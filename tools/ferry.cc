@@ -176,6 +176,7 @@ std::string receiver_status_json(const site::Receiver& r, const ReceiveArgs& a,
                      {"failing_since_unix_ns", g.failing_since_unix_ns},
                      {"failed_attempts", g.failed_attempts},
                      {"next_reopen_seconds", g.next_reopen_in_ms / 1000.0}};
+    j["role"] = group_role(a.store, g.group, nullptr);  // docs/failover.md, "Roles"
     j["failing_seconds"] = g.failing_since_unix_ns
                                ? nlohmann::json(double(now_ns - std::min(now_ns, g.failing_since_unix_ns)) / 1e9)
                                : nlohmann::json(nullptr);
@@ -384,15 +385,22 @@ int run_recovery_points(cbt::ChangeSource& source, source::SenderOptions& so, bo
   }
   using namespace std::chrono;
   const auto period = duration_cast<milliseconds>(duration<double>(interval_seconds));
+  std::string last_refusal;
   while (!signals.stop.load()) {
     auto t0 = steady_clock::now();
     auto rp = source::take_recovery_point(source, so);
     if (so.progress) std::fprintf(stderr, "\n");
+    // A failed-over group refuses every attempt until failback: logged once per change of
+    // state, while the attempts go on (docs/failover.md, "Roles").
+    const std::string why = rp.is_ok() ? std::string() : rp.status().to_string();
+    const bool state_refusal = why.find("accepts no RPs until failback") != std::string::npos;
     if (rp.is_ok())
       spdlog::info("{}", source::describe(*rp));
-    else
-      spdlog::error("recovery point of group '{}' failed (retrying in {:.1f} s): {}", so.group,
-                    interval_seconds, rp.status().to_string());
+    else if (!state_refusal || why != last_refusal)
+      spdlog::error("recovery point of group '{}' failed (retrying in {:.1f} s{}): {}", so.group,
+                    interval_seconds,
+                    state_refusal ? "; logged again when the group's state changes" : "", why);
+    last_refusal = state_refusal ? why : std::string();
     while (!signals.stop.load() && steady_clock::now() - t0 < period)
       std::this_thread::sleep_for(milliseconds(50));
   }

@@ -89,7 +89,9 @@ def main():
         nblocks = {d.dev: d.size_mib * ft.MiB // BS for d in disks}
         g = G.Guest(env.path("guest", "x")[:-2], DOMAIN, disks)
         env.on_cleanup(g.destroy)
-        rx_dr = env.receiver(store=env.path("dr"), tag="receiver-dr")
+        status_sock = env.path("dr-status.sock")
+        rx_dr = env.receiver(store=env.path("dr"), tag="receiver-dr",
+                             args=["--status-socket", status_sock])
         rx_main = env.receiver(store=env.path("main"), tag="receiver-main")
         dr, main_store = rx_dr.store, rx_main.store
         orig_state, dr_state = env.path("state-orig"), env.path("state-dr")
@@ -169,6 +171,18 @@ def main():
         def dr_md5(dev):
             return hashlib.md5(b"".join(dr_expected(dev, b) for b in range(nblocks[dev]))).hexdigest()
 
+        def role(store):
+            return {p.get("group_role") for p in env.points(store, DOMAIN)}
+
+        def status_role():
+            r = env.run(["status", "--socket", status_sock, "--json"], timeout=30)
+            groups = {x["group"]: x for x in json.loads(r.out).get("groups", [])}
+            return groups.get(DOMAIN, {}).get("role")
+
+        ft.check_eq(role(dr), {"failed over"}, "(c) role at DR")
+        ft.check_eq(status_role(), "failed over", "(c) ferry status role at DR")
+        expect_error("(c) test failover of a failed-over group",
+                     env.run(["failover", "test", "--store", dr, "--group", DOMAIN]), "failed over")
         # ---- (d) seed MAIN from the main VM's disks, resync DR VM -> MAIN -------------------------
         r = env.run(["seed", "--store", main_store, "--group", DOMAIN,
                      "--disk", f"vda={g.disk_path('vda')}", "--disk", f"vdb={g.disk_path('vdb')}"])
@@ -179,6 +193,7 @@ def main():
         expect_error("(d) seed of a missing file", env.run(
             ["seed", "--store", main_store, "--group", "other",
              "--disk", f"vda={env.path('no-such.img')}"]), "cannot read")
+        ft.check_eq(role(main_store), {"seeded"}, "(d) role at MAIN after the seed")
         rp1, r = protect(DR, rx_main, dr_state, "(d) resync DR -> MAIN")
         compared, sent_blocks, hash_bytes, wire = resync_figures(r)
         # The 64 KiB blocks that really differ between the seed and the DR VM.
@@ -215,6 +230,9 @@ def main():
         # stays, the VM paused); resumed, it is then shut down from inside as planned.
         r = failback_dr("--force", "--shutdown-timeout", "2", kill="failback.after_shutdown")
         ft.check(r.rc == -9, f"(f) --force: kill point did not fire:\n{r}")
+        ft.check_eq(role(dr), {"failing back"}, "(f) role at DR during failback")
+        r = env.run(["points", "--store", dr, "--group", DOMAIN])
+        ft.check("failing back" in r.out and "ferry failback" in r.out, f"(f) points:\n{r}")
         ft.check("paused" in G.virsh("domstate", DR), "(f) --force did not pause the VM")
         G.virsh("resume", DR)
         vm.sock.sendall(b"off\n")  # the planned shutdown: the guest powers off
@@ -245,6 +263,8 @@ def main():
             ft.check_eq(md5_file(env.restore(main_store, DOMAIN, final_rp, dev)), dr_md5(dev),
                         f"(f) MAIN's final RP {final_rp} {dev}")
 
+        ft.check_eq(role(dr), {"protecting"}, "(f) role at DR after failback")
+        ft.check_eq(status_role(), "protecting", "(f) ferry status role at DR after failback")
         # ---- (g) the main half ----------------------------------------------------------------------
         t_c = time.monotonic()
         for point in MAIN_POINTS:
@@ -255,6 +275,7 @@ def main():
         figures["complete_s"] = round(time.monotonic() - t_c, 1)
         ft.log(f"(g) {r.out.strip()}")
         ft.check(f"ferry protect --domain {DOMAIN}" in r.out, "(g) no resume command printed")
+        ft.check_eq(role(main_store), {"failed back"}, "(g) role at MAIN")
         g._connect(time.monotonic())
         for dev in ("vda", "vdb"):
             got = g.command(f"md5 {dev}").split()[-1]
