@@ -110,7 +110,12 @@ Status write_changes(site::ReadView& view, nbd_handle* h,
                      const std::vector<site::ReadExtent>& ranges, WriteStats& st) {
   constexpr std::uint64_t kChunk = 1u << 20, kGranule = 64u << 10;
   std::string want(kChunk, '\0'), have(kChunk, '\0');
+  std::uint64_t prev_end = 0;
   for (const auto& r : ranges) {
+    // In order, inside the disk (changed_since_base merges and sorts them).
+    FERRY_ASSERT(r.offset_bytes >= prev_end && r.length_bytes > 0);
+    FERRY_ASSERT(r.offset_bytes + r.length_bytes <= view.size_bytes());
+    prev_end = r.offset_bytes + r.length_bytes;
     for (std::uint64_t at = r.offset_bytes; at < r.offset_bytes + r.length_bytes;) {
       const std::uint64_t n = std::min(kChunk, r.offset_bytes + r.length_bytes - at);
       FERRY_TRY(view.pread(want.data(), n, at));

@@ -404,6 +404,7 @@ class JournalView final : public ReadView {
     std::vector<ReadExtent> out;
     auto add = [&out](std::uint64_t at, std::uint64_t n) {
       if (n == 0) return;
+      FERRY_ASSERT(out.empty() || out.back().offset_bytes + out.back().length_bytes <= at);
       if (!out.empty() && out.back().offset_bytes + out.back().length_bytes == at) {
         out.back().length_bytes += n;
         return;

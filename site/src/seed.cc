@@ -22,6 +22,7 @@ namespace fs = std::filesystem;
 
 Catalog base_catalog(std::uint64_t rp_id, const std::vector<BaseImage>& disks,
                      std::uint64_t created_unix_ns) {
+  FERRY_ASSERT(rp_id != 0 && !disks.empty());
   Catalog c;
   c.base_rp = rp_id;
   c.base_begin.rp_id = rp_id;
@@ -101,6 +102,7 @@ Result<std::uint64_t> next_unused_rp(const std::string& root, const std::string&
 Status reset_to_base(const std::string& root, const std::string& group, std::uint64_t rp_id,
                      const std::vector<BaseImage>& disks, std::uint64_t created_unix_ns) {
   FERRY_TRY(check_name("group", group));
+  FERRY_ASSERT(rp_id != 0);
   Paths paths(root, group);
   FERRY_TRY(check_images(paths.group_dir, disks));
   UniqueFd lock(::open(paths.lock.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644));
