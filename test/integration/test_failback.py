@@ -14,7 +14,8 @@ receiver (store MAIN) on this machine.
   (e) errors, each exit 1 naming the problem, nothing changed: failback of a group not
       failed over, failback --complete of a store that was not seeded, libvirtd down, a VM
       that does not shut down in time (no --force);
-  (f) the DR VM writes more; `ferry failback --force` pauses it when it does not shut down in
+  (f) the DR VM writes more; `ferry failback` with the main site down fails naming the final
+      RP (run again later); `ferry failback --force` pauses it when it does not shut down in
       time (killed there, the VM resumed); it powers off; `ferry failback` at DR, SIGKILL at
       kill points in turn, then again: the DR store holds the final state as one new base RP;
   (g) `ferry failback --complete` at MAIN, SIGKILL at kill points in turn, then again: the
@@ -184,9 +185,16 @@ def main():
         expect_error("(c) test failover of a failed-over group",
                      env.run(["failover", "test", "--store", dr, "--group", DOMAIN]), "failed over")
         # ---- (d) seed MAIN from the main VM's disks, resync DR VM -> MAIN -------------------------
-        r = env.run(["seed", "--store", main_store, "--group", DOMAIN,
-                     "--disk", f"vda={g.disk_path('vda')}", "--disk", f"vdb={g.disk_path('vdb')}"])
+        seed_args = ["seed", "--store", main_store, "--group", DOMAIN,
+                     "--disk", f"vda={g.disk_path('vda')}", "--disk", f"vdb={g.disk_path('vdb')}"]
+        r = env.run(seed_args, extra_env={"FERRY_KILL_AT": "seed.before_publish"})
+        ft.check(r.rc == -9, f"(d) seed: kill point did not fire:\n{r}")
+        ft.check(not os.path.exists(os.path.join(main_store, DOMAIN)),
+                 "(d) a seed killed before its rename published the group")
+        r = env.run(seed_args)
         ft.check(r.rc == 0, f"(d) seed failed:\n{r}")
+        ft.check(not os.path.exists(os.path.join(main_store, f".{DOMAIN}.seeding")),
+                 "(d) the seed cut short was not cleaned up")
         ft.log(f"(d) {r.out.strip().splitlines()[0]}")
         expect_error("(d) seed twice", env.run(["seed", "--store", main_store, "--group", DOMAIN,
                      "--disk", f"vda={g.disk_path('vda')}"]), "exists")
@@ -241,6 +249,12 @@ def main():
         while "shut off" not in G.virsh("domstate", DR, check=False).stdout:
             ft.check(time.monotonic() < deadline, "(f) the DR VM did not power off")
             time.sleep(0.5)
+        # The main site unreachable: the final RP fails, named; the next run finishes the job.
+        rx_main.stop()
+        r = failback_dr()
+        expect_error("(f) main site down", r, "final RP", "run the same command again")
+        ft.check(os.path.exists(os.path.join(dr, DOMAIN, "failed-over")), "(f) marker gone")
+        rx_main.restart()
         t_fb = time.monotonic()
         for point in DR_POINTS:
             r = failback_dr(kill=point)
