@@ -233,6 +233,14 @@ int cmd_failback(const FailbackArgs& a) try {
     const std::string last = nl == std::string::npos ? printed : printed.substr(nl + 1);
     rec["final_rp"] = last.empty() ? 0 : std::stoull(last);
     rec["final_rp_log"] = err;
+    // "RP n (base 0)": the main site held nothing of the group (not seeded, never sent to):
+    // the final RP was a full copy, and --complete will refuse the unseeded group.
+    if (tail_of(err, 64u << 10).find("(base 0)") != std::string::npos)
+      std::fprintf(stderr, "ferry failback: warning: the main site held no RP of group '%s': "
+                   "the final RP %llu was a full copy. ferry failback --complete needs the "
+                   "group seeded from the original disks (ferry seed) before the VM replicates "
+                   "home; without it, write the disks with ferry restore\n",
+                   a.group.c_str(), (unsigned long long)rec["final_rp"].get<std::uint64_t>());
     if (virDomainIsActive(dom.get()) == 1 && virDomainDestroy(dom.get()) != 0)
       return fail(libvirt_error("destroying domain " + name).message() +
                   " (its final RP was sent; run the same command again)");
