@@ -131,8 +131,9 @@ int cmd_seed(const SeedArgs& a) try {
   struct statvfs vs {};
   if (::statvfs(store.c_str(), &vs) == 0 &&
       static_cast<std::uint64_t>(vs.f_bavail) * vs.f_frsize < need + (64ull << 20))
-    return fail("no space in " + store + ": the images need about " + std::to_string(need >> 20) +
-                " MiB, " + std::to_string(static_cast<std::uint64_t>(vs.f_bavail) * vs.f_frsize >> 20) +
+    return fail("no space in " + store + ": the images need about " +
+                std::to_string((need + (1u << 20) - 1) >> 20) + " MiB plus a 64 MiB margin, " +
+                std::to_string(static_cast<std::uint64_t>(vs.f_bavail) * vs.f_frsize >> 20) +
                 " MiB are free; nothing was written");
   fs::create_directories(tmp + "/replica", ec);
   if (ec) return fail("create " + tmp + ": " + ec.message());

@@ -114,6 +114,17 @@ TEST_CASE("seed: a group whose base RP is an adopted image", "[seed]") {
   auto part = view->changed_since_base(3 * kB64 + 100, kB64).value();
   REQUIRE(part.size() == 1);
   CHECK((part[0].offset_bytes == 3 * kB64 + 100 && part[0].length_bytes == kB64 - 100));
+  {
+    // A resize: the bytes past the seed's end are the RP's (zeros or records), all changed.
+    auto store = GroupStore::open(options(root), "g", false).value();
+    TestRp grown = resync_rp(4, 3, {16});
+    grown.begin.disks[0].size_bytes = kDisk + 2 * kB64;
+    REQUIRE(feed_rp(*store, grown).is_ok());
+  }
+  auto v4 = ReadView::open(root, "g", 4, "d").value();
+  auto g4 = v4->changed_since_base(0, kDisk + 2 * kB64).value();
+  REQUIRE(g4.size() == 5);  // 0, 3, 9, 12, then [old end, new end): a record and zeros
+  CHECK((g4[4].offset_bytes == kDisk && g4[4].length_bytes == 2 * kB64));
   // The seed RP itself changed nothing.
   auto v1 = ReadView::open(root, "g", 1, "d").value();
   CHECK(v1->changed_since_base(0, kDisk).value().empty());

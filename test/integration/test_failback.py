@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 
@@ -202,6 +203,15 @@ def main():
             ["seed", "--store", main_store, "--group", "other",
              "--disk", f"vda={env.path('no-such.img')}"]), "cannot read")
         ft.check_eq(role(main_store), {"seeded"}, "(d) role at MAIN after the seed")
+        tiny = env.path("tiny-store")
+        os.makedirs(tiny)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", tiny], check=True)
+        env.on_cleanup(lambda: ft.unmount(tiny))
+        expect_error("(d) seed into a store without space", env.run(
+            ["seed", "--store", tiny, "--group", DOMAIN, "--disk", f"vda={g.disk_path('vda')}"]),
+            "no space")
+        ft.check_eq(os.listdir(tiny), [], "(d) a seed refused for space left files")
+        ft.unmount(tiny)
         rp1, r = protect(DR, rx_main, dr_state, "(d) resync DR -> MAIN")
         compared, sent_blocks, hash_bytes, wire = resync_figures(r)
         # The 64 KiB blocks that really differ between the seed and the DR VM.
