@@ -362,7 +362,7 @@ std::string group_role(const std::string& store, const std::string& group, std::
                    c->value("phase", std::string("?")) + "): run it again to finish it";
   } else if (fs::exists(gdir + "/" + kSeedRecord)) {
     role = "seeded";
-    d = "seeded (base RP " + std::to_string(kSeedRp) + " adopted from the original disks); "
+    d = "base RP " + std::to_string(kSeedRp) + " adopted from the original disks (ferry seed); "
         "ferry failback --complete brings them to an RP";
   } else if (fs::exists(gdir + "/tests/running.json")) {
     role = "test running";

@@ -146,6 +146,9 @@ std::string gib(std::uint64_t b) {
 int cmd_failback_complete(const FailbackArgs& a) try {
   const auto t0 = Clock::now();
   if (a.domain.empty()) return fail("--domain ORIG is required with --complete");
+  if (a.point != "latest" &&
+      (a.point.empty() || a.point.find_first_not_of("0123456789") != std::string::npos))
+    return fail("--point '" + a.point + "': give an RP number or latest");
   const std::string store = fs::absolute(a.store).lexically_normal().string();
   const std::string gdir = store + "/" + a.group;
   const std::string record = gdir + "/failback-complete.json";
