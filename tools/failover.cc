@@ -328,6 +328,10 @@ int start_test(const FailoverTestArgs& a) {
                 "; stop it first: ferry failover test --stop --store " + a.store + " --group " +
                 a.group);
   }
+  // The failed-over VM runs from the replica images: no test VM beside it (failback first).
+  if (auto why = site::failover_refusal_for(a.store + "/" + a.group, a.group))
+    return fail(*why + ": no test failover while it is failed over (ferry failback brings it "
+                "home first)");
   // The RP and its definition: an unknown group, a pruned or unknown RP are refused here.
   auto cfg = site::vm_config_at(a.store, a.group, parse_point_arg(a.point));
   if (!cfg.is_ok()) return fail("group '" + a.group + "': " + cfg.status().message());

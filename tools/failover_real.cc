@@ -137,7 +137,8 @@ int cmd_failover(const FailoverArgs& a) try {
   json rec = rec_or.is_ok() ? *rec_or : json::object();
   if (marker->has_value() && rec.value("phase", "") == "running")
     return fail(site::failover_refusal(a.group, **marker) + ": it was failed over already" +
-                " (domain " + rec.value("domain", "?") + "); failback is not built yet");
+                " (domain " + rec.value("domain", "?") +
+                "); bring it home first: ferry failback (docs/failover.md)");
   const std::uint64_t asked = point_arg(a.point);
   std::uint64_t rp = marker->has_value() ? (*marker)->rp_id : 0;
   if (rp != 0 && asked != 0 && asked != rp)
@@ -200,7 +201,8 @@ int cmd_failover(const FailoverArgs& a) try {
     rec = *again;
     if (rec.value("phase", "") == "running")
       return fail(site::failover_refusal(a.group, st) + ": it was failed over already" +
-                  " (domain " + rec.value("domain", "?") + "); failback is not built yet");
+                  " (domain " + rec.value("domain", "?") +
+                  "); bring it home first: ferry failback (docs/failover.md)");
     if (!rec.value("uuid", "").empty()) uuid = rec["uuid"].get<std::string>();
   }
   const std::uint64_t newest = (*store)->last_committed_rp();
@@ -352,7 +354,7 @@ int cmd_failover(const FailoverArgs& a) try {
                 "onwards)\n", ids.c_str(), (unsigned long long)st.rp_id);
   }
   for (const auto& n : x->notes) std::printf("  note: %s\n", n.c_str());
-  std::printf("group %s accepts no RPs until failback (not built yet); retention is off\n",
+  std::printf("group %s accepts no RPs until failback (ferry failback); retention is off\n",
               a.group.c_str());
   return 0;
 } catch (const std::exception& e) {  // a record edited by hand, a bad --point number

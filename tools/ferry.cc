@@ -29,6 +29,7 @@
 #include "access.h"
 #include "agent.h"
 #include "events_cmd.h"
+#include "failback.h"
 #include "failover.h"
 #include "metrics.h"
 #include "receive_config.h"
@@ -176,6 +177,7 @@ std::string receiver_status_json(const site::Receiver& r, const ReceiveArgs& a,
                      {"failing_since_unix_ns", g.failing_since_unix_ns},
                      {"failed_attempts", g.failed_attempts},
                      {"next_reopen_seconds", g.next_reopen_in_ms / 1000.0}};
+    j["role"] = group_role(a.store, g.group, nullptr);  // docs/failover.md, "Roles"
     j["failing_seconds"] = g.failing_since_unix_ns
                                ? nlohmann::json(double(now_ns - std::min(now_ns, g.failing_since_unix_ns)) / 1e9)
                                : nlohmann::json(nullptr);
@@ -432,20 +434,28 @@ int run_recovery_points(cbt::ChangeSource& source, source::SenderOptions& so, bo
     metrics_server = std::move(m).value();
     spdlog::info("metrics on http://{}/metrics", watch.metrics);
   }
+  std::string last_refusal;
   while (!signals.stop.load()) {
     auto t0 = steady_clock::now();
     source::SenderOptions rso = so;
     instrument(sm, rso);
     auto rp = source::take_recovery_point_with_events(source, rso, events.get());
     if (so.progress) std::fprintf(stderr, "\n");
+    // A failed-over group refuses every attempt until failback: logged once per change of
+    // state, while the attempts go on (docs/failover.md, "Roles").
+    const std::string why = rp.is_ok() ? std::string() : rp.status().to_string();
+    const bool state_refusal = why.find("accepts no RPs until failback") != std::string::npos;
     if (rp.is_ok()) {
       sm.rp_done(so.group, *rp, rp->created_unix_ns);
       spdlog::info("{}", source::describe(*rp));
     } else {
       sm.rp_failed(so.group, rp.status());
-      spdlog::error("recovery point of group '{}' failed (retrying in {:.1f} s): {}", so.group,
-                    interval_seconds, rp.status().to_string());
+      if (!state_refusal || why != last_refusal)
+        spdlog::error("recovery point of group '{}' failed (retrying in {:.1f} s{}): {}", so.group,
+                      interval_seconds,
+                      state_refusal ? "; logged again when the group's state changes" : "", why);
     }
+    last_refusal = state_refusal ? why : std::string();
     if (std::string alert = sm.alert(so.group); !alert.empty()) spdlog::warn("group '{}': {}", so.group, alert);
     while (!signals.stop.load() && steady_clock::now() - t0 < period)
       std::this_thread::sleep_for(milliseconds(50));
@@ -716,6 +726,7 @@ int main(int argc, char** argv) {
 
   auto run_failover = add_failover_commands(app, point_rule);  // vm-config, failover test
   auto run_events = add_events_commands(app);  // events, doctor
+  auto run_failback = add_failback_commands(app);               // seed, failback
 
   DemoArgs da;
   auto* demo = app.add_subcommand("demo", "Live replication demo on this machine (qemu-storage-daemon)");
@@ -814,6 +825,7 @@ int main(int argc, char** argv) {
     if (demo->parsed()) return run_demo(da, argv[0]);
     if (int rc = 0; run_failover(rc)) return rc;
     if (int rc = 0; run_events(rc)) return rc;
+    if (int rc = 0; run_failback(rc)) return rc;
     if (kp->parsed()) {
       for (auto k : ferry::kKillPoints) std::printf("%.*s\n", int(k.size()), k.data());
       return 0;

@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "events_cmd.h"
+#include "failback.h"
 #include "failover.h"
 #include "ferry/site/retention.h"
 #include "ferry/site/store.h"
@@ -68,6 +69,7 @@ int cmd_points(const std::string& store, const std::string& group, bool json) {
     nlohmann::json arr = nlohmann::json::array();
     for (const auto& p : rep->points) arr.push_back(point_json(p));
     annotate_points_json(store, group, arr);  // VM config and test failovers (failover.cc)
+    annotate_role_json(store, group, arr);    // the group's role (failback.cc)
     annotate_points_stages(store, group, arr);  // explainable RPO (metrics_receiver.cc)
     std::cout << arr.dump(2) << "\n";
     return 0;
@@ -77,6 +79,7 @@ int cmd_points(const std::string& store, const std::string& group, bool json) {
               (unsigned long long)rep->base_before);
   print_points(*rep, false);
   print_points_tests(store, group);
+  print_group_role(store, group);
   return 0;
 }
 

@@ -100,15 +100,16 @@ void print_table(const nlohmann::json& targets) {
 
 // A receiver's groups (ferry receive --status-socket).
 void print_groups(const nlohmann::json& groups) {
-  std::printf("%-20s %-13s %9s %9s %-22s %11s %8s %8s  %s\n", "GROUP", "STATE", "COMMITTED",
-              "APPLIED", "SOURCE", "FAILING FOR", "ATTEMPTS", "RE-OPEN", "CAUSE");
+  std::printf("%-20s %-13s %-13s %9s %9s %-22s %11s %8s %8s  %s\n", "GROUP", "STATE", "ROLE",
+              "COMMITTED", "APPLIED", "SOURCE", "FAILING FOR", "ATTEMPTS", "RE-OPEN", "CAUSE");
   for (const auto& g : groups) {
     if (!g.is_object()) continue;
     // A failure episode, or an apply episode (apply_pending with a cause, R19).
     const bool failing = g.value("failing_since_unix_ns", 0ull) > 0;
     const std::string source = g.value("source", "");
-    std::printf("%-20s %-13s %9llu %9llu %-22s %11s %8s %8s  %s\n",
+    std::printf("%-20s %-13s %-13s %9llu %9llu %-22s %11s %8s %8s  %s\n",
                 g.value("group", "?").c_str(), g.value("state", "?").c_str(),
+                g.value("role", "-").c_str(),
                 static_cast<unsigned long long>(g.value("last_committed_rp", 0ull)),
                 static_cast<unsigned long long>(g.value("last_applied_rp", 0ull)),
                 source.empty() ? "-" : source.c_str(),

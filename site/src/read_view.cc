@@ -397,6 +397,47 @@ class JournalView final : public ReadView {
     return out;
   }
 
+  Result<std::vector<ReadExtent>> changed_since_base(std::uint64_t offset,
+                                                     std::uint64_t length) override {
+    FERRY_TRY(check_range(offset, length));
+    std::lock_guard<std::mutex> g(mu_);
+    std::vector<ReadExtent> out;
+    auto add = [&out](std::uint64_t at, std::uint64_t n) {
+      if (n == 0) return;
+      FERRY_ASSERT(out.empty() || out.back().offset_bytes + out.back().length_bytes <= at);
+      if (!out.empty() && out.back().offset_bytes + out.back().length_bytes == at) {
+        out.back().length_bytes += n;
+        return;
+      }
+      out.push_back(ReadExtent{at, n, false});
+    };
+    const std::uint64_t end = offset + length;
+    std::uint64_t pos = offset;
+    while (pos < end) {
+      FERRY_TRY(load_window(pos / kWindowBytes));
+      const std::uint64_t stop = std::min(end, window_hi_);
+      // Past the base image's limit every byte is a record's or zeros the base did not hold.
+      auto gap = [&](std::uint64_t from, std::uint64_t to) {
+        const std::uint64_t from_limit = std::max(from, layers_.base_limit);
+        if (from_limit < to) add(from_limit, to - from_limit);
+      };
+      const PieceMap& pieces = layers_.pieces;
+      auto it = pieces.upper_bound(pos);
+      if (it != pieces.begin() && std::prev(it)->second.end > pos) --it;
+      for (; it != pieces.end() && it->first < stop; ++it) {
+        if (it->first > pos) gap(pos, it->first);
+        pos = std::max(pos, it->first);
+        const std::uint64_t e = std::min(it->second.end, stop);
+        add(pos, e - pos);
+        pos = e;
+      }
+      gap(pos, stop);
+      pos = stop;
+    }
+    return out;
+  }
+  std::uint64_t base_rp() const override { return chain_->catalog.base_rp; }
+
  private:
   Status check_range(std::uint64_t offset, std::uint64_t len) const {
     if (offset > size_ || len > size_ - offset)

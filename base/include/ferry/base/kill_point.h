@@ -12,7 +12,7 @@
 
 namespace ferry {
 
-inline constexpr std::array<std::string_view, 36> kKillPoints = {
+inline constexpr std::array<std::string_view, 49> kKillPoints = {
     // receiver, in the order one RP passes them
     "receiver.frame_received",
     "journal.before_append",
@@ -53,6 +53,26 @@ inline constexpr std::array<std::string_view, 36> kKillPoints = {
     "failover.before_define",
     "failover.after_define",
     "failover.after_start",
+    // ferry seed: the group built in its temporary directory, before the rename publishes it
+    "seed.before_publish",
+    // ferry failback at the recovery site (docs/failover.md, "Failback"): the record
+    // written, the VM shut down, its final RP acknowledged by the main site, the overlays
+    // committed into the replica images, the reset state about to be / written, the domain
+    // undefined, the failover marker removed
+    "failback.after_record",
+    "failback.after_shutdown",
+    "failback.after_final_rp",
+    "failback.after_commit",
+    "failback.before_reset_state",
+    "failback.after_reset_state",
+    "failback.after_undefine",
+    "failback.after_marker_removed",
+    // ferry failback --complete at the main site: the record written, the disks written,
+    // the stale change tracking dropped, the domain started
+    "failback.complete_after_record",
+    "failback.complete_after_write",
+    "failback.complete_after_invalidate",
+    "failback.complete_after_start",
     // source
     "source.after_transaction",
     "source.mid_send",

@@ -6,7 +6,7 @@
 //   - GroupStore turns retention off (no compaction, no pruning, no journal rewrite): the
 //     replica images are the backing files of the running VM's overlays and must never be
 //     written again while the group is failed over.
-// Its absence means "protecting". Failback (not built yet) is what removes it.
+// Its absence means "protecting". `ferry failback` (tools/failback.cc) is what removes it.
 //
 // Format: text, one `key=value` per line, at most kMaxFailoverStateBytes:
 //   ferry-failover=1

@@ -56,6 +56,15 @@ class ReadView {
   // same kind merged. The range must lie inside the disk.
   virtual Result<std::vector<ReadExtent>> extents(std::uint64_t offset,
                                                   std::uint64_t length) = 0;
+  // The ranges of [offset, offset + length), in order and merged, where the disk at this RP
+  // may differ from the base RP's image (base_rp()): covered by a record of an RP in
+  // (base, N], or past the bytes the base image supplies (a full RP or a resize since).
+  // Everything else reads from the base image unchanged. Failback writes only these
+  // (docs/failover.md, "Failback"). `zero` is always false here.
+  virtual Result<std::vector<ReadExtent>> changed_since_base(std::uint64_t offset,
+                                                             std::uint64_t length) = 0;
+  // The RP the group's replica images hold (the store's base RP when the view was opened).
+  virtual std::uint64_t base_rp() const = 0;
   // Another view of the same disk at the same RP, sharing what open() loaded and its pin
   // (no second journal scan), with its own reader and window: one per NBD connection.
   virtual Result<std::unique_ptr<ReadView>> clone() const = 0;
