@@ -395,6 +395,7 @@ void Agent::reload() {
   // use the QMP socket a removed one held. Workers are joined without mu_ held, since a worker
   // finishing its RP takes mu_ to publish STATUS=.
   std::vector<std::unique_ptr<Worker>> retired;
+  std::vector<std::string> removed;  // groups no longer protected: their gauges go
   {
     std::lock_guard lk(mu_);
     for (auto it = workers_.begin(); it != workers_.end();) {
@@ -408,11 +409,13 @@ void Agent::reload() {
                    w == wanted.end() ? "removed" : "changed: restarting");
       it->second->request_stop();
       retired.push_back(std::move(it->second));
+      if (w == wanted.end()) removed.push_back(it->first);
       it = workers_.erase(it);
     }
   }
   for (auto& w : retired) w->join();
   retired.clear();
+  for (const std::string& g : removed) source_metrics_.forget(g);  // after the joins: no late RP
   std::lock_guard lk(mu_);
   for (const auto& t : next->targets)
     if (!workers_.count(t.group)) start_worker(t);

@@ -37,6 +37,9 @@ class SourceMetrics {
  public:
   explicit SourceMetrics(metrics::Registry& reg);
   void target(const std::string& group, double rpo_alert_seconds);
+  // A target removed (agent reload): its gauges go at the next scrape; its counters and
+  // histograms stay until the process ends, as Prometheus expects of counters.
+  void forget(const std::string& group);
   // From the hello reply: the receiver's last committed RP and its time. Seeds the RPO of a
   // restarted agent until its own first RP is acknowledged.
   void receiver_state(const std::string& group, std::uint64_t rp_id, std::uint64_t unix_ns);

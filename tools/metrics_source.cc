@@ -74,6 +74,11 @@ void SourceMetrics::target(const std::string& group, double rpo_alert_seconds) {
   if (g.watched_since_unix_ns == 0) g.watched_since_unix_ns = now_unix_ns();
 }
 
+void SourceMetrics::forget(const std::string& group) {
+  std::lock_guard lock(mu_);
+  groups_.erase(group);
+}
+
 void SourceMetrics::receiver_state(const std::string& group, std::uint64_t rp_id, std::uint64_t unix_ns) {
   reg_.set("ferry_receiver_connected", {{"group", group}}, 1);
   std::lock_guard lock(mu_);
@@ -174,6 +179,11 @@ std::string SourceMetrics::alert(const std::string& group) const {
 void SourceMetrics::collect(metrics::Registry& r) {
   const std::uint64_t now = now_unix_ns();
   std::lock_guard lock(mu_);
+  // The gauges are set from the groups present now, so a removed target's go.
+  for (const char* name : {"ferry_rpo_seconds", "ferry_last_rp_timestamp_seconds", "ferry_last_rp_id",
+                           "ferry_rpo_alert_seconds", "ferry_rpo_exceeded", "ferry_rp_in_progress",
+                           "ferry_rp_progress_bytes", "ferry_rp_progress_total_bytes"})
+    r.clear(name);
   for (const auto& [name, g] : groups_) {
     const metrics::Labels l{{"group", name}};
     const RpoInputs in = inputs_locked(g, now);

@@ -330,7 +330,8 @@ def agent_alert_and_restart(env, rx, qsd, wl, vda):
     deadline = time.monotonic() + 30
     while True:
         r = env.run(["status", "--socket", sock, "--json"], timeout=30)
-        t = json.loads(r.out)["targets"][0] if r.rc in (0, 3) and r.out.strip() else {}
+        targets = json.loads(r.out).get("targets", []) if r.rc in (0, 3) and r.out.strip() else []
+        t = targets[0] if targets else {}  # the socket may answer before the worker exists
         if t.get("rpo_seconds") is not None:
             ft.check_eq(t.get("rps_ok"), 0, "an RP acknowledged before the RPO was known")
             break
