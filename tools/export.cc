@@ -254,15 +254,15 @@ int cmd_export(const ExportArgs& a) {
     if (w == child) break;
     if (!ready && !stopping && ::access(pidfile.c_str(), F_OK) == 0) {
       ready = true;
+      emit_store_event(a.store, {.group = a.group, .kind = "rp_exported", .rp = rp, .disk = a.disk,
+                                 .message = "RP " + std::to_string(rp) + " of group '" + a.group +
+                                            "': disk " + a.disk + " exported on " + uri,
+                                 .fields = {{"uri", uri}, {"overlay", std::int64_t(a.overlay)}}});
       std::printf("ferry export: serving disk %s of group %s at RP %llu (%llu bytes%s) on %s\n",
                   a.disk.c_str(), a.group.c_str(), (unsigned long long)rp,
                   (unsigned long long)size, a.overlay ? ", writable overlay" : ", read-only",
                   uri.c_str());
       std::fflush(stdout);
-      emit_store_event(a.store, {.group = a.group, .kind = "rp_exported", .rp = rp, .disk = a.disk,
-                                 .message = "RP " + std::to_string(rp) + " of group '" + a.group +
-                                            "': disk " + a.disk + " exported on " + uri,
-                                 .fields = {{"uri", uri}, {"overlay", std::int64_t(a.overlay)}}});
     }
     if (!ready && !stopping && std::chrono::steady_clock::now() > deadline) {
       std::fprintf(stderr, "ferry export: nbdkit was not ready within %lld s; stopping it\n",

@@ -88,9 +88,15 @@ with ft.Env("events") as env:
     source_args = ["--work-dir", state]
 
     def rp():
+        """One RP; returns once the receiver logged its apply (which follows the ack)."""
         wl.random_writes(qsd, vda, 8)
         qsd.sync()
-        return env.replicate_once(qsd, rx.addr, GROUP, state_dir=state)
+        n = env.replicate_once(qsd, rx.addr, GROUP, state_dir=state)
+        deadline = time.monotonic() + 20
+        while ("rp_applied", n) not in kinds(events(env, store_args)[0]):
+            ft.check(time.monotonic() < deadline, f"no rp_applied for RP {n} in 20 s")
+            time.sleep(0.05)
+        return n
 
     for expected in (1, 2, 3):
         ft.check_eq(rp(), expected, "RP id")
