@@ -27,6 +27,9 @@ inline constexpr std::size_t kMaxUriBytes = 1024;
 inline constexpr std::size_t kMaxServerNameBytes = 253;  // a DNS name or an IP address
 inline constexpr std::int64_t kMaxIntervalSeconds = 7 * 24 * 3600;
 inline constexpr std::int64_t kMaxRpoAlertSeconds = 30 * 24 * 3600;
+inline constexpr std::size_t kMaxDomainsPerGroup = 32;  // cbt::kMaxGroupVms
+inline constexpr std::int64_t kMaxPauseMs = 60000;
+inline constexpr std::int64_t kDefaultMaxPauseMs = 5000;
 
 enum class TargetKind : std::uint8_t { libvirt_domain, qmp };
 const char* target_kind_name(TargetKind kind);  // "domain" / "qmp"
@@ -43,8 +46,11 @@ struct TargetConfig {
   std::string to;     // receiver HOST:PORT (syntax checked; resolved at connect time)
   std::int64_t interval_seconds = 0;
   std::int64_t rpo_alert_seconds = 0;  // default: 3 x interval_seconds
-  // [[domain]]
-  std::string domain;
+  // [[domain]]: `name` (one VM) or `names` (a protection group captured at one instant)
+  std::string domain;                    // the name, or the names joined with ','
+  std::vector<std::string> domains;      // every domain, in disk order (empty: {domain})
+  std::vector<std::string> boot_order;   // empty: the order of domains
+  std::int64_t max_pause_ms = kDefaultMaxPauseMs;  // the group's longest pause
   std::string uri;  // default qemu:///system
   bool quiesce = false;
   // [[qmp]]

@@ -514,7 +514,8 @@ int cmd_failover_test(const FailoverTestArgs& a) {
   }
 }
 
-int cmd_vm_config(const std::string& store, const std::string& group, const std::string& point) {
+int cmd_vm_config(const std::string& store, const std::string& group, const std::string& point,
+                  const std::string& vm) {
   auto cfg = site::vm_config_at(store, group, parse_point_arg(point));
   if (!cfg.is_ok()) {
     std::fprintf(stderr, "ferry vm-config: group '%s': %s\n", group.c_str(),
@@ -528,8 +529,18 @@ int cmd_vm_config(const std::string& store, const std::string& group, const std:
                  (unsigned long long)cfg->rp_id, group.c_str());
     return 1;
   }
-  std::fwrite(cfg->xml.data(), 1, cfg->xml.size(), stdout);
-  if (cfg->xml.back() != '\n') std::fputc('\n', stdout);
+  std::string text = cfg->xml;
+  if (!vm.empty()) {  // one VM of a group (group_config.cc)
+    auto one = vm_domain_xml(cfg->xml, vm);
+    if (!one.is_ok()) {
+      std::fprintf(stderr, "ferry vm-config: RP %llu of group '%s': %s\n",
+                   (unsigned long long)cfg->rp_id, group.c_str(), one.status().message().c_str());
+      return 1;
+    }
+    text = *one;
+  }
+  std::fwrite(text.data(), 1, text.size(), stdout);
+  if (text.back() != '\n') std::fputc('\n', stdout);
   return 0;
 }
 
@@ -541,7 +552,8 @@ void annotate_points_json(const std::string& store, const std::string& group, js
       by_rp[c.rp_id] = c.xml.empty() ? json(nullptr)
                                      : json{{"bytes", c.xml.size()},
                                             {"sha256", sha256_hex(c.xml)},
-                                            {"from_rp", c.from_rp}};
+                                            {"from_rp", c.from_rp},
+                                            {"vms", vms_json(c.xml)}};  // group_config.cc
   const Paths p(store, group);
   const auto results = load_results(p);
   auto running = load_running(p);
@@ -549,6 +561,7 @@ void annotate_points_json(const std::string& store, const std::string& group, js
   for (auto& pt : points) {
     const std::uint64_t rp = pt.value("rp_id", std::uint64_t{0});
     pt["vm_config"] = by_rp.count(rp) ? by_rp[rp] : json(nullptr);
+    pt["vms"] = by_rp.count(rp) && !by_rp[rp].is_null() ? by_rp[rp]["vms"] : json::array();
     json tests = json::array();
     for (const auto& r : results)
       if (r.value("rp_id", std::uint64_t{0}) == rp) tests.push_back(r);
@@ -590,6 +603,7 @@ std::function<bool(int&)> add_failover_commands(CLI::App& app, const CLI::Valida
   vmc->add_option("--group", vc->group, "Group name")->required();
   vmc->add_option("--point", vc->point, "Recovery point id, or latest")->check(point_rule)
       ->capture_default_str();
+  vmc->add_option("--vm", vc->vm, "Print only this VM's domain XML (a group of several VMs)");
 
   auto* fo = app.add_subcommand(
       "failover", "Fail over to the recovery site: stop the group, start its VM from an RP "
@@ -630,7 +644,7 @@ std::function<bool(int&)> add_failover_commands(CLI::App& app, const CLI::Valida
       ->check(CLI::IsMember({"ok", "failed"}));
   return [vmc, t, a, vc, fo, r](int& rc) {
     if (vmc->parsed()) {
-      rc = cmd_vm_config(vc->store, vc->group, vc->point);
+      rc = cmd_vm_config(vc->store, vc->group, vc->point, vc->vm);
       return true;
     }
     if (t->parsed()) {

@@ -1,5 +1,5 @@
 // Test failover and the VM's definition at the recovery site (docs/failover.md):
-//   ferry vm-config --store DIR --group G --point N|latest
+//   ferry vm-config --store DIR --group G --point N|latest [--vm NAME]
 //   ferry failover test --store DIR --group G [--point N|latest] [--uri URI] [--name-suffix S]
 //                       [--network-map SRC=DST ...] [--domain-xml FILE]
 //   ferry failover test --stop --store DIR --group G [--boot-result ok|failed]
@@ -11,6 +11,8 @@
 #include <functional>
 #include <string>
 #include <vector>
+
+#include "ferry/base/status.h"
 
 namespace CLI {
 class App;
@@ -28,9 +30,11 @@ struct FailoverTestArgs {
   std::string domain_xml;                // a definition to use instead of the RP's
   bool stop = false;
   std::string boot_result;  // --stop: ok, failed, or empty (not known)
+  std::string vm;           // vm-config --vm: one VM of a group
 };
 int cmd_failover_test(const FailoverTestArgs& a);
-int cmd_vm_config(const std::string& store, const std::string& group, const std::string& point);
+int cmd_vm_config(const std::string& store, const std::string& group, const std::string& point,
+                  const std::string& vm = "");
 
 // Adds "vm_config" ({bytes, sha256, from_rp} or null), "tests" (finished test failovers of
 // the RP) and "test_running" to each RP object of `points` (ferry points --json).
@@ -38,6 +42,13 @@ void annotate_points_json(const std::string& store, const std::string& group,
                           nlohmann::json& points);
 // One line per tested RP and the running test, after ferry points' table.
 void print_points_tests(const std::string& store, const std::string& group);
+
+// A group's definition (ferry/cbt/group_doc.h) at the recovery site (group_config.cc):
+// one VM's domain XML out of an RP's vm_config (a group document, or a single domain's XML
+// when its name is `vm`), and the VMs as `ferry points --json` lists them
+// ([{name, boot, disks: [{name, target}]}], [] when the definition cannot be read).
+Result<std::string> vm_domain_xml(const std::string& vm_config, const std::string& vm);
+nlohmann::json vms_json(const std::string& vm_config);
 
 // Registers `vm-config` and `failover test` on `app`; the returned function runs the one
 // that was parsed: true and its exit code in `rc`, false when neither was.

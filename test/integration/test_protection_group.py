@@ -1,0 +1,208 @@
+#!/usr/bin/env python3
+"""A protection group of two VMs (`ferry protect --domain A --domain B --group G`) end to end:
+two real libvirt guests (test/guest: TCG, one qcow2 disk each) captured at one instant per RP
+by pausing both, starting each domain's backup job, resuming both; a real `ferry receive`.
+
+The oracle is a cross-VM write order kept by the guests themselves: a writer thread has VM a
+write sequence number n into its block 0, and only once a's guest acknowledged it, VM b
+writes n into its block 0. At any single instant b's number is a's or a's minus one. In every
+RP, restored with `ferry restore` and parsed as the fixture's self-validating blocks, b's
+number never exceeds a's (and is never more than one behind): an RP that captured the VMs at
+two instants shows b ahead of a (b captured later) or two behind.
+
+Checks, in order:
+  (a) RPs (`protect --once`, 3 by default, 10 with FERRY_LONG=1) while the writer runs; the
+      pause each RP caused is printed (the RP line's "VMs paused N ms" and the per-RP log
+      line) and stays under the bound; disks are named "<domain>.vda";
+  (b) every RP: cross-VM order as above; the final quiet RP equals both guests' models;
+  (c) the RP carries the group's definition: `ferry points --json` lists both VMs with their
+      disks and boot order (set with --boot-order b,a), `ferry vm-config` prints the group
+      document, `ferry vm-config --vm A` one domain's XML, `--vm nope` fails naming the VMs;
+  (d) errors: several domains without --group, a domain listed twice, an unknown domain;
+      neither guest is left paused.
+
+Exits 77 only when libvirtd cannot start or the guest cannot be built. Figures:
+ferrytest.write_result("protection-group")."""
+
+import json
+import os
+import re
+import sys
+import threading
+import time
+
+import ferrytest as ft
+
+sys.path.insert(0, os.path.join(ft.REPO, "test", "guest"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import guest as G  # noqa: E402
+from test_failover_test import guest_cache  # noqa: E402  (the md5-capable guest)
+
+A = "ferry-e2e-grp-a"
+B = "ferry-e2e-grp-b"
+GROUP = "ferry-e2e-grp"
+N_RPS = 10 if os.environ.get("FERRY_LONG") == "1" else 3
+PAUSE_RE = re.compile(r"VMs paused ([\d.]+) ms")
+
+
+def gen_at(path, dev):
+    """The generation in block 0 of a restored disk (0: never written)."""
+    with open(path, "rb") as f:
+        data = f.read(G.BLOCK_BYTES)
+    parsed = G.parse_block(data)
+    if parsed is None:
+        return 0
+    ft.check(parsed[0] == dev and parsed[1] == 0, f"block 0 of {path} is {parsed}")
+    return parsed[2]
+
+
+class Writer(threading.Thread):
+    """a writes n, then b writes n, n = 1, 2, ... until stopped."""
+
+    def __init__(self, ga, gb):
+        super().__init__(daemon=True)
+        self.ga, self.gb = ga, gb
+        self.n = 0
+        self.stop = threading.Event()
+        self.error = None
+
+    def run(self):
+        try:
+            while not self.stop.is_set():
+                n = self.n + 1
+                self.ga.write("vda", [0], gen=n, seed=1)
+                self.gb.write("vda", [0], gen=n, seed=2)
+                self.n = n
+        except Exception as e:  # reported by the main thread
+            self.error = e
+
+
+def main():
+    with ft.Env("protection-group", need_qsd=False) as env:
+        if os.geteuid() != 0 or not G.start_libvirtd():
+            raise ft.Skip("libvirtd cannot start here")
+        fx = guest_cache()
+        if fx is None:
+            raise ft.Skip("the test guest cannot be built here")
+
+        def remove_domains():
+            for d in (A, B):
+                G.virsh("destroy", d, check=False)
+        remove_domains()
+        env.on_cleanup(remove_domains)
+        ga = G.Guest(env.path("ga", "x")[:-2], A, [G.Disk("vda", size_mib=8)])
+        gb = G.Guest(env.path("gb", "x")[:-2], B, [G.Disk("vda", size_mib=8)])
+        env.on_cleanup(ga.destroy)
+        env.on_cleanup(gb.destroy)
+        rx = env.receiver()
+        store = rx.store
+        state = env.path("state", "x")[:-2]
+        figures = {}
+
+        t0 = time.monotonic()
+        boots = [threading.Thread(target=g.start, args=(fx,)) for g in (ga, gb)]
+        for t in boots:
+            t.start()
+        for t in boots:
+            t.join()
+        ft.check(ga.running() and gb.running(), "the guests did not boot")
+        figures["boot_s"] = round(time.monotonic() - t0, 1)
+
+        def protect(*extra, domains=(A, B), group=GROUP):
+            args = ["protect", "--to", rx.addr, "--state-dir", state, "--once"]
+            for d in domains:
+                args += ["--domain", d]
+            if group:
+                args += ["--group", group]
+            return env.run(args + list(extra), timeout=300)
+
+        def expect_error(what, r, *words):
+            text = (r.err + r.out).lower()
+            ft.check(r.rc != 0 and all(w.lower() in text for w in words),
+                     f"{what}: expected a failure naming {words}:\n{r}")
+            ft.log(f"{what}: {(r.err.strip() or r.out.strip()).splitlines()[-1]}")
+
+        def running_not_paused():
+            for d in (A, B):
+                ft.check_eq(G.virsh("domstate", d).strip(), "running", f"state of {d}")
+
+        # ---- (a) RPs while the writer runs -----------------------------------------------------
+        w = Writer(ga, gb)
+        w.start()
+        pauses = []
+        rps = []
+        for i in range(N_RPS):
+            time.sleep(0.3)
+            r = protect("--boot-order", f"{B},{A}")
+            ft.check(r.rc == 0, f"(a) protect of the group failed:\n{r}")
+            lines = [l for l in r.out.split() if l.strip()]
+            ft.check(lines and lines[-1].isdigit(), f"(a) protect --once printed no RP id:\n{r}")
+            rps.append(int(lines[-1]))
+            m = PAUSE_RE.search(r.err + r.out)
+            ft.check(m is not None, f"(a) the RP line does not report the pause:\n{r}")
+            ft.check("for the cross-VM instant" in r.err + r.out,
+                     f"(a) no per-RP pause log line:\n{r}")
+            pauses.append(float(m.group(1)))
+            ft.log(f"(a) RP {rps[-1]}: VMs paused {pauses[-1]:.1f} ms (writer at {w.n})")
+        w.stop.set()
+        w.join(timeout=120)
+        ft.check(w.error is None, f"(a) the writer failed: {w.error}")
+        ft.check(w.n >= 2, f"(a) the writer wrote only {w.n} numbers")
+        running_not_paused()
+        ft.check(max(pauses) < 5000, f"(a) a pause over the 5 s bound: {pauses}")
+        figures["pause_ms_max"] = max(pauses)
+        figures["pause_ms_median"] = sorted(pauses)[len(pauses) // 2]
+        print(f"pause per RP (ms): {', '.join(f'{p:.1f}' for p in pauses)}", flush=True)
+
+        # ---- (b) cross-VM order in every RP; a quiet RP equals the models ----------------------
+        r = protect("--boot-order", f"{B},{A}")
+        ft.check(r.rc == 0, f"(b) the quiet RP failed:\n{r}")
+        final = int([l for l in r.out.split() if l.strip()][-1])
+        pts = env.points(store, GROUP)
+        names = sorted(d["name"] for d in pts[-1]["disks"])
+        ft.check_eq(names, sorted([f"{A}.vda", f"{B}.vda"]), "(a) disk names of the group")
+        seen = []
+        for rp in rps + [final]:
+            na = gen_at(env.restore(store, GROUP, rp, f"{A}.vda"), "vda")
+            nb = gen_at(env.restore(store, GROUP, rp, f"{B}.vda"), "vda")
+            seen.append((rp, na, nb))
+            ft.check(nb <= na, f"(b) RP {rp}: VM b's number {nb} exceeds VM a's {na}")
+            ft.check(na - nb <= 1, f"(b) RP {rp}: VM b's number {nb} is {na - nb} behind a's {na}")
+        ft.log(f"(b) (rp, a, b): {seen}")
+        ft.check_eq((seen[-1][1], seen[-1][2]), (w.n, w.n), "(b) the quiet RP's numbers")
+        figures["rps"] = len(seen)
+        figures["rps_between_writes"] = sum(1 for _, a, b in seen if a != b)
+
+        # ---- (c) the group's definition travels with the RP -----------------------------------
+        vms = pts[-1].get("vms")
+        ft.check(isinstance(vms, list) and len(vms) == 2, f"(c) points --json vms: {vms}")
+        by_name = {v["name"]: v for v in vms}
+        ft.check_eq(sorted(by_name), sorted([A, B]), "(c) VMs of the RP")
+        ft.check_eq(by_name[B]["boot"], 1, "(c) boot position of b")
+        ft.check_eq(by_name[A]["boot"], 2, "(c) boot position of a")
+        ft.check_eq([d["name"] for d in by_name[A]["disks"]], [f"{A}.vda"], "(c) disks of a")
+        r = env.run(["vm-config", "--store", store, "--group", GROUP, "--point", str(final)])
+        ft.check(r.rc == 0 and r.out.lstrip().startswith("<ferry-group"),
+                 f"(c) vm-config does not print the group document:\n{r}")
+        r = env.run(["vm-config", "--store", store, "--group", GROUP, "--vm", A])
+        ft.check(r.rc == 0 and r.out.lstrip().startswith("<domain")
+                 and f"<name>{A}</name>" in r.out and f"<name>{B}</name>" not in r.out,
+                 f"(c) vm-config --vm {A}:\n{r}")
+        expect_error("(c) vm-config --vm unknown",
+                     env.run(["vm-config", "--store", store, "--group", GROUP, "--vm", "nope"]),
+                     "nope", A, B)
+
+        # ---- (d) errors ---------------------------------------------------------------------
+        expect_error("(d) several domains without --group", protect(group=None), "--group")
+        expect_error("(d) a domain twice", protect(domains=(A, A)), "twice")
+        expect_error("(d) an unknown domain", protect(domains=(A, "ferry-e2e-grp-none")),
+                     "ferry-e2e-grp-none")
+        expect_error("(d) a bad boot order", protect("--boot-order", A), "boot order")
+        running_not_paused()
+        ft.write_result("protection-group",
+                        f"{len(seen)} RPs of a two-VM group, 0 with VM b ahead of VM a; "
+                        f"pause max {max(pauses):.1f} ms", **figures)
+
+
+if __name__ == "__main__":
+    main()
