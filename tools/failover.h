@@ -10,6 +10,7 @@
 
 #include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "ferry/base/status.h"
@@ -31,6 +32,8 @@ struct FailoverTestArgs {
   bool stop = false;
   std::string boot_result;  // --stop: ok, failed, or empty (not known)
   std::string vm;           // vm-config --vm: one VM of a group
+  std::string boot_order;   // a group's VMs: NAME,NAME,... (default: the RP's boot order)
+  unsigned boot_delay_s = 0;  // seconds between starting one VM of a group and the next
 };
 int cmd_failover_test(const FailoverTestArgs& a);
 int cmd_vm_config(const std::string& store, const std::string& group, const std::string& point,
@@ -49,6 +52,19 @@ void print_points_tests(const std::string& store, const std::string& group);
 // ([{name, boot, disks: [{name, target}]}], [] when the definition cannot be read).
 Result<std::string> vm_domain_xml(const std::string& vm_config, const std::string& vm);
 nlohmann::json vms_json(const std::string& vm_config);
+
+// One VM to start at the recovery site from an RP.
+struct VmPlan {
+  std::string xml;  // its domain XML
+  std::vector<std::pair<std::string, std::string>> disks;  // (the RP's disk, target dev)
+};
+// The VMs of an RP in boot order: a group document's (`boot_order` "a,b" overrides the
+// RP's; each VM's disks must be in `rp_disks`, unless it is empty: not known yet), or for a plain definition the one VM with
+// every disk of the RP, each named by its target (the XML is not read here: the rewrite
+// checks it, as for a single VM before groups existed).
+Result<std::vector<VmPlan>> plan_vms(const std::string& vm_config,
+                                     const std::vector<std::string>& rp_disks,
+                                     const std::string& boot_order);
 
 // Registers `vm-config` and `failover test` on `app`; the returned function runs the one
 // that was parsed: true and its exit code in `rc`, false when neither was.

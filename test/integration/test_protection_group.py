@@ -18,12 +18,19 @@ Checks, in order:
   (c) the RP carries the group's definition: `ferry points --json` lists both VMs with their
       disks and boot order (set with --boot-order b,a), `ferry vm-config` prints the group
       document, `ferry vm-config --vm A` one domain's XML, `--vm nope` fails naming the VMs;
-  (d) errors: several domains without --group, a domain listed twice, an unknown domain;
-      neither guest is left paused.
+  (d) errors: several domains without --group, a domain listed twice, an unknown domain, a
+      boot order that does not name every domain; neither guest is left paused;
+  (e) `ferry failover test` of the group at RP 1: both VMs start (`<vm>-test`) in the stored
+      boot order, each guest's own md5 of its disk equals the source's at that RP; `--stop`
+      removes both domains, the exports and the record;
+  (f) `ferry failover` at an older RP with `--boot-order a,b --boot-delay 1`: both VMs start
+      (`<vm>-dr`) in that order on their own disks, their digests equal the sources' at the RP;
+      a second failover is refused.
 
 Exits 77 only when libvirtd cannot start or the guest cannot be built. Figures:
 ferrytest.write_result("protection-group")."""
 
+import hashlib
 import json
 import os
 import re
@@ -36,7 +43,7 @@ import ferrytest as ft
 sys.path.insert(0, os.path.join(ft.REPO, "test", "guest"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import guest as G  # noqa: E402
-from test_failover_test import guest_cache  # noqa: E402  (the md5-capable guest)
+from test_failover_test import Ctl, guest_cache  # noqa: E402  (the md5-capable guest)
 
 A = "ferry-e2e-grp-a"
 B = "ferry-e2e-grp-b"
@@ -86,8 +93,10 @@ def main():
             raise ft.Skip("the test guest cannot be built here")
 
         def remove_domains():
-            for d in (A, B):
+            for d in (A, B, A + "-test", B + "-test", A + "-dr", B + "-dr"):
                 G.virsh("destroy", d, check=False)
+            for d in (A + "-test", B + "-test", A + "-dr", B + "-dr"):
+                G.virsh("undefine", d, "--nvram", check=False)
         remove_domains()
         env.on_cleanup(remove_domains)
         ga = G.Guest(env.path("ga", "x")[:-2], A, [G.Disk("vda", size_mib=8)])
@@ -199,6 +208,83 @@ def main():
                      "ferry-e2e-grp-none")
         expect_error("(d) a bad boot order", protect("--boot-order", A), "boot order")
         running_not_paused()
+
+        # ---- (e) test failover of the group: both VMs, in boot order, digests at the RP ------
+        size = 8 * ft.MiB
+
+        def rp_md5(rp, vm):
+            """md5 of the source VM's disk at RP rp: block 0 as restored (self-validated above),
+            the rest zeros (checked on the restore)."""
+            path = env.restore(store, GROUP, rp, f"{vm}.vda")
+            n = gen_at(path, "vda")
+            model = (G.block_bytes("vda", 0, n, 1 if vm == A else 2) if n else bytes(G.BLOCK_BYTES))
+            want = hashlib.md5(model + bytes(size - G.BLOCK_BYTES)).hexdigest()
+            with open(path, "rb") as f:
+                got = hashlib.md5(f.read()).hexdigest()
+            ft.check_eq(got, want, f"restore of {vm}.vda at RP {rp} vs the guest's model")
+            return want, n
+
+        def check_vms(rec, rp, what):
+            for vm_rec in rec["vms"]:
+                src = vm_rec["domain"].rsplit("-", 1)[0]
+                g = ga if src == A else gb
+                want, n = rp_md5(rp, src)
+                vm = Ctl(vm_rec["chardevs"][g.ctl_path], vm_rec["chardevs"][g.console_path])
+                got = vm.command("md5 vda").split()[-1]
+                vm.close()
+                ft.check_eq(got, want, f"{what}: {vm_rec['domain']}'s digest of vda vs RP {rp}")
+                ft.log(f"{what}: {vm_rec['domain']} digest equals RP {rp} (number {n})")
+
+        tests_dir = os.path.join(store, GROUP, "tests")
+        r = env.run(["failover", "test", "--store", store, "--group", GROUP, "--point",
+                     str(rps[0])], timeout=300)
+        ft.check(r.rc == 0, f"(e) failover test of the group failed:\n{r}")
+        ft.log(f"(e) {r.out.strip()}")
+        started = [l for l in r.out.splitlines() if l.startswith("test failover of")]
+        ft.check(len(started) == 2 and f"domain {B}-test" in started[0]
+                 and f"domain {A}-test" in started[1],
+                 f"(e) the VMs did not start in the boot order {B},{A}:\n{r}")
+        with open(os.path.join(tests_dir, "running.json")) as f:
+            rec = json.load(f)
+        for d in (A, B):
+            ft.check_eq(G.virsh("domstate", d + "-test").strip(), "running", f"(e) {d}-test")
+        check_vms(rec, rps[0], "(e)")
+        r = env.run(["failover", "test", "--stop", "--store", store, "--group", GROUP])
+        ft.check(r.rc == 0, f"(e) failover test --stop failed:\n{r}")
+        for d in (A, B):
+            ft.check(G.virsh("domstate", d + "-test", check=False).returncode != 0,
+                     f"(e) {d}-test is left after --stop")
+        ft.check(not os.path.exists(os.path.join(tests_dir, "running.json")), "(e) record left")
+        for e in rec["exports"]:
+            ft.check(not os.path.exists(f"/proc/{e['pid']}") or
+                     "export" not in open(f"/proc/{e['pid']}/cmdline").read(),
+                     f"(e) export {e['disk']} left running")
+
+        # ---- (f) failover of the group at an older RP, boot order overridden ----------------
+        ga.destroy()
+        gb.destroy()
+        k = rps[1]
+        t_fo = time.monotonic()
+        r = env.run(["failover", "--store", store, "--group", GROUP, "--point", str(k),
+                     "--name-suffix", "-dr", "--boot-order", f"{A},{B}", "--boot-delay", "1",
+                     "--lock-timeout", "30"], timeout=300)
+        ft.check(r.rc == 0, f"(f) failover of the group failed:\n{r}")
+        ft.log(f"(f) {r.out.strip()}")
+        started = [l for l in r.out.splitlines() if l.startswith("failover of")]
+        ft.check(len(started) == 2 and f"domain {A}-dr" in started[0]
+                 and f"domain {B}-dr" in started[1],
+                 f"(f) the VMs did not start in the order {A},{B}:\n{r}")
+        with open(os.path.join(store, GROUP, "failover", "record.json")) as f:
+            rec = json.load(f)
+        ft.check_eq(rec["phase"], "running", "(f) phase")
+        ft.check_eq([v["domain"] for v in rec["vms"]], [A + "-dr", B + "-dr"], "(f) VMs")
+        for d in (A, B):
+            ft.check_eq(G.virsh("domstate", d + "-dr").strip(), "running", f"(f) {d}-dr")
+        check_vms(rec, k, "(f)")
+        figures["failover_s"] = round(time.monotonic() - t_fo, 1)
+        r = env.run(["failover", "--store", store, "--group", GROUP, "--name-suffix", "-dr"])
+        ft.check(r.rc == 1 and "failed over already" in r.err,
+                 f"(f) a second failover was not refused:\n{r}")
         ft.write_result("protection-group",
                         f"{len(seen)} RPs of a two-VM group, 0 with VM b ahead of VM a; "
                         f"pause max {max(pauses):.1f} ms", **figures)
