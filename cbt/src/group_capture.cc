@@ -106,7 +106,9 @@ class Watchdog {
   std::thread thread_;  // last: starts after the members above exist
 };
 
-// Suspends every member and starts every job; stops at the first error or at the timeout.
+// Suspends every member, then starts every job at once, one thread per member (bounded by
+// the group's size): the pause lasts as long as the slowest start, not their sum. Nothing
+// more is suspended or started once the watchdog fired.
 Status pause_and_start(const std::vector<GroupMember*>& members, PauseState& pause,
                        std::vector<bool>& started) {
   for (std::size_t i = 0; i < members.size(); ++i) {
@@ -114,12 +116,20 @@ Status pause_and_start(const std::vector<GroupMember*>& members, PauseState& pau
     FERRY_TRY(members[i]->suspend());
     pause.mark_paused(i);
   }
+  if (pause.timed_out()) return Status::ok();
+  std::vector<Status> results(members.size());
+  {
+    std::vector<std::jthread> starts;
+    starts.reserve(members.size());
+    for (std::size_t i = 0; i < members.size(); ++i)
+      starts.emplace_back([&members, &results, i] { results[i] = members[i]->start_job(); });
+  }  // joined
+  Status first;
   for (std::size_t i = 0; i < members.size(); ++i) {
-    if (pause.timed_out()) return Status::ok();
-    FERRY_TRY(members[i]->start_job());
-    started[i] = true;
+    if (results[i].is_ok()) started[i] = true;
+    else if (first.is_ok()) first = results[i];
   }
-  return Status::ok();
+  return first;
 }
 
 }  // namespace

@@ -31,7 +31,9 @@ class GroupMember {
   virtual Status thaw() = 0;
   virtual Status suspend() = 0;  // pauses the vCPUs
   virtual Status resume() = 0;   // must be safe to call from another thread (the watchdog)
-  virtual Status start_job() = 0;  // the backup job and its checkpoint, atomically
+  // The backup job and its checkpoint, atomically. Called on one thread per member, all at
+  // once: members must not share unsynchronised state.
+  virtual Status start_job() = 0;
   virtual void abandon_job() = 0;  // ends a started job; the checkpoint is healed later
 };
 

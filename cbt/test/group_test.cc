@@ -147,6 +147,7 @@ TEST_CASE("instant: a domain that cannot be resumed fails the RP naming it; the 
 TEST_CASE("instant: a pause longer than the bound resumes the domains and fails (pause timeout)") {
   auto d = twins(3, 99, Step::none);
   d[0]->start_delay = std::chrono::milliseconds(300);  // a backup begin that hangs
+  d[2]->start_delay = std::chrono::milliseconds(300);
   InstantOptions o;
   o.max_pause = std::chrono::milliseconds(50);
   auto t0 = std::chrono::steady_clock::now();
@@ -159,8 +160,18 @@ TEST_CASE("instant: a pause longer than the bound resumes the domains and fails 
     CHECK_FALSE(t->paused);
     CHECK_FALSE(t->job);
     CHECK(t->resumes == 1);  // once, by the watchdog
+    CHECK(t->abandons == 1);  // every started job ended: the RP is not taken
   }
-  CHECK_FALSE(d[1]->started_while_paused);  // no job started after the timeout
+}
+
+TEST_CASE("instant: the jobs start at once, the pause is the slowest start, not the sum") {
+  auto d = twins(4, 99, Step::none);
+  for (auto& t : d) t->start_delay = std::chrono::milliseconds(200);
+  auto r = capture_instant(ptrs(d), InstantOptions{});
+  REQUIRE(r.is_ok());
+  CHECK(r->pause_us >= 200000);
+  CHECK(r->pause_us < 700000);  // the sum would be 800 ms
+  for (auto& t : d) CHECK(t->started_while_paused);
 }
 
 TEST_CASE("instant: the pause is measured") {
