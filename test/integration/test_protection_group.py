@@ -23,9 +23,10 @@ Checks, in order:
   (e) `ferry failover test` of the group at RP 1: both VMs start (`<vm>-test`) in the stored
       boot order, each guest's own md5 of its disk equals the source's at that RP; `--stop`
       removes both domains, the exports and the record;
-  (f) `ferry failover` at an older RP with `--boot-order a,b --boot-delay 1`: both VMs start
-      (`<vm>-dr`) in that order on their own disks, their digests equal the sources' at the RP;
-      a second failover is refused.
+  (f) `ferry failover` at an older RP with `--boot-order a,b --boot-delay 1`, killed (kill
+      point failover.after_start) once VM a runs: b is not there; the same command again
+      completes without restarting a; both VMs (`<vm>-dr`) run on their own disks, in that
+      order, their digests equal the sources' at the RP; a second failover is refused.
 
 Exits 77 only when libvirtd cannot start or the guest cannot be built. Figures:
 ferrytest.write_result("protection-group")."""
@@ -265,10 +266,20 @@ def main():
         gb.destroy()
         k = rps[1]
         t_fo = time.monotonic()
-        r = env.run(["failover", "--store", store, "--group", GROUP, "--point", str(k),
-                     "--name-suffix", "-dr", "--boot-order", f"{A},{B}", "--boot-delay", "1",
-                     "--lock-timeout", "30"], timeout=300)
+        fo_args = ["failover", "--store", store, "--group", GROUP, "--point", str(k),
+                   "--name-suffix", "-dr", "--boot-order", f"{A},{B}", "--boot-delay", "1",
+                   "--lock-timeout", "30"]
+        # Killed once the first VM runs: the second is not there; the same command completes.
+        r = env.run(fo_args, timeout=300, extra_env={"FERRY_KILL_AT": "failover.after_start"})
+        ft.check(r.rc == -9, f"(f) the kill point failover.after_start did not fire:\n{r}")
+        ft.check_eq(G.virsh("domstate", A + "-dr").strip(), "running", "(f) after the kill, A-dr")
+        ft.check(G.virsh("domstate", B + "-dr", check=False).returncode != 0,
+                 "(f) B-dr exists although the failover was killed after starting A-dr")
+        id_a = G.virsh("domid", A + "-dr").strip()
+        r = env.run(fo_args, timeout=300)
         ft.check(r.rc == 0, f"(f) failover of the group failed:\n{r}")
+        ft.check("cut short, finished" in r.out, f"(f) the rerun does not say it finished:\n{r}")
+        ft.check_eq(G.virsh("domid", A + "-dr").strip(), id_a, "(f) A-dr was restarted by the rerun")
         ft.log(f"(f) {r.out.strip()}")
         started = [l for l in r.out.splitlines() if l.startswith("failover of")]
         ft.check(len(started) == 2 and f"domain {A}-dr" in started[0]
