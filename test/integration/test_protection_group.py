@@ -15,6 +15,8 @@ Checks, in order:
       pause each RP caused is printed (the RP line's "VMs paused N ms" and the per-RP log
       line) and stays under the bound; disks are named "<domain>.vda";
   (b) every RP: cross-VM order as above; the final quiet RP equals both guests' models;
+      then an RP with `--quiesce`: both guests' fsfreeze hooks log freeze then thaw, the RP is
+      app_consistent;
   (c) the RP carries the group's definition: `ferry points --json` lists both VMs with their
       disks and boot order (set with --boot-order b,a), `ferry vm-config` prints the group
       document, `ferry vm-config --vm A` one domain's XML, `--vm nope` fails naming the VMs;
@@ -100,8 +102,8 @@ def main():
                 G.virsh("undefine", d, "--nvram", check=False)
         remove_domains()
         env.on_cleanup(remove_domains)
-        ga = G.Guest(env.path("ga", "x")[:-2], A, [G.Disk("vda", size_mib=8)])
-        gb = G.Guest(env.path("gb", "x")[:-2], B, [G.Disk("vda", size_mib=8)])
+        ga = G.Guest(env.path("ga", "x")[:-2], A, [G.Disk("vda", size_mib=8)], agent=True)
+        gb = G.Guest(env.path("gb", "x")[:-2], B, [G.Disk("vda", size_mib=8)], agent=True)
         env.on_cleanup(ga.destroy)
         env.on_cleanup(gb.destroy)
         rx = env.receiver()
@@ -182,6 +184,25 @@ def main():
         ft.check_eq((seen[-1][1], seen[-1][2]), (w.n, w.n), "(b) the quiet RP's numbers")
         figures["rps"] = len(seen)
         figures["rps_between_writes"] = sum(1 for _, a, b in seen if a != b)
+
+        # ---- (b2) --quiesce: both guests frozen for the instant, the RP app-consistent -----
+        for g in (ga, gb):
+            g.wait_agent()
+            ft.check_eq(g.freeze_events(), [], f"(b2) {g.name}: freeze events before --quiesce")
+        r = protect("--boot-order", f"{B},{A}", "--quiesce")
+        ft.check(r.rc == 0 and "(file systems frozen)" in r.err + r.out,
+                 f"(b2) the quiesced RP failed or froze nothing:\n{r}")
+        quiesced = int([l for l in r.out.split() if l.strip()][-1])
+        pq = [p for p in env.points(store, GROUP) if p["rp_id"] == quiesced][0]
+        ft.check(pq["app_consistent"] is True, f"(b2) RP {quiesced} not app_consistent: {pq}")
+        for g in (ga, gb):
+            ft.check_eq([e[0] for e in g.freeze_events()], ["freeze", "thaw"],
+                        f"(b2) {g.name}: fsfreeze hook events")
+        running_not_paused()
+        ft.log(f"(b2) RP {quiesced}: both guests frozen and thawed, "
+               f"{PAUSE_RE.search(r.err + r.out).group(0)}")
+        pts = env.points(store, GROUP)
+        final = quiesced
 
         # ---- (c) the group's definition travels with the RP -----------------------------------
         vms = pts[-1].get("vms")
