@@ -110,7 +110,7 @@ class Watchdog {
 // the group's size): the pause lasts as long as the slowest start, not their sum. Nothing
 // more is suspended or started once the watchdog fired.
 Status pause_and_start(const std::vector<GroupMember*>& members, PauseState& pause,
-                       std::vector<bool>& started) {
+                       std::vector<bool>& started, std::vector<std::uint64_t>& start_us) {
   for (std::size_t i = 0; i < members.size(); ++i) {
     if (!pause.begin_suspend()) return Status::ok();  // the caller reports the timeout
     FERRY_TRY(members[i]->suspend());
@@ -122,7 +122,12 @@ Status pause_and_start(const std::vector<GroupMember*>& members, PauseState& pau
     std::vector<std::jthread> starts;
     starts.reserve(members.size());
     for (std::size_t i = 0; i < members.size(); ++i)
-      starts.emplace_back([&members, &results, i] { results[i] = members[i]->start_job(); });
+      starts.emplace_back([&members, &results, &start_us, i] {
+        const auto t0 = Clock::now();
+        results[i] = members[i]->start_job();
+        start_us[i] = static_cast<std::uint64_t>(
+            std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - t0).count());
+      });
   }  // joined
   Status first;
   for (std::size_t i = 0; i < members.size(); ++i) {
@@ -157,7 +162,8 @@ Result<Instant> capture_instant(const std::vector<GroupMember*>& members,
   Status run, resumed;
   {
     Watchdog dog(pause, options.max_pause);
-    run = pause_and_start(members, pause, started);
+    out.start_us.assign(members.size(), 0);
+    run = pause_and_start(members, pause, started, out.start_us);
     resumed = pause.resume_all(false);
   }
   out.pause_us = pause.pause_us();

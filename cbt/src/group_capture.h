@@ -44,6 +44,7 @@ struct InstantOptions {
 
 struct Instant {
   std::uint64_t pause_us = 0;   // first suspend to last resume
+  std::vector<std::uint64_t> start_us;  // per member: how long its start_job() took
   bool app_consistent = false;  // every member's file systems were frozen
 };
 

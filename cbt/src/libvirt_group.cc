@@ -130,9 +130,14 @@ Result<Capture> GroupSource::capture(std::uint64_t base_rp, std::uint64_t rp_id,
     abandon_all();
     return instant.status();
   }
-  spdlog::info("group {} RP {}: {} domains paused for {:.1f} ms for the cross-VM instant{}",
+  std::string starts;
+  for (std::size_t i = 0; i < members_.size(); ++i)
+    starts += fmt::format("{}{} {:.1f} ms", i ? ", " : "", opt_.domains[i],
+                          instant->start_us[i] / 1000.0);
+  spdlog::info("group {} RP {}: {} domains paused for {:.1f} ms for the cross-VM instant{} "
+               "(backup begin: {})",
                opt_.group, rp_id, members_.size(), instant->pause_us / 1000.0,
-               instant->app_consistent ? " (file systems frozen)" : "");
+               instant->app_consistent ? " (file systems frozen)" : "", starts);
   for (std::size_t i = 0; i < members_.size(); ++i) {
     auto part = members_[i]->complete();
     if (!part.is_ok()) {

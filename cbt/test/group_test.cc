@@ -171,6 +171,8 @@ TEST_CASE("instant: the jobs start at once, the pause is the slowest start, not 
   REQUIRE(r.is_ok());
   CHECK(r->pause_us >= 200000);
   CHECK(r->pause_us < 700000);  // the sum would be 800 ms
+  REQUIRE(r->start_us.size() == 4);
+  for (auto us : r->start_us) CHECK(us >= 200000);
   for (auto& t : d) CHECK(t->started_while_paused);
 }
 
