@@ -24,6 +24,19 @@ std::string strip_declaration(const std::string& xml) {
   return xml.substr(start);
 }
 
+// An attribute value: XML-escaped, and the whitespace a parser would normalise to a space
+// (a newline, a tab) as character references, so a value reads back exactly.
+std::string attr(const std::string& v) {
+  std::string out;
+  for (char c : lv::xml_escape(v)) {
+    if (c == '\n') out += "&#10;";
+    else if (c == '\r') out += "&#13;";
+    else if (c == '\t') out += "&#9;";
+    else out += c;
+  }
+  return out;
+}
+
 Status bad(const std::string& what) {
   return Status::error(Errc::protocol, "group document: " + what);
 }
@@ -71,14 +84,13 @@ Status check_group_doc(const GroupDoc& doc) {
 std::string group_doc_text(const GroupDoc& doc) {
   FERRY_ASSERT_MSG(check_group_doc(doc).is_ok(), "an invalid group document");
   std::string out = fmt::format("<ferry-group version='{}' group='{}'>\n  <boot-order>",
-                                kGroupDocVersion, lv::xml_escape(doc.group));
-  for (const std::string& n : doc.boot_order) out += "<vm name='" + lv::xml_escape(n) + "'/>";
+                                kGroupDocVersion, attr(doc.group));
+  for (const std::string& n : doc.boot_order) out += "<vm name='" + attr(n) + "'/>";
   out += "</boot-order>\n";
   for (const GroupVm& vm : doc.vms) {
-    out += "  <vm name='" + lv::xml_escape(vm.name) + "'>\n";
+    out += "  <vm name='" + attr(vm.name) + "'>\n";
     for (const GroupDisk& d : vm.disks)
-      out += fmt::format("    <disk name='{}' target='{}'/>\n", lv::xml_escape(d.name),
-                         lv::xml_escape(d.target));
+      out += fmt::format("    <disk name='{}' target='{}'/>\n", attr(d.name), attr(d.target));
     std::string xml = strip_declaration(vm.domain_xml);
     while (!xml.empty() && (xml.back() == '\n' || xml.back() == ' ')) xml.pop_back();
     out += xml + "\n  </vm>\n";
