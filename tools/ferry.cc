@@ -549,7 +549,8 @@ int main(int argc, char** argv) {
                 "images): the next RP is a resync or full copy of every disk");
 
   ProtectArgs pr;
-  auto* protect = app.add_subcommand("protect", "Replicate every disk of a running libvirt domain");
+  auto* protect = app.add_subcommand("protect", "Replicate every disk of a running libvirt domain, or of several "
+                                           "at one instant per RP (a protection group)");
   protect->add_option("--domain", pr.domains,
                       "Domain name or UUID; repeat for a protection group of several VMs "
                       "(one crash-consistent instant per RP, needs --group)")

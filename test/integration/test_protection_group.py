@@ -24,7 +24,9 @@ Checks, in order:
       boot order that does not name every domain; neither guest is left paused;
   (e) `ferry failover test` of the group at RP 1: both VMs start (`<vm>-test`) in the stored
       boot order, each guest's own md5 of its disk equals the source's at that RP; `--stop`
-      removes both domains, the exports and the record;
+      removes both domains, the exports and the record; all or nothing: with a definition
+      whose second VM needs a missing kernel (`--domain-xml`), the first VM, started, is torn
+      down with every export and the record;
   (f) `ferry failover` at an older RP with `--boot-order a,b --boot-delay 1`, killed (kill
       point failover.after_start) once VM a runs: b is not there; the same command again
       completes without restarting a; both VMs (`<vm>-dr`) run on their own disks, in that
@@ -64,6 +66,14 @@ def gen_at(path, dev):
         return 0
     ft.check(parsed[0] == dev and parsed[1] == 0, f"block 0 of {path} is {parsed}")
     return parsed[2]
+
+
+def cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 class Writer(threading.Thread):
@@ -282,6 +292,31 @@ def main():
             ft.check(not os.path.exists(f"/proc/{e['pid']}") or
                      "export" not in open(f"/proc/{e['pid']}/cmdline").read(),
                      f"(e) export {e['disk']} left running")
+
+        # ---- (e2) all or nothing: the second VM cannot start, the first is torn down --------
+        r = env.run(["vm-config", "--store", store, "--group", GROUP, "--point", str(rps[0])])
+        ft.check(r.rc == 0, f"(e2) vm-config:\n{r}")
+        doc = r.out
+        at = doc.index(f"<vm name='{A}'>")  # A boots second (boot order B, A)
+        head, tail = doc[:at], doc[at:]
+        tail = re.sub(r"<kernel>[^<]*</kernel>", "<kernel>/nonexistent/ferry-vmlinuz</kernel>",
+                      tail, count=1)
+        broken = env.path("broken-group.xml")
+        with open(broken, "w") as f:
+            f.write(head + tail)
+        r = env.run(["failover", "test", "--store", store, "--group", GROUP, "--point",
+                     str(rps[0]), "--domain-xml", broken], timeout=300)
+        ft.check(r.rc == 1 and "/nonexistent/ferry-vmlinuz" in r.err,
+                 f"(e2) a second VM that cannot start was not refused naming the file:\n{r}")
+        for d in (A, B):
+            ft.check(G.virsh("domstate", d + "-test", check=False).returncode != 0,
+                     f"(e2) {d}-test is left after the failed start")
+        ft.check(not os.path.exists(os.path.join(tests_dir, "running.json")),
+                 "(e2) the record is left after the failed start")
+        left = [p for p in os.listdir("/proc") if p.isdigit()
+                and store in cmdline(p) and "export" in cmdline(p)]
+        ft.check(not left, f"(e2) exports left running: {left}")
+        ft.log(f"(e2) {r.err.strip().splitlines()[-1]}; nothing left")
 
         # ---- (f) failover of the group at an older RP, boot order overridden ----------------
         ga.destroy()
