@@ -16,6 +16,7 @@ namespace ferry::cbt {
 namespace {
 
 constexpr std::size_t kMaxStoreName = 255;
+constexpr std::size_t kMaxGroupDisks = 64;  // a group's disks in one RP (the journal's bound)
 
 // Disk names become store file names: [A-Za-z0-9._-] (transport/rules.h).
 bool store_name_ok(const std::string& n) {
@@ -168,6 +169,10 @@ Status check_options(const LibvirtGroupOptions& o) {
   if (o.domains.empty()) return Status::error(Errc::invalid_argument, "no libvirt domain given");
   if (o.group.empty())
     return Status::error(Errc::invalid_argument, "a group of several domains needs a group name");
+  if (o.domains.size() > kMaxGroupVms)
+    return Status::error(Errc::invalid_argument,
+                         fmt::format("{} domains, a group holds at most {}", o.domains.size(),
+                                     kMaxGroupVms));
   std::set<std::string> seen;
   for (const std::string& d : o.domains) {
     if (!seen.insert(d).second)
@@ -221,6 +226,11 @@ Result<std::unique_ptr<ChangeSource>> open_libvirt_group_source(const LibvirtGro
       if (!disks.insert(name).second)
         return Status::error(Errc::invalid_argument, "two disks of the group are named " + name);
     }
+    if (disks.size() > kMaxGroupDisks)
+      return Status::error(Errc::invalid_argument,
+                           fmt::format("the group's domains have {} disks together (with {}), "
+                                       "more than the {} an RP holds", disks.size(), d,
+                                       kMaxGroupDisks));
     members.push_back(std::move(*m));
   }
   return std::unique_ptr<ChangeSource>(new GroupSource(std::move(opt), std::move(members)));
