@@ -22,6 +22,9 @@ Checks, in order:
       document, `ferry vm-config --vm A` one domain's XML, `--vm nope` fails naming the VMs;
   (d) errors: several domains without --group, a domain listed twice, an unknown domain, a
       boot order that does not name every domain; neither guest is left paused;
+  (d2) control: with the writer running, A and B protected one after the other as two groups
+      of one VM each: B's number is ahead of A's in some pair, so the oracle of (b) does tell
+      one instant from two;
   (e) `ferry failover test` of the group at RP 1: both VMs start (`<vm>-test`) in the stored
       boot order, each guest's own md5 of its disk equals the source's at that RP; `--stop`
       removes both domains, the exports and the record; all or nothing: with a definition
@@ -54,6 +57,7 @@ A = "ferry-e2e-grp-a"
 B = "ferry-e2e-grp-b"
 GROUP = "ferry-e2e-grp"
 N_RPS = 10 if os.environ.get("FERRY_LONG") == "1" else 3
+N_CONTROL = 4 if os.environ.get("FERRY_LONG") == "1" else 2
 PAUSE_RE = re.compile(r"VMs paused ([\d.]+) ms")
 
 
@@ -241,6 +245,32 @@ def main():
                      "ferry-e2e-grp-none")
         expect_error("(d) a bad boot order", protect("--boot-order", A), "boot order")
         running_not_paused()
+
+        # ---- (d2) control: the oracle sees two single-VM captures taken one after the other --
+        # The same writer, A and B protected as two groups of one VM each (A's RP, then B's):
+        # B's disk is from a later instant, and its number is ahead of A's in some pair. So a
+        # group RP that captured its VMs one after the other would fail (b).
+        w2 = Writer(ga, gb)
+        w2.start()
+        ahead = []
+        for i in range(N_CONTROL):
+            time.sleep(0.2)
+            pair = []
+            for d, grp in ((A, GROUP + "-ctl-a"), (B, GROUP + "-ctl-b")):
+                r = protect(domains=(d,), group=grp)
+                ft.check(r.rc == 0, f"(d2) protect of {d} alone failed:\n{r}")
+                pair.append((grp, int([l for l in r.out.split() if l.strip()][-1])))
+            na = gen_at(env.restore(store, pair[0][0], pair[0][1], "vda"), "vda")
+            nb = gen_at(env.restore(store, pair[1][0], pair[1][1], "vda"), "vda")
+            ahead.append(nb - na)
+        w2.stop.set()
+        w2.join(timeout=120)
+        ft.check(w2.error is None, f"(d2) the writer failed: {w2.error}")
+        ft.check(any(x > 0 for x in ahead),
+                 f"(d2) B was never ahead of A in separate captures ({ahead}): the oracle "
+                 "cannot tell one instant from two")
+        ft.log(f"(d2) control, separate captures: B ahead of A by {ahead}")
+        figures["control_b_ahead"] = ahead
 
         # ---- (e) test failover of the group: both VMs, in boot order, digests at the RP ------
         size = 8 * ft.MiB
