@@ -126,6 +126,10 @@ Result<Capture> GroupSource::capture(std::uint64_t base_rp, std::uint64_t rp_id,
   InstantOptions io;
   io.quiesce = opt_.quiesce;
   io.max_pause = opt_.max_pause;
+  // The RP's time is the instant's (the members' prepare ran before it).
+  const auto at_ns = static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                                    std::chrono::system_clock::now().time_since_epoch())
+                                                    .count());
   auto instant = capture_instant(raw_, io);
   if (!instant.is_ok()) {
     abandon_all();
@@ -151,7 +155,7 @@ Result<Capture> GroupSource::capture(std::uint64_t base_rp, std::uint64_t rp_id,
   Capture cap;
   cap.base_rp = base_rp;
   cap.rp_id = rp_id;
-  cap.created_unix_ns = st->parts.front().created_unix_ns;
+  cap.created_unix_ns = at_ns;
   cap.app_consistent = instant->app_consistent;
   cap.vms_paused = true;
   cap.pause_us = instant->pause_us;
