@@ -13,13 +13,15 @@ Result<std::unique_ptr<cbt::ChangeSource>> open_target_source(const TargetConfig
   FERRY_ASSERT(!t.group.empty());
   const std::string work_dir = state_dir + "/" + t.group;
   if (t.kind == TargetKind::libvirt_domain) {
-    cbt::LibvirtSourceOptions lo;
+    cbt::LibvirtGroupOptions lo;  // one domain: exactly open_libvirt_source()
     lo.uri = t.uri;
-    lo.domain = t.domain;
+    lo.domains = t.domains.empty() ? std::vector<std::string>{t.domain} : t.domains;
+    lo.boot_order = t.boot_order;
     lo.group = t.group;
     lo.work_dir = work_dir;
     lo.quiesce = t.quiesce;
-    return cbt::open_libvirt_source(lo);
+    lo.max_pause = std::chrono::milliseconds(t.max_pause_ms);
+    return cbt::open_libvirt_group_source(lo);
   }
   cbt::QmpSourceOptions qo;
   qo.qmp_socket = t.qmp_socket;

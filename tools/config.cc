@@ -82,13 +82,68 @@ Status parse_disks(const Checker& c, const toml::table& t, TargetConfig* tc) {
   return Status::ok();
 }
 
+// An array of names (domains of a group, a boot order): each a valid name, none twice.
+Status name_list(const Checker& c, const toml::table& t, std::string_view key,
+                 std::vector<std::string>* out) {
+  const toml::node* n = t.get(key);
+  if (n == nullptr) return Status::ok();
+  const std::uint32_t line = Checker::line_of(*n);
+  const auto* arr = n->as_array();
+  if (arr == nullptr || arr->empty())
+    return c.error(line, key, "must be a non-empty array of domain names");
+  if (arr->size() > kMaxDomainsPerGroup)
+    return c.error(line, key, "more than " + std::to_string(kMaxDomainsPerGroup) + " domains");
+  for (const auto& e : *arr) {
+    const auto* s = e.as_string();
+    if (s == nullptr || !valid_name(s->get()))
+      return c.error(line, key, "every entry must be a domain name (letters, digits, '.', '_', "
+                                "'-', at most " + std::to_string(kMaxNameBytes) + " bytes)");
+    if (std::find(out->begin(), out->end(), s->get()) != out->end())
+      return c.error(line, key, "'" + s->get() + "' is listed twice");
+    out->push_back(s->get());
+  }
+  return Status::ok();
+}
+
+// `name = "vm"` (one VM) or `names = ["a", "b"]` with `group` (a protection group captured
+// at one instant per RP), `boot_order` and `max_pause_ms` for groups.
+Status domain_names(const Checker& c, const toml::table& t, TargetConfig* tc) {
+  if (t.get("name") == nullptr && t.get("names") == nullptr)
+    return c.error(Checker::line_of(t), "name",
+                   "missing (required): name = \"VM\", or names = [...] for a group");
+  if (t.get("name") != nullptr && t.get("names") != nullptr)
+    return c.error(Checker::line_of(*t.get("names")), "names", "set name or names, not both");
+  if (t.get("name") != nullptr) {
+    FERRY_TRY(c.string(t, "name", true, kMaxNameBytes, &tc->domain));
+    tc->domains = {tc->domain};
+  } else {
+    FERRY_TRY(name_list(c, t, "names", &tc->domains));
+    if (t.get("group") == nullptr)
+      return c.error(Checker::line_of(*t.get("names")), "group",
+                     "a target of several domains needs group = \"...\"");
+    tc->domain = tc->domains.front();
+    for (std::size_t i = 1; i < tc->domains.size(); ++i) tc->domain += "," + tc->domains[i];
+  }
+  FERRY_TRY(name_list(c, t, "boot_order", &tc->boot_order));
+  if (!tc->boot_order.empty()) {
+    std::vector<std::string> a = tc->boot_order, b = tc->domains;
+    std::sort(a.begin(), a.end());
+    std::sort(b.begin(), b.end());
+    if (a != b)
+      return c.error(Checker::line_of(*t.get("boot_order")), "boot_order",
+                     "must name every domain of the target exactly once");
+  }
+  return c.integer(t, "max_pause_ms", false, 1, kMaxPauseMs, &tc->max_pause_ms);
+}
+
 Result<TargetConfig> parse_domain(const Checker& c, const toml::table& t) {
-  FERRY_TRY(c.only_keys(t, {"name", "uri", "to", "interval_seconds", "quiesce", "group",
-                            "rpo_alert_seconds", "tls_server_name"}, "[[domain]]"));
+  FERRY_TRY(c.only_keys(t, {"name", "names", "boot_order", "max_pause_ms", "uri", "to",
+                            "interval_seconds", "quiesce", "group", "rpo_alert_seconds",
+                            "tls_server_name"}, "[[domain]]"));
   TargetConfig tc;
   tc.kind = TargetKind::libvirt_domain;
   tc.line = Checker::line_of(t);
-  FERRY_TRY(c.string(t, "name", true, kMaxNameBytes, &tc.domain));
+  FERRY_TRY(domain_names(c, t, &tc));
   tc.uri = "qemu:///system";
   FERRY_TRY(c.string(t, "uri", false, kMaxUriBytes, &tc.uri));
   FERRY_TRY(endpoint_field(c, t, &tc.to));
@@ -149,8 +204,10 @@ Status check_unique(const Checker& c, const AgentConfig& cfg) {
     if (t.kind == TargetKind::qmp && !sockets.insert(t.qmp_socket).second)
       return c.error(t.line, "socket",
                      "'" + t.qmp_socket + "' is used by two targets (a QMP socket serves one client)");
-    if (t.kind == TargetKind::libvirt_domain && !domains.insert(t.uri + " " + t.domain).second)
-      return c.error(t.line, "name", "domain '" + t.domain + "' at " + t.uri + " is listed twice");
+    if (t.kind != TargetKind::libvirt_domain) continue;
+    for (const std::string& d : t.domains)
+      if (!domains.insert(t.uri + " " + d).second)
+        return c.error(t.line, "name", "domain '" + d + "' at " + t.uri + " is listed twice");
   }
   return Status::ok();
 }
@@ -219,7 +276,8 @@ const char* target_kind_name(TargetKind kind) {
 
 bool TargetConfig::same_source(const TargetConfig& o) const {
   return kind == o.kind && group == o.group && to == o.to && domain == o.domain &&
-         uri == o.uri && quiesce == o.quiesce && qmp_socket == o.qmp_socket && disks == o.disks &&
+         uri == o.uri && quiesce == o.quiesce && domains == o.domains &&
+         boot_order == o.boot_order && max_pause_ms == o.max_pause_ms && qmp_socket == o.qmp_socket && disks == o.disks &&
          tls_cert == o.tls_cert && tls_key == o.tls_key && tls_ca == o.tls_ca &&
          tls_server_name == o.tls_server_name;
 }

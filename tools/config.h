@@ -30,6 +30,9 @@ inline constexpr std::int64_t kMaxRpoAlertSeconds = 30 * 24 * 3600;
 // event_log_bytes: each of a group's two event log files (events/event_log.h).
 inline constexpr std::int64_t kMinEventLogBytes = 4096, kMaxEventLogBytes = 1ll << 30;
 inline constexpr std::int64_t kDefaultEventLogBytes = 4ll << 20;
+inline constexpr std::size_t kMaxDomainsPerGroup = 32;  // cbt::kMaxGroupVms
+inline constexpr std::int64_t kMaxPauseMs = 60000;
+inline constexpr std::int64_t kDefaultMaxPauseMs = 5000;
 
 enum class TargetKind : std::uint8_t { libvirt_domain, qmp };
 const char* target_kind_name(TargetKind kind);  // "domain" / "qmp"
@@ -46,8 +49,11 @@ struct TargetConfig {
   std::string to;     // receiver HOST:PORT (syntax checked; resolved at connect time)
   std::int64_t interval_seconds = 0;
   std::int64_t rpo_alert_seconds = 0;  // default: 3 x interval_seconds
-  // [[domain]]
-  std::string domain;
+  // [[domain]]: `name` (one VM) or `names` (a protection group captured at one instant)
+  std::string domain;                    // the name, or the names joined with ','
+  std::vector<std::string> domains;      // every domain, in disk order (empty: {domain})
+  std::vector<std::string> boot_order;   // empty: the order of domains
+  std::int64_t max_pause_ms = kDefaultMaxPauseMs;  // the group's longest pause
   std::string uri;  // default qemu:///system
   bool quiesce = false;
   // [[qmp]]

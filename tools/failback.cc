@@ -152,6 +152,10 @@ int cmd_failback(const FailbackArgs& a) try {
       return fail("the failover of group '" + a.group + "' was cut short (phase " +
                   fo->value("phase", "?") + "): finish it first with ferry failover --store " +
                   a.store + " --group " + a.group + "; nothing was changed");
+    if (fo->contains("vms") && (*fo)["vms"].is_array() && (*fo)["vms"].size() > 1)
+      return fail("group '" + a.group + "' is a protection group of " +
+                  std::to_string((*fo)["vms"].size()) + " VMs: failback of several VMs is not "
+                  "built yet (one VM per group); nothing was changed");
     rec = {{"group", a.group}, {"to", a.to}, {"uri", a.uri},
            {"domain", fo->value("domain", "")}, {"uuid", fo->value("uuid", "")},
            {"failover_rp", fo->value("rp_id", 0)}, {"overlays", (*fo)["overlays"]},

@@ -194,25 +194,35 @@ Status save_running(const Paths& p, const json& j) { return write_atomic(p.runni
 
 // Removes what the record names, each step idempotent; the record itself is left to the
 // caller. `conn` null: libvirt is not reachable, the domain cannot be checked.
+// One domain of the run (the record itself for one VM, an entry of rec["vms"] for a group).
+Status remove_domain(virConnectPtr conn, const json& vm, bool& found, bool& running) {
+  const std::string uuid = vm.value("uuid", "");
+  if (uuid.empty() || !vm.value("defined", false)) return Status::ok();
+  Domain dom(virDomainLookupByUUIDString(conn, uuid.c_str()));
+  if (!dom) {
+    virResetLastError();
+    return Status::ok();
+  }
+  found = true;
+  const bool active = virDomainIsActive(dom.get()) == 1;
+  running = running || active;
+  if (active && virDomainDestroy(dom.get()) != 0 && virDomainIsActive(dom.get()) == 1)
+    return libvirt_error("destroying the test domain " + vm.value("domain", ""));
+  if (virDomainUndefineFlags(dom.get(), VIR_DOMAIN_UNDEFINE_NVRAM |
+                                            VIR_DOMAIN_UNDEFINE_MANAGED_SAVE |
+                                            VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA |
+                                            VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA) != 0 &&
+      virDomainUndefine(dom.get()) != 0)
+    return libvirt_error("undefining the test domain " + vm.value("domain", ""));
+  return Status::ok();
+}
+
 Status tear_down(virConnectPtr conn, json& rec, json& result) {
   bool running = false, found = false;
-  const std::string uuid = rec.value("uuid", "");
-  if (!uuid.empty() && rec.value("defined", false)) {
-    Domain dom(virDomainLookupByUUIDString(conn, uuid.c_str()));
-    if (dom) {
-      found = true;
-      running = virDomainIsActive(dom.get()) == 1;
-      if (running && virDomainDestroy(dom.get()) != 0 && virDomainIsActive(dom.get()) == 1)
-        return libvirt_error("destroying the test domain " + rec.value("domain", ""));
-      if (virDomainUndefineFlags(dom.get(), VIR_DOMAIN_UNDEFINE_NVRAM |
-                                                VIR_DOMAIN_UNDEFINE_MANAGED_SAVE |
-                                                VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA |
-                                                VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA) != 0 &&
-          virDomainUndefine(dom.get()) != 0)
-        return libvirt_error("undefining the test domain " + rec.value("domain", ""));
-    } else {
-      virResetLastError();
-    }
+  if (rec.contains("vms")) {  // a group of several VMs
+    for (const auto& vm : rec["vms"]) FERRY_TRY(remove_domain(conn, vm, found, running));
+  } else {
+    FERRY_TRY(remove_domain(conn, rec, found, running));
   }
   result["domain_found"] = found;
   result["domain_running"] = running;
@@ -252,65 +262,79 @@ Status wait_export_ready(pid_t pid, std::uint64_t ticks, const std::string& log,
                                             std::to_string(kExportReadyTimeout.count()) + " s");
 }
 
-// Everything after the record exists: exports, overlays, the domain. On error the caller
-// tears down what the record names.
+// Everything after the record exists, per VM in boot order: exports, overlays, the domain.
+// On error the caller tears down what the record names.
 Status start_run(const FailoverTestArgs& a, const Paths& p, virConnectPtr conn,
-                 const std::string& source_xml, const std::vector<std::string>& disks,
+                 const std::vector<VmPlan>& plans,
                  const std::map<std::string, std::string>& netmap, json& rec) {
   const std::uint64_t rp = rec["rp_id"];
   const std::string run_dir = rec["run_dir"], sock_dir = rec["socket_dir"];
-  VmXmlRewrite rw;
-  rw.name_suffix = a.name_suffix;
-  rw.uuid = rec["uuid"];
-  rw.network_map = netmap;
-  rw.chardev_dir = sock_dir;
-  for (const auto& d : disks) rw.disks[d] = {run_dir + "/" + d + ".qcow2", sock_dir + "/" + d + ".sock"};
-  FERRY_ASSIGN_OR_RETURN(VmXmlResult x, rewrite_vm_xml(source_xml, rw));
-  if (x.name != rec["domain"])
-    return Status::error(Errc::internal, "domain name changed between checks");
-  for (const auto& path : x.required_paths)
-    if (::access(path.c_str(), R_OK) != 0)
-      return Status::error(Errc::not_found, "the domain needs " + path +
-                                                ", which this host does not have (direct kernel "
-                                                "boot or firmware of the source); give a "
-                                                "definition that fits with --domain-xml FILE");
-  rec["chardevs"] = x.chardev_paths;
-  rec["notes"] = x.notes;
-  FERRY_TRY(write_atomic(run_dir + "/domain.xml", x.xml));
+  const bool group = plans.size() > 1;
+  for (std::size_t i = 0; i < plans.size(); ++i) {
+    const VmPlan& plan = plans[i];
+    json& vm = group ? rec["vms"][i] : rec;
+    if (i > 0 && a.boot_delay_s > 0) std::this_thread::sleep_for(std::chrono::seconds(a.boot_delay_s));
+    VmXmlRewrite rw;
+    rw.name_suffix = a.name_suffix;
+    rw.uuid = vm["uuid"];
+    rw.network_map = netmap;
+    rw.chardev_dir = group ? sock_dir + "/" + std::to_string(i) : sock_dir;
+    if (group) {
+      std::error_code ec;
+      fs::create_directories(rw.chardev_dir, ec);
+      ::chmod(rw.chardev_dir.c_str(), 0755);
+    }
+    for (const auto& [d, target] : plan.disks)
+      rw.disks[target] = {run_dir + "/" + d + ".qcow2", sock_dir + "/" + d + ".sock"};
+    FERRY_ASSIGN_OR_RETURN(VmXmlResult x, rewrite_vm_xml(plan.xml, rw));
+    if (x.name != vm["domain"])
+      return Status::error(Errc::internal, "domain name changed between checks");
+    for (const auto& path : x.required_paths)
+      if (::access(path.c_str(), R_OK) != 0)
+        return Status::error(Errc::not_found, "the domain " + x.name + " needs " + path +
+                                                  ", which this host does not have (direct kernel "
+                                                  "boot or firmware of the source); give a "
+                                                  "definition that fits with --domain-xml FILE");
+    vm["chardevs"] = x.chardev_paths;
+    vm["notes"] = x.notes;
+    FERRY_TRY(write_atomic(run_dir + (group ? "/domain-" + x.name + ".xml" : "/domain.xml"), x.xml));
 
-  // One export per disk: `ferry export` (the plugin, read-only, pinning the RP).
-  for (const auto& d : disks) {
-    const std::string sock = rw.disks[d].nbd_socket, log = run_dir + "/export-" + d + ".log";
-    FERRY_ASSIGN_OR_RETURN(pid_t pid,
-                           spawn_daemon({self_exe(), "export", "--store", a.store, "--group",
-                                         a.group, "--point", std::to_string(rp), "--disk", d,
-                                         "--socket", sock},
-                                        log));
-    const std::uint64_t ticks = process_start_ticks(pid);
-    rec["exports"].push_back({{"disk", d}, {"pid", pid}, {"start_ticks", ticks},
-                              {"socket", sock}, {"log", log}});
+    // One export per disk: `ferry export` (the plugin, read-only, pinning the RP).
+    for (const auto& [d, target] : plan.disks) {
+      const std::string sock = rw.disks[target].nbd_socket, log = run_dir + "/export-" + d + ".log";
+      FERRY_ASSIGN_OR_RETURN(pid_t pid,
+                             spawn_daemon({self_exe(), "export", "--store", a.store, "--group",
+                                           a.group, "--point", std::to_string(rp), "--disk", d,
+                                           "--socket", sock},
+                                          log));
+      const std::uint64_t ticks = process_start_ticks(pid);
+      rec["exports"].push_back({{"disk", d}, {"pid", pid}, {"start_ticks", ticks},
+                                {"socket", sock}, {"log", log}});
+      FERRY_TRY(save_running(p, rec));
+      FERRY_TRY(wait_export_ready(pid, ticks, log, d));
+    }
+    // The overlays: every write of the test VM lands here, never in the store.
+    for (const auto& [d, target] : plan.disks) {
+      const std::string overlay = rw.disks[target].overlay;
+      rec["overlays"].push_back(overlay);
+      FERRY_TRY(save_running(p, rec));
+      std::string out;
+      FERRY_ASSIGN_OR_RETURN(int rc, run_command({"qemu-img", "create", "-q", "-f", "qcow2", "-b",
+                                                  "nbd+unix:///?socket=" + rw.disks[target].nbd_socket,
+                                                  "-F", "raw", overlay},
+                                                 out));
+      if (rc != 0)
+        return Status::error(Errc::external,
+                             "qemu-img create of the overlay of disk " + d + " failed: " + out);
+    }
+    vm["defined"] = true;  // before the call: a crash right after it still undefines
     FERRY_TRY(save_running(p, rec));
-    FERRY_TRY(wait_export_ready(pid, ticks, log, d));
-  }
-  // The overlays: every write of the test VM lands here, never in the store.
-  for (const auto& d : disks) {
-    const std::string overlay = rw.disks[d].overlay;
-    rec["overlays"].push_back(overlay);
+    Domain dom(virDomainDefineXML(conn, x.xml.c_str()));
+    if (!dom) return libvirt_error("defining the test domain " + x.name);
+    if (virDomainCreate(dom.get()) != 0) return libvirt_error("starting the test domain " + x.name);
+    vm["state"] = "running";
     FERRY_TRY(save_running(p, rec));
-    std::string out;
-    FERRY_ASSIGN_OR_RETURN(int rc, run_command({"qemu-img", "create", "-q", "-f", "qcow2", "-b",
-                                                "nbd+unix:///?socket=" + rw.disks[d].nbd_socket,
-                                                "-F", "raw", overlay},
-                                               out));
-    if (rc != 0)
-      return Status::error(Errc::external,
-                           "qemu-img create of the overlay of disk " + d + " failed: " + out);
   }
-  rec["defined"] = true;  // before the call: a crash right after it still undefines
-  FERRY_TRY(save_running(p, rec));
-  Domain dom(virDomainDefineXML(conn, x.xml.c_str()));
-  if (!dom) return libvirt_error("defining the test domain " + x.name);
-  if (virDomainCreate(dom.get()) != 0) return libvirt_error("starting the test domain " + x.name);
   rec["state"] = "running";
   return save_running(p, rec);
 }
@@ -353,25 +377,37 @@ int start_test(const FailoverTestArgs& a) {
       for (const auto& d : rp.disks) disks.push_back(d.name);
   if (disks.empty()) return fail("RP " + std::to_string(cfg->rp_id) + " holds no disk");
 
-  auto uuid = random_uuid();
-  if (!uuid.is_ok()) return fail(uuid.status().to_string());
-  // A dry run of the rewrite names the domain (and refuses a bad definition) before anything
-  // is created.
-  VmXmlRewrite probe;
-  probe.name_suffix = a.name_suffix;
-  probe.uuid = *uuid;
-  for (const auto& d : disks) probe.disks[d] = {"/x", "/x"};
-  auto named = rewrite_vm_xml(xml, probe);
-  if (!named.is_ok())
-    return fail((a.domain_xml.empty() ? "the VM config of RP " + std::to_string(cfg->rp_id)
-                                      : "--domain-xml " + a.domain_xml) +
-                ": " + named.status().message());
+  // The VMs in boot order (a group document's, or the one VM of a plain definition).
+  auto plans = plan_vms(xml, disks, a.boot_order);  // group_config.cc
+  if (!plans.is_ok()) return fail("RP " + std::to_string(cfg->rp_id) + ": " + plans.status().message());
   auto conn = connect_libvirt(a.uri);
   if (!conn.is_ok()) return fail(conn.status().message());
-  if (Domain d(virDomainLookupByName(conn->get(), named->name.c_str())); d)
-    return fail("a domain named '" + named->name + "' already exists at " + a.uri +
-                " (not this test's): remove it, or choose another --name-suffix");
-  virResetLastError();
+  // A dry run of the rewrite names each domain (and refuses a bad definition) before anything
+  // is created.
+  std::vector<std::string> uuids, names, sources;
+  for (const VmPlan& plan : *plans) {
+    auto uuid = random_uuid();
+    if (!uuid.is_ok()) return fail(uuid.status().to_string());
+    VmXmlRewrite probe;
+    probe.name_suffix = a.name_suffix;
+    probe.uuid = *uuid;
+    for (const auto& [d, target] : plan.disks) probe.disks[target] = {"/x", "/x"};
+    auto named = rewrite_vm_xml(plan.xml, probe);
+    if (!named.is_ok())
+      return fail((a.domain_xml.empty() ? "the VM config of RP " + std::to_string(cfg->rp_id)
+                                        : "--domain-xml " + a.domain_xml) +
+                  ": " + named.status().message());
+    if (Domain d(virDomainLookupByName(conn->get(), named->name.c_str())); d)
+      return fail("a domain named '" + named->name + "' already exists at " + a.uri +
+                  " (not this test's): remove it, or choose another --name-suffix");
+    virResetLastError();
+    uuids.push_back(*uuid);
+    names.push_back(named->name);
+    sources.push_back(named->source_name);
+  }
+  const bool group = plans->size() > 1;
+  std::string all_names;
+  for (const auto& n : names) all_names += (all_names.empty() ? "" : ",") + n;
 
   std::error_code ec;
   fs::create_directories(p.tests, ec);
@@ -393,9 +429,9 @@ int start_test(const FailoverTestArgs& a) {
               {"group", a.group},
               {"rp_id", cfg->rp_id},
               {"uri", a.uri},
-              {"domain", named->name},
-              {"source_domain", named->source_name},
-              {"uuid", *uuid},
+              {"domain", group ? all_names : names[0]},
+              {"source_domain", sources[0]},
+              {"uuid", group ? std::string() : uuids[0]},
               {"started_unix_ns", started},
               {"run_dir", p.tests + "/" + run},
               {"socket_dir", sock_dir ? sock_dir : ""},
@@ -403,12 +439,18 @@ int start_test(const FailoverTestArgs& a) {
               {"defined", false},
               {"exports", json::array()},
               {"overlays", json::array()}};
+  if (group) {
+    rec["vms"] = json::array();
+    for (std::size_t i = 0; i < plans->size(); ++i)
+      rec["vms"].push_back({{"domain", names[i]}, {"source_domain", sources[i]},
+                            {"uuid", uuids[i]}, {"defined", false}});
+  }
   Status s = sock_dir ? Status::ok() : Status::from_errno(errno, "mkdtemp " + std::string(tmpl));
   if (s.is_ok()) s = save_running(p, rec);
   if (s.is_ok() && !fs::create_directories(rec["run_dir"].get<std::string>(), ec) && ec)
     s = Status::error(Errc::io, "create " + rec["run_dir"].get<std::string>() + ": " + ec.message());
   if (s.is_ok()) ::chmod(sock_dir, 0755);  // QEMU connects to the exports' sockets
-  if (s.is_ok()) s = start_run(a, p, conn->get(), xml, disks, *netmap, rec);
+  if (s.is_ok()) s = start_run(a, p, conn->get(), *plans, *netmap, rec);
   if (!s.is_ok()) {
     json ignored;
     Status t = tear_down(conn->get(), rec, ignored);
@@ -420,22 +462,28 @@ int start_test(const FailoverTestArgs& a) {
     }
     return fail(s.message());
   }
+  std::string joined_names;
+  for (const auto& n : names) joined_names += (joined_names.empty() ? "" : ",") + n;
   emit_store_event(a.store, {.group = a.group, .kind = "test_failover_started", .rp = cfg->rp_id,
                              .priority = events::Priority::notice,
                              .message = "test failover of group '" + a.group + "' at RP " +
-                                        std::to_string(cfg->rp_id) + ": domain " + named->name +
+                                        std::to_string(cfg->rp_id) + ": domain(s) " + joined_names +
                                         " started",
-                             .fields = {{"domain", named->name}}});
-  std::printf("test failover of %s at RP %llu: domain %s (uuid %s) started at %s\n",
-              named->source_name.c_str(), (unsigned long long)cfg->rp_id, named->name.c_str(),
-              uuid->c_str(), a.uri.c_str());
+                             .fields = {{"domain", joined_names}}});
+  for (std::size_t i = 0; i < plans->size(); ++i)
+    std::printf("test failover of %s at RP %llu: domain %s (uuid %s) started at %s%s\n",
+                sources[i].c_str(), (unsigned long long)cfg->rp_id, names[i].c_str(),
+                uuids[i].c_str(), a.uri.c_str(),
+                group ? (" (boot " + std::to_string(i + 1) + " of " +
+                         std::to_string(plans->size()) + ")").c_str() : "");
   for (const auto& e : rec["exports"])
     std::printf("  disk %s: export pid %d on %s, overlay %s/%s.qcow2\n",
                 e["disk"].get<std::string>().c_str(), e["pid"].get<int>(),
                 e["socket"].get<std::string>().c_str(), rec["run_dir"].get<std::string>().c_str(),
                 e["disk"].get<std::string>().c_str());
-  for (const auto& n : rec.value("notes", json::array()))
-    std::printf("  note: %s\n", n.get<std::string>().c_str());
+  for (const auto& vm : group ? rec["vms"] : json::array({rec}))
+    for (const auto& n : vm.value("notes", json::array()))
+      std::printf("  note (%s): %s\n", vm.value("domain", "").c_str(), n.get<std::string>().c_str());
   std::printf("stop it with: ferry failover test --stop --store %s --group %s\n", a.store.c_str(),
               a.group.c_str());
   return 0;
@@ -530,7 +578,8 @@ int cmd_failover_test(const FailoverTestArgs& a) {
   }
 }
 
-int cmd_vm_config(const std::string& store, const std::string& group, const std::string& point) {
+int cmd_vm_config(const std::string& store, const std::string& group, const std::string& point,
+                  const std::string& vm) {
   auto cfg = site::vm_config_at(store, group, parse_point_arg(point));
   if (!cfg.is_ok()) {
     std::fprintf(stderr, "ferry vm-config: group '%s': %s\n", group.c_str(),
@@ -544,8 +593,18 @@ int cmd_vm_config(const std::string& store, const std::string& group, const std:
                  (unsigned long long)cfg->rp_id, group.c_str());
     return 1;
   }
-  std::fwrite(cfg->xml.data(), 1, cfg->xml.size(), stdout);
-  if (cfg->xml.back() != '\n') std::fputc('\n', stdout);
+  std::string text = cfg->xml;
+  if (!vm.empty()) {  // one VM of a group (group_config.cc)
+    auto one = vm_domain_xml(cfg->xml, vm);
+    if (!one.is_ok()) {
+      std::fprintf(stderr, "ferry vm-config: RP %llu of group '%s': %s\n",
+                   (unsigned long long)cfg->rp_id, group.c_str(), one.status().message().c_str());
+      return 1;
+    }
+    text = *one;
+  }
+  std::fwrite(text.data(), 1, text.size(), stdout);
+  if (text.back() != '\n') std::fputc('\n', stdout);
   return 0;
 }
 
@@ -557,7 +616,8 @@ void annotate_points_json(const std::string& store, const std::string& group, js
       by_rp[c.rp_id] = c.xml.empty() ? json(nullptr)
                                      : json{{"bytes", c.xml.size()},
                                             {"sha256", sha256_hex(c.xml)},
-                                            {"from_rp", c.from_rp}};
+                                            {"from_rp", c.from_rp},
+                                            {"vms", vms_json(c.xml)}};  // group_config.cc
   const Paths p(store, group);
   const auto results = load_results(p);
   auto running = load_running(p);
@@ -565,6 +625,7 @@ void annotate_points_json(const std::string& store, const std::string& group, js
   for (auto& pt : points) {
     const std::uint64_t rp = pt.value("rp_id", std::uint64_t{0});
     pt["vm_config"] = by_rp.count(rp) ? by_rp[rp] : json(nullptr);
+    pt["vms"] = by_rp.count(rp) && !by_rp[rp].is_null() ? by_rp[rp]["vms"] : json::array();
     json tests = json::array();
     for (const auto& r : results)
       if (r.value("rp_id", std::uint64_t{0}) == rp) tests.push_back(r);
@@ -606,6 +667,7 @@ std::function<bool(int&)> add_failover_commands(CLI::App& app, const CLI::Valida
   vmc->add_option("--group", vc->group, "Group name")->required();
   vmc->add_option("--point", vc->point, "Recovery point id, or latest")->check(point_rule)
       ->capture_default_str();
+  vmc->add_option("--vm", vc->vm, "Print only this VM's domain XML (a group of several VMs)");
 
   auto* fo = app.add_subcommand(
       "failover", "Fail over to the recovery site: stop the group, start its VM from an RP "
@@ -623,6 +685,11 @@ std::function<bool(int&)> add_failover_commands(CLI::App& app, const CLI::Valida
                  "SRC=DST: connect the NICs on network (or bridge) SRC to DST here; unmapped "
                  "NICs are removed");
   fo->add_option("--domain-xml", r->domain_xml, "Use this libvirt XML instead of the RP's");
+  fo->add_option("--boot-order", r->boot_order,
+                 "A group of several VMs: start them in this order, NAME,NAME,... (default: "
+                 "the order stored with the RP)");
+  fo->add_option("--boot-delay", r->boot_delay_s,
+                 "A group: seconds between starting one VM and the next")->capture_default_str();
   fo->add_option("--lock-timeout", r->lock_timeout_s,
                  "Seconds to wait for a receiver session to release the group")
       ->capture_default_str();
@@ -640,13 +707,19 @@ std::function<bool(int&)> add_failover_commands(CLI::App& app, const CLI::Valida
                 "are removed");
   t->add_option("--domain-xml", a->domain_xml,
                 "Use this libvirt XML instead of the RP's VM config");
+  t->add_option("--boot-order", a->boot_order,
+                "A group of several VMs: start them in this order, NAME,NAME,... (default: the "
+                "order stored with the RP)");
+  t->add_option("--boot-delay", a->boot_delay_s,
+                "A group: seconds between starting one VM and the next")
+      ->capture_default_str();
   t->add_flag("--stop", a->stop,
               "Destroy the running test domain, stop its exports, remove its overlays");
   t->add_option("--boot-result", a->boot_result, "With --stop: what the test showed")
       ->check(CLI::IsMember({"ok", "failed"}));
   return [vmc, t, a, vc, fo, r](int& rc) {
     if (vmc->parsed()) {
-      rc = cmd_vm_config(vc->store, vc->group, vc->point);
+      rc = cmd_vm_config(vc->store, vc->group, vc->point, vc->vm);
       return true;
     }
     if (t->parsed()) {

@@ -15,6 +15,7 @@
 // The record <group>/failover/record.json says how far it got.
 #include "events_cmd.h"
 #include "failover_real.h"
+#include "failover.h"
 #include "failover_util.h"
 
 #include <fcntl.h>
@@ -159,25 +160,40 @@ int cmd_failover(const FailoverArgs& a) try {
   } else if (int rc = precheck(a, p, rp != 0 ? rp : asked, xml); rc != 0) {
     return rc;
   }
-  std::string uuid = rec.value("uuid", "");
-  if (uuid.empty()) {
-    auto u = random_uuid();
-    if (!u.is_ok()) return fail(u.status().to_string());
-    uuid = *u;
+  // The VMs in boot order (a group document's, or the one VM of a plain definition), each
+  // with the UUID the record keeps (a rerun defines nothing twice).
+  auto plans = plan_vms(xml, {}, rec.value("boot_order", a.boot_order));  // group_config.cc
+  if (!plans.is_ok()) return fail("the VM definition: " + plans.status().message());
+  const bool group = plans->size() > 1;
+  if (group && !rec.contains("vms")) rec["vms"] = json::array();
+  std::vector<std::string> names;
+  for (std::size_t i = 0; i < plans->size(); ++i) {
+    if (group && rec["vms"].size() <= i) rec["vms"].push_back(json::object());
+    json& vm = group ? rec["vms"][i] : rec;
+    if (vm.value("uuid", "").empty()) {
+      auto u = random_uuid();
+      if (!u.is_ok()) return fail(u.status().to_string());
+      vm["uuid"] = *u;
+    }
+    // A dry run of the rewrite names the domain and refuses a bad definition before anything.
+    VmXmlRewrite probe;
+    probe.name_suffix = a.name_suffix;
+    probe.uuid = vm["uuid"];
+    auto named = rewrite_vm_xml((*plans)[i].xml, probe);
+    if (!named.is_ok()) return fail("the VM definition: " + named.status().message());
+    if (!vm.value("defined", false)) {
+      Domain d(virDomainLookupByName(conn->get(), named->name.c_str()));
+      if (d)
+        return fail("a domain named '" + named->name + "' already exists at " + a.uri +
+                    ": remove it, or choose another --name-suffix");
+      virResetLastError();
+    }
+    names.push_back(named->name);
   }
-  // A dry run of the rewrite names the domain and refuses a bad definition before anything.
-  VmXmlRewrite probe;
-  probe.name_suffix = a.name_suffix;
-  probe.uuid = uuid;
-  auto named = rewrite_vm_xml(xml, probe);
-  if (!named.is_ok()) return fail("the VM definition: " + named.status().message());
-  if (!rec.value("defined", false)) {
-    Domain d(virDomainLookupByName(conn->get(), named->name.c_str()));
-    if (d)
-      return fail("a domain named '" + named->name + "' already exists at " + a.uri +
-                  ": remove it, or choose another --name-suffix");
-    virResetLastError();
-  }
+  std::string all_names;
+  for (const auto& n : names) all_names += (all_names.empty() ? "" : ",") + n;
+  const json planned_vms = group ? rec["vms"] : json();
+  std::string uuid = group ? std::string() : rec["uuid"].get<std::string>();
 
   // Step 2: the marker. From here nothing writes the replica but this command.
   if (!resuming) {
@@ -205,6 +221,7 @@ int cmd_failover(const FailoverArgs& a) try {
                   "); bring it home first: ferry failback (docs/failover.md)");
     if (!rec.value("uuid", "").empty()) uuid = rec["uuid"].get<std::string>();
   }
+  if (group && !rec.contains("vms")) rec["vms"] = planned_vms;
   const std::uint64_t newest = (*store)->last_committed_rp();
   if (st.rp_id == 0) st.rp_id = asked != 0 ? asked : newest;
   // Step 4: the images brought to the RP (refuses a pruned or unknown RP before writing).
@@ -231,13 +248,16 @@ int cmd_failover(const FailoverArgs& a) try {
   std::error_code ec;
   fs::create_directories(p.dir, ec);
   if (ec) return fail("create " + p.dir + ": " + ec.message());
-  if (rec.empty()) {
-    rec = {{"group", a.group}, {"uri", a.uri}, {"started_unix_ns", st.since_unix_ns}};
+  if (!rec.contains("group")) {  // a new record (it may already hold the VMs' UUIDs)
+    rec["group"] = a.group;
+    rec["uri"] = a.uri;
+    rec["started_unix_ns"] = st.since_unix_ns;
   }
   rec["rp_id"] = st.rp_id;
-  rec["uuid"] = uuid;
-  rec["domain"] = named->name;
+  if (!group) rec["uuid"] = uuid;
+  rec["domain"] = all_names;
   rec["source_xml"] = xml;
+  if (group) rec["boot_order"] = rec.value("boot_order", a.boot_order);
   rec["compacted"] = true;
   rec["given_up"] = given_up;
   if (!rec.contains("phase")) rec["phase"] = "compacted";
@@ -295,55 +315,95 @@ int cmd_failover(const FailoverArgs& a) try {
   if (rec["phase"] == "compacted") rec["phase"] = "overlays";
   if (Status s = save_record(p, rec); !s.is_ok()) return fail(s.to_string());
 
-  // Step 6: the domain.
-  auto x = rewrite_vm_xml(xml, rw);
-  if (!x.is_ok()) return fail("the VM definition: " + x.status().message());
-  for (const auto& path : x->required_paths)
-    if (::access(path.c_str(), R_OK) != 0)
-      return fail("the domain needs " + path +
-                  ", which this host does not have; give a definition that fits with "
-                  "--domain-xml FILE (the group stays failed over; run the command again)");
-  if (Status s = write_atomic(p.dir + "/domain.xml", x->xml); !s.is_ok())
-    return fail(s.to_string());
-  rec["defined"] = true;  // before the call: a crash right after it finds the domain by UUID
-  rec["notes"] = x->notes;
-  rec["chardevs"] = x->chardev_paths;
-  if (Status s = save_record(p, rec); !s.is_ok()) return fail(s.to_string());
-  FERRY_KILL_POINT("failover.before_define");
-  Domain dom(virDomainLookupByUUIDString(conn->get(), uuid.c_str()));
-  if (!dom) {
-    virResetLastError();
-    if (Domain other(virDomainLookupByName(conn->get(), x->name.c_str())); other)
-      return fail("a domain named '" + x->name + "' already exists at " + a.uri +
-                  " (not this failover's): remove it, or run again with another --name-suffix");
-    virResetLastError();
-    dom.reset(virDomainDefineXML(conn->get(), x->xml.c_str()));
-    if (!dom) return fail(libvirt_error("defining the domain " + x->name).message());
+  // Step 6: the domains, in boot order. A VM that is defined and running (a rerun) is left
+  // as it is; a failure leaves the record, and the same command again goes on from there.
+  auto runs = plan_vms(xml, {}, rec.value("boot_order", a.boot_order));
+  if (!runs.is_ok()) return fail("the VM definition: " + runs.status().message());
+  std::vector<VmXmlResult> started;
+  for (std::size_t i = 0; i < runs->size(); ++i) {
+    json& vm = group ? rec["vms"][i] : rec;
+    VmXmlRewrite rwv = rw;
+    rwv.uuid = vm["uuid"];
+    if (group) {  // this VM's disks, by its targets; its character devices in a directory of its own
+      rwv.disks.clear();
+      for (const auto& [name, target] : (*plans)[i].disks) {
+        auto it = rw.disks.find(name);
+        if (it == rw.disks.end())
+          return fail("RP " + std::to_string(st.rp_id) + " holds no disk " + name +
+                      " of VM " + names[i]);
+        rwv.disks[target] = it->second;
+      }
+      rwv.chardev_dir = chardir + "/" + std::to_string(i);
+      fs::create_directories(rwv.chardev_dir, ec);
+      ::chmod(rwv.chardev_dir.c_str(), 0755);
+    }
+    auto x = rewrite_vm_xml((*runs)[i].xml, rwv);
+    if (!x.is_ok()) return fail("the VM definition: " + x.status().message());
+    for (const auto& path : x->required_paths)
+      if (::access(path.c_str(), R_OK) != 0)
+        return fail("the domain " + (group ? x->name + " " : std::string()) + "needs " + path +
+                    ", which this host does not have; give a definition that fits with "
+                    "--domain-xml FILE (the group stays failed over; run the command again)");
+    if (Status s = write_atomic(p.dir + (group ? "/domain-" + x->name + ".xml" : "/domain.xml"), x->xml);
+        !s.is_ok())
+      return fail(s.to_string());
+    vm["defined"] = true;  // before the call: a crash right after it finds the domain by UUID
+    vm["notes"] = x->notes;
+    vm["chardevs"] = x->chardev_paths;
+    if (group) vm["domain"] = x->name;
+    if (Status s = save_record(p, rec); !s.is_ok()) return fail(s.to_string());
+    FERRY_KILL_POINT("failover.before_define");
+    const std::string vm_uuid = vm["uuid"];
+    Domain dom(virDomainLookupByUUIDString(conn->get(), vm_uuid.c_str()));
+    if (!dom) {
+      virResetLastError();
+      if (Domain other(virDomainLookupByName(conn->get(), x->name.c_str())); other)
+        return fail("a domain named '" + x->name + "' already exists at " + a.uri +
+                    " (not this failover's): remove it, or run again with another --name-suffix");
+      virResetLastError();
+      dom.reset(virDomainDefineXML(conn->get(), x->xml.c_str()));
+      if (!dom) return fail(libvirt_error("defining the domain " + x->name).message());
+    }
+    FERRY_KILL_POINT("failover.after_define");
+    if (virDomainIsActive(dom.get()) != 1) {
+      if (i > 0 && a.boot_delay_s > 0) std::this_thread::sleep_for(std::chrono::seconds(a.boot_delay_s));
+      if (virDomainCreate(dom.get()) != 0)
+        return fail(libvirt_error("starting the domain " + x->name).message() +
+                    " (the group stays failed over; fix it and run the same command again)");
+    }
+    FERRY_KILL_POINT("failover.after_start");
+    if (group) {
+      vm["running"] = true;
+      if (Status s = save_record(p, rec); !s.is_ok()) return fail(s.to_string());
+    }
+    started.push_back(std::move(*x));
   }
-  FERRY_KILL_POINT("failover.after_define");
-  if (virDomainIsActive(dom.get()) != 1 && virDomainCreate(dom.get()) != 0)
-    return fail(libvirt_error("starting the domain " + x->name).message() +
-                " (the group stays failed over; fix it and run the same command again)");
-  FERRY_KILL_POINT("failover.after_start");
   rec["phase"] = "running";
   rec["running_unix_ns"] = now_unix_ns();
-  st.domain = x->name;
+  st.domain = all_names;
   if (Status s = site::write_failover_state(p.group_dir, st); !s.is_ok())
     return fail(s.to_string());
   if (Status s = save_record(p, rec); !s.is_ok()) return fail(s.to_string());
 
   const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+  std::string joined_names;
+  for (const auto& x : started) joined_names += (joined_names.empty() ? "" : ",") + x.name;
   emit_store_event(a.store, {.group = a.group, .kind = "failover", .rp = st.rp_id,
                              .priority = events::Priority::warning,
                              .message = "failover of group '" + a.group + "' at RP " +
-                                        std::to_string(st.rp_id) + ": domain " + x->name +
+                                        std::to_string(st.rp_id) + ": domain(s) " + joined_names +
                                         " started; the group accepts no RPs until failback",
-                             .fields = {{"domain", x->name},
+                             .fields = {{"domain", joined_names},
                                         {"duration_ms", std::int64_t(secs * 1000)}}});
-  std::printf("failover of %s (group %s) at RP %llu: domain %s (uuid %s) started at %s in %.2f s%s\n",
-              x->source_name.c_str(), a.group.c_str(), (unsigned long long)st.rp_id,
-              x->name.c_str(), uuid.c_str(), a.uri.c_str(), secs,
-              resuming ? " (a run cut short, finished)" : "");
+  for (std::size_t i = 0; i < started.size(); ++i) {
+    const VmXmlResult& x = started[i];
+    const json& vm = group ? rec["vms"][i] : rec;
+    std::printf("failover of %s (group %s) at RP %llu: domain %s (uuid %s) started at %s in %.2f s%s%s\n",
+                x.source_name.c_str(), a.group.c_str(), (unsigned long long)st.rp_id,
+                x.name.c_str(), vm.value("uuid", "").c_str(), a.uri.c_str(), secs,
+                group ? (" (boot " + std::to_string(i + 1) + " of " + std::to_string(started.size()) + ")").c_str() : "",
+                resuming ? " (a run cut short, finished)" : "");
+  }
   for (const auto& d : disks)
     std::printf("  disk %s: overlay %s on %s (raw, read-only from now on)\n", d.name.c_str(),
                 rw.disks[d.name].overlay.c_str(), rw.disks[d.name].backing_file.c_str());
@@ -353,7 +413,8 @@ int cmd_failover(const FailoverArgs& a) try {
     std::printf("  given up: RP %s (newer than RP %llu; still in the journal, not replicated "
                 "onwards)\n", ids.c_str(), (unsigned long long)st.rp_id);
   }
-  for (const auto& n : x->notes) std::printf("  note: %s\n", n.c_str());
+  for (const auto& x : started)
+    for (const auto& n : x.notes) std::printf("  note (%s): %s\n", x.name.c_str(), n.c_str());
   std::printf("group %s accepts no RPs until failback (ferry failback); retention is off\n",
               a.group.c_str());
   return 0;

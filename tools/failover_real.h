@@ -21,6 +21,10 @@ struct FailoverArgs {
   std::vector<std::string> network_map;  // SRC=DST
   std::string domain_xml;                // a definition to use instead of the RP's
   unsigned lock_timeout_s = 60;          // waiting for a receiver session to let go
+  // A group of several VMs: the order to start them (NAME,NAME,...; default: the RP's, kept
+  // in the record so that a rerun uses the same) and seconds between one start and the next.
+  std::string boot_order;
+  unsigned boot_delay_s = 0;
 };
 int cmd_failover(const FailoverArgs& a);
 

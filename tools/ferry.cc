@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 #include <future>
 #include <mutex>
+#include <sstream>
 #include <thread>
 
 #include "ferry/base/kill_point.h"
@@ -503,9 +504,11 @@ int cmd_replicate(const ReplicateArgs& a) {
 
 // ---- protect -----------------------------------------------------------------------------------
 struct ProtectArgs {
-  std::string domain;
+  std::vector<std::string> domains;  // several: a protection group, one instant per RP
   std::string to;
-  std::string group;  // default: the domain name
+  std::string group;  // default: the domain name (required with several domains)
+  std::string boot_order;  // "a,b": default the order of --domain
+  std::int64_t max_pause_ms = kDefaultMaxPauseMs;
   bool once = false;
   double interval_seconds = 0;
   bool quiesce = false;
@@ -524,13 +527,24 @@ int cmd_protect(const ProtectArgs& a) {
   if (!ep.is_ok()) return fail("--to", ep.status());
   TargetConfig t;
   t.kind = TargetKind::libvirt_domain;
-  t.domain = a.domain;
+  t.domains = a.domains;
+  t.domain = a.domains.front();
+  for (std::size_t i = 1; i < a.domains.size(); ++i) t.domain += "," + a.domains[i];
   t.uri = a.uri;
-  t.group = a.group.empty() ? a.domain : a.group;
+  if (a.domains.size() > 1 && a.group.empty())
+    return fail("--group", Status::error(Errc::invalid_argument,
+                                         "a protection group of several domains needs --group NAME"));
+  t.group = a.group.empty() ? a.domains.front() : a.group;
   t.quiesce = a.quiesce;
+  t.max_pause_ms = a.max_pause_ms;
+  if (!a.boot_order.empty()) {
+    std::stringstream in(a.boot_order);
+    for (std::string name; std::getline(in, name, ',');) t.boot_order.push_back(name);
+  }
   SignalWatcher signals;
   auto source = open_target_source(t, a.state_dir.empty() ? default_state_dir() : a.state_dir);
-  if (!source.is_ok()) return fail("domain '" + a.domain + "' at " + a.uri, source.status());
+  const std::string what = a.domains.size() > 1 ? "domains '" + t.domain + "'" : "domain '" + t.domain + "'";
+  if (!source.is_ok()) return fail(what + " at " + a.uri, source.status());
   source::SenderOptions so;
   so.to = *ep;
   so.group = t.group;
@@ -620,10 +634,21 @@ int main(int argc, char** argv) {
                 "images): the next RP is a resync or full copy of every disk");
 
   ProtectArgs pr;
-  auto* protect = app.add_subcommand("protect", "Replicate every disk of a running libvirt domain");
-  protect->add_option("--domain", pr.domain, "Domain name or UUID")->required();
+  auto* protect = app.add_subcommand("protect", "Replicate every disk of a running libvirt domain, or of several "
+                                           "at one instant per RP (a protection group)");
+  protect->add_option("--domain", pr.domains,
+                      "Domain name or UUID; repeat for a protection group of several VMs "
+                      "(one crash-consistent instant per RP, needs --group)")
+      ->required()->take_all();
   protect->add_option("--to", pr.to, "Receiver ADDR:PORT")->required();
   protect->add_option("--group", pr.group, "Group name (default: the domain name)");
+  protect->add_option("--boot-order", pr.boot_order,
+                      "A group's VMs in the order failover starts them: NAME,NAME,... "
+                      "(default: the order of --domain)");
+  protect->add_option("--max-pause-ms", pr.max_pause_ms,
+                      "A group's longest pause for the cross-VM instant; then the VMs are "
+                      "resumed and the RP fails (pause timeout)")
+      ->check(CLI::Range(std::int64_t{1}, kMaxPauseMs))->capture_default_str();
   auto* p_once = protect->add_flag("--once", pr.once, "Take one recovery point and exit");
   auto* p_interval = protect->add_option("--interval", pr.interval_seconds,
                                          "Take a recovery point every SECONDS")

@@ -90,6 +90,16 @@ std::vector<xmlNodePtr> XmlDoc::nodes(const char* xpath, xmlNodePtr context) con
   return out;
 }
 
+std::string XmlDoc::dump(xmlNodePtr node) const {
+  xmlBufferPtr buf = xmlBufferCreate();
+  FERRY_ASSERT(buf != nullptr);
+  xmlNodeDump(buf, doc_.get(), node, 0, 0);
+  std::string out(reinterpret_cast<const char*>(xmlBufferContent(buf)),
+                  static_cast<std::size_t>(xmlBufferLength(buf)));
+  xmlBufferFree(buf);
+  return out;
+}
+
 std::optional<std::string> XmlDoc::text(const char* xpath, xmlNodePtr context) const {
   auto found = nodes(xpath, context);
   if (found.empty()) return std::nullopt;

@@ -46,6 +46,8 @@ class XmlDoc {
   std::vector<xmlNodePtr> nodes(const char* xpath, xmlNodePtr context = nullptr) const;
   // The first match's text as a string, or nullopt.
   std::optional<std::string> text(const char* xpath, xmlNodePtr context = nullptr) const;
+  // A node and its subtree serialised as XML.
+  std::string dump(xmlNodePtr node) const;
 
  private:
   struct DocFree { void operator()(xmlDocPtr d) const { xmlFreeDoc(d); } };

@@ -26,6 +26,7 @@
 #include "ferry/base/fd.h"
 #include "ferry/base/log.h"
 #include "libvirt_api.h"
+#include "libvirt_member.h"
 
 namespace ferry::cbt {
 
@@ -166,7 +167,7 @@ void decide(DiskRun& d, std::uint64_t base_rp, bool receiver_has, const LedgerDi
   if (b->second.granularity_bytes) d.granularity_bytes = b->second.granularity_bytes;
 }
 
-class LibvirtSource final : public ChangeSource {
+class LibvirtSource final : public LibvirtMember {
  public:
   LibvirtSource(LibvirtSourceOptions opt, lv::Conn conn, lv::Domain dom, std::vector<LvDisk> disks)
       : opt_(std::move(opt)), conn_(std::move(conn)), dom_(std::move(dom)), disks_(std::move(disks)),
@@ -181,6 +182,19 @@ class LibvirtSource final : public ChangeSource {
                           const std::vector<std::string>& receiver_disks) override;
   Status release_views(Capture& capture) override;
   Status finish(Capture& capture, bool acknowledged) override;
+
+  // LibvirtMember / GroupMember: the phases of capture() for a group's instant.
+  Status prepare(std::uint64_t base_rp, std::uint64_t rp_id,
+                 const std::vector<std::string>& receiver_disks) override;
+  Result<Capture> complete() override;
+  const std::string& prepared_config() const override { return pending_->vm_config; }
+  const std::string& member_name() const override { return opt_.domain; }
+  Status freeze() override;
+  Status thaw() override;
+  Status suspend() override;
+  Status resume() override;
+  Status start_job() override;
+  void abandon_job() override;
 
  private:
   std::string ledger_path() const { return opt_.work_dir + "/ledger.json"; }
@@ -219,6 +233,9 @@ class LibvirtSource final : public ChangeSource {
   std::string acked_config_;
   std::string domain_config();
   std::weak_ptr<CaptureState> active_;
+  // Between prepare() and complete() (or abandon_job()).
+  std::shared_ptr<CaptureState> pending_;
+  Capture pending_cap_;
 };
 
 // The domain's definition as one would define it elsewhere: the persistent (inactive) config
@@ -542,10 +559,10 @@ Hash128 disk_identity(const LvDisk& d) {
   return xxh3_128(key.data(), key.size());
 }
 
-Result<Capture> LibvirtSource::capture(std::uint64_t base_rp, std::uint64_t rp_id,
-                                       const std::vector<std::string>& receiver_disks) {
+Status LibvirtSource::prepare(std::uint64_t base_rp, std::uint64_t rp_id,
+                              const std::vector<std::string>& receiver_disks) {
   FERRY_ASSERT(rp_id > base_rp);
-  FERRY_ASSERT_MSG(active_.expired(), "capture() before finish() of the previous capture");
+  FERRY_ASSERT_MSG(active_.expired() && !pending_, "capture() before finish() of the previous capture");
   FERRY_TRY(refresh_disks());
   FERRY_TRY(clear_jobs());
   for (const LvDisk& d : disks_) ::unlink(scratch_path(d.dev).c_str());  // a killed run's
@@ -583,8 +600,29 @@ Result<Capture> LibvirtSource::capture(std::uint64_t base_rp, std::uint64_t rp_i
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::system_clock::now().time_since_epoch()).count());
   st->vm_config = domain_config();
   if (st->vm_config != acked_config_) cap.vm_config = st->vm_config;
-  FERRY_TRY(begin_backup(*st, cap.app_consistent));
-  if (Status s = read_backup_xml(*st); !s) {
+  pending_ = std::move(st);
+  pending_cap_ = std::move(cap);
+  return Status::ok();
+}
+
+Status LibvirtSource::start_job() {
+  FERRY_ASSERT(pending_ && !pending_->job_active);
+  return begin_backup(*pending_, pending_cap_.app_consistent);
+}
+
+void LibvirtSource::abandon_job() {
+  if (!pending_) return;
+  if (Status s = release(*pending_); !s.is_ok())
+    spdlog::warn("domain {}: ending the abandoned backup job: {}", opt_.domain, s.to_string());
+  pending_.reset();
+}
+
+Result<Capture> LibvirtSource::complete() {
+  FERRY_ASSERT(pending_ && pending_->job_active);
+  std::shared_ptr<CaptureState> st = std::move(pending_);
+  pending_.reset();
+  Capture cap = std::move(pending_cap_);
+  if (Status s = read_backup_xml(*st); !s.is_ok()) {
     (void)release(*st);
     return s;
   }
@@ -604,6 +642,40 @@ Result<Capture> LibvirtSource::capture(std::uint64_t base_rp, std::uint64_t rp_i
   active_ = st;
   cap.state = st;
   return cap;
+}
+
+Result<Capture> LibvirtSource::capture(std::uint64_t base_rp, std::uint64_t rp_id,
+                                       const std::vector<std::string>& receiver_disks) {
+  FERRY_TRY(prepare(base_rp, rp_id, receiver_disks));
+  if (Status s = start_job(); !s.is_ok()) {
+    pending_.reset();
+    return s;
+  }
+  return complete();
+}
+
+Status LibvirtSource::freeze() {
+  auto secs = std::max<long long>(1, std::chrono::duration_cast<std::chrono::seconds>(opt_.freeze_timeout).count());
+  if (virDomainAgentSetResponseTimeout(dom_.get(), static_cast<int>(secs), 0) < 0 ||
+      virDomainFSFreeze(dom_.get(), nullptr, 0, 0) < 0)
+    return lv::last_error("freezing the file systems of domain " + opt_.domain);
+  return Status::ok();
+}
+
+Status LibvirtSource::thaw() {
+  if (virDomainFSThaw(dom_.get(), nullptr, 0, 0) < 0)
+    return lv::last_error("thawing the file systems of domain " + opt_.domain);
+  return Status::ok();
+}
+
+Status LibvirtSource::suspend() {
+  if (virDomainSuspend(dom_.get()) < 0) return lv::last_error("pausing domain " + opt_.domain);
+  return Status::ok();
+}
+
+Status LibvirtSource::resume() {
+  if (virDomainResume(dom_.get()) < 0) return lv::last_error("resuming domain " + opt_.domain);
+  return Status::ok();
 }
 
 // The pull backup lives until aborted. A job that is already gone ended early (scratch full,
@@ -667,6 +739,11 @@ Result<lv::Domain> lookup_domain(virConnectPtr conn, const std::string& name) {
 }  // namespace
 
 Result<std::unique_ptr<ChangeSource>> open_libvirt_source(const LibvirtSourceOptions& options) {
+  FERRY_ASSIGN_OR_RETURN(std::unique_ptr<LibvirtMember> m, open_libvirt_member(options));
+  return std::unique_ptr<ChangeSource>(std::move(m));
+}
+
+Result<std::unique_ptr<LibvirtMember>> open_libvirt_member(const LibvirtSourceOptions& options) {
   LibvirtSourceOptions opt = options;
   if (opt.group.empty()) opt.group = opt.domain;
   if (opt.domain.empty()) return Status::error(Errc::invalid_argument, "no libvirt domain given");
@@ -700,7 +777,7 @@ Result<std::unique_ptr<ChangeSource>> open_libvirt_source(const LibvirtSourceOpt
     if (!d.qcow2())
       spdlog::warn("domain {} disk {} is {}: it cannot carry a checkpoint, every RP reads it in full",
                    opt.domain, d.dev, d.format);
-  return std::unique_ptr<ChangeSource>(
+  return std::unique_ptr<LibvirtMember>(
       new LibvirtSource(std::move(opt), std::move(conn), std::move(dom), std::move(disks)));
 }
 

@@ -1037,6 +1037,8 @@ Result<RpStats> take_recovery_point(cbt::ChangeSource& source, const SenderOptio
                                             .count());
   FERRY_ASSIGN_OR_RETURN(cbt::Capture cap, source.capture(stats.base_rp, stats.rp_id, held));
   stats.capture_seconds = seconds_since(t_capture);
+  stats.vms_paused = cap.vms_paused;
+  stats.pause_us = cap.pause_us;
   const std::uint64_t wire0 = conn->bytes_sent();
 
   Result<transport::RpAck> acked = send_capture(*conn, o, reply, source, cap, stats, t0);
@@ -1077,14 +1079,16 @@ std::string describe(const RpStats& s) {
     resync = fmt::format("; resync of {} disk(s): {} blocks compared, {} differed and were sent, "
                          "{} hash bytes ({:.2f} MB)",
                          resynced, compared, differing, s.hash_bytes, s.hash_bytes / 1e6);
+  std::string pause;
+  if (s.vms_paused) pause = fmt::format("; VMs paused {:.1f} ms", s.pause_us / 1000.0);
   return fmt::format(
       "RP {} (base {}): {} disk(s), {:.1f} MB changed ({:.1f} MB data, {:.1f} MB zero, {} bytes "
       "read), "
       "{:.1f} MB on the wire, {:.2f} s ({:.0f} MB/s; capture {:.2f} s, transfer {:.2f} s, "
-      "commit {:.2f} s, then finish {:.2f} s){}; {} wire bytes",
+      "commit {:.2f} s, then finish {:.2f} s){}{}; {} wire bytes",
       s.rp_id, s.base_rp, s.disks.size(), mb, data / 1e6, zero / 1e6, read, s.wire_bytes / 1e6,
       s.total_seconds, s.total_seconds > 0 ? mb / s.total_seconds : 0.0, s.capture_seconds,
-      s.transfer_seconds, s.commit_seconds, s.finish_seconds, resync, s.wire_bytes);
+      s.transfer_seconds, s.commit_seconds, s.finish_seconds, resync, pause, s.wire_bytes);
 }
 
 void attribute_transfer(RpStats& stats, double send_channel_seconds, double hash_compress_seconds) {

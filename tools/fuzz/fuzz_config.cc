@@ -51,7 +51,20 @@ std::string emit(const AgentConfig& cfg) {
   if (!cfg.metrics.empty()) out += "metrics = " + quoted(cfg.metrics) + "\n";
   for (const TargetConfig& tc : cfg.targets) {
     if (tc.kind == TargetKind::libvirt_domain) {
-      out += "[[domain]]\nname = " + quoted(tc.domain) + "\nuri = " + quoted(tc.uri) +
+      if (tc.domains.size() > 1) {  // a protection group
+        out += "[[domain]]\nnames = [";
+        for (std::size_t i = 0; i < tc.domains.size(); ++i) out += (i ? ", " : "") + quoted(tc.domains[i]);
+        out += "]\n";
+      } else {
+        out += "[[domain]]\nname = " + quoted(tc.domain) + "\n";
+      }
+      if (!tc.boot_order.empty()) {
+        out += "boot_order = [";
+        for (std::size_t i = 0; i < tc.boot_order.size(); ++i)
+          out += (i ? ", " : "") + quoted(tc.boot_order[i]);
+        out += "]\n";
+      }
+      out += "max_pause_ms = " + std::to_string(tc.max_pause_ms) + "\nuri = " + quoted(tc.uri) +
              "\nquiesce = " + (tc.quiesce ? "true" : "false") + "\n";
     } else {
       out += "[[qmp]]\nsocket = " + quoted(tc.qmp_socket) + "\ndisks = [";
@@ -106,7 +119,11 @@ void check_bounds(const AgentConfig& cfg) {
       FERRY_ASSERT(!tc.disks.empty() && tc.disks.size() <= t::kMaxDisksPerTarget);
       for (const auto& d : tc.disks) FERRY_ASSERT(name_ok(d.node) && name_ok(d.name));
     } else {
-      FERRY_ASSERT(!tc.domain.empty() && tc.domain.size() <= t::kMaxNameBytes);
+      FERRY_ASSERT(!tc.domains.empty() && tc.domains.size() <= t::kMaxDomainsPerGroup);
+      for (const auto& d : tc.domains) FERRY_ASSERT(!d.empty() && d.size() <= t::kMaxNameBytes);
+      FERRY_ASSERT(tc.domains.size() == 1 || !tc.group.empty());
+      FERRY_ASSERT(tc.boot_order.empty() || tc.boot_order.size() == tc.domains.size());
+      FERRY_ASSERT(tc.max_pause_ms >= 1 && tc.max_pause_ms <= t::kMaxPauseMs);
       FERRY_ASSERT(!tc.uri.empty() && tc.uri.size() <= t::kMaxUriBytes);
       FERRY_ASSERT(tc.disks.empty());
     }

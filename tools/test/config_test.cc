@@ -286,3 +286,37 @@ TEST_CASE("metrics: an ADDR:PORT, absent by default", "[config]") {
   check_error("metrics = \"127.0.0.1\"\n", "agent.toml:1: metrics", "HOST:PORT");
   check_error("metrics = 9464\n", "agent.toml:1: metrics", "string");
 }
+
+TEST_CASE("a [[domain]] target of several domains is a protection group", "[config]") {
+  auto r = parse_agent_config("[[domain]]\nnames = [\"db\", \"web\"]\ngroup = \"app\"\n"
+                              "boot_order = [\"web\", \"db\"]\nmax_pause_ms = 800\n"
+                              "to = \"h:1\"\ninterval_seconds = 60\n",
+                              "agent.toml");
+  REQUIRE(r.is_ok());
+  const auto& t = r->targets.at(0);
+  CHECK(t.domains == std::vector<std::string>{"db", "web"});
+  CHECK(t.domain == "db,web");
+  CHECK(t.group == "app");
+  CHECK(t.boot_order == std::vector<std::string>{"web", "db"});
+  CHECK(t.max_pause_ms == 800);
+  auto one = parse_agent_config("[[domain]]\nname = \"a\"\nto = \"h:1\"\ninterval_seconds = 60\n",
+                                "agent.toml");
+  REQUIRE(one.is_ok());
+  CHECK(one->targets.at(0).domains == std::vector<std::string>{"a"});
+  CHECK(one->targets.at(0).max_pause_ms == ferry::tools::kDefaultMaxPauseMs);
+
+  const std::string tail = "to = \"h:1\"\ninterval_seconds = 60\n";
+  check_error("[[domain]]\nnames = [\"a\", \"b\"]\n" + tail, "agent.toml:2: group", "needs group");
+  check_error("[[domain]]\nname = \"a\"\nnames = [\"a\", \"b\"]\ngroup = \"g\"\n" + tail,
+              "agent.toml:3: names", "not both");
+  check_error("[[domain]]\nnames = [\"a\", \"a\"]\ngroup = \"g\"\n" + tail, "agent.toml:2: names",
+              "listed twice");
+  check_error("[[domain]]\nnames = []\ngroup = \"g\"\n" + tail, "agent.toml:2: names", "non-empty");
+  check_error("[[domain]]\nnames = [\"a\", \"b\"]\ngroup = \"g\"\nboot_order = [\"a\"]\n" + tail,
+              "agent.toml:4: boot_order", "every domain");
+  check_error("[[domain]]\nnames = [\"a\", \"b\"]\ngroup = \"g\"\nmax_pause_ms = 0\n" + tail,
+              "agent.toml:4: max_pause_ms", "");
+  check_error("[[domain]]\nnames = [\"a\", \"b\"]\ngroup = \"g\"\n" + tail +
+                  "[[domain]]\nname = \"b\"\n" + tail,
+              "agent.toml:6: name", "listed twice");
+}

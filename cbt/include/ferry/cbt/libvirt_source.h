@@ -18,6 +18,7 @@
 #include <chrono>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "ferry/cbt/source.h"
 
@@ -33,5 +34,26 @@ struct LibvirtSourceOptions {
 };
 
 Result<std::unique_ptr<ChangeSource>> open_libvirt_source(const LibvirtSourceOptions& options);
+
+// A protection group of one or more running domains captured at one instant per RP: every
+// domain is paused (file systems frozen first with quiesce), each domain's backup job and
+// checkpoint started, then all resumed (group_capture.h; docs/change-tracking.md). Each
+// domain keeps its own change tracking (ledger under work_dir/<domain>, checkpoints
+// "ferry.<group>.<rp>"). Disks are named "<domain>.<target>" and the RP carries the group
+// document (ferry/cbt/group_doc.h). With one domain this is open_libvirt_source(): today's
+// disk names, work_dir and plain domain XML, no pause.
+struct LibvirtGroupOptions {
+  std::string uri = "qemu:///system";
+  std::vector<std::string> domains;     // names, in disk order
+  std::vector<std::string> boot_order;  // empty: the order of `domains`
+  std::string group;                    // required with several domains
+  std::string work_dir;
+  bool quiesce = false;
+  std::chrono::milliseconds freeze_timeout{10000};
+  // Longest the domains stay paused: then they are resumed and the RP fails ("pause timeout").
+  std::chrono::milliseconds max_pause{5000};
+};
+
+Result<std::unique_ptr<ChangeSource>> open_libvirt_group_source(const LibvirtGroupOptions& options);
 
 }  // namespace ferry::cbt

@@ -59,6 +59,10 @@ struct Capture {
   std::uint64_t created_unix_ns = 0;
   std::vector<DiskView> disks;
   bool app_consistent = false;  // file systems were frozen through the guest agent
+  // A group of several VMs pauses them all for the cross-VM instant: how long (first pause to
+  // last resume). vms_paused false: nothing was paused (one VM, QMP).
+  bool vms_paused = false;
+  std::uint64_t pause_us = 0;
   // The VM's definition (libvirt domain XML, no secrets) when it changed since the last
   // acknowledged RP of this source object, so always with its first; empty: unchanged, or
   // a source that has none (QMP).

@@ -100,6 +100,9 @@ struct RpStats {
   double finish_seconds = 0;     // views torn down, bitmaps cleaned up
   double total_seconds = 0;      // capture start to acknowledgement
   double cpu_seconds = 0;        // process CPU time spent during the RP
+  // A group of several VMs: how long they were paused for the cross-VM instant.
+  bool vms_paused = false;
+  std::uint64_t pause_us = 0;
 };
 
 // Takes one recovery point: connects, learns the receiver's last committed RP, captures every
