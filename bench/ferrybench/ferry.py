@@ -15,8 +15,11 @@ def make_pki(top):
 
 
 class Receiver:
-    def __init__(self, ferry, store, logpath, pki=None):
+    """`ferry receive` on 127.0.0.1, or (netns, host) inside a network namespace on a veth
+    address (bench/run --links; plaintext there needs --insecure-plaintext)."""
+    def __init__(self, ferry, store, logpath, pki=None, netns=None, host="127.0.0.1"):
         self.port = free_port()
+        self.host = host
         self.store = store
         self.logpath = logpath
         tls = []
@@ -24,16 +27,30 @@ class Receiver:
             tls = ["--tls-cert", os.path.join(pki, "server.pem"), "--tls-key",
                    os.path.join(pki, "server.key"), "--tls-ca", os.path.join(pki, "ca.pem"),
                    "--config", os.path.join(pki, "receive.toml")]
-        self.proc = subprocess.Popen([ferry, "receive", "--listen", f"127.0.0.1:{self.port}",
-                                      "--store", store] + tls, stderr=open(logpath, "w"))
+        prefix = ["ip", "netns", "exec", netns] if netns else []
+        if netns and not pki:
+            tls = ["--insecure-plaintext"]
+        self.proc = subprocess.Popen(prefix + [ferry, "receive", "--listen", f"{host}:{self.port}",
+                                               "--store", store] + tls, stderr=open(logpath, "w"))
         deadline = time.time() + 10
         while time.time() < deadline:
+            if netns:  # not reachable from this namespace: its log says when it listens
+                if "listening on" in open(logpath).read():
+                    return
+                if self.proc.poll() is not None:
+                    break
+                time.sleep(0.05)
+                continue
             try:
                 socket.create_connection(("127.0.0.1", self.port), 0.2).close()
                 return
             except OSError:
                 time.sleep(0.05)
-        raise RuntimeError("receiver did not start")
+        raise RuntimeError(f"receiver did not start: {open(logpath).read()[-500:]}")
+
+    @property
+    def addr(self):
+        return f"{self.host}:{self.port}"
 
     def wait_applied(self, group, rp_id, timeout=300):
         """Waits until the state file says rp_id is applied; returns the state file's mtime."""
@@ -93,12 +110,21 @@ def parse_describe(err):
         d = {"rp_id": int(m[1]), "base_rp": int(m[2]), "changed_mb": float(m[3]),
              "data_mb": float(m[4]), "zero_mb": float(m[5]), "capture_s": float(m[6]),
              "transfer_s": float(m[7]), "commit_s": float(m[8]), "wire_bytes": int(m[9])}
+        t = re.search(r"MB on the wire, ([0-9.]+) s \(.*?then finish ([0-9.]+) s", err, re.S)
+        if t:
+            d["total_s"], d["finish_s"] = float(t[1]), float(t[2])
+            # What the RP spent outside capture, transfer, commit and finish: connecting and
+            # the handshake, i.e. waiting for the receiver to take the group.
+            d["handshake_s"] = max(0.0, d["total_s"] - d["capture_s"] - d["transfer_s"]
+                                   - d["commit_s"] - d["finish_s"])
     return d
 
 
-def ferry_rp(bins, qsd, rcv, state_dir, level, group="bench", pki=None):
-    cmd = [bins["ferry"], "replicate", "--qmp", qsd.qmp, "--disk", "disk0", "--to",
-           f"127.0.0.1:{rcv.port}", "--group", group, "--once", "--state-dir", state_dir,
+def ferry_rp(bins, qsd, rcv, state_dir, level, group="bench", pki=None, netns=None):
+    """One `ferry replicate --once` RP (from inside `netns` when given: bench/run --links)."""
+    prefix = ["ip", "netns", "exec", netns] if netns else []
+    cmd = prefix + [bins["ferry"], "replicate", "--qmp", qsd.qmp, "--disk", "disk0", "--to",
+           rcv.addr, "--group", group, "--once", "--state-dir", state_dir,
            "--zstd-level", str(level), "--nbd-socket", qsd.nbd]
     if pki:
         cmd += ["--tls-cert", os.path.join(pki, "client-a.pem"), "--tls-key",
