@@ -104,7 +104,7 @@ class Receiver:
 def parse_describe(err):
     d = {}
     m = re.search(r"RP (\d+) \(base (\d+)\).*?([0-9.]+) MB changed \(([0-9.]+) MB data, ([0-9.]+) MB "
-                  r"zero\).*?capture ([0-9.]+) s, transfer ([0-9.]+) s, commit ([0-9.]+) s.*?(\d+) wire bytes",
+                  r"zero[^)]*\).*?capture ([0-9.]+) s, transfer ([0-9.]+) s, commit ([0-9.]+) s.*?(\d+) wire bytes",
                   err, re.S)
     if m:
         d = {"rp_id": int(m[1]), "base_rp": int(m[2]), "changed_mb": float(m[3]),

@@ -15,7 +15,7 @@ from .peers import dirty_extent_copy
 from .procs import log, proc_cpu, proc_hwm_mib, sh
 from .qemu import Qsd
 
-RP_LINE = re.compile(r"^\S+ \S+ info: RP \d+ \(base \d+\).*$", re.M)
+RP_LINE = re.compile(r"^.*RP \d+ \(base \d+\): \d+ disk.*$", re.M)
 
 
 def _rss_mib(pid):

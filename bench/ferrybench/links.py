@@ -236,69 +236,87 @@ def _row(tool, wall, wire, cpu, rss, changed, extra=None):
     return r
 
 
-def run_link(bins, ns, link, qsd, rcv, state_dir, replica, rsyncd, old_raw, new_raw, change,
-             levels, tcp_seconds):
-    name, path, changed = change
-    shaping = ns.shape(link)
-    log(f"link {link}: {ns.qdisc() or 'no qdisc'}")
-    res = {"link": link, "tbf": shaping, "qdisc": ns.qdisc(), "change_set": name,
-           "changed_bytes": changed, "rows": []}
-    res["tcp_limit"] = tcp_check(bins, ns, tcp_seconds)
-    log(f"link {link}: tcp-limit {res['tcp_limit']['gbit_s']:.3f} Gbit/s")
+def _median_row(rows):
+    """The run with the median wall time, with every run's wall time beside it."""
+    rows = sorted(rows, key=lambda r: r["wall_s"])
+    r = dict(rows[(len(rows) - 1) // 2])
+    r["walls_s"] = [x["wall_s"] for x in rows]
+    return r
 
-    # the bare dirty-extent copy, NBD over TCP to the replica
+
+def _bare_copy(bins, ns, link, qsd, replica, change):
+    name, path, changed = change
     bitmap = f"link-{link}"
     qsd.q.cmd("block-dirty-bitmap-add", node="disk0", name=bitmap)
     apply_change(bins, qsd, path)
     qsd.q.cmd("block-dirty-bitmap-disable", node="disk0", name=bitmap)
     qsd.export("dirty", bitmap=bitmap)
+    sh("sync")  # the flush at its end must not write anything but its own extents
     reset_hwm(replica.proc.pid)
     wq, tx0 = Watch(qsd.proc.pid), ns.tx_bytes()
-    log(f"link {link}: dirty-extent copy")
     r = run_child(ns.exec("src") + [bins["dirty-copy"], qsd.uri("dirty"), bitmap, replica.uri])
     tx = ns.tx_bytes()
     qsd.unexport("dirty")
     qsd.q.cmd("block-dirty-bitmap-remove", node="disk0", name=bitmap)
     src = wq.delta()
-    res["rows"].append(_row("dirty-extent copy", r["wall_s"], tx["src"] - tx0["src"],
-                            r["cpu_s"] + src["cpu_s"], proc_hwm_mib(replica.proc.pid), changed,
-                            {"payload_bytes": json.loads(r["stdout"])["bytes"]}))
+    return _row("dirty-extent copy", r["wall_s"], tx["src"] - tx0["src"], r["cpu_s"] + src["cpu_s"],
+                proc_hwm_mib(replica.proc.pid), changed,
+                {"payload_bytes": json.loads(r["stdout"])["bytes"]})
 
+
+def _ferry(bins, ns, qsd, rcv, state_dir, change, lv):
+    name, path, changed = change
+    apply_change(bins, qsd, path)
+    sh("sync")
+    tx0 = ns.tx_bytes()
+    f = ferry_rp(bins, qsd, rcv, state_dir, lv, netns=ns.src)
+    tx = ns.tx_bytes()
+    return _row(f"Ferry zstd {lv}", f["wall_s"], tx["src"] - tx0["src"],
+                f["source_cpu_s"] + f["qemu_cpu_s"], f["receiver_peak_rss_mib"], changed,
+                {"level": lv, "ferry_wire_bytes": f["wire_bytes"], "describe": f["describe"]})
+
+
+def _rsync(ns, rsyncd, old_raw, new_raw, change, z):
+    changed = change[2]
+    sh("cp", "--sparse=always", "--reflink=auto", old_raw, os.path.join(rsyncd.dir, "disk.raw"))
+    sh("sync")
+    w, tx0 = Watch(rsyncd.proc.pid), ns.tx_bytes()
+    rss = TreeRss(rsyncd.proc.pid)
+    rss.start()
+    r = run_child(ns.exec("src") + ["rsync", "--inplace", "--no-whole-file", "--fsync", "--stats"]
+                  + (["-z"] if z else []) + [new_raw, f"rsync://{DST_IP}:{rsyncd.port}/bench/disk.raw"])
+    tx = ns.tx_bytes()
+    time.sleep(0.3)  # the daemon reaps its per-connection child
+    d = w.delta()
+    return _row("rsync -z" if z else "rsync", r["wall_s"], tx["src"] - tx0["src"], r["cpu_s"],
+                rss.stop(), changed, {"receiver_cpu_s": d["cpu_s"]})
+
+
+def run_link(bins, ns, link, qsd, rcv, state_dir, replica, rsyncd, old_raw, new_raw, change,
+             levels, tcp_seconds, repeats=1):
+    """Every tool over one link; each `repeats` times, the run with the median time kept."""
+    shaping = ns.shape(link)
+    log(f"link {link}: {ns.qdisc() or 'no qdisc'}")
+    res = {"link": link, "tbf": shaping, "qdisc": ns.qdisc(), "change_set": change[0],
+           "changed_bytes": change[2], "repeats": repeats, "rows": []}
+    res["tcp_limit"] = tcp_check(bins, ns, tcp_seconds)
+    log(f"link {link}: tcp-limit {res['tcp_limit']['gbit_s']:.3f} Gbit/s")
+    tools = [("dirty-extent copy", lambda: _bare_copy(bins, ns, link, qsd, replica, change))]
     # Ferry at each fixed level (a later `auto` is one more entry of `levels`)
-    for lv in levels:
-        apply_change(bins, qsd, path)
-        log(f"link {link}: Ferry zstd {lv}")
-        tx0 = ns.tx_bytes()
-        f = ferry_rp(bins, qsd, rcv, state_dir, lv, netns=ns.src)
-        tx = ns.tx_bytes()
-        res["rows"].append(_row(f"Ferry zstd {lv}", f["wall_s"], tx["src"] - tx0["src"],
-                                f["source_cpu_s"] + f["qemu_cpu_s"], f["receiver_peak_rss_mib"],
-                                changed, {"level": lv, "ferry_wire_bytes": f["wire_bytes"],
-                                          "describe": f["describe"]}))
-
-    # rsync (delta transfer of the raw image) with and without -z
-    for z in (False, True):
-        sh("cp", "--sparse=always", "--reflink=auto", old_raw, os.path.join(rsyncd.dir, "disk.raw"))
-        sh("sync")
-        w, tx0 = Watch(rsyncd.proc.pid), ns.tx_bytes()
-        rss = TreeRss(rsyncd.proc.pid)
-        rss.start()
-        log(f"link {link}: rsync{' -z' if z else ''}")
-        r = run_child(ns.exec("src") + ["rsync", "--inplace", "--no-whole-file", "--fsync", "--stats"]
-                      + (["-z"] if z else []) + [new_raw, f"rsync://{DST_IP}:{rsyncd.port}/bench/disk.raw"])
-        tx = ns.tx_bytes()
-        time.sleep(0.3)  # the daemon reaps its per-connection child
-        d = w.delta()
-        res["rows"].append(_row("rsync -z" if z else "rsync", r["wall_s"], tx["src"] - tx0["src"],
-                                r["cpu_s"], rss.stop(), changed,
-                                {"receiver_cpu_s": d["cpu_s"]}))
+    tools += [(f"Ferry zstd {lv}", lambda lv=lv: _ferry(bins, ns, qsd, rcv, state_dir, change, lv))
+              for lv in levels]
+    tools += [(n, lambda z=z: _rsync(ns, rsyncd, old_raw, new_raw, change, z))
+              for n, z in (("rsync", False), ("rsync -z", True))]
+    for name, measure in tools:
+        log(f"link {link}: {name}")
+        res["rows"].append(_median_row([measure() for _ in range(repeats)]))
     bare = res["rows"][0]["wall_s"]
     for row in res["rows"]:
         row["x_vs_bare"] = bare / row["wall_s"]
     return res
 
 
-def links_run(bins, top, base_img, change, links, levels, tcp_seconds=3):
+def links_run(bins, top, base_img, change, links, levels, tcp_seconds=3, repeats=1):
     """Every link in `links` (names of LINKS) with the change set `change` (name, path, bytes)."""
     wd = os.path.join(top, "links")
     os.makedirs(wd)
@@ -331,11 +349,12 @@ def links_run(bins, top, base_img, change, links, levels, tcp_seconds=3):
         apply_change(bins, qsd, change[1])
         sh("nbdcopy", qsd.uri("img"), new_raw)
         qsd.unexport("img")
+        sh("sync")
         replica = NbdReplica(ns, replica_path, wd)
         rsyncd = NsRsyncd(ns, wd)
         for link in links:
             out["links"].append(run_link(bins, ns, link, qsd, rcv, state, replica, rsyncd, old_raw,
-                                         new_raw, change, levels, tcp_seconds))
+                                         new_raw, change, levels, tcp_seconds, repeats))
     finally:
         for p in (rsyncd, replica, rcv, qsd):
             if p:
