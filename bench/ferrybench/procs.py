@@ -1,6 +1,6 @@
 """Processes and their accounting: building the tools, running a child with its own CPU, RSS and
 I/O, watching a long-running process across one step, the load average during a run."""
-import os, socket, statistics, subprocess, sys, tempfile, threading, time
+import os, signal, socket, statistics, subprocess, sys, tempfile, threading, time
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -77,6 +77,7 @@ def run_child(cmd, env=None, stdin_path=None):
     pid = os.fork()
     if pid == 0:
         try:
+            os.setpgid(0, 0)  # its own group: killed as a whole if the harness is interrupted
             if stdin_path:
                 fd = os.open(stdin_path, os.O_RDONLY)
                 os.dup2(fd, 0)
@@ -96,15 +97,23 @@ def run_child(cmd, env=None, stdin_path=None):
     sel.register(r, selectors.EVENT_READ)
     sel.register(re_, selectors.EVENT_READ)
     open_fds = 2
-    while open_fds:
-        for key, _ in sel.select():
-            data = os.read(key.fd, 65536)
-            if not data:
-                sel.unregister(key.fd)
-                os.close(key.fd)
-                open_fds -= 1
-            else:
-                bufs[key.fd] += data
+    try:
+        while open_fds:
+            for key, _ in sel.select():
+                data = os.read(key.fd, 65536)
+                if not data:
+                    sel.unregister(key.fd)
+                    os.close(key.fd)
+                    open_fds -= 1
+                else:
+                    bufs[key.fd] += data
+    except BaseException:  # Ctrl-C, SIGTERM (bench/run --links): the tool goes too
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        os.waitpid(pid, 0)
+        raise
     _, status, ru = os.wait4(pid, 0)
     wall = time.monotonic() - t0
     io1 = proc_io()
