@@ -1,0 +1,1 @@
+"""ferrybench: the modules of bench/run (docs/benchmarks.md)."""
