@@ -16,6 +16,9 @@
 //      the old journal dropped; the number is chosen once and kept in the record;
 //   7. the domain undefined, the failover directory removed, the marker removed (the group
 //      accepts RPs again), the record removed.
+// A protection group failed over as a whole goes the same way with every VM of the failover
+// record: down in reverse boot order, one final RP of all of them (`--vm-name` keeps the
+// group's disk names whatever the failed-over domains are called), every domain undefined.
 #include "failback.h"
 
 #include <fcntl.h>

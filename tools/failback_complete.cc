@@ -17,6 +17,8 @@
 //      ferry.<group>.*: the disks changed behind them, so the next RP in the original
 //      direction is a resync - *failback.complete_after_invalidate*;
 //   5. the domain started - *failback.complete_after_start*; the record says done.
+// A protection group: every --domain (default: the VMs of the group document at the RP), the
+// seed's disk <domain>.<target> on that domain's <target>; started in the RP's boot order.
 #include <libnbd.h>
 #include <libvirt/libvirt.h>
 #include <libvirt/virterror.h>
@@ -417,13 +419,14 @@ int cmd_failback_complete(const FailbackArgs& a) try {
   rec["done_unix_ns"] = now_unix_ns();
   if (Status s = save("done"); !s.is_ok()) return fail(s.to_string());
   const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
-  std::printf("failback of group %s completed in %.2f s%s: the disks of domain %s hold RP %llu "
-              "(%s written of %s compared), its Ferry change tracking for the group dropped, "
-              "domain started\n",
-              a.group.c_str(), secs, resuming ? " (a run cut short, finished)" : "",
+  const char* s_ = group ? "s" : "";
+  std::printf("failback of group %s completed in %.2f s%s: the disks of domain%s %s hold RP %llu "
+              "(%s written of %s compared), %s Ferry change tracking for the group dropped, "
+              "domain%s started\n",
+              a.group.c_str(), secs, resuming ? " (a run cut short, finished)" : "", s_,
               join(domains).c_str(), (unsigned long long)rp,
               gib(rec.value("written_bytes", 0ull)).c_str(),
-              gib(rec.value("compared_bytes", 0ull)).c_str());
+              gib(rec.value("compared_bytes", 0ull)).c_str(), group ? "their" : "its", s_);
   std::string dargs;
   for (const auto& dn : domains) dargs += " --domain " + dn;
   std::printf("resume protection in the original direction (a resync that sends only what "
