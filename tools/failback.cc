@@ -254,7 +254,11 @@ int cmd_failback(const FailbackArgs& a) try {
                            : bring_down(v.dom.get(), v.name, a);
       if (!h.is_ok()) {
         if (!resuming) fs::remove_all(fb_dir);
-        return fail(h.status().message());
+        std::string down;  // a group's VMs later in boot order, stopped before this one
+        for (std::size_t j = k + 1; j < vms.size(); ++j) down += (down.empty() ? "" : ",") + vms[j].name;
+        return fail(h.status().message() +
+                    (down.empty() ? "" : " (but " + down + " shut down already; the same "
+                                         "command again goes on with them as they are)"));
       }
       how[k] = *h;
     }

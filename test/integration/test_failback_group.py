@@ -212,6 +212,11 @@ def main():
                             "--point", str(final_rp), "--state-dir", orig_state,
                             "--boot-delay", "1"], timeout=600,
                            extra_env={"FERRY_KILL_AT": kill} if kill else None)
+        r = env.run(["failback", "--complete", "--store", main_store, "--group", GROUP,
+                     "--domain", A, "--state-dir", orig_state])
+        ft.check(r.rc == 1 and "holds the VMs" in r.err and "nothing was changed" in r.err,
+                 f"(f) --complete naming one VM of two was not refused:\n{r}")
+        ft.log(f"(f) one --domain of two: {r.err.strip()}")
         t_c = time.monotonic()
         r = complete(kill="failback.complete_after_write")
         ft.check(r.rc == -9, f"(f) kill point did not fire:\n{r}")
