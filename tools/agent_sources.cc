@@ -17,6 +17,7 @@ Result<std::unique_ptr<cbt::ChangeSource>> open_target_source(const TargetConfig
     lo.uri = t.uri;
     lo.domains = t.domains.empty() ? std::vector<std::string>{t.domain} : t.domains;
     lo.boot_order = t.boot_order;
+    lo.vm_names = t.vm_names;
     lo.group = t.group;
     lo.work_dir = work_dir;
     lo.quiesce = t.quiesce;

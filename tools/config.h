@@ -53,6 +53,7 @@ struct TargetConfig {
   std::string domain;                    // the name, or the names joined with ','
   std::vector<std::string> domains;      // every domain, in disk order (empty: {domain})
   std::vector<std::string> boot_order;   // empty: the order of domains
+  std::vector<std::string> vm_names;     // the group's name of each domain (empty: theirs)
   std::int64_t max_pause_ms = kDefaultMaxPauseMs;  // the group's longest pause
   std::string uri;  // default qemu:///system
   bool quiesce = false;

@@ -16,6 +16,9 @@
 //      the old journal dropped; the number is chosen once and kept in the record;
 //   7. the domain undefined, the failover directory removed, the marker removed (the group
 //      accepts RPs again), the record removed.
+// A protection group failed over as a whole goes the same way with every VM of the failover
+// record: down in reverse boot order, one final RP of all of them (`--vm-name` keeps the
+// group's disk names whatever the failed-over domains are called), every domain undefined.
 #include "failback.h"
 
 #include <fcntl.h>
@@ -30,8 +33,10 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <sstream>
 #include <thread>
 
+#include "failover.h"
 #include "failover_util.h"
 #include "ferry/base/kill_point.h"
 #include "ferry/site/failover_state.h"
@@ -93,6 +98,13 @@ std::string tail_of(const std::string& path, std::size_t n) {
   return t->size() > n ? t->substr(t->size() - n) : *t;
 }
 
+// The <name> of a domain XML ("" when it has none).
+std::string xml_name(const std::string& xml) {
+  const auto b = xml.find("<name>"), e = xml.find("</name>");
+  return b != std::string::npos && e != std::string::npos && e > b ? xml.substr(b + 6, e - b - 6)
+                                                                   : "";
+}
+
 int domain_state(virDomainPtr d) {
   int state = 0, reason = 0;
   if (virDomainGetState(d, &state, &reason, 0) != 0) return -1;
@@ -152,10 +164,6 @@ int cmd_failback(const FailbackArgs& a) try {
       return fail("the failover of group '" + a.group + "' was cut short (phase " +
                   fo->value("phase", "?") + "): finish it first with ferry failover --store " +
                   a.store + " --group " + a.group + "; nothing was changed");
-    if (fo->contains("vms") && (*fo)["vms"].is_array() && (*fo)["vms"].size() > 1)
-      return fail("group '" + a.group + "' is a protection group of " +
-                  std::to_string((*fo)["vms"].size()) + " VMs: failback of several VMs is not "
-                  "built yet (one VM per group); nothing was changed");
     rec = {{"group", a.group}, {"to", a.to}, {"uri", a.uri},
            {"domain", fo->value("domain", "")}, {"uuid", fo->value("uuid", "")},
            {"failover_rp", fo->value("rp_id", 0)}, {"overlays", (*fo)["overlays"]},
@@ -164,14 +172,44 @@ int cmd_failback(const FailbackArgs& a) try {
     // The original VM's name: what --complete needs at the main site.
     {
       std::string xml = fo->value("source_xml", "");
-      const auto b = xml.find("<name>"), e = xml.find("</name>");
-      rec["source_domain"] = b != std::string::npos && e > b ? xml.substr(b + 6, e - b - 6) : "";
+      rec["source_domain"] = xml_name(xml);
+    }
+    // A protection group: every VM in the failover's boot order, with its original name (the
+    // group's name of it: the prefix of its disks, which the final RP must keep).
+    if (fo->contains("vms") && (*fo)["vms"].is_array() && (*fo)["vms"].size() > 1) {
+      auto plans = plan_vms(fo->value("source_xml", ""), {}, fo->value("boot_order", ""));
+      if (!plans.is_ok() || plans->size() != (*fo)["vms"].size())
+        return fail("the failover record of group '" + a.group + "' does not match its VM "
+                    "definition; nothing was changed");
+      json vms = json::array();
+      std::string originals;
+      for (std::size_t i = 0; i < plans->size(); ++i) {
+        const json& v = (*fo)["vms"][i];
+        vms.push_back({{"domain", v.value("domain", "")}, {"uuid", v.value("uuid", "")},
+                       {"vm", xml_name((*plans)[i].xml)}});
+        originals += (i ? "," : "") + vms.back()["vm"].get<std::string>();
+      }
+      rec["vms"] = vms;
+      rec["source_domain"] = originals;
     }
   }
   if (!resuming && a.to.empty()) return fail("--to MAIN:PORT is required");
   const std::string to = a.to.empty() ? rec.value("to", "") : a.to;
-  const std::string uuid = rec.value("uuid", "");
-  const std::string name = rec.value("domain", "");
+  // The VMs in boot order (one for a single VM).
+  struct Vm {
+    std::string name, uuid, vm;
+    Domain dom;
+  };
+  std::vector<Vm> vms;
+  if (rec.contains("vms")) {
+    for (const auto& v : rec["vms"])
+      vms.push_back({v.value("domain", ""), v.value("uuid", ""), v.value("vm", ""), Domain(nullptr)});
+  } else {
+    vms.push_back({rec.value("domain", ""), rec.value("uuid", ""), "", Domain(nullptr)});
+  }
+  const bool group = vms.size() > 1;
+  std::string names;  // for messages
+  for (const auto& v : vms) names += (names.empty() ? "" : ",") + v.name;
   std::string phase = rec.value("phase", "started");
 
   auto conn = connect_libvirt(a.uri);
@@ -179,11 +217,13 @@ int cmd_failback(const FailbackArgs& a) try {
     return fail(conn.status().message() + (resuming ? "; the failback stays where it was: run "
                                                       "the same command again once libvirtd is up"
                                                     : "; nothing was changed"));
-  Domain dom(virDomainLookupByUUIDString(conn->get(), uuid.c_str()));
-  if (!dom) virResetLastError();
-  if (!dom && phase == "started")
-    return fail("the failed-over domain " + name + " (uuid " + uuid + ") is not defined at " +
-                a.uri + "; nothing was changed");
+  for (auto& v : vms) {
+    v.dom.reset(virDomainLookupByUUIDString(conn->get(), v.uuid.c_str()));
+    if (!v.dom) virResetLastError();
+    if (!v.dom && phase == "started")
+      return fail("the failed-over domain " + v.name + " (uuid " + v.uuid + ") is not defined at " +
+                  a.uri + "; nothing was changed");
+  }
   if (!resuming) {
     std::error_code ec;
     fs::create_directories(fb_dir, ec);
@@ -199,25 +239,46 @@ int cmd_failback(const FailbackArgs& a) try {
 
   // Steps 3 and 4: down, final RP, destroyed.
   if (phase == "started") {
-    // A run cut short after it started the domain paused for the final RP: it never ran.
-    const bool ours_paused = rec.value("paused_for_final_rp", false) &&
-                             domain_state(dom.get()) == VIR_DOMAIN_PAUSED;
-    auto how = ours_paused ? Result<std::string>(std::string("paused"))
-                           : bring_down(dom.get(), name, a);
-    if (!how.is_ok()) {
-      if (!resuming) fs::remove_all(fb_dir);
-      return fail(how.status().message());
+    // Every VM down, in reverse boot order; then each shut-off one started paused (the pull
+    // backup needs a running QEMU; the guests never run), so the final RP is one instant of
+    // the VMs as they stopped.
+    if (!rec.contains("paused_for_final_rp") || !rec["paused_for_final_rp"].is_object())
+      rec["paused_for_final_rp"] = json::object();
+    std::vector<std::string> how(vms.size());
+    for (std::size_t k = vms.size(); k-- > 0;) {
+      Vm& v = vms[k];
+      // A run cut short after it started the domain paused for the final RP: it never ran.
+      const bool ours_paused = rec["paused_for_final_rp"].value(v.name, false) &&
+                               domain_state(v.dom.get()) == VIR_DOMAIN_PAUSED;
+      auto h = ours_paused ? Result<std::string>(std::string("paused"))
+                           : bring_down(v.dom.get(), v.name, a);
+      if (!h.is_ok()) {
+        if (!resuming) fs::remove_all(fb_dir);
+        std::string down;  // a group's VMs later in boot order, stopped before this one
+        for (std::size_t j = k + 1; j < vms.size(); ++j) down += (down.empty() ? "" : ",") + vms[j].name;
+        return fail(h.status().message() +
+                    (down.empty() ? "" : " (but " + down + " shut down already; the same "
+                                         "command again goes on with them as they are)"));
+      }
+      how[k] = *h;
     }
     FERRY_KILL_POINT("failback.after_shutdown");
-    if (*how == "shutoff") {
-      rec["paused_for_final_rp"] = true;
+    for (std::size_t k = 0; k < vms.size(); ++k) {
+      if (how[k] != "shutoff") continue;
+      rec["paused_for_final_rp"][vms[k].name] = true;
       if (Status s = save("started"); !s.is_ok()) return fail(s.to_string());
+      if (virDomainCreateWithFlags(vms[k].dom.get(), VIR_DOMAIN_START_PAUSED) != 0)
+        return fail(libvirt_error("starting domain " + vms[k].name + " paused for its final RP")
+                        .message() + " (run the same command again)");
     }
-    if (*how == "shutoff" && virDomainCreateWithFlags(dom.get(), VIR_DOMAIN_START_PAUSED) != 0)
-      return fail(libvirt_error("starting domain " + name + " paused for its final RP").message() +
-                  " (run the same command again)");
-    std::vector<std::string> argv = {self_exe(), "protect", "--domain", name, "--to", to,
-                                     "--group", a.group, "--once", "--uri", a.uri};
+    // The group's RP under the group's own VM names: disks <vm>.<target> as seeded, whatever
+    // the failed-over domains are called (--vm-name DOMAIN=VM).
+    std::vector<std::string> argv = {self_exe(), "protect", "--to", to, "--group", a.group,
+                                     "--once", "--uri", a.uri};
+    for (const auto& v : vms) argv.insert(argv.end(), {"--domain", v.name});
+    if (group)
+      for (const auto& v : vms)
+        if (!v.vm.empty() && v.vm != v.name) argv.insert(argv.end(), {"--vm-name", v.name + "=" + v.vm});
     if (!a.state_dir.empty()) argv.insert(argv.end(), {"--state-dir", a.state_dir});
     if (!a.tls.cert.empty()) argv.insert(argv.end(), {"--tls-cert", a.tls.cert});
     if (!a.tls.key.empty()) argv.insert(argv.end(), {"--tls-key", a.tls.key});
@@ -227,9 +288,9 @@ int cmd_failback(const FailbackArgs& a) try {
     const std::string out = fb_dir + "/final-rp.out", err = fb_dir + "/final-rp.log";
     auto rc = run_logged(argv, out, err);
     if (!rc.is_ok() || *rc != 0)
-      return fail("the final RP of " + name + " to " + to + " failed (" +
+      return fail("the final RP of " + names + " to " + to + " failed (" +
                   (rc.is_ok() ? "exit " + std::to_string(*rc) : rc.status().message()) + "): " +
-                  tail_of(err, 1500) + "\nthe domain is left paused; run the same command again "
+                  tail_of(err, 1500) + "\nthe domains are left paused; run the same command again "
                   "(log: " + err + ")");
     std::string printed = tail_of(out, 200);
     while (!printed.empty() && (printed.back() == '\n' || printed.back() == ' ')) printed.pop_back();
@@ -245,17 +306,19 @@ int cmd_failback(const FailbackArgs& a) try {
                    "group seeded from the original disks (ferry seed) before the VM replicates "
                    "home; without it, write the disks with ferry restore\n",
                    a.group.c_str(), (unsigned long long)rec["final_rp"].get<std::uint64_t>());
-    if (virDomainIsActive(dom.get()) == 1 && virDomainDestroy(dom.get()) != 0)
-      return fail(libvirt_error("destroying domain " + name).message() +
-                  " (its final RP was sent; run the same command again)");
+    for (auto& v : vms)
+      if (virDomainIsActive(v.dom.get()) == 1 && virDomainDestroy(v.dom.get()) != 0)
+        return fail(libvirt_error("destroying domain " + v.name).message() +
+                    " (its final RP was sent; run the same command again)");
     if (Status s = save("final_rp"); !s.is_ok()) return fail(s.to_string());
     FERRY_KILL_POINT("failback.after_final_rp");
   }
-  if (dom && virDomainIsActive(dom.get()) == 1 && phase != "started") {
-    // A run cut short between the final RP and the destroy: the VM never ran on from there.
-    if (virDomainDestroy(dom.get()) != 0)
-      return fail(libvirt_error("destroying domain " + name).message());
-  }
+  for (auto& v : vms)
+    if (v.dom && virDomainIsActive(v.dom.get()) == 1 && phase != "started") {
+      // A run cut short between the final RP and the destroy: the VM never ran on from there.
+      if (virDomainDestroy(v.dom.get()) != 0)
+        return fail(libvirt_error("destroying domain " + v.name).message());
+    }
 
   // Step 5: the overlays into the images.
   std::vector<site::BaseImage> disks;
@@ -303,12 +366,13 @@ int cmd_failback(const FailbackArgs& a) try {
 
   // Step 7: the domain, the failover's files, the marker.
   if (phase == "reset") {
-    if (dom && virDomainUndefineFlags(dom.get(), VIR_DOMAIN_UNDEFINE_NVRAM |
-                                                     VIR_DOMAIN_UNDEFINE_MANAGED_SAVE |
-                                                     VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA |
-                                                     VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA) != 0)
-      return fail(libvirt_error("undefining domain " + name).message() +
-                  " (run the same command again)");
+    for (auto& v : vms)
+      if (v.dom && virDomainUndefineFlags(v.dom.get(), VIR_DOMAIN_UNDEFINE_NVRAM |
+                                                          VIR_DOMAIN_UNDEFINE_MANAGED_SAVE |
+                                                          VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA |
+                                                          VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA) != 0)
+        return fail(libvirt_error("undefining domain " + v.name).message() +
+                    " (run the same command again)");
     FERRY_KILL_POINT("failback.after_undefine");
     std::error_code ec;
     const std::string chr = rec.value("chardev_dir", "");
@@ -329,7 +393,8 @@ int cmd_failback(const FailbackArgs& a) try {
   const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
   std::printf("failback of group %s at the recovery site done in %.2f s%s\n", a.group.c_str(),
               secs, resuming ? " (a run cut short, finished)" : "");
-  std::printf("  domain %s: shut down, final RP %llu sent to %s, undefined\n", name.c_str(),
+  std::printf("  domain%s %s: shut down, final RP %llu sent to %s, undefined\n",
+              group ? "s" : "", names.c_str(),
               (unsigned long long)final_rp, to.c_str());
   for (const auto& d : disks)
     std::printf("  disk %s: the VM's writes committed into %s/replica/%s.img (%llu bytes)\n",
@@ -337,10 +402,15 @@ int cmd_failback(const FailbackArgs& a) try {
   std::printf("  store: RPs up to RP %llu replaced by base RP %llu (the final state); group %s "
               "accepts RPs again\n",
               (unsigned long long)(base - 1), (unsigned long long)base, a.group.c_str());
-  std::printf("now at the main site: ferry failback --complete --store <main store> --group %s "
-              "--domain %s --point %llu\n",
-              a.group.c_str(), rec.value("source_domain", std::string("<original domain>")).c_str(),
-              (unsigned long long)final_rp);
+  std::string domains_arg;
+  {
+    std::string orig = rec.value("source_domain", std::string("<original domain>"));
+    std::stringstream in(orig);
+    for (std::string n; std::getline(in, n, ',');) domains_arg += " --domain " + n;
+  }
+  std::printf("now at the main site: ferry failback --complete --store <main store> --group %s"
+              "%s --point %llu\n",
+              a.group.c_str(), domains_arg.c_str(), (unsigned long long)final_rp);
   return 0;
 } catch (const std::exception& e) {
   return fail(std::string("unexpected: ") + e.what());
@@ -418,7 +488,10 @@ std::function<bool(int& rc)> add_failback_commands(CLI::App& app) {
   f->add_flag("--force", fb->force, "Pause the VM when it does not shut down in time");
   f->add_flag("--complete", fb->complete, "At the main site: bring the original disks to the "
               "final RP and start the original domain");
-  f->add_option("--domain", fb->domain, "The original domain (--complete)");
+  f->add_option("--domain", fb->domains, "The original domain (--complete); repeat for each VM "
+                "of a protection group (default: the group's VMs at the RP)");
+  f->add_option("--boot-delay", fb->boot_delay_s, "Seconds between starting one VM of a group "
+                "and the next (--complete)")->capture_default_str();
   f->add_option("--point", fb->point, "RP to bring the original disks to (--complete): N or "
                 "latest")->capture_default_str();
   return [seed, seed_args, f, fb](int& rc) {

@@ -2,8 +2,8 @@
 //   ferry seed --store DIR --group G --disk NAME=FILE ...                      (main site)
 //   ferry failback --store DR --group G --to MAIN:PORT [--tls-* ...] [--uri URI]
 //                  [--state-dir DIR] [--shutdown-timeout S] [--force]          (recovery site)
-//   ferry failback --complete --store MAIN --group G --domain ORIG [--point N|latest]
-//                  [--uri URI] [--state-dir DIR]                               (main site)
+//   ferry failback --complete --store MAIN --group G [--domain ORIG ...] [--point N|latest]
+//                  [--uri URI] [--state-dir DIR] [--boot-delay S]              (main site)
 // Tools-private.
 #pragma once
 
@@ -44,8 +44,9 @@ struct FailbackArgs {
   bool force = false;
   // --complete (main site)
   bool complete = false;
-  std::string domain;
+  std::vector<std::string> domains;  // the original domains (a group: default its VMs' names)
   std::string point = "latest";
+  unsigned boot_delay_s = 0;  // seconds between starting one VM of a group and the next
 };
 int cmd_failback(const FailbackArgs& a);           // failback.cc
 int cmd_failback_complete(const FailbackArgs& a);  // failback_complete.cc

@@ -17,6 +17,8 @@
 //      ferry.<group>.*: the disks changed behind them, so the next RP in the original
 //      direction is a resync - *failback.complete_after_invalidate*;
 //   5. the domain started - *failback.complete_after_start*; the record says done.
+// A protection group: every --domain (default: the VMs of the group document at the RP), the
+// seed's disk <domain>.<target> on that domain's <target>; started in the RP's boot order.
 #include <libnbd.h>
 #include <libvirt/libvirt.h>
 #include <libvirt/virterror.h>
@@ -27,7 +29,9 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <chrono>
+#include <thread>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -35,9 +39,11 @@
 #include <memory>
 
 #include "failback.h"
+#include "failover.h"
 #include "failover_util.h"
 #include "ferry/base/kill_point.h"
 #include "ferry/site/read_view.h"
+#include "ferry/site/vm_config.h"
 #include "ferry/site/store.h"
 
 namespace ferry::tools {
@@ -88,6 +94,12 @@ std::map<std::string, DomDisk> domain_disks(const std::string& xml) {
     const std::string dev = attr(n, "target", "dev"), file = attr(n, "source", "file");
     if (!dev.empty() && !file.empty()) out[dev] = {file, attr(n, "driver", "type")};
   }
+  return out;
+}
+
+std::string join(const std::vector<std::string>& v) {
+  std::string out;
+  for (const auto& x : v) out += (out.empty() ? "" : ",") + x;
   return out;
 }
 
@@ -145,7 +157,6 @@ std::string gib(std::uint64_t b) {
 
 int cmd_failback_complete(const FailbackArgs& a) try {
   const auto t0 = Clock::now();
-  if (a.domain.empty()) return fail("--domain ORIG is required with --complete");
   if (a.point != "latest" &&
       (a.point.empty() || a.point.find_first_not_of("0123456789") != std::string::npos))
     return fail("--point '" + a.point + "': give an RP number or latest");
@@ -187,25 +198,57 @@ int cmd_failback_complete(const FailbackArgs& a) try {
                 "' is not committed or was pruned (newest: RP " +
                 std::to_string(pts->back().rp_id) + "; see ferry points)");
   const std::uint64_t seed_rp = seed.value("rp_id", kSeedRp);
+  // The domains, in boot order: a group document's VMs (their names by default), else the
+  // one --domain.
+  std::vector<std::string> domains = a.domains;
+  {
+    auto cfg = site::vm_config_at(store, a.group, rp);
+    const json vms = cfg.is_ok() ? vms_json(cfg->xml) : json::array();
+    if (vms.size() > 1) {
+      std::vector<std::pair<std::uint64_t, std::string>> order;
+      for (const auto& v : vms) order.emplace_back(v.value("boot", 0ull), v.value("name", ""));
+      std::sort(order.begin(), order.end());
+      std::vector<std::string> in_order;
+      for (const auto& [b, n] : order) in_order.push_back(n);
+      if (domains.empty()) domains = in_order;
+      std::vector<std::string> given = domains, want = in_order;
+      std::sort(given.begin(), given.end());
+      std::sort(want.begin(), want.end());
+      if (given != want)
+        return fail("RP " + std::to_string(rp) + " of group '" + a.group + "' holds the VMs " +
+                    join(in_order) + ": give each once with --domain (or none); nothing was "
+                    "changed");
+      domains = in_order;
+    }
+  }
+  if (domains.empty()) return fail("--domain ORIG is required with --complete");
+  if (domains.size() > 1 && resuming && rec.contains("domains"))
+    domains = rec["domains"].get<std::vector<std::string>>();
+  const bool group = domains.size() > 1;
   auto conn = connect_libvirt(a.uri);
   if (!conn.is_ok())
     return fail(conn.status().message() + (resuming ? "; run the same command again once "
                                                       "libvirtd is up"
                                                     : "; nothing was changed"));
-  Domain dom(virDomainLookupByName(conn->get(), a.domain.c_str()));
-  if (!dom) {
-    virResetLastError();
-    return fail("no domain '" + a.domain + "' at " + a.uri + "; nothing was changed");
+  std::vector<Domain> doms;
+  std::vector<std::map<std::string, DomDisk>> ddisks;
+  for (const std::string& dn : domains) {
+    Domain dom(virDomainLookupByName(conn->get(), dn.c_str()));
+    if (!dom) {
+      virResetLastError();
+      return fail("no domain '" + dn + "' at " + a.uri + "; nothing was changed");
+    }
+    const bool active = virDomainIsActive(dom.get()) == 1;
+    if (active && phase0 != "invalidated")
+      return fail("domain '" + dn + "' is running: shut it off first (its disks are "
+                  "overwritten with the final RP); nothing was changed");
+    char* xml_c = virDomainGetXMLDesc(dom.get(), VIR_DOMAIN_XML_INACTIVE);
+    if (!xml_c) return fail(libvirt_error("reading the definition of " + dn).message());
+    const std::string xml(xml_c);
+    std::free(xml_c);
+    ddisks.push_back(domain_disks(xml));
+    doms.push_back(std::move(dom));
   }
-  const bool active = virDomainIsActive(dom.get()) == 1;
-  if (active && phase0 != "invalidated")
-    return fail("domain '" + a.domain + "' is running: shut it off first (its disks are "
-                "overwritten with the final RP); nothing was changed");
-  char* xml_c = virDomainGetXMLDesc(dom.get(), VIR_DOMAIN_XML_INACTIVE);
-  if (!xml_c) return fail(libvirt_error("reading the definition of " + a.domain).message());
-  const std::string xml(xml_c);
-  std::free(xml_c);
-  const auto ddisks = domain_disks(xml);
   struct Work {
     std::string name, file, format;
     std::uint64_t size = 0;
@@ -213,11 +256,22 @@ int cmd_failback_complete(const FailbackArgs& a) try {
   std::vector<Work> work;
   for (const auto& [name, d] : seed["disks"].items()) {
     const std::string file = d.value("file", "");
-    auto it = ddisks.find(name);
-    if (it == ddisks.end() || fs::path(it->second.file).lexically_normal() != fs::path(file))
-      return fail("disk '" + name + "' of the seed is " + file + ", which is not disk " + name +
-                  " of domain '" + a.domain + "'" +
-                  (it == ddisks.end() ? "" : " (it uses " + it->second.file + ")") +
+    // A group's disk <domain>.<target>; a single VM's disk is named by its target.
+    std::size_t di = 0;
+    std::string target = name;
+    if (group) {
+      while (di < domains.size() && name.rfind(domains[di] + ".", 0) != 0) ++di;
+      if (di == domains.size())
+        return fail("disk '" + name + "' of the seed belongs to none of the domains " +
+                    join(domains) + " (a group's disks are named <domain>.<target>); nothing "
+                    "was changed");
+      target = name.substr(domains[di].size() + 1);
+    }
+    auto it = ddisks[di].find(target);
+    if (it == ddisks[di].end() || fs::path(it->second.file).lexically_normal() != fs::path(file))
+      return fail("disk '" + name + "' of the seed is " + file + ", which is not disk " + target +
+                  " of domain '" + domains[di] + "'" +
+                  (it == ddisks[di].end() ? "" : " (it uses " + it->second.file + ")") +
                   "; nothing was changed");
     const site::RpDiskInfo* rd = nullptr;
     for (const auto& x : at->disks)
@@ -245,8 +299,8 @@ int cmd_failback_complete(const FailbackArgs& a) try {
 
   // Step 2.
   if (!resuming) {
-    rec = {{"group", a.group}, {"rp_id", rp}, {"domain", a.domain}, {"phase", "writing"},
-           {"started_unix_ns", now_unix_ns()}};
+    rec = {{"group", a.group}, {"rp_id", rp}, {"domain", join(domains)},
+           {"domains", domains}, {"phase", "writing"}, {"started_unix_ns", now_unix_ns()}};
     if (Status s = write_atomic(record, rec.dump(2)); !s.is_ok()) return fail(s.to_string());
   }
   auto save = [&](const std::string& ph) -> Status {
@@ -309,21 +363,30 @@ int cmd_failback_complete(const FailbackArgs& a) try {
                                          ? std::string(std::getenv("FERRY_STATE_DIR"))
                                          : std::string("/var/lib/ferry"))
                                   : a.state_dir) + "/" + a.group;
-    if (::unlink((sdir + "/ledger.json").c_str()) != 0 && errno != ENOENT)
-      return fail("remove " + sdir + "/ledger.json: " + std::strerror(errno));
-    (void)fsync_dir(sdir);
-    virDomainCheckpointPtr* cps = nullptr;
-    const int n = virDomainListAllCheckpoints(dom.get(), &cps, 0);
-    for (int i = 0; i < n; ++i) {
-      const char* nm = virDomainCheckpointGetName(cps[i]);
-      if (nm && std::string(nm).rfind(prefix, 0) == 0 &&
-          virDomainCheckpointDelete(cps[i], VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY) != 0)
-        std::fprintf(stderr, "ferry failback --complete: warning: %s\n",
-                     libvirt_error(std::string("deleting checkpoint ") + nm).message().c_str());
-      virDomainCheckpointFree(cps[i]);
+    // A single VM's ledger is <state-dir>/<group>/ledger.json; a group member's
+    // <state-dir>/<group>/<domain>/ledger.json.
+    std::vector<std::string> ledger_dirs = {sdir};
+    if (group)
+      for (const auto& dn : domains) ledger_dirs.push_back(sdir + "/" + dn);
+    for (const auto& ld : ledger_dirs) {
+      if (::unlink((ld + "/ledger.json").c_str()) != 0 && errno != ENOENT)
+        return fail("remove " + ld + "/ledger.json: " + std::strerror(errno));
+      (void)fsync_dir(ld);
     }
-    std::free(cps);
-    virResetLastError();
+    for (auto& dom : doms) {
+      virDomainCheckpointPtr* cps = nullptr;
+      const int n = virDomainListAllCheckpoints(dom.get(), &cps, 0);
+      for (int i = 0; i < n; ++i) {
+        const char* nm = virDomainCheckpointGetName(cps[i]);
+        if (nm && std::string(nm).rfind(prefix, 0) == 0 &&
+            virDomainCheckpointDelete(cps[i], VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY) != 0)
+          std::fprintf(stderr, "ferry failback --complete: warning: %s\n",
+                       libvirt_error(std::string("deleting checkpoint ") + nm).message().c_str());
+        virDomainCheckpointFree(cps[i]);
+      }
+      std::free(cps);
+      virResetLastError();
+    }
     for (const auto& w : work) {
       if (w.format != "qcow2") continue;
       auto info = image_info(w.file);
@@ -342,24 +405,33 @@ int cmd_failback_complete(const FailbackArgs& a) try {
     FERRY_KILL_POINT("failback.complete_after_invalidate");
   }
 
-  // Step 5.
-  if (virDomainIsActive(dom.get()) != 1 && virDomainCreate(dom.get()) != 0)
-    return fail(libvirt_error("starting domain " + a.domain).message() +
-                " (its disks hold RP " + std::to_string(rp) + "; run the same command again)");
+  // Step 5: started in boot order (a domain already running, from a run cut short, is left).
+  for (std::size_t i = 0; i < doms.size(); ++i) {
+    if (virDomainIsActive(doms[i].get()) == 1) continue;
+    if (i > 0 && a.boot_delay_s > 0) std::this_thread::sleep_for(std::chrono::seconds(a.boot_delay_s));
+    if (virDomainCreate(doms[i].get()) != 0)
+      return fail(libvirt_error("starting domain " + domains[i]).message() +
+                  " (its disks hold RP " + std::to_string(rp) + "; run the same command again)");
+    if (group)
+      std::printf("  domain %s started (boot %zu of %zu)\n", domains[i].c_str(), i + 1, doms.size());
+  }
   FERRY_KILL_POINT("failback.complete_after_start");
   rec["done_unix_ns"] = now_unix_ns();
   if (Status s = save("done"); !s.is_ok()) return fail(s.to_string());
   const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
-  std::printf("failback of group %s completed in %.2f s%s: the disks of domain %s hold RP %llu "
-              "(%s written of %s compared), its Ferry change tracking for the group dropped, "
-              "domain started\n",
-              a.group.c_str(), secs, resuming ? " (a run cut short, finished)" : "",
-              a.domain.c_str(), (unsigned long long)rp,
+  const char* s_ = group ? "s" : "";
+  std::printf("failback of group %s completed in %.2f s%s: the disks of domain%s %s hold RP %llu "
+              "(%s written of %s compared), %s Ferry change tracking for the group dropped, "
+              "domain%s started\n",
+              a.group.c_str(), secs, resuming ? " (a run cut short, finished)" : "", s_,
+              join(domains).c_str(), (unsigned long long)rp,
               gib(rec.value("written_bytes", 0ull)).c_str(),
-              gib(rec.value("compared_bytes", 0ull)).c_str());
+              gib(rec.value("compared_bytes", 0ull)).c_str(), group ? "their" : "its", s_);
+  std::string dargs;
+  for (const auto& dn : domains) dargs += " --domain " + dn;
   std::printf("resume protection in the original direction (a resync that sends only what "
-              "differs): ferry protect --domain %s --to <recovery site ADDR:PORT> --group %s\n",
-              a.domain.c_str(), a.group.c_str());
+              "differs): ferry protect%s --to <recovery site ADDR:PORT> --group %s\n",
+              dargs.c_str(), a.group.c_str());
   return 0;
 } catch (const std::exception& e) {
   return fail(std::string("unexpected: ") + e.what());

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -508,6 +509,7 @@ struct ProtectArgs {
   std::string to;
   std::string group;  // default: the domain name (required with several domains)
   std::string boot_order;  // "a,b": default the order of --domain
+  std::vector<std::string> vm_names;  // DOMAIN=VM: the group's name of a domain
   std::int64_t max_pause_ms = kDefaultMaxPauseMs;
   bool once = false;
   double interval_seconds = 0;
@@ -540,6 +542,25 @@ int cmd_protect(const ProtectArgs& a) {
   if (!a.boot_order.empty()) {
     std::stringstream in(a.boot_order);
     for (std::string name; std::getline(in, name, ',');) t.boot_order.push_back(name);
+  }
+  for (const std::string& m : a.vm_names) {
+    const auto eq = m.find('=');
+    const std::string dom = m.substr(0, eq);
+    if (eq == std::string::npos || eq == 0 || eq + 1 == m.size() ||
+        std::find(a.domains.begin(), a.domains.end(), dom) == a.domains.end())
+      return fail("--vm-name", Status::error(Errc::invalid_argument,
+                                             "'" + m + "': give DOMAIN=VM for a --domain"));
+  }
+  if (!a.vm_names.empty()) {
+    if (a.domains.size() < 2)
+      return fail("--vm-name", Status::error(Errc::invalid_argument,
+                                             "names the VMs of a group of several domains"));
+    for (const std::string& d : a.domains) {
+      std::string vm = d;
+      for (const std::string& m : a.vm_names)
+        if (m.compare(0, d.size() + 1, d + "=") == 0) vm = m.substr(d.size() + 1);
+      t.vm_names.push_back(vm);
+    }
   }
   SignalWatcher signals;
   auto source = open_target_source(t, a.state_dir.empty() ? default_state_dir() : a.state_dir);
@@ -645,6 +666,9 @@ int main(int argc, char** argv) {
   protect->add_option("--boot-order", pr.boot_order,
                       "A group's VMs in the order failover starts them: NAME,NAME,... "
                       "(default: the order of --domain)");
+  protect->add_option("--vm-name", pr.vm_names,
+                      "DOMAIN=VM: the group's name of a domain (its disks are VM.<target>): a "
+                      "failed-over domain db-dr replicating home as the group's db");
   protect->add_option("--max-pause-ms", pr.max_pause_ms,
                       "A group's longest pause for the cross-VM instant; then the VMs are "
                       "resumed and the RP fails (pause timeout)")

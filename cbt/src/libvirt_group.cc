@@ -42,7 +42,7 @@ class GroupSource final : public ChangeSource {
     std::vector<std::string> out;
     for (std::size_t i = 0; i < members_.size(); ++i)
       for (const std::string& d : members_[i]->disk_names())
-        out.push_back(group_disk_name(opt_.domains[i], d));
+        out.push_back(group_disk_name(opt_.vm_names[i], d));
     return out;
   }
 
@@ -73,7 +73,7 @@ class GroupSource final : public ChangeSource {
  private:
   // The receiver's disks of member i, by the member's own names.
   std::vector<std::string> member_disks(std::size_t i, const std::vector<std::string>& held) const {
-    const std::string prefix = opt_.domains[i] + ".";
+    const std::string prefix = opt_.vm_names[i] + ".";
     std::vector<std::string> out;
     for (const std::string& n : held)
       if (n.size() > prefix.size() && n.compare(0, prefix.size(), prefix) == 0)
@@ -96,10 +96,12 @@ class GroupSource final : public ChangeSource {
 std::string GroupSource::document() const {
   GroupDoc doc;
   doc.group = opt_.group;
-  doc.boot_order = opt_.boot_order;
+  for (const std::string& b : opt_.boot_order)  // by domain name: the group's names
+    for (std::size_t i = 0; i < opt_.domains.size(); ++i)
+      if (opt_.domains[i] == b) doc.boot_order.push_back(opt_.vm_names[i]);
   for (std::size_t i = 0; i < members_.size(); ++i) {
     GroupVm vm;
-    vm.name = opt_.domains[i];
+    vm.name = opt_.vm_names[i];
     vm.domain_xml = members_[i]->prepared_config();
     if (vm.domain_xml.empty()) return "";
     for (const std::string& d : members_[i]->disk_names())
@@ -162,7 +164,7 @@ Result<Capture> GroupSource::capture(std::uint64_t base_rp, std::uint64_t rp_id,
   if (st->doc != acked_doc_) cap.vm_config = st->doc;
   for (std::size_t i = 0; i < members_.size(); ++i)
     for (DiskView v : st->parts[i].disks) {
-      v.name = group_disk_name(opt_.domains[i], v.name);
+      v.name = group_disk_name(opt_.vm_names[i], v.name);
       cap.disks.push_back(std::move(v));
     }
   cap.state = st;
@@ -186,6 +188,19 @@ Status check_options(const LibvirtGroupOptions& o) {
                            "domain name '" + d + "' cannot name disks of a group ('" + d +
                                ".<target>' must be [A-Za-z0-9._-]); use the domain's name, "
                                "not its UUID, or rename it");
+  }
+  if (!o.vm_names.empty()) {
+    if (o.vm_names.size() != o.domains.size())
+      return Status::error(Errc::invalid_argument, "one group name per domain is needed");
+    std::set<std::string> names;
+    for (const std::string& n : o.vm_names) {
+      if (!names.insert(n).second)
+        return Status::error(Errc::invalid_argument, "two domains of the group are named '" + n + "'");
+      if (!store_name_ok(n + ".x"))
+        return Status::error(Errc::invalid_argument,
+                             "VM name '" + n + "' cannot name disks of a group ('" + n +
+                                 ".<target>' must be [A-Za-z0-9._-])");
+    }
   }
   std::set<std::string> boot(o.boot_order.begin(), o.boot_order.end());
   if (!o.boot_order.empty() && (boot != seen || boot.size() != o.boot_order.size()))
@@ -212,9 +227,11 @@ Result<std::unique_ptr<ChangeSource>> open_libvirt_group_source(const LibvirtGro
   FERRY_TRY(check_options(options));
   LibvirtGroupOptions opt = options;
   if (opt.boot_order.empty()) opt.boot_order = opt.domains;
+  if (opt.vm_names.empty()) opt.vm_names = opt.domains;
   std::vector<std::unique_ptr<LibvirtMember>> members;
   std::set<std::string> disks;
-  for (const std::string& d : opt.domains) {
+  for (std::size_t i = 0; i < opt.domains.size(); ++i) {
+    const std::string& d = opt.domains[i];
     lo.domain = d;
     lo.group = opt.group;
     lo.work_dir = opt.work_dir + "/" + d;
@@ -222,7 +239,7 @@ Result<std::unique_ptr<ChangeSource>> open_libvirt_group_source(const LibvirtGro
     auto m = open_libvirt_member(lo);
     if (!m.is_ok()) return m.status();
     for (const std::string& t : (*m)->disk_names()) {
-      const std::string name = group_disk_name(d, t);
+      const std::string name = group_disk_name(opt.vm_names[i], t);
       if (!store_name_ok(name))
         return Status::error(Errc::invalid_argument,
                              "disk '" + name + "' of the group is not a valid store name "

@@ -46,6 +46,10 @@ struct LibvirtGroupOptions {
   std::string uri = "qemu:///system";
   std::vector<std::string> domains;     // names, in disk order
   std::vector<std::string> boot_order;  // empty: the order of `domains`
+  // The group's name of each domain (same order; empty: the domain names): the prefix of its
+  // disk names and its <vm name> in the group document. A failed-over domain `db-dr` sends
+  // home as the group's `db` (docs/failover.md, "Failback of a protection group").
+  std::vector<std::string> vm_names;
   std::string group;                    // required with several domains
   std::string work_dir;
   bool quiesce = false;
