@@ -28,6 +28,7 @@
 #include "ferry/transport/connection.h"
 #include "ferry/transport/rules.h"
 #include "access.h"
+#include "api.h"
 #include "agent.h"
 #include "events_cmd.h"
 #include "failback.h"
@@ -99,6 +100,7 @@ struct ReceiveArgs {
   TlsArgs tls;                // --tls-*: mutual TLS 1.3 and the access map
   bool insecure_plaintext = false;
   std::string metrics;        // --metrics ADDR:PORT (over receive.toml's metrics)
+  std::string api;            // --api ADDR:PORT (over receive.toml's api; tools/api.h)
   std::uint64_t event_log_bytes = events::kDefaultMaxFileBytes;
 };
 
@@ -163,32 +165,11 @@ Result<ReceiveConfig> receive_config(const ReceiveArgs& a) {
 
 Result<std::uint64_t> parse_size(const std::string& text) { return parse_byte_size(text); }
 
-// The receiver's status document (ferry status --socket PATH; docs/operations.md).
+// The receiver's status document (ferry status --socket PATH; docs/operations.md): the same
+// as GET /v1/status of the management API (api_receiver.cc).
 std::string receiver_status_json(const site::Receiver& r, const ReceiveArgs& a,
                                  std::uint64_t max_disk_bytes) {
-  const auto now = std::chrono::system_clock::now().time_since_epoch();
-  const auto now_ns = std::uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(now).count());
-  nlohmann::json groups = nlohmann::json::array();
-  for (const site::GroupStatus& g : r.status()) {
-    nlohmann::json j{{"group", g.group}, {"state", site::group_state_name(g.state)},
-                     {"last_committed_rp", g.last_committed_rp},
-                     {"last_applied_rp", g.last_applied_rp},
-                     {"last_commit_unix_ns", g.last_commit_unix_ns}, {"source", g.source},
-                     {"cause", g.cause}, {"last_error", g.last_error},
-                     {"failing_since_unix_ns", g.failing_since_unix_ns},
-                     {"failed_attempts", g.failed_attempts},
-                     {"next_reopen_seconds", g.next_reopen_in_ms / 1000.0}};
-    j["role"] = group_role(a.store, g.group, nullptr);  // docs/failover.md, "Roles"
-    j["failing_seconds"] = g.failing_since_unix_ns
-                               ? nlohmann::json(double(now_ns - std::min(now_ns, g.failing_since_unix_ns)) / 1e9)
-                               : nlohmann::json(nullptr);
-    groups.push_back(std::move(j));
-  }
-  nlohmann::json doc{{"receiver", {{"listen", a.listen}, {"store", a.store},
-                                   {"max_disk_bytes", max_disk_bytes}, {"pid", ::getpid()},
-                                   {"unix_ns", now_ns}}},
-                     {"groups", std::move(groups)}};
-  return doc.dump();
+  return receiver_status_doc(r, a.listen, a.store, max_disk_bytes).dump();
 }
 
 int cmd_receive(const ReceiveArgs& a, std::uint64_t max_disk_bytes) {
@@ -305,6 +286,33 @@ int cmd_receive(const ReceiveArgs& a, std::uint64_t max_disk_bytes) {
     if (!m.is_ok()) return fail("metrics", m.status());
     metrics_server = std::move(m).value();
     spdlog::info("metrics on http://{}/metrics (port {})", metrics_at, metrics_server->port());
+  }
+  // The management API (api.h): the same TLS material and access map as the wire; plaintext
+  // under the wire's rule (loopback, or --insecure-plaintext).
+  const std::string api_at = a.api.empty() ? config->api : a.api;
+  std::unique_ptr<JobTable> jobs;
+  ReceiverApi api{a.store, a.listen, max_disk_bytes, r,
+                  [holder] { return holder->get()->access; }, nullptr};
+  std::unique_ptr<metrics::HttpServer> api_server;  // stopped before the jobs and the receiver
+  if (!api_at.empty()) {
+    auto aep = transport::parse_endpoint(api_at, /*allow_port_zero=*/true);
+    if (!aep.is_ok()) return fail("--api", aep.status());
+    if (!tls_on && !loopback_host(aep->host) && !a.insecure_plaintext) {
+      std::fprintf(stderr, "ferry receive: --api %s is not a loopback address and no TLS material is "
+                   "given: give --tls-cert, --tls-key and --tls-ca, or --insecure-plaintext\n",
+                   api_at.c_str());
+      return kExitUsage;
+    }
+    char self[4096];
+    const ssize_t n = ::readlink("/proc/self/exe", self, sizeof self - 1);
+    if (n <= 0) return fail("--api", Status::from_errno(errno, "readlink /proc/self/exe"));
+    jobs = std::make_unique<JobTable>(std::string(self, std::size_t(n)));
+    api.jobs = jobs.get();
+    auto s = serve_api(api_at, receiver_api_routes(api), *tls);
+    if (!s.is_ok()) return fail("api", s.status());
+    api_server = std::move(s).value();
+    spdlog::info("management API on {}://{} (port {})", tls_on ? "https" : "http", api_at,
+                 api_server->port());
   }
   std::unique_ptr<StatusSocket> status;
   if (!a.status_socket.empty()) {
@@ -579,6 +587,9 @@ int main(int argc, char** argv) {
                       "default: whatever the store's file system can hold");
   receive->add_option("--status-socket", ra.status_socket,
                       "Serve each group's state on this unix socket (ferry status --socket)");
+  receive->add_option("--api", ra.api,
+                      "Management API (REST/JSON, docs/api.yaml) on ADDR:PORT; mutual TLS with "
+                      "the --tls-* material (over receive.toml's api)");
   receive->add_option("--metrics", ra.metrics,
                       "Serve Prometheus metrics at http://ADDR:PORT/metrics (over receive.toml's metrics)");
   RetentionFlags receive_retention;

@@ -8,6 +8,8 @@
 #include <string>
 #include <thread>
 
+#include <nlohmann/json_fwd.hpp>
+
 #include "ferry/base/fd.h"
 #include "ferry/base/status.h"
 #include "ferry/base/units.h"
@@ -83,6 +85,8 @@ int fail(const std::string& what, const Status& s);
 
 // ferry points / prune / restore (points_cmds.cc).
 int cmd_points(const std::string& store, const std::string& group, bool json);
+// What `ferry points --json` prints (the management API serves the same).
+Result<nlohmann::json> points_json(const std::string& store, const std::string& group);
 int cmd_points_remote(const std::string& to, const std::string& group, const TlsArgs& tls, bool json);
 int cmd_prune(const std::string& store, const std::string& group, const site::RetentionPolicy& policy,
               bool dry_run, bool json);
