@@ -131,6 +131,7 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
     if (ec == http::error::body_limit) return respond(impl_.plain(413, "request body too large"));
     if (ec == http::error::end_of_stream || ec == asio::error::connection_reset) return;
     if (ec) return respond(impl_.plain(400, "bad request: " + ec.message()));
+    request_read_ = true;
     const auto& m = parser_->get();
     HttpRequest req;
     req.method = std::string(m.method_string());
@@ -158,9 +159,12 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
     http::async_write(stream_, *res_, [self = this->shared_from_this()](error_code ec, std::size_t) {
       if (ec) return;
       if constexpr (kTls) {
-        // close_notify, then the socket is closed when the session goes.
         beast::get_lowest_layer(self->stream_).expires_after(kLinger);
-        self->stream_.async_shutdown([self](error_code) {});
+        // A refused request (413, 431, 408) may still be arriving: drop it for a while, as
+        // below, so that the client reads its status before the socket closes. Otherwise
+        // close_notify, then the socket is closed when the session goes.
+        if (self->request_read_) self->stream_.async_shutdown([self](error_code) {});
+        else self->linger();
       } else {
         error_code ignored;
         self->stream_.socket().shutdown(tcp::socket::shutdown_send, ignored);
@@ -181,6 +185,7 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
   Stream stream_;
   asio::steady_timer read_deadline_;
   bool timed_out_ = false;
+  bool request_read_ = false;  // the whole request arrived (nothing left to drain)
   beast::flat_buffer buffer_{8192};
   std::optional<http::request_parser<http::string_body>> parser_;
   std::optional<http::response<http::string_body>> res_;
