@@ -772,6 +772,8 @@ int main(int argc, char** argv) {
 
   auto* debug = app.add_subcommand("debug", "Developer helpers");
   auto* kp = debug->add_subcommand("kill-points", "List the named kill points");
+  auto* api_routes = debug->add_subcommand(
+      "api-routes", "List the management API's routes, METHOD PATH (docs/api.yaml has the same)");
   debug->require_subcommand(1);
 
   auto names_subcommand = [&app](const std::string& word) {
@@ -862,6 +864,11 @@ int main(int argc, char** argv) {
     if (int rc = 0; run_failover(rc)) return rc;
     if (int rc = 0; run_events(rc)) return rc;
     if (int rc = 0; run_failback(rc)) return rc;
+    if (api_routes->parsed()) {
+      const ReceiverApi none{};
+      for (const auto& r : receiver_api_routes(none)) std::printf("%s %s\n", r.method.c_str(), r.path.c_str());
+      return 0;
+    }
     if (kp->parsed()) {
       for (auto k : ferry::kKillPoints) std::printf("%.*s\n", int(k.size()), k.data());
       return 0;
