@@ -29,6 +29,7 @@
 #include "ferry/transport/rules.h"
 #include "access.h"
 #include "api.h"
+#include "api_client.h"
 #include "agent.h"
 #include "events_cmd.h"
 #include "failback.h"
@@ -684,16 +685,30 @@ int main(int argc, char** argv) {
   protect->add_option("--uri", pr.uri, "libvirt connection URI")->capture_default_str();
   protect->add_option("--state-dir", pr.state_dir, "State directory (default /var/lib/ferry)");
 
+  // ferry --site URL: the commands the management API covers, at a remote site (api_client.h).
+  SiteArgs site;
+  app.add_option("--site", site.url, "https://HOST:PORT of a site's management API: run points, "
+                 "status or failover test there (with --tls-cert, --tls-key, --tls-ca)");
+  app.add_option("--tls-cert", site.tls.cert, "With --site: PEM client certificate chain");
+  app.add_option("--tls-key", site.tls.key, "With --site: PEM private key of --tls-cert");
+  app.add_option("--tls-ca", site.tls.ca, "With --site: PEM CA bundle that signs the site's certificate");
+  app.add_option("--tls-server-name", site.tls.server_name,
+                 "With --site: the name the site's certificate must carry (default: the URL's host)");
+
   std::string config_path = kDefaultConfigPath;
   auto* agent = app.add_subcommand("agent", "Run the host service: every target of a config");
   agent->add_option("--config", config_path, "Config file (TOML)")->capture_default_str();
 
   std::string status_socket = kDefaultStatusSocket;
   bool status_json = false;
+  double status_rpo_alert = 0;
   auto* status = app.add_subcommand(
       "status", "Ask the agent how its targets are doing (exit 3: an RPO over its threshold)");
   status->add_option("--socket", status_socket, "The agent's status socket")->capture_default_str();
   status->add_flag("--json", status_json, "JSON output");
+  status->add_option("--rpo-alert", status_rpo_alert,
+                     "SECONDS: judge every target's (and a receiver's group's) RPO against this "
+                     "threshold instead of its own; over it: exit 3")->check(CLI::PositiveNumber);
 
   std::string store, group, disk, out;
   bool json = false;
@@ -760,7 +775,7 @@ int main(int argc, char** argv) {
   exp->add_flag("--overlay", xa.overlay,
                 "Writable: writes go to a throwaway overlay (nbdkit cow filter), never the store");
 
-  auto run_failover = add_failover_commands(app, point_rule);  // vm-config, failover test
+  auto run_failover = add_failover_commands(app, point_rule, &site);  // vm-config, failover test
   auto run_events = add_events_commands(app);  // events, doctor
   auto run_failback = add_failback_commands(app);               // seed, failback
 
@@ -812,6 +827,34 @@ int main(int argc, char** argv) {
       return kExitUsage;
     }
   }
+  if (!site.url.empty()) {
+    if (ferry::Status st = check_tls_args(site.tls); !st.is_ok()) {
+      std::fprintf(stderr, "ferry --site: %s\n", st.message().c_str());
+      return kExitUsage;
+    }
+    if (points->parsed()) {
+      if (points_store->count() > 0 || points_remote->count() > 0) {
+        std::fprintf(stderr, "ferry points: --site goes without --store and --to\n");
+        return kExitUsage;
+      }
+      SiteArgs s2 = site;
+      if (!s2.tls.given() && points_tls.given()) s2.tls = points_tls;  // ferry --site U points --tls-*
+      return site_points(s2, group, json);
+    }
+    if (status->parsed()) return site_status(site, status_json, status_rpo_alert);
+    bool test = false;
+    for (CLI::App* sub : app.get_subcommands())
+      if (sub->get_name() == "failover") test = sub->get_subcommands().size() == 1 &&
+                                                 sub->get_subcommands()[0]->get_name() == "test";
+    if (!test) {
+      const auto subs = app.get_subcommands();
+      std::fprintf(stderr,
+                   "ferry %s: not available with --site (the management API runs points, status "
+                   "and failover test at a site); run it at the site itself\n",
+                   subs.empty() ? "" : subs[0]->get_name().c_str());
+      return kExitUsage;
+    }
+  }
   if (points->parsed() && points_store->count() == 0 && points_remote->count() == 0) {
     std::fprintf(stderr, "ferry points: one of --store DIR or --to ADDR:PORT is required\n");
     return kExitUsage;
@@ -842,7 +885,7 @@ int main(int argc, char** argv) {
     if (receive->parsed()) return cmd_receive(ra, max_disk_bytes);
     if (protect->parsed()) return cmd_protect(pr);
     if (agent->parsed()) return cmd_agent(config_path);
-    if (status->parsed()) return cmd_status(status_socket, status_json);
+    if (status->parsed()) return cmd_status(status_socket, status_json, status_rpo_alert);
     if (rep->parsed()) return cmd_replicate(pa);
     if (points->parsed())
       return points_remote->count() > 0 ? cmd_points_remote(points_to, group, points_tls, json)

@@ -50,7 +50,8 @@ with ft.Env("api", tls=True) as env:
     api_port = ft.free_port()
     rx = env.receiver(args=["--config", cfg, "--tls-cert", env.cert("server.pem"),
                             "--tls-key", env.cert("server.key"), "--tls-ca", env.cert("ca.pem"),
-                            "--api", f"127.0.0.1:{api_port}"])
+                            "--api", f"127.0.0.1:{api_port}",
+                            "--status-socket", env.path("rx.sock")])
     store = rx.store
 
     def rp(group="A"):
@@ -202,6 +203,35 @@ with ft.Env("api", tls=True) as env:
         ft.check(jd["state"] == "failed" and jd["exit_code"] != 0 and "999999" in jd["stderr"],
                  f"{path} of a missing RP: the CLI's refusal in the job: {jd}")
     doc, _ = expect(202, "DELETE", "/v1/groups/A/failover-test", body={"boot_result": "ok"})
+
+    ft.log("--- ferry --site against the receiver; ferry status --rpo-alert")
+    site = ["--site", f"https://127.0.0.1:{api_port}", "--tls-cert", env.cert("client-a.pem"),
+            "--tls-key", env.cert("client-a.key"), "--tls-ca", env.cert("ca.pem")]
+    r = env.run(site + ["points", "--group", "A", "--json"], tls=False, check_rc=0)
+    local = env.run(["points", "--store", store, "--group", "A", "--json"], tls=False, check_rc=0)
+    ft.check_eq([p["rp_id"] for p in json.loads(r.out)], [p["rp_id"] for p in json.loads(local.out)],
+                "ferry --site points and ferry points --store")
+    r = env.run(site + ["points", "--group", "A"], tls=False, check_rc=0)
+    ft.check(f"{rp3}" in r.out and "recovery point(s)" in r.out, f"site points table:\n{r}")
+    r = env.run(site + ["points", "--group", "nope"], tls=False)
+    ft.check(r.rc == 1 and "404" in r.err and "nope" in r.err, f"site points of an unknown group:\n{r}")
+    r = env.run(site + ["status", "--json"], tls=False, check_rc=0)
+    ft.check_eq([g["group"] for g in json.loads(r.out)["groups"]], ["A"], "site status groups")
+    r = env.run(site + ["status", "--rpo-alert", "0.001"], tls=False)
+    ft.check(r.rc == 3 and "!" in r.out, f"site status over --rpo-alert exits 3:\n{r}")
+    r = env.run(["status", "--socket", env.path("rx.sock"), "--rpo-alert", "0.001", "--json"], tls=False)
+    ft.check(r.rc == 3 and json.loads(r.out)["groups"][0]["rpo_exceeded"] is True,
+             f"local status --rpo-alert exits 3:\n{r}")
+    r = env.run(["status", "--socket", env.path("rx.sock"), "--rpo-alert", "86400"], tls=False)
+    ft.check(r.rc == 0 and "RPO" in r.out, f"local status within --rpo-alert:\n{r}")
+    r = env.run(site + ["failover", "test", "--group", "A", "--point", "999999"], tls=False)
+    ft.check(r.rc != 0 and "999999" in r.err, f"site failover test of a missing RP:\n{r}")
+    r = env.run(site + ["prune", "--store", store, "--group", "A"], tls=False)
+    ft.check(r.rc == 2 and "not available with --site" in r.err, f"prune refuses --site:\n{r}")
+    bad = ["--site", f"https://127.0.0.1:{api_port}", "--tls-cert", env.cert("client-b.pem"),
+           "--tls-key", env.cert("client-b.key"), "--tls-ca", env.cert("ca.pem")]
+    r = env.run(bad + ["points", "--group", "A"], tls=False)
+    ft.check(r.rc == 1 and "403" in r.err and "may not manage" in r.err, f"site without the right:\n{r}")
 
     ft.log("--- the service unharmed")
     rp4 = rp()
