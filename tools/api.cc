@@ -47,6 +47,13 @@ Result<nlohmann::json> api_body(const metrics::HttpRequest& req, const std::vect
     }
     if (!value.is_string() && !value.is_number_unsigned())
       return Status::error(Errc::invalid_argument, "'" + key + "' must be a string or a number");
+    // Values become arguments of a `ferry` child: one argv entry each, never an option.
+    if (value.is_string()) {
+      const std::string& v = value.get_ref<const std::string&>();
+      if (v.empty() || v.front() == '-' || v.find('\0') != std::string::npos || v.size() > 1024)
+        return Status::error(Errc::invalid_argument, "'" + key + "' must be 1 to 1024 bytes, "
+                                                     "not start with '-' and hold no NUL");
+    }
   }
   return doc;
 }

@@ -149,6 +149,8 @@ with ft.Env("api", tls=True) as env:
     expect(400, "POST", "/v1/groups/A/failover-test", raw=b'[1, 2]', word="JSON object")
     expect(400, "POST", "/v1/groups/A/failover-test", body={"pointt": 1}, word="pointt")
     expect(400, "POST", "/v1/groups/A/export", body={"point": "latest"}, word="disk")
+    expect(400, "POST", "/v1/groups/A/export", body={"disk": "--overlay", "socket": "/tmp/x"},
+           word="not start with '-'")
     expect(409, "DELETE", "/v1/groups/A/export", word="no export")
     huge = env.path("huge.json")
     with open(huge, "w") as f:
