@@ -170,10 +170,15 @@ void JobTable::Impl::run(std::uint64_t seq, UniqueFd out, UniqueFd err) {
     std::lock_guard lock(mu);
     pid = jobs.at(seq).pid;
   }
+  // Wait without reaping, then reap under the lock: stop() never signals a pid that was
+  // reaped (and perhaps reused) meanwhile.
+  siginfo_t info{};
+  while (::waitid(P_PID, id_t(pid), &info, WEXITED | WNOWAIT) < 0 && errno == EINTR) {
+  }
+  std::lock_guard lock(mu);
   int wstatus = 0;
   while (::waitpid(pid, &wstatus, 0) < 0 && errno == EINTR) {
   }
-  std::lock_guard lock(mu);
   Job& j = jobs.at(seq);
   j.done = true;
   j.exit_code = WIFEXITED(wstatus) ? WEXITSTATUS(wstatus) : 128 + WTERMSIG(wstatus);
