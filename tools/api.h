@@ -97,4 +97,18 @@ Result<std::unique_ptr<metrics::HttpServer>> serve_api(const std::string& listen
                                                        std::vector<metrics::Route> routes,
                                                        std::shared_ptr<const transport::TlsConfig> tls);
 
+// What `ferry receive` keeps for its API while it runs; members go in reverse: the server
+// first, then what its routes read, then the jobs (their children stopped and reaped).
+struct ReceiverApiService {
+  std::unique_ptr<JobTable> jobs;
+  std::unique_ptr<ReceiverApi> api;
+  std::unique_ptr<metrics::HttpServer> server;  // null: no API asked for
+};
+
+// Starts the receiver's API on `listen` (empty: none) under the wire's rule: TLS when `tls`,
+// else only on a loopback address unless `insecure_plaintext`. Jobs run this same binary.
+Result<ReceiverApiService> start_receiver_api(const std::string& listen, bool tls_on, bool insecure_plaintext,
+                                              std::shared_ptr<const transport::TlsConfig> tls,
+                                              ReceiverApi api);
+
 }  // namespace ferry::tools

@@ -210,4 +210,34 @@ int site_failover_test(const SiteArgs& site, const std::string& group, const std
   return wait_job(site, "failover test", r->doc);
 }
 
+int run_site_command(CLI::App& app, const SiteArgs& site, const SitePoints& points, bool status_parsed,
+                     bool status_json, double status_rpo_alert, const std::function<bool(int&)>& run_failover) {
+  if (Status st = check_tls_args(site.tls); !st.is_ok()) {
+    std::fprintf(stderr, "ferry --site: %s\n", st.message().c_str());
+    return 2;
+  }
+  if (points.parsed) {
+    if (points.local) {
+      std::fprintf(stderr, "ferry points: --site goes without --store and --to\n");
+      return 2;
+    }
+    SiteArgs s2 = site;
+    if (!s2.tls.given() && points.tls.given()) s2.tls = points.tls;  // ferry --site U points --tls-*
+    return site_points(s2, points.group, points.json);
+  }
+  if (status_parsed) return site_status(site, status_json, status_rpo_alert);
+  bool test = false;
+  for (CLI::App* sub : app.get_subcommands())
+    if (sub->get_name() == "failover")
+      test = sub->get_subcommands().size() == 1 && sub->get_subcommands()[0]->get_name() == "test";
+  int rc = 2;
+  if (test && run_failover(rc)) return rc;  // failover.cc sends `failover test` to the site
+  const auto subs = app.get_subcommands();
+  std::fprintf(stderr,
+               "ferry %s: not available with --site (the management API runs points, status and "
+               "failover test at a site); run it at the site itself\n",
+               subs.empty() ? "" : subs[0]->get_name().c_str());
+  return 2;
+}
+
 }  // namespace ferry::tools

@@ -3,7 +3,10 @@
 // points, status, failover test [--stop]. Other commands refuse --site (ferry.cc).
 #pragma once
 
+#include <functional>
 #include <string>
+
+#include <CLI/CLI.hpp>
 
 #include <nlohmann/json.hpp>
 
@@ -33,5 +36,19 @@ int site_status(const SiteArgs& site, bool json, double rpo_alert_seconds);
 // are the command's, as if run at the site.
 int site_failover_test(const SiteArgs& site, const std::string& group, const std::string& point,
                        bool stop, const std::string& boot_result);
+
+// What `ferry points` was given, for run_site_command.
+struct SitePoints {
+  bool parsed = false;
+  bool local = false;  // --store or --to: not with --site
+  TlsArgs tls;         // its own --tls-* (used when the global ones are not given)
+  std::string group;
+  bool json = false;
+};
+
+// `ferry --site URL COMMAND`: runs the commands the API covers (points, status, failover test
+// through `run_failover`), refuses the others (exit 2, naming the command).
+int run_site_command(CLI::App& app, const SiteArgs& site, const SitePoints& points, bool status_parsed,
+                     bool status_json, double status_rpo_alert, const std::function<bool(int&)>& run_failover);
 
 }  // namespace ferry::tools

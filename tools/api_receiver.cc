@@ -8,6 +8,8 @@
 
 #include "api.h"
 #include "failback.h"
+#include "ferry/base/log.h"
+#include "ferry/transport/connection.h"
 #include "ferry/site/receiver.h"
 #include "ferry/site/store.h"
 #include "metrics.h"
@@ -235,6 +237,27 @@ std::vector<metrics::Route> receiver_api_routes(const ReceiverApi& api) {
       {"POST", "/v1/groups/{group}/failover", h(failover)},
       {"GET", "/v1/jobs/{id}", h(job)},
   };
+}
+
+Result<ReceiverApiService> start_receiver_api(const std::string& listen, bool tls_on, bool insecure_plaintext,
+                                              std::shared_ptr<const transport::TlsConfig> tls,
+                                              ReceiverApi api) {
+  ReceiverApiService svc;
+  if (listen.empty()) return svc;
+  FERRY_ASSIGN_OR_RETURN(auto ep, transport::parse_endpoint(listen, /*allow_port_zero=*/true));
+  if (!tls_on && !loopback_host(ep.host) && !insecure_plaintext)
+    return Status::error(Errc::invalid_argument,
+                         listen + " is not a loopback address and no TLS material is given: give "
+                                  "--tls-cert, --tls-key and --tls-ca, or --insecure-plaintext");
+  char self[4096];
+  const ssize_t n = ::readlink("/proc/self/exe", self, sizeof self - 1);
+  if (n <= 0) return Status::from_errno(errno, "readlink /proc/self/exe");
+  svc.jobs = std::make_unique<JobTable>(std::string(self, std::size_t(n)));
+  svc.api = std::make_unique<ReceiverApi>(std::move(api));
+  svc.api->jobs = svc.jobs.get();
+  FERRY_ASSIGN_OR_RETURN(svc.server, serve_api(listen, receiver_api_routes(*svc.api), std::move(tls)));
+  spdlog::info("management API on {}://{} (port {})", tls_on ? "https" : "http", listen, svc.server->port());
+  return svc;
 }
 
 }  // namespace ferry::tools

@@ -288,33 +288,11 @@ int cmd_receive(const ReceiveArgs& a, std::uint64_t max_disk_bytes) {
     metrics_server = std::move(m).value();
     spdlog::info("metrics on http://{}/metrics (port {})", metrics_at, metrics_server->port());
   }
-  // The management API (api.h): the same TLS material and access map as the wire; plaintext
-  // under the wire's rule (loopback, or --insecure-plaintext).
-  const std::string api_at = a.api.empty() ? config->api : a.api;
-  std::unique_ptr<JobTable> jobs;
-  ReceiverApi api{a.store, a.listen, max_disk_bytes, r,
-                  [holder] { return holder->get()->access; }, nullptr};
-  std::unique_ptr<metrics::HttpServer> api_server;  // stopped before the jobs and the receiver
-  if (!api_at.empty()) {
-    auto aep = transport::parse_endpoint(api_at, /*allow_port_zero=*/true);
-    if (!aep.is_ok()) return fail("--api", aep.status());
-    if (!tls_on && !loopback_host(aep->host) && !a.insecure_plaintext) {
-      std::fprintf(stderr, "ferry receive: --api %s is not a loopback address and no TLS material is "
-                   "given: give --tls-cert, --tls-key and --tls-ca, or --insecure-plaintext\n",
-                   api_at.c_str());
-      return kExitUsage;
-    }
-    char self[4096];
-    const ssize_t n = ::readlink("/proc/self/exe", self, sizeof self - 1);
-    if (n <= 0) return fail("--api", Status::from_errno(errno, "readlink /proc/self/exe"));
-    jobs = std::make_unique<JobTable>(std::string(self, std::size_t(n)));
-    api.jobs = jobs.get();
-    auto s = serve_api(api_at, receiver_api_routes(api), *tls);
-    if (!s.is_ok()) return fail("api", s.status());
-    api_server = std::move(s).value();
-    spdlog::info("management API on {}://{} (port {})", tls_on ? "https" : "http", api_at,
-                 api_server->port());
-  }
+  // The management API (api.h): the same TLS material and access map as the wire.
+  auto api = start_receiver_api(a.api.empty() ? config->api : a.api, tls_on, a.insecure_plaintext, *tls,
+                                ReceiverApi{a.store, a.listen, max_disk_bytes, r,
+                                            [holder] { return holder->get()->access; }, nullptr});
+  if (!api.is_ok()) return fail("--api", api.status());
   std::unique_ptr<StatusSocket> status;
   if (!a.status_socket.empty()) {
     auto s = StatusSocket::create(a.status_socket, [r, &a, max_disk_bytes] {
@@ -827,33 +805,11 @@ int main(int argc, char** argv) {
       return kExitUsage;
     }
   }
-  if (!site.url.empty()) {
-    if (ferry::Status st = check_tls_args(site.tls); !st.is_ok()) {
-      std::fprintf(stderr, "ferry --site: %s\n", st.message().c_str());
-      return kExitUsage;
-    }
-    if (points->parsed()) {
-      if (points_store->count() > 0 || points_remote->count() > 0) {
-        std::fprintf(stderr, "ferry points: --site goes without --store and --to\n");
-        return kExitUsage;
-      }
-      SiteArgs s2 = site;
-      if (!s2.tls.given() && points_tls.given()) s2.tls = points_tls;  // ferry --site U points --tls-*
-      return site_points(s2, group, json);
-    }
-    if (status->parsed()) return site_status(site, status_json, status_rpo_alert);
-    bool test = false;
-    for (CLI::App* sub : app.get_subcommands())
-      if (sub->get_name() == "failover") test = sub->get_subcommands().size() == 1 &&
-                                                 sub->get_subcommands()[0]->get_name() == "test";
-    if (!test) {
-      const auto subs = app.get_subcommands();
-      std::fprintf(stderr,
-                   "ferry %s: not available with --site (the management API runs points, status "
-                   "and failover test at a site); run it at the site itself\n",
-                   subs.empty() ? "" : subs[0]->get_name().c_str());
-      return kExitUsage;
-    }
+  if (!site.url.empty()) {  // ferry --site URL (api_client.h)
+    SitePoints sp{points->parsed(), points_store->count() > 0 || points_remote->count() > 0,
+                  points_tls, group, json};
+    return run_site_command(app, site, sp, status->parsed(), status_json, status_rpo_alert,
+                            [&](int& rc) { return run_failover(rc); });
   }
   if (points->parsed() && points_store->count() == 0 && points_remote->count() == 0) {
     std::fprintf(stderr, "ferry points: one of --store DIR or --to ADDR:PORT is required\n");
