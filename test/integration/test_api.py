@@ -7,7 +7,7 @@ http.client:
   - every endpoint: status (with each group's RPO), groups, one group, its points (the same
     list as `ferry points --json`), export start/stop as a job (real nbdkit), a test failover
     and a failover of an RP that does not exist (the CLI's own refusal, in the job), jobs;
-  - bad input: unknown group (404), unknown path (404), wrong method (405 + Allow), malformed
+  - bad input: a failed-over group (409), unknown group (404), unknown path (404), wrong method (405 + Allow), malformed
     JSON and unknown keys (400), a huge body (413), a slow client (408), a certificate without
     the manage right (403), no client certificate (401), a certificate of another CA (the
     handshake fails), nothing stopped by a refused call (409);
@@ -41,8 +41,8 @@ manage = ["A"]
 
 with ft.Env("api", tls=True) as env:
     env.pki()
-    qsd = env.qsd([ft.Disk("vda", SIZE)])
-    vda = qsd.disk("vda")
+    qsd = env.qsd([ft.Disk("vda", SIZE), ft.Disk("vdb", SIZE)])
+    vda, vdb = qsd.disk("vda"), qsd.disk("vdb")
     wl = env.workload()
     cfg = env.path("receive.toml")
     with open(cfg, "w") as f:
@@ -218,7 +218,7 @@ with ft.Env("api", tls=True) as env:
     r = env.run(site + ["points", "--group", "nope"], tls=False)
     ft.check(r.rc == 1 and "404" in r.err and "nope" in r.err, f"site points of an unknown group:\n{r}")
     r = env.run(site + ["status", "--json"], tls=False, check_rc=0)
-    ft.check_eq([g["group"] for g in json.loads(r.out)["groups"]], ["A"], "site status groups")
+    ft.check("A" in [g["group"] for g in json.loads(r.out)["groups"]], f"site status groups: {r.out}")
     r = env.run(site + ["status", "--rpo-alert", "0.001"], tls=False)
     ft.check(r.rc == 3 and "!" in r.out, f"site status over --rpo-alert exits 3:\n{r}")
     r = env.run(["status", "--socket", env.path("rx.sock"), "--rpo-alert", "0.001", "--json"], tls=False)
@@ -234,6 +234,14 @@ with ft.Env("api", tls=True) as env:
            "--tls-key", env.cert("client-b.key"), "--tls-ca", env.cert("ca.pem")]
     r = env.run(bad + ["points", "--group", "A"], tls=False)
     ft.check(r.rc == 1 and "403" in r.err and "may not manage" in r.err, f"site without the right:\n{r}")
+
+    ft.log("--- 409: a failed-over group refuses a test failover, an export and a failover")
+    env.replicate_once(qsd, rx.addr, "F", disks=[vdb.spec])
+    with open(os.path.join(store, "F", "failed-over"), "w") as f:  # site/failover_state.h
+        f.write("ferry-failover=1\nrp=1\nsince_unix_ns=1\ndomain=f\n")
+    expect(409, "POST", "/v1/groups/F/failover-test", word="fail back first")
+    expect(409, "POST", "/v1/groups/F/failover", word="fail")
+    expect(409, "POST", "/v1/groups/F/export", body={"disk": "vdb", "socket": env.path("f.sock")})
 
     ft.log("--- the service unharmed")
     rp4 = rp()
