@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -205,20 +206,31 @@ Result<std::string> JobTable::start(const std::string& group, const std::string&
   std::vector<char*> cargv;
   for (std::string& a : argv) cargv.push_back(a.data());
   cargv.push_back(nullptr);
-  const pid_t pid = ::fork();
-  if (pid < 0) return Status::from_errno(errno, "fork");
-  if (pid == 0) {  // the child: async-signal-safe calls only
-    sigset_t none;
-    sigemptyset(&none);
-    ::sigprocmask(SIG_SETMASK, &none, nullptr);  // the receiver blocks SIGTERM for its watcher
-    const int devnull = ::open("/dev/null", O_RDONLY);
-    ::dup2(devnull, 0);
-    ::dup2(out_w.get(), 1);
-    ::dup2(err_w.get(), 2);
-    ::close_range(3, ~0u, 0);
-    ::execv(cargv[0], cargv.data());
-    ::_exit(127);
+  // posix_spawn, not fork: the receiver has many threads (and runs under ASan in the tests),
+  // and a forked child of a threaded process may block on a lock another thread held at the
+  // fork. glibc's posix_spawn runs no user code between clone and exec.
+  posix_spawn_file_actions_t fa;
+  posix_spawnattr_t attr;
+  if (int e = posix_spawn_file_actions_init(&fa); e != 0) return Status::from_errno(e, "posix_spawn");
+  if (int e = posix_spawnattr_init(&attr); e != 0) {
+    posix_spawn_file_actions_destroy(&fa);
+    return Status::from_errno(e, "posix_spawn");
   }
+  sigset_t none, all;
+  sigemptyset(&none);  // the receiver blocks SIGTERM for its watcher: the job must not
+  sigfillset(&all);
+  int rc = posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+  if (rc == 0) rc = posix_spawnattr_setsigmask(&attr, &none);
+  if (rc == 0) rc = posix_spawnattr_setsigdefault(&attr, &all);
+  if (rc == 0) rc = posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+  if (rc == 0) rc = posix_spawn_file_actions_adddup2(&fa, out_w.get(), 1);
+  if (rc == 0) rc = posix_spawn_file_actions_adddup2(&fa, err_w.get(), 2);
+  if (rc == 0) rc = posix_spawn_file_actions_addclosefrom_np(&fa, 3);
+  pid_t pid = -1;
+  if (rc == 0) rc = posix_spawn(&pid, cargv[0], &fa, &attr, cargv.data(), environ);
+  posix_spawn_file_actions_destroy(&fa);
+  posix_spawnattr_destroy(&attr);
+  if (rc != 0) return Status::from_errno(rc, "posix_spawn " + argv[0]);
   out_w.reset();
   err_w.reset();
   // Reap old finished jobs first: the table stays within kApiMaxKeptJobs.
