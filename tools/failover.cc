@@ -8,6 +8,7 @@
 // removes all of it; each step of the stop is idempotent and the record goes last.
 #include "events_cmd.h"
 #include "failover.h"
+#include "api_client.h"
 #include "failover_real.h"
 #include "failover_util.h"
 
@@ -659,7 +660,8 @@ void print_points_tests(const std::string& store, const std::string& group) {
                 running->value("domain", "?").c_str());
 }
 
-std::function<bool(int&)> add_failover_commands(CLI::App& app, const CLI::Validator& point_rule) {
+std::function<bool(int&)> add_failover_commands(CLI::App& app, const CLI::Validator& point_rule,
+                                                const SiteArgs* site) {
   auto a = std::make_shared<FailoverTestArgs>();
   auto vc = std::make_shared<FailoverTestArgs>();
   auto* vmc = app.add_subcommand("vm-config", "Print the VM definition (libvirt XML) kept with a recovery point");
@@ -695,7 +697,7 @@ std::function<bool(int&)> add_failover_commands(CLI::App& app, const CLI::Valida
       ->capture_default_str();
   auto* t = fo->add_subcommand(
       "test", "Boot a recovery point as a throwaway libvirt domain while replication goes on");
-  t->add_option("--store", a->store, "Store directory")->required();
+  t->add_option("--store", a->store, "Store directory (required unless --site)");
   t->add_option("--group", a->group, "Group name")->required();
   t->add_option("--point", a->point, "Recovery point id, or latest")->check(point_rule)
       ->capture_default_str();
@@ -717,13 +719,20 @@ std::function<bool(int&)> add_failover_commands(CLI::App& app, const CLI::Valida
               "Destroy the running test domain, stop its exports, remove its overlays");
   t->add_option("--boot-result", a->boot_result, "With --stop: what the test showed")
       ->check(CLI::IsMember({"ok", "failed"}));
-  return [vmc, t, a, vc, fo, r](int& rc) {
+  return [vmc, t, a, vc, fo, r, site](int& rc) {
     if (vmc->parsed()) {
       rc = cmd_vm_config(vc->store, vc->group, vc->point, vc->vm);
       return true;
     }
     if (t->parsed()) {
-      rc = cmd_failover_test(*a);
+      if (site && !site->url.empty()) {  // through the site's management API (api_client.h)
+        rc = site_failover_test(*site, a->group, a->point, a->stop, a->boot_result);
+      } else if (a->store.empty()) {
+        std::fprintf(stderr, "ferry failover test: --store is required (or --site URL)\n");
+        rc = 2;
+      } else {
+        rc = cmd_failover_test(*a);
+      }
       return true;
     }
     if (fo->parsed()) {

@@ -67,7 +67,10 @@ Result<std::vector<VmPlan>> plan_vms(const std::string& vm_config,
                                      const std::string& boot_order);
 
 // Registers `vm-config` and `failover test` on `app`; the returned function runs the one
-// that was parsed: true and its exit code in `rc`, false when neither was.
-std::function<bool(int& rc)> add_failover_commands(CLI::App& app, const CLI::Validator& point_rule);
+// that was parsed: true and its exit code in `rc`, false when neither was. With `site` holding
+// a URL (ferry --site), `failover test` runs through that site's management API.
+struct SiteArgs;
+std::function<bool(int& rc)> add_failover_commands(CLI::App& app, const CLI::Validator& point_rule,
+                                                   const SiteArgs* site = nullptr);
 
 }  // namespace ferry::tools

@@ -29,6 +29,8 @@
 #include "ferry/transport/connection.h"
 #include "ferry/transport/rules.h"
 #include "access.h"
+#include "api.h"
+#include "api_client.h"
 #include "agent.h"
 #include "events_cmd.h"
 #include "failback.h"
@@ -100,6 +102,7 @@ struct ReceiveArgs {
   TlsArgs tls;                // --tls-*: mutual TLS 1.3 and the access map
   bool insecure_plaintext = false;
   std::string metrics;        // --metrics ADDR:PORT (over receive.toml's metrics)
+  std::string api;            // --api ADDR:PORT (over receive.toml's api; tools/api.h)
   std::uint64_t event_log_bytes = events::kDefaultMaxFileBytes;
 };
 
@@ -164,32 +167,11 @@ Result<ReceiveConfig> receive_config(const ReceiveArgs& a) {
 
 Result<std::uint64_t> parse_size(const std::string& text) { return parse_byte_size(text); }
 
-// The receiver's status document (ferry status --socket PATH; docs/operations.md).
+// The receiver's status document (ferry status --socket PATH; docs/operations.md): the same
+// as GET /v1/status of the management API (api_receiver.cc).
 std::string receiver_status_json(const site::Receiver& r, const ReceiveArgs& a,
                                  std::uint64_t max_disk_bytes) {
-  const auto now = std::chrono::system_clock::now().time_since_epoch();
-  const auto now_ns = std::uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(now).count());
-  nlohmann::json groups = nlohmann::json::array();
-  for (const site::GroupStatus& g : r.status()) {
-    nlohmann::json j{{"group", g.group}, {"state", site::group_state_name(g.state)},
-                     {"last_committed_rp", g.last_committed_rp},
-                     {"last_applied_rp", g.last_applied_rp},
-                     {"last_commit_unix_ns", g.last_commit_unix_ns}, {"source", g.source},
-                     {"cause", g.cause}, {"last_error", g.last_error},
-                     {"failing_since_unix_ns", g.failing_since_unix_ns},
-                     {"failed_attempts", g.failed_attempts},
-                     {"next_reopen_seconds", g.next_reopen_in_ms / 1000.0}};
-    j["role"] = group_role(a.store, g.group, nullptr);  // docs/failover.md, "Roles"
-    j["failing_seconds"] = g.failing_since_unix_ns
-                               ? nlohmann::json(double(now_ns - std::min(now_ns, g.failing_since_unix_ns)) / 1e9)
-                               : nlohmann::json(nullptr);
-    groups.push_back(std::move(j));
-  }
-  nlohmann::json doc{{"receiver", {{"listen", a.listen}, {"store", a.store},
-                                   {"max_disk_bytes", max_disk_bytes}, {"pid", ::getpid()},
-                                   {"unix_ns", now_ns}}},
-                     {"groups", std::move(groups)}};
-  return doc.dump();
+  return receiver_status_doc(r, a.listen, a.store, max_disk_bytes).dump();
 }
 
 int cmd_receive(const ReceiveArgs& a, std::uint64_t max_disk_bytes) {
@@ -307,6 +289,11 @@ int cmd_receive(const ReceiveArgs& a, std::uint64_t max_disk_bytes) {
     metrics_server = std::move(m).value();
     spdlog::info("metrics on http://{}/metrics (port {})", metrics_at, metrics_server->port());
   }
+  // The management API (api.h): the same TLS material and access map as the wire.
+  auto api = start_receiver_api(a.api.empty() ? config->api : a.api, tls_on, a.insecure_plaintext, *tls,
+                                ReceiverApi{a.store, a.listen, max_disk_bytes, r,
+                                            [holder] { return holder->get()->access; }, nullptr});
+  if (!api.is_ok()) return fail("--api", api.status());
   std::unique_ptr<StatusSocket> status;
   if (!a.status_socket.empty()) {
     auto s = StatusSocket::create(a.status_socket, [r, &a, max_disk_bytes] {
@@ -600,6 +587,9 @@ int main(int argc, char** argv) {
                       "default: whatever the store's file system can hold");
   receive->add_option("--status-socket", ra.status_socket,
                       "Serve each group's state on this unix socket (ferry status --socket)");
+  receive->add_option("--api", ra.api,
+                      "Management API (REST/JSON, docs/api.yaml) on ADDR:PORT; mutual TLS with "
+                      "the --tls-* material (over receive.toml's api)");
   receive->add_option("--metrics", ra.metrics,
                       "Serve Prometheus metrics at http://ADDR:PORT/metrics (over receive.toml's metrics)");
   RetentionFlags receive_retention;
@@ -697,16 +687,30 @@ int main(int argc, char** argv) {
   protect->add_option("--uri", pr.uri, "libvirt connection URI")->capture_default_str();
   protect->add_option("--state-dir", pr.state_dir, "State directory (default /var/lib/ferry)");
 
+  // ferry --site URL: the commands the management API covers, at a remote site (api_client.h).
+  SiteArgs site;
+  app.add_option("--site", site.url, "https://HOST:PORT of a site's management API: run points, "
+                 "status or failover test there (with --tls-cert, --tls-key, --tls-ca)");
+  app.add_option("--tls-cert", site.tls.cert, "With --site: PEM client certificate chain");
+  app.add_option("--tls-key", site.tls.key, "With --site: PEM private key of --tls-cert");
+  app.add_option("--tls-ca", site.tls.ca, "With --site: PEM CA bundle that signs the site's certificate");
+  app.add_option("--tls-server-name", site.tls.server_name,
+                 "With --site: the name the site's certificate must carry (default: the URL's host)");
+
   std::string config_path = kDefaultConfigPath;
   auto* agent = app.add_subcommand("agent", "Run the host service: every target of a config");
   agent->add_option("--config", config_path, "Config file (TOML)")->capture_default_str();
 
   std::string status_socket = kDefaultStatusSocket;
   bool status_json = false;
+  double status_rpo_alert = 0;
   auto* status = app.add_subcommand(
       "status", "Ask the agent how its targets are doing (exit 3: an RPO over its threshold)");
   status->add_option("--socket", status_socket, "The agent's status socket")->capture_default_str();
   status->add_flag("--json", status_json, "JSON output");
+  status->add_option("--rpo-alert", status_rpo_alert,
+                     "SECONDS: judge every target's (and a receiver's group's) RPO against this "
+                     "threshold instead of its own; over it: exit 3")->check(CLI::PositiveNumber);
 
   std::string store, group, disk, out;
   bool json = false;
@@ -773,7 +777,7 @@ int main(int argc, char** argv) {
   exp->add_flag("--overlay", xa.overlay,
                 "Writable: writes go to a throwaway overlay (nbdkit cow filter), never the store");
 
-  auto run_failover = add_failover_commands(app, point_rule);  // vm-config, failover test
+  auto run_failover = add_failover_commands(app, point_rule, &site);  // vm-config, failover test
   auto run_events = add_events_commands(app);  // events, doctor
   auto run_failback = add_failback_commands(app);               // seed, failback
 
@@ -785,6 +789,8 @@ int main(int argc, char** argv) {
 
   auto* debug = app.add_subcommand("debug", "Developer helpers");
   auto* kp = debug->add_subcommand("kill-points", "List the named kill points");
+  auto* api_routes = debug->add_subcommand(
+      "api-routes", "List the management API's routes, METHOD PATH (docs/api.yaml has the same)");
   debug->require_subcommand(1);
 
   auto names_subcommand = [&app](const std::string& word) {
@@ -823,6 +829,12 @@ int main(int argc, char** argv) {
       return kExitUsage;
     }
   }
+  if (!site.url.empty()) {  // ferry --site URL (api_client.h)
+    SitePoints sp{points->parsed(), points_store->count() > 0 || points_remote->count() > 0,
+                  points_tls, group, json};
+    return run_site_command(app, site, sp, status->parsed(), status_json, status_rpo_alert,
+                            [&](int& rc) { return run_failover(rc); });
+  }
   if (points->parsed() && points_store->count() == 0 && points_remote->count() == 0) {
     std::fprintf(stderr, "ferry points: one of --store DIR or --to ADDR:PORT is required\n");
     return kExitUsage;
@@ -853,7 +865,7 @@ int main(int argc, char** argv) {
     if (receive->parsed()) return cmd_receive(ra, max_disk_bytes);
     if (protect->parsed()) return cmd_protect(pr);
     if (agent->parsed()) return cmd_agent(config_path);
-    if (status->parsed()) return cmd_status(status_socket, status_json);
+    if (status->parsed()) return cmd_status(status_socket, status_json, status_rpo_alert);
     if (rep->parsed()) return cmd_replicate(pa);
     if (points->parsed())
       return points_remote->count() > 0 ? cmd_points_remote(points_to, group, points_tls, json)
@@ -875,6 +887,11 @@ int main(int argc, char** argv) {
     if (int rc = 0; run_failover(rc)) return rc;
     if (int rc = 0; run_events(rc)) return rc;
     if (int rc = 0; run_failback(rc)) return rc;
+    if (api_routes->parsed()) {
+      const ReceiverApi none{};
+      for (const auto& r : receiver_api_routes(none)) std::printf("%s %s\n", r.method.c_str(), r.path.c_str());
+      return 0;
+    }
     if (kp->parsed()) {
       for (auto k : ferry::kKillPoints) std::printf("%.*s\n", int(k.size()), k.data());
       return 0;

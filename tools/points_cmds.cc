@@ -62,18 +62,25 @@ std::uint64_t wall_now_ns() {
 
 }  // namespace
 
+Result<nlohmann::json> points_json(const std::string& store, const std::string& group) {
+  FERRY_ASSIGN_OR_RETURN(auto rep, site::explain_points(store, group, wall_now_ns()));
+  nlohmann::json arr = nlohmann::json::array();
+  for (const auto& p : rep.points) arr.push_back(point_json(p));
+  annotate_points_json(store, group, arr);  // VM config and test failovers (failover.cc)
+  annotate_role_json(store, group, arr);    // the group's role (failback.cc)
+  annotate_points_stages(store, group, arr);  // explainable RPO (metrics_receiver.cc)
+  return arr;
+}
+
 int cmd_points(const std::string& store, const std::string& group, bool json) {
-  auto rep = site::explain_points(store, group, wall_now_ns());
-  if (!rep.is_ok()) return fail("points of group '" + group + "'", rep.status());
   if (json) {
-    nlohmann::json arr = nlohmann::json::array();
-    for (const auto& p : rep->points) arr.push_back(point_json(p));
-    annotate_points_json(store, group, arr);  // VM config and test failovers (failover.cc)
-    annotate_role_json(store, group, arr);    // the group's role (failback.cc)
-    annotate_points_stages(store, group, arr);  // explainable RPO (metrics_receiver.cc)
-    std::cout << arr.dump(2) << "\n";
+    auto arr = points_json(store, group);
+    if (!arr.is_ok()) return fail("points of group '" + group + "'", arr.status());
+    std::cout << arr->dump(2) << "\n";
     return 0;
   }
+  auto rep = site::explain_points(store, group, wall_now_ns());
+  if (!rep.is_ok()) return fail("points of group '" + group + "'", rep.status());
   std::printf("group %s: %zu recovery point(s); retention %s; the replica images hold RP %llu\n",
               group.c_str(), rep->points.size(), rep->policy.describe().c_str(),
               (unsigned long long)rep->base_before);

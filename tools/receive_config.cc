@@ -179,9 +179,10 @@ Status parse_groups(const TomlChecker& c, const toml::node& n, ReceiveConfig* cf
 }
 
 Result<ReceiveConfig> check_root(const TomlChecker& c, const toml::table& root) {
-  FERRY_TRY(c.only_keys(root, {"retention", "group", "access", "quota", "metrics"}, "the top level"));
+  FERRY_TRY(c.only_keys(root, {"retention", "group", "access", "quota", "metrics", "api"}, "the top level"));
   ReceiveConfig cfg;
   FERRY_TRY(c.string(root, "metrics", false, 300, &cfg.metrics));
+  FERRY_TRY(c.string(root, "api", false, 300, &cfg.api));
   if (const toml::node* r = root.get("retention")) {
     auto parsed = parse_retention(c, *r, "[retention]", "retention");
     if (!parsed.is_ok()) return parsed.status();

@@ -52,6 +52,7 @@ struct ReceiveConfig {
   std::uint64_t default_quota_bytes = 0;                // [quota] default; 0: none
   std::map<std::string, std::uint64_t> quotas;          // [group.NAME] quota (0: none)
   std::string metrics;  // metrics = "ADDR:PORT": /metrics (Prometheus); --metrics wins; fixed at start
+  std::string api;      // api = "ADDR:PORT": the management API (docs/api.yaml); --api wins; fixed at start
 
   // The effective policy of a group (rules 1, 2 and 4 above; 3 once with_flags ran): never
   // empty, ready for site::decide_retention.

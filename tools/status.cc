@@ -3,7 +3,8 @@
 //
 // Exit status: 0 every target's RPO is within its rpo_alert_seconds (receiver: every group is
 // ok or applying); 3 at least one target is over it (or has no acknowledged RP after running
-// longer than it) (receiver: at least one group is failing); 1 the agent is not reachable or
+// longer than it) (receiver: at least one group is failing, or with --rpo-alert over it);
+// --rpo-alert SECONDS replaces every target's own threshold; 1 the agent is not reachable or
 // answered garbage; 2 usage error (from the CLI parser).
 #include <poll.h>
 #include <sys/socket.h>
@@ -100,18 +101,20 @@ void print_table(const nlohmann::json& targets) {
 
 // A receiver's groups (ferry receive --status-socket).
 void print_groups(const nlohmann::json& groups) {
-  std::printf("%-20s %-13s %-13s %9s %9s %-22s %11s %8s %8s  %s\n", "GROUP", "STATE", "ROLE",
-              "COMMITTED", "APPLIED", "SOURCE", "FAILING FOR", "ATTEMPTS", "RE-OPEN", "CAUSE");
+  std::printf("%-20s %-13s %-13s %9s %9s %6s %-22s %11s %8s %8s  %s\n", "GROUP", "STATE", "ROLE",
+              "COMMITTED", "APPLIED", "RPO", "SOURCE", "FAILING FOR", "ATTEMPTS", "RE-OPEN", "CAUSE");
   for (const auto& g : groups) {
     if (!g.is_object()) continue;
     // A failure episode, or an apply episode (apply_pending with a cause, R19).
     const bool failing = g.value("failing_since_unix_ns", 0ull) > 0;
     const std::string source = g.value("source", "");
-    std::printf("%-20s %-13s %-13s %9llu %9llu %-22s %11s %8s %8s  %s\n",
+    const std::string rpo = g.contains("rpo_seconds") ? age(g["rpo_seconds"]) : "-";
+    std::printf("%-20s %-13s %-13s %9llu %9llu %6s %-22s %11s %8s %8s  %s\n",
                 g.value("group", "?").c_str(), g.value("state", "?").c_str(),
                 g.value("role", "-").c_str(),
                 static_cast<unsigned long long>(g.value("last_committed_rp", 0ull)),
                 static_cast<unsigned long long>(g.value("last_applied_rp", 0ull)),
+                (rpo + (g.value("rpo_exceeded", false) ? "!" : "")).c_str(),
                 source.empty() ? "-" : source.c_str(),
                 failing ? age(g["failing_seconds"]).c_str() : "-",
                 failing ? std::to_string(g.value("failed_attempts", 0ull)).c_str() : "-",
@@ -211,17 +214,24 @@ void StatusSocket::loop() {
   }
 }
 
-int cmd_status(const std::string& socket_path, bool json) {
-  auto reply = ask_agent(socket_path);
-  if (!reply.is_ok()) {
-    std::fprintf(stderr, "ferry status: agent not reachable on %s: %s\n", socket_path.c_str(),
-                 reply.status().to_string().c_str());
-    return 1;
+// --rpo-alert SECONDS: the threshold the caller gives wins over each target's own, and a
+// receiver's group whose RPO is over it calls for an operator too.
+void apply_rpo_alert(nlohmann::json& items, double rpo_alert_seconds) {
+  for (auto& t : items) {
+    if (!t.is_object()) continue;
+    const bool has_rpo = t.contains("rpo_seconds") && t["rpo_seconds"].is_number();
+    const bool over = has_rpo && t["rpo_seconds"].get<double>() > rpo_alert_seconds;
+    t["rpo_alert_seconds"] = rpo_alert_seconds;
+    t["rpo_exceeded"] = has_rpo ? over : t.value("rpo_exceeded", false);  // no RP yet: its own say
   }
-  nlohmann::json j = nlohmann::json::parse(*reply, nullptr, /*allow_exceptions=*/false);
-  if (!j.is_discarded() && j.is_object() && j.contains("groups") && j["groups"].is_array()) {
+}
+
+int print_status_doc(nlohmann::json& j, bool json, double rpo_alert_seconds, const std::string& where) {
+  if (j.is_object() && j.contains("groups") && j["groups"].is_array()) {
+    if (rpo_alert_seconds > 0) apply_rpo_alert(j["groups"], rpo_alert_seconds);
     bool failing = false;
-    for (const auto& g : j["groups"]) failing = failing || group_needs_operator(g);
+    for (const auto& g : j["groups"])
+      failing = failing || group_needs_operator(g) || (g.is_object() && g.value("rpo_exceeded", false));
     if (json)
       std::cout << j.dump(2) << "\n";
     else
@@ -229,10 +239,10 @@ int cmd_status(const std::string& socket_path, bool json) {
     return failing ? kExitRpoExceeded : 0;
   }
   if (j.is_discarded() || !j.is_object() || !j.contains("targets") || !j["targets"].is_array()) {
-    std::fprintf(stderr, "ferry status: the agent on %s sent no status document\n",
-                 socket_path.c_str());
+    std::fprintf(stderr, "ferry status: %s sent no status document\n", where.c_str());
     return 1;
   }
+  if (rpo_alert_seconds > 0) apply_rpo_alert(j["targets"], rpo_alert_seconds);
   bool exceeded = false;
   for (const auto& t : j["targets"])
     exceeded = exceeded || (t.is_object() && t.value("rpo_exceeded", false));
@@ -241,6 +251,17 @@ int cmd_status(const std::string& socket_path, bool json) {
   else
     print_table(j["targets"]);
   return exceeded ? kExitRpoExceeded : 0;
+}
+
+int cmd_status(const std::string& socket_path, bool json, double rpo_alert_seconds) {
+  auto reply = ask_agent(socket_path);
+  if (!reply.is_ok()) {
+    std::fprintf(stderr, "ferry status: agent not reachable on %s: %s\n", socket_path.c_str(),
+                 reply.status().to_string().c_str());
+    return 1;
+  }
+  nlohmann::json j = nlohmann::json::parse(*reply, nullptr, /*allow_exceptions=*/false);
+  return print_status_doc(j, json, rpo_alert_seconds, "the agent on " + socket_path);
 }
 
 }  // namespace ferry::tools

@@ -8,6 +8,8 @@
 #include <string>
 #include <thread>
 
+#include <nlohmann/json_fwd.hpp>
+
 #include "ferry/base/fd.h"
 #include "ferry/base/status.h"
 #include "ferry/base/units.h"
@@ -28,7 +30,12 @@ int run_demo(const DemoArgs& args, const char* argv0);
 int cmd_agent(const std::string& config_path);
 // ferry status (status.cc): 0 all RPOs within their thresholds, 3 one is over (on a
 // receiver's socket: a group failing, or its apply failed and pending), 1 unreachable.
-int cmd_status(const std::string& socket_path, bool json);
+// rpo_alert_seconds > 0 (--rpo-alert): the threshold for every target and group instead of
+// their own; a receiver's group over it exits 3 too.
+int cmd_status(const std::string& socket_path, bool json, double rpo_alert_seconds = 0);
+// The status document `j` (an agent's or a receiver's, from its socket or the API) printed
+// and judged as cmd_status does; `where` names its origin in errors.
+int print_status_doc(nlohmann::json& j, bool json, double rpo_alert_seconds, const std::string& where);
 
 // The status socket of `ferry agent` and `ferry receive` (status.cc): the agent's protocol
 // (agent.h: one line "status\n", one JSON document back), served from a thread of its own;
@@ -83,6 +90,8 @@ int fail(const std::string& what, const Status& s);
 
 // ferry points / prune / restore (points_cmds.cc).
 int cmd_points(const std::string& store, const std::string& group, bool json);
+// What `ferry points --json` prints (the management API serves the same).
+Result<nlohmann::json> points_json(const std::string& store, const std::string& group);
 int cmd_points_remote(const std::string& to, const std::string& group, const TlsArgs& tls, bool json);
 int cmd_prune(const std::string& store, const std::string& group, const site::RetentionPolicy& policy,
               bool dry_run, bool json);

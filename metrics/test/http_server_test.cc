@@ -6,6 +6,7 @@
 
 #include <catch2/catch.hpp>
 #include <chrono>
+#include <map>
 #include <string>
 #include <thread>
 
@@ -105,4 +106,53 @@ TEST_CASE("a bad address is refused with its reason") {
   auto s = HttpServer::start("not-an-ip", 0, {});
   REQUIRE_FALSE(s.is_ok());
   CHECK(s.status().message().find("not-an-ip") != std::string::npos);
+}
+
+TEST_CASE("route templates match one non-empty segment per {name}", "[http]") {
+  std::map<std::string, std::string> p;
+  CHECK(match_route("/v1/status", "/v1/status", &p));
+  CHECK(p.empty());
+  CHECK_FALSE(match_route("/v1/status", "/v1/status/", &p));
+  CHECK(match_route("/v1/groups/{group}/points", "/v1/groups/vm1/points", &p));
+  CHECK(p.at("group") == "vm1");
+  CHECK_FALSE(match_route("/v1/groups/{group}/points", "/v1/groups//points", &p));
+  CHECK_FALSE(match_route("/v1/groups/{group}", "/v1/groups/a/b", &p));
+  CHECK_FALSE(match_route("/v1/groups/{group}", "/v1/groups/", &p));
+  CHECK_FALSE(match_route("/v1/groups/{group}/points", "/v1/groups/vm1/pointsx", &p));
+  CHECK(match_route("/v1/jobs/{id}", "/v1/jobs/j1-2", &p));
+  CHECK(p.at("id") == "j1-2");
+}
+
+TEST_CASE("templates route by method; JSON errors for 404 and 405", "[http]") {
+  std::vector<Route> routes;
+  routes.push_back({"GET", "/v1/groups/{group}", [](const HttpRequest& r) {
+                      return HttpResponse{200, "application/json", "{\"g\":\"" + r.params.at("group") + "\"}"};
+                    }});
+  routes.push_back({"POST", "/v1/groups/{group}", [](const HttpRequest& r) {
+                      return HttpResponse{202, "application/json", r.body};
+                    }});
+  HttpLimits limits;
+  limits.json_errors = true;
+  limits.max_body_bytes = 64;
+  auto s = HttpServer::start("127.0.0.1", 0, std::move(routes), limits);
+  REQUIRE(s.is_ok());
+  const auto port = (*s)->port();
+  const std::string got = exchange(port, "GET /v1/groups/web1 HTTP/1.1\r\nHost: x\r\n\r\n");
+  CHECK(got.find("200 OK") != std::string::npos);
+  CHECK(got.find("{\"g\":\"web1\"}") != std::string::npos);
+  const std::string posted = exchange(port, "POST /v1/groups/web1 HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}");
+  CHECK(posted.find("202 Accepted") != std::string::npos);
+  const std::string nf = exchange(port, "GET /v1/nothing HTTP/1.1\r\nHost: x\r\n\r\n");
+  CHECK(nf.find("404 Not Found") != std::string::npos);
+  CHECK(nf.find("application/json") != std::string::npos);
+  CHECK(nf.find("{\"error\": \"no such path: /v1/nothing\", \"status\": 404}") != std::string::npos);
+  const std::string bad = exchange(port, "PUT /v1/groups/web1 HTTP/1.1\r\nHost: x\r\n\r\n");
+  CHECK(bad.find("405 Method Not Allowed") != std::string::npos);
+  CHECK(bad.find("Allow: GET, POST") != std::string::npos);
+  CHECK(bad.find("\"status\": 405") != std::string::npos);
+  const std::string big_request =
+      "POST /v1/groups/web1 HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + std::string(1000, 'x');
+  const std::string big = ::exchange(port, big_request);
+  CHECK(big.find("413 Payload Too Large") != std::string::npos);
+  CHECK(big.find("\"status\": 413") != std::string::npos);
 }

@@ -121,6 +121,14 @@ std::string san_text(X509* cert) {
 
 }  // namespace tls_detail
 
+std::optional<PeerIdentity> verified_peer(void* native_ssl) {
+  FERRY_ASSERT(native_ssl != nullptr);
+  SSL* ssl = static_cast<SSL*>(native_ssl);
+  X509* cert = SSL_get0_peer_certificate(ssl);
+  if (cert == nullptr || SSL_get_verify_result(ssl) != X509_V_OK) return std::nullopt;
+  return tls_detail::identity_of(cert);
+}
+
 std::string PeerIdentity::to_string() const {
   std::string san;
   auto add = [&](const char* kind, const std::string& v) {

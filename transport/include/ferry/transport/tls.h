@@ -14,6 +14,7 @@
 
 #include <chrono>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -50,8 +51,14 @@ class TlsConfig {
   virtual ~TlsConfig() = default;
   virtual Role role() const = 0;
   virtual const TlsFiles& files() const = 0;
-  // Implementation handle (an asio::ssl::context*), for connection.cc only.
+  // Implementation handle (an asio::ssl::context*), for connection.cc and the management
+  // API's HTTPS server (metrics/http_server.cc) only.
   virtual void* native() const = 0;
 };
+
+// The verified identity of the peer of a finished server handshake, given the connection's
+// OpenSSL SSL* (an ssl stream's native_handle()); nullopt when the peer presented no
+// certificate or its chain did not verify. For servers outside transport (the HTTP API).
+std::optional<PeerIdentity> verified_peer(void* native_ssl);
 
 }  // namespace ferry::transport
