@@ -68,15 +68,17 @@ Result<Catalog> decode_catalog(std::string_view s, std::uint64_t group_id) {
   ByteReader r(s);
   if (r.u32() != kStateMagic) return bad("bad magic");
   const std::uint16_t version = r.u16();
-  if (version == kLegacyStateVersion)
+  if (version == kLegacyStateVersion && s.size() == 40)  // its own layout and checksum
     return Status::error(Errc::unsupported, "state file: version 1 (before retention)");
+  // Every version from 2 on ends in an xxh3-64 of the bytes before it, checked before the
+  // version is believed: a damaged version field is damage (R6), not a newer release.
+  if (s.size() > kMaxCatalogBytes || s.size() < 8 ||
+      load_le64(s.data() + s.size() - 8) != xxh3_64(s.data(), s.size() - 8))
+    return bad("checksum mismatch");
   if (version != kCatalogVersion)
     return Status::error(Errc::unsupported, "state file: version " + std::to_string(version) +
                                                 " is newer than this build reads (" +
                                                 std::to_string(kCatalogVersion) + ")");
-  if (s.size() > kMaxCatalogBytes || s.size() < 8 ||
-      load_le64(s.data() + s.size() - 8) != xxh3_64(s.data(), s.size() - 8))
-    return bad("checksum mismatch");
   r.u16();
   if (r.u64() != group_id) return bad("written for another group");
   Catalog c;
