@@ -56,11 +56,7 @@ int fail(const std::string& msg) {
 }
 
 Result<json> load_json(const std::string& path) {
-  FERRY_ASSIGN_OR_RETURN(std::string text, read_file_bounded(path, 1u << 20));
-  json j = json::parse(text, nullptr, false);
-  if (j.is_discarded() || !j.is_object())
-    return Status::error(Errc::corrupt, path + " is not a JSON object");
-  return j;
+  return read_json_object(path, 1u << 20, "a JSON object");
 }
 
 // Runs argv with stdout and stderr into files; the exit code (128 + signal when killed).

@@ -183,12 +183,7 @@ std::string self_exe() {
 //   chardevs: {old: new}, defined: bool}
 
 Result<json> load_running(const Paths& p) {
-  auto text = read_file_bounded(p.running, kMaxRecordBytes);
-  if (!text.is_ok()) return text.status();
-  json j = json::parse(*text, nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded() || !j.is_object())
-    return Status::error(Errc::corrupt, p.running + " is not a test-failover record");
-  return j;
+  return read_json_object(p.running, kMaxRecordBytes, "a test-failover record");
 }
 
 Status save_running(const Paths& p, const json& j) { return write_atomic(p.running, j.dump(2)); }

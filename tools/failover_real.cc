@@ -71,11 +71,7 @@ struct Paths {
 };
 
 Result<json> load_record(const Paths& p) {
-  FERRY_ASSIGN_OR_RETURN(std::string text, read_file_bounded(p.record, kMaxRecordBytes));
-  json j = json::parse(text, nullptr, false);
-  if (j.is_discarded() || !j.is_object())
-    return Status::error(Errc::corrupt, p.record + " is not a failover record");
-  return j;
+  return read_json_object(p.record, kMaxRecordBytes, "a failover record");
 }
 Status save_record(const Paths& p, const json& j) { return write_atomic(p.record, j.dump(2)); }
 

@@ -49,6 +49,15 @@ Result<std::string> read_file_bounded(const std::string& path, std::size_t max_b
   return s;
 }
 
+Result<nlohmann::json> read_json_object(const std::string& path, std::size_t max_bytes,
+                                        const std::string& what) {
+  FERRY_ASSIGN_OR_RETURN(std::string text, read_file_bounded(path, max_bytes));
+  nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_object())
+    return Status::error(Errc::corrupt, path + " is not " + what);
+  return j;
+}
+
 Status fsync_dir(const std::string& dir) {
   UniqueFd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
   if (!fd.valid()) return Status::from_errno(errno, "open " + dir);

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -36,6 +37,10 @@ Result<Conn> connect_libvirt(const std::string& uri);
 
 // The whole file, refused when larger than max_bytes (read bounded, not trusting its size).
 Result<std::string> read_file_bounded(const std::string& path, std::size_t max_bytes);
+// A bounded file holding one JSON object (the records of failover, test failover and
+// failback); Errc::corrupt naming the file as `what` ("a failover record") when it is not one.
+Result<nlohmann::json> read_json_object(const std::string& path, std::size_t max_bytes,
+                                        const std::string& what);
 Status fsync_dir(const std::string& dir);
 // tmp + fsync + rename + fsync dir: a crash leaves the old file or the new one.
 Status write_atomic(const std::string& path, const std::string& text);
